@@ -1,0 +1,1 @@
+"""rulewright's server side: ``engine`` (pure PyTorch math) and ``importers`` (model sources)."""

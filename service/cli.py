@@ -1,0 +1,148 @@
+"""``rulewright-engine``: the engine from the command line, before (and beside) the server.
+
+Subcommands:
+- ``import-faces``: fetch and convert the demo model; prints the safetensors path.
+- ``album``: sample seeds into one PNG grid.
+- ``layers``: list a model's rewritable layers and the default one.
+- ``stats``: compute a layer's key second moment over N samples, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from "0-15", "1,5,9" or a mix like "0-3,10"."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            if int(hi) < int(lo):
+                raise argparse.ArgumentTypeError(f"empty seed range {part!r}")
+            seeds.extend(range(int(lo), int(hi) + 1))
+        else:
+            seeds.append(int(part))
+    if not seeds:
+        raise argparse.ArgumentTypeError("no seeds given")
+    return seeds
+
+
+def _load(args: argparse.Namespace):
+    from .engine.device import configure_determinism, select_device
+    from .engine.loading import load_generator
+    from .importers.faces import import_faces
+
+    source = import_faces(args.cache_dir) if args.model == "faces" else Path(args.model)
+    configure_determinism()
+    return load_generator(source).to(select_device(args.device))
+
+
+def cmd_import_faces(args: argparse.Namespace) -> int:
+    from .importers.faces import import_faces
+
+    print(import_faces(args.cache_dir))
+    return 0
+
+
+def cmd_album(args: argparse.Namespace) -> int:
+    from .engine.sampling import grid, sample
+
+    model = _load(args)
+    images = sample(model, seeds=args.seeds, truncation=args.truncation, batch_size=args.batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture = grid(images, columns=args.columns).numpy()
+    Image.fromarray(picture).resize((picture.shape[1] * args.scale, picture.shape[0] * args.scale),
+                                    Image.NEAREST).save(out)
+    print(f"wrote {len(args.seeds)} samples of {model.arch} ({model.resolution}x{model.resolution}) to {out}")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    model = _load(args)
+    print(json.dumps({"arch": model.arch, "default_layer": model.default_layer(),
+                      "layers": [info.to_dict() for info in model.layer_infos()]}, indent=2))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .engine.stats import key_moment
+
+    model = _load(args)
+    layer = args.layer or model.default_layer()
+    with tqdm(total=args.samples, unit="sample", desc=f"C at {layer}", file=sys.stderr) as bar:
+        stat = key_moment(model, layer, range(args.samples), batch_size=args.batch_size,
+                          progress=lambda done, total: bar.update(done - bar.n))
+    eig = torch.linalg.eigvalsh(stat.moment())
+    print(json.dumps({"layer": layer, "keys": stat.count, "dim": stat.dim,
+                      "condition_number": float(eig[-1] / eig[0].clamp_min(1e-300))}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (each flag documented by its help)."""
+    parser = argparse.ArgumentParser(prog="rulewright-engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, model: bool = True) -> None:
+        p.add_argument("--cache-dir", default=None,
+                       help="where downloaded wheels and converted models live (default $RULEWRIGHT_CACHE_DIR or ~/.cache/rulewright)")
+        if model:
+            p.add_argument("--model", default="faces",
+                           help="'faces' (the demo DCGAN) or a .safetensors / weights-only torch checkpoint path")
+            p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+            p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
+
+    p = sub.add_parser("import-faces", help="fetch the demo model and print its safetensors path")
+    common(p, model=False)
+    p.set_defaults(fn=cmd_import_faces)
+
+    p = sub.add_parser("album", help="sample seeds into one PNG grid")
+    common(p)
+    p.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0-31"), help="e.g. 0-31 or 3,7,11")
+    p.add_argument("--truncation", type=float, default=1.0, help="1 = none (StyleGAN2 only)")
+    p.add_argument("--columns", type=int, default=8, help="images per row")
+    p.add_argument("--scale", type=int, default=2, help="nearest-neighbour enlargement of the PNG")
+    p.add_argument("--out", default="out/album.png", help="PNG file to write")
+    p.set_defaults(fn=cmd_album)
+
+    p = sub.add_parser("layers", help="list the rewritable layers as JSON")
+    common(p)
+    p.set_defaults(fn=cmd_layers)
+
+    p = sub.add_parser("stats", help="second moment of a layer's keys, with a progress bar")
+    common(p)
+    p.add_argument("--layer", default=None, help="layer name (default: the model's default layer)")
+    p.add_argument("--samples", type=int, default=1000, help="number of seeds (0..N-1)")
+    p.set_defaults(fn=cmd_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; known errors print one line and exit 2."""
+    from .engine.generators.base import StateDictMismatch
+    from .engine.loading import CheckpointError
+    from .importers.faces import FacesImportError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FacesImportError, StateDictMismatch, CheckpointError, LookupError, ValueError, OSError) as exc:
+        print(f"rulewright-engine: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Where the engine computes, and the numerical settings that keep CPU and GPU in agreement.
+
+- ``select_device(spec)``: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+- ``configure_determinism()``: turn off TF32 and nondeterministic cuDNN autotuning.
+- ``CPU_GPU_TOLERANCE``: the largest pixel difference (images in [-1, 1]) we guarantee between a
+  CPU and a CUDA rendering of the same (version, seed, truncation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Measured on an H200 against this machine's CPU for the faces model (see README "Devices"):
+# float32 everywhere, TF32 off; differences come from reduction order inside convolutions.
+CPU_GPU_TOLERANCE = 2e-3
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """Resolve a device name; ValueError if CUDA is asked for and absent."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} GPUs exist")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def configure_determinism() -> None:
+    """Use full float32 precision on GPUs, so the same seed renders the same picture as on a CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False

@@ -1,0 +1,1 @@
+"""Generator architectures in their public checkpoint layouts (see ``base`` for the contract)."""

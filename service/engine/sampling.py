@@ -1,0 +1,94 @@
+"""Deterministic sampling: an image is named by (model version, seed, truncation).
+
+- ``latents(seeds, z_dim)``: one latent per seed, each drawn by its own CPU ``torch.Generator``, so
+  it does not depend on the device, the batch, or the other seeds.
+- ``sample(model, seeds=..., z=..., truncation=..., batch_size=...)``: images in [-1, 1] on the CPU.
+- ``to_uint8(images)``: (N, H, W, 3) uint8 pixels for PNG or raw RGB8.
+- ``grid(images, columns)``: one (H, W, 3) uint8 album of many images.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+from .generators.base import Generator
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """Seeds as ints in [0, 2**63); ValueError naming the first bad one."""
+    out = []
+    for i, seed in enumerate(seeds):
+        if isinstance(seed, bool) or not isinstance(seed, int) and not hasattr(seed, "__index__"):
+            raise ValueError(f"seeds[{i}] must be an integer, got {seed!r}")
+        seed = int(seed)
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seeds[{i}] must lie in [0, 2**63), got {seed}")
+        out.append(seed)
+    return out
+
+
+def latents(seeds: Iterable[int], z_dim: int) -> torch.Tensor:
+    """(N, z_dim) float32 CPU latents, row i drawn from a generator seeded with seeds[i]."""
+    rows = []
+    for seed in check_seeds(list(seeds)):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        rows.append(torch.randn(z_dim, generator=gen, dtype=torch.float32))
+    if not rows:
+        return torch.empty(0, z_dim)
+    return torch.stack(rows)
+
+
+def _model_device(model: Generator) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sample(
+    model: Generator,
+    seeds: Sequence[int] | None = None,   # one image per seed
+    z: torch.Tensor | None = None,        # or raw latents (N, z_dim); exactly one of seeds / z
+    truncation: float = 1.0,              # 1 = none; only architectures with a mapping network
+    batch_size: int = 16,                 # images per forward pass (memory, not results)
+) -> torch.Tensor:
+    """Images (N, 3, R, R) in [-1, 1] on the CPU; the same seed always gives the same image."""
+    if (seeds is None) == (z is None):
+        raise ValueError("give exactly one of seeds or z")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if z is None:
+        z = latents(seeds, model.z_dim)
+    if z.ndim != 2 or z.shape[1] != model.z_dim:
+        raise ValueError(f"z must have shape (N, {model.z_dim}), got {tuple(z.shape)}")
+    model.check_truncation(truncation)
+    device = _model_device(model)
+    outs = []
+    with torch.no_grad():
+        for start in range(0, z.shape[0], batch_size):
+            chunk = z[start : start + batch_size].to(device=device, dtype=torch.float32)
+            outs.append(model(chunk, truncation).float().cpu())
+    if not outs:
+        return torch.empty(0, 3, model.resolution, model.resolution)
+    return torch.cat(outs)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] → one (H', W', 3) uint8 image, ``columns`` per row, white gaps."""
+    n, _, h, w = images.shape
+    columns = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / columns))
+    pixels = to_uint8(images)
+    canvas = torch.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[y : y + h, x : x + w] = pixels[i]
+    return canvas

@@ -1,0 +1,89 @@
+"""Small random generators written directly in each architecture's public layout (test data)."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tutorial_dcgan(z_dim: int = 16, widths: tuple[int, ...] = (32, 16, 8, 3), seed: int = 0) -> nn.Module:
+    """The PyTorch DCGAN tutorial's generator structure (in-place ReLUs and all), randomly filled."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    c_in = z_dim
+    for i, c_out in enumerate(widths):
+        stride, pad = (1, 0) if i == 0 else (2, 1)
+        layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride, pad, bias=False))
+        if i < len(widths) - 1:
+            bn = nn.BatchNorm2d(c_out)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.normal_(0, 0.1)
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+            layers += [bn, nn.ReLU(True)]
+        else:
+            layers.append(nn.Tanh())
+        c_in = c_out
+
+    class Tutorial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main = nn.Sequential(*layers)
+
+        def forward(self, z):
+            return self.main(z[:, :, None, None])
+
+    model = Tutorial().eval()
+    for m in model.modules():
+        if isinstance(m, nn.ConvTranspose2d):
+            m.weight.data.normal_(0, 0.05)
+    return model
+
+
+def dcgan_state(**kw) -> dict[str, torch.Tensor]:
+    """State dict of ``tutorial_dcgan`` (keys ``main.N.*``)."""
+    return {k: v.clone() for k, v in tutorial_dcgan(**kw).state_dict().items()}
+
+
+def progan_state(widths: tuple[int, ...] = (32, 32, 16), seed: int = 0) -> dict[str, torch.Tensor]:
+    """Keys and shapes of GAN Dissection's ProGAN (``layerN.conv.weight``, ``layerN.wscale.b``)."""
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = OrderedDict()
+
+    def block(name: str, c_in: int, c_out: int, k: int) -> None:
+        state[f"{name}.conv.weight"] = torch.randn(c_out, c_in, k, k, generator=g)
+        state[f"{name}.wscale.b"] = torch.randn(c_out, generator=g) * 0.1
+
+    block("layer1", widths[0], widths[0], 4)
+    block("layer2", widths[0], widths[0], 3)
+    n = 2
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        block(f"layer{n + 1}", c_in, c_out, 3)
+        block(f"layer{n + 2}", c_out, c_out, 3)
+        n += 2
+    res = 4 * 2 ** (len(widths) - 1)
+    block(f"output_{res}x{res}", widths[-1], 3, 1)
+    return state
+
+
+def progan_reference(state: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """ProGAN's forward written out functionally from the published description (an oracle)."""
+    names = sorted({k.split(".")[0] for k in state if k.startswith("layer")}, key=lambda s: int(s[5:]))
+    out_name = next(k.split(".")[0] for k in state if k.startswith("output_"))
+    x = z[:, :, None, None]
+    for i, name in enumerate(names + [out_name]):
+        w, b = state[f"{name}.conv.weight"], state[f"{name}.wscale.b"]
+        x = x / torch.sqrt((x**2).mean(1, keepdim=True) + 1e-8)
+        upsample = i >= 2 and i % 2 == 0 and name != out_name
+        if upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        k = w.shape[-1]
+        x = F.conv2d(x, w, padding={4: 3, 3: 1, 1: 0}[k])
+        gain = 1.0 if name == out_name else math.sqrt(2)
+        x = x * (gain / math.sqrt(w.shape[1] * k * k)) + b.view(1, -1, 1, 1)
+        x = x.clamp(-1, 1) if name == out_name else F.leaky_relu(x, 0.2)
+    return x
