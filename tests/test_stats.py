@@ -20,9 +20,12 @@ def test_second_moment_equals_ktk_over_n():
         stat.add(k[start : start + 128])
     k64 = k.double()
     assert stat.count == 1000
-    assert torch.allclose(stat.moment(), k64.T @ k64 / 1000, rtol=1e-6, atol=1e-9)
-    assert torch.allclose(stat.mean(), k64.mean(0), rtol=1e-6, atol=1e-9)
-    assert torch.allclose(stat.covariance(), torch.cov(k64.T, correction=0), rtol=1e-5, atol=1e-8)
+    exact = k64.T @ k64 / 1000
+    # Products run in float32 (summed in float64 every 64k rows): agreement to float32 precision.
+    assert ((stat.moment() - exact).norm() / exact.norm()).item() < 1e-6
+    assert ((stat.mean() - k64.mean(0)).norm() / k64.mean(0).norm()).item() < 1e-6
+    cov = torch.cov(k64.T, correction=0)
+    assert ((stat.covariance() - cov).norm() / cov.norm()).item() < 1e-5
     assert stat.moment().dtype == torch.float64
 
 

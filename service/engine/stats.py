@@ -24,8 +24,8 @@ from .generators.base import Generator
 from .nethook import latents_to_keys, latents_to_values
 from .sampling import check_seeds, latents
 
-# Largest number of rows multiplied in one float32 product before the float64 add: bounds the
-# float32 rounding of each partial sum while keeping the product large enough to run fast.
+# Most rows summed in the batch dtype (float32) before the float64 add: bounds the float32
+# rounding of each partial sum while keeping the per-batch work one fused multiply-add.
 _CHUNK_ROWS = 65536
 
 Progress = Callable[[int, int], None]   # (items done, items total)
@@ -71,7 +71,12 @@ def load_stat(data: bytes) -> Stat:
 
 
 class SecondMoment(Stat):
-    """Count, mean and uncentered second moment of C-dimensional vectors, accumulated in float64."""
+    """Count, mean and uncentered second moment of C-dimensional vectors, accumulated in float64.
+
+    Batches are multiplied in their own dtype into a pending buffer on their own device (one
+    ``addmm`` per batch, no host round trip), which is added into float64 totals every
+    ``_CHUNK_ROWS`` rows and before any readout. Readouts are float64 on that device.
+    """
 
     kind = "second_moment"
 
@@ -80,35 +85,62 @@ class SecondMoment(Stat):
         self.count = 0
         self._sum = torch.zeros(dim, dtype=torch.float64)
         self._outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None   # (outer, sum) in batch dtype
+        self._pending_rows = 0
 
     def constructor(self) -> dict:
         return {"dim": self.dim}
 
     def add(self, rows: torch.Tensor) -> None:
-        """Accumulate vectors (N, dim); products in their own dtype, sums in float64."""
+        """Accumulate vectors (N, dim)."""
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"rows must have shape (N, {self.dim}), got {tuple(rows.shape)}")
         for start in range(0, rows.shape[0], _CHUNK_ROWS):
             chunk = rows[start : start + _CHUNK_ROWS]
-            self._outer += (chunk.T @ chunk).to(device="cpu", dtype=torch.float64)
-            self._sum += chunk.sum(0).to(device="cpu", dtype=torch.float64)
+            if self._pending is not None and (
+                self._pending[0].device != chunk.device or self._pending[0].dtype != chunk.dtype
+                or self._pending_rows + chunk.shape[0] > _CHUNK_ROWS
+            ):
+                self._flush()
+            if self._pending is None:
+                self._to(chunk.device)
+                self._pending = (chunk.new_zeros(self.dim, self.dim), chunk.new_zeros(self.dim))
+            outer, total = self._pending
+            outer.addmm_(chunk.T, chunk)
+            total.add_(chunk.sum(0))
+            self._pending_rows += chunk.shape[0]
         self.count += rows.shape[0]
+
+    def _to(self, device: torch.device) -> None:
+        self._sum, self._outer = self._sum.to(device), self._outer.to(device)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            outer, total = self._pending
+            self._to(outer.device)
+            self._outer += outer.to(torch.float64)
+            self._sum += total.to(torch.float64)
+            self._pending, self._pending_rows = None, 0
 
     def merge(self, other: "SecondMoment") -> "SecondMoment":
         """Add a partial over disjoint data (another worker's seed range); returns self."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge dims {other.dim} and {self.dim}")
-        self._outer += other._outer
-        self._sum += other._sum
+        self._flush()
+        other._flush()
+        self._outer += other._outer.to(self._outer.device)
+        self._sum += other._sum.to(self._sum.device)
         self.count += other.count
         return self
 
     def mean(self) -> torch.Tensor:
         """E[k] (float64)."""
+        self._flush()
         return self._sum / max(self.count, 1)
 
     def moment(self) -> torch.Tensor:
         """E[k kᵀ], the uncentered second moment C (float64)."""
+        self._flush()
         return self._outer / max(self.count, 1)
 
     def covariance(self) -> torch.Tensor:
@@ -117,12 +149,14 @@ class SecondMoment(Stat):
         return self.moment() - torch.outer(m, m)
 
     def state_dict(self) -> dict:
-        return {"count": self.count, "sum": self._sum.clone(), "outer": self._outer.clone()}
+        self._flush()
+        return {"count": self.count, "sum": self._sum.cpu().clone(), "outer": self._outer.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.count = int(state["count"])
         self._sum = state["sum"].to(torch.float64).clone()
         self._outer = state["outer"].to(torch.float64).clone()
+        self._pending, self._pending_rows = None, 0
 
 
 class Quantile(Stat):
