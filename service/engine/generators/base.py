@@ -93,6 +93,7 @@ class LayerSpec:
     weight: nn.Parameter
     in_axis: int
     linear: bool
+    weight_key: str = ""            # the weight's key in the public state dict (deltas name it)
 
     def keys_to_values(self, key: torch.Tensor, *extras: Any) -> torch.Tensor:
         """Run the layer on captured keys (and the extra inputs captured with them)."""
@@ -112,6 +113,7 @@ class LayerInfo:
     weight_shape: tuple[int, ...]
     in_axis: int
     linear: bool
+    weight_key: str = ""
 
     @property
     def resolution(self) -> int:
@@ -196,10 +198,57 @@ class Generator(nn.Module, abc.ABC):
                         weight_shape=tuple(spec.weight.shape),
                         in_axis=spec.in_axis,
                         linear=spec.linear,
+                        weight_key=spec.weight_key,
                     )
                 )
             self._layer_infos = infos
         return self._layer_infos
+
+    def upstream_names(self, layer: str) -> list[str]:
+        """Names (``named_parameters`` style) of the parameters that run before ``layer``'s key.
+
+        Found by recording which modules start a forward pass before the key is captured; a
+        module's own parameters count (not its children's), so a container that is still running
+        contributes only what its children did. Edits to any other parameter leave the keys, and
+        so the statistics C of this layer, unchanged.
+        """
+        from ..nethook import Trace  # local: nethook imports this module
+
+        ran: list[nn.Module] = []
+        param = next(self.parameters())
+        z = torch.zeros(1, self.z_dim, device=param.device, dtype=param.dtype)
+        # The trace's pre-hook is registered first, so it stops the pass before the layer's own
+        # module is recorded: the edited weight itself is not upstream of its keys.
+        with torch.no_grad(), Trace(self, layer, retain_value=False, stop=True):
+            handles = [m.register_forward_pre_hook(lambda mod, args: ran.append(mod)) for m in self.modules()]
+            try:
+                self(z, 0.5 if self.supports_truncation else 1.0)
+            finally:
+                for h in handles:
+                    h.remove()
+        seen = {id(m) for m in ran}
+        names = []
+        for mod_name, module in self.named_modules():
+            if id(module) in seen:
+                names += [f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False)]
+        return sorted(names)
+
+    def upstream_fingerprint(self, layer: str) -> str:
+        """sha256 over the parameters upstream of ``layer`` and every buffer (statistics cache key).
+
+        Buffers (BatchNorm statistics, noise maps, the truncation centre) are never edited, so
+        hashing all of them keeps the key conservative without splitting versions apart.
+        """
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.arch}:{layer}".encode())
+        params = dict(self.named_parameters())
+        tensors = [(n, params[n]) for n in self.upstream_names(layer)] + sorted(self.named_buffers())
+        for name, tensor in tensors:
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def train(self, mode: bool = True) -> "Generator":
         """Stay in eval mode: BatchNorm statistics over a few edit images are garbage (DESIGN.md)."""

@@ -123,7 +123,8 @@ class DCGANGenerator(Generator):
             conv = self.main[index]
             follower = self.main[index + 1]
             modules = (conv, follower) if isinstance(follower, nn.BatchNorm2d) else (conv,)
-            specs.append(LayerSpec(f"main.{index}", modules, conv.weight, in_axis=0, linear=True))
+            specs.append(LayerSpec(f"main.{index}", modules, conv.weight, in_axis=0, linear=True,
+                                   weight_key=f"main.{index}.weight"))
         return specs
 
     def default_layer(self) -> str:

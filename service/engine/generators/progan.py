@@ -177,7 +177,8 @@ class ProGANGenerator(Generator):
             # layer1's key is the latent (1×1) and the output block draws RGB: neither is a rule.
             if name == "layer1" or name.startswith("output_"):
                 continue
-            specs.append(LayerSpec(name, (block.conv,), block.conv.weight, in_axis=1, linear=True))
+            specs.append(LayerSpec(name, (block.conv,), block.conv.weight, in_axis=1, linear=True,
+                                   weight_key=f"{name}.conv.weight"))
         return specs
 
     def default_layer(self) -> str:

@@ -563,7 +563,8 @@ class StyleGAN2Generator(Generator):
         return layers
 
     def layer_specs(self) -> list[LayerSpec]:
-        return [LayerSpec(name, (layer,), layer.conv.weight, in_axis=2, linear=False)
+        return [LayerSpec(name, (layer,), layer.conv.weight, in_axis=2, linear=False,
+                          weight_key=f"{name}.conv.weight")
                 for name, layer, _ in self._named_layers()]
 
     def default_layer(self) -> str:
