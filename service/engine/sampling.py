@@ -3,6 +3,7 @@
 - ``latents(seeds, z_dim)``: one latent per seed, each drawn by its own CPU ``torch.Generator``, so
   it does not depend on the device, the batch, or the other seeds.
 - ``sample(model, seeds=..., z=..., truncation=..., batch_size=...)``: images in [-1, 1] on the CPU.
+- ``check_latents(z, z_dim)``: raw latents must be finite (N, z_dim) floats (InvalidArgument).
 - ``to_uint8(images)``: (N, H, W, 3) uint8 pixels for PNG or raw RGB8.
 - ``grid(images, columns)``: one (H, W, 3) uint8 album of many images.
 """
@@ -43,6 +44,20 @@ def latents(seeds: Iterable[int], z_dim: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def check_latents(z: torch.Tensor, z_dim: int, field: str = "z") -> None:
+    """Raise ``InvalidArgument`` unless ``z`` is a finite (N, z_dim) float tensor."""
+    from .errors import InvalidArgument
+
+    if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != z_dim:
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise InvalidArgument(field, f"must have shape (N, {z_dim}), got {shape}")
+    if not z.is_floating_point():
+        raise InvalidArgument(field, f"must be floating point, got {z.dtype}")
+    bad = (~torch.isfinite(z)).any(dim=1).nonzero().flatten()
+    if bad.numel():
+        raise InvalidArgument(field, f"row {int(bad[0])} holds NaN or infinite values")
+
+
 def _model_device(model: Generator) -> torch.device:
     return next(model.parameters()).device
 
@@ -61,8 +76,7 @@ def sample(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if z is None:
         z = latents(seeds, model.z_dim)
-    if z.ndim != 2 or z.shape[1] != model.z_dim:
-        raise ValueError(f"z must have shape (N, {model.z_dim}), got {tuple(z.shape)}")
+    check_latents(z, model.z_dim)
     model.check_truncation(truncation)
     device = _model_device(model)
     outs = []

@@ -164,6 +164,10 @@ class Generator(nn.Module, abc.ABC):
         """Weights in the architecture's public layout (what ``from_state_dict`` reads back)."""
         return {k: v.detach() for k, v in self.state_dict().items()}
 
+    def public_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(public state-dict key, parameter) pairs: what deltas' ``weight_key`` names."""
+        return [(spec.weight_key, spec.weight) for spec in self.layer_specs()]
+
     def layer(self, name: str) -> LayerSpec:
         """The rewritable layer ``name``; ``LookupError`` (NOT_FOUND) naming the choices if absent."""
         for spec in self.layer_specs():

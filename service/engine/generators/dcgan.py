@@ -102,7 +102,7 @@ class DCGANGenerator(Generator):
         check_state_dict(ARCH, cls.expected_shapes(z_dim, widths, kernel_size), state)
         model = cls(z_dim, widths, kernel_size)
         model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
-        return model
+        return model.requires_grad_(False)  # an inference object: edits optimize their own tensors
 
     def config(self) -> dict:
         return {"z_dim": self.z_dim, "widths": self.widths, "kernel_size": self.kernel_size,

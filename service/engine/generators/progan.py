@@ -156,7 +156,7 @@ class ProGANGenerator(Generator):
         check_state_dict(ARCH, cls.expected_shapes(widths), state)
         model = cls(widths)
         model.blocks.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-        return model
+        return model.requires_grad_(False)  # an inference object: edits optimize their own tensors
 
     def public_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.blocks.state_dict().items()}

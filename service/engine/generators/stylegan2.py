@@ -507,7 +507,7 @@ class StyleGAN2Generator(Generator):
         model.load_state_dict(weights)
         if not has_avg:
             model.latent_avg = model.mean_latent()
-        return model
+        return model.requires_grad_(False)  # an inference object: edits optimize their own tensors
 
     def mean_latent(self, n: int = MEAN_LATENT_SAMPLES, seed: int = MEAN_LATENT_SEED) -> torch.Tensor:
         """Mean of ``w`` over ``n`` latents from a CPU generator seeded ``seed`` (the port's ``mean_latent``)."""

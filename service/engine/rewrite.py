@@ -1,0 +1,515 @@
+"""Rewrite a rule, erase a rule, zero a direction — and the baselines they are measured against.
+
+- ``rewrite(model, spec, moment=None, progress=None, should_stop=None) -> Edit``: run an edit spec
+  (op ``rewrite``: copy → paste → context; op ``erase``; op ``zero``). Never modifies ``model``.
+- ``context_direction(C, keys, rank, ridge)``: D, the whitened top-``rank`` directions of keys.
+- ``build_goal(model, spec)``: the targets (keys, goal values, goal images, boxes) of a spec.
+- ``full_rank_update(model, spec, ...)`` and ``finetune_all(model, spec, ...)``: the baselines.
+- ``edited_images(model, layer, weight, z)``: render with one weight replaced (gradients flow).
+
+The update is ``W' = W + Λ ×_in Dᵀ``: Λ has the weight's shape with the input-channel axis
+replaced by the rank, so the change acts only on the part of each key inside span(D). Keys with
+``Dᵀk = 0`` — keys orthogonal to the context in the C⁻¹ metric — see no change at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from . import nethook
+from .delta import LowRankDelta
+from .edit import Edit, EditSpec
+from .errors import Cancelled, InvalidArgument
+from .generators.base import Generator, LayerSpec
+from .regions import Region, bbox
+from .sampling import latents
+from .stats import SecondMoment, key_moment
+
+Progress = Callable[[dict], None]
+StopCheck = Callable[[], bool]
+
+PROGRESS_EVERY = 10     # optimization steps between progress events
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight plumbing
+
+
+def _param_name(module: torch.nn.Module, param: torch.Tensor) -> str:
+    for name, p in module.named_parameters():
+        if p is param:
+            return name
+    raise LookupError("weight is not a parameter of this module")
+
+
+def _dense(lam: torch.Tensor, direction: torch.Tensor, in_axis: int) -> torch.Tensor:
+    """Λ ×_in Dᵀ as a weight-shaped tensor (differentiable in both)."""
+    return (lam.movedim(in_axis, -1) @ direction.to(lam.dtype).T).movedim(-1, in_axis)
+
+
+def edited_values(spec: LayerSpec, weight: torch.Tensor, key: torch.Tensor, extras: tuple) -> torch.Tensor:
+    """The layer's values for ``key`` with its weight replaced by ``weight``."""
+    out = functional_call(spec.modules[0], {_param_name(spec.modules[0], spec.weight): weight}, (key, *extras))
+    for module in spec.modules[1:]:
+        out = module(out)
+    return out
+
+
+def edited_images(model: Generator, layer: str, weight: torch.Tensor, z: torch.Tensor,
+                  truncation: float = 1.0) -> torch.Tensor:
+    """Images for ``z`` with ``layer``'s weight replaced by ``weight`` (the model is untouched)."""
+    name = _param_name(model, model.layer(layer).weight)
+    return functional_call(model, {name: weight}, (z, truncation))
+
+
+# ---------------------------------------------------------------------------------------------
+# Direction
+
+
+def whitening(C: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(C + ridge·tr(C)/d·I)^(-1/2), float64."""
+    C = C.double()
+    d = C.shape[0]
+    reg = C + ridge * torch.trace(C) / d * torch.eye(d, dtype=C.dtype, device=C.device)
+    evals, evecs = torch.linalg.eigh(reg)
+    evals = evals.clamp_min(evals.max() * 1e-12)
+    return (evecs * evals.rsqrt()) @ evecs.T
+
+
+def context_direction(C: torch.Tensor, keys: torch.Tensor, rank: int, ridge: float = 1e-4) -> torch.Tensor:
+    """D (d, rank), orthonormal: span of C^(-1/2)·q for the top right singular vectors q of the
+    whitened context keys (rows of ``keys``, already weighted). For one key this is ∝ C⁻¹k."""
+    if keys.shape[0] < rank:
+        raise InvalidArgument("rank", f"rank {rank} exceeds the {keys.shape[0]} context keys selected")
+    w = whitening(C, ridge)
+    _, _, vh = torch.linalg.svd(keys.double() @ w, full_matrices=False)
+    q = vh[:rank].T
+    direction, _ = torch.linalg.qr(w @ q)
+    # Sign convention: the context keys project positively (so responses read as "matches").
+    signs = torch.sign((keys.double() @ direction).sum(0))
+    signs[signs == 0] = 1
+    return (direction * signs).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Goals
+
+
+@dataclasses.dataclass
+class Goal:
+    """What the edited layer must draw, for a batch of T target samples."""
+
+    seeds: list[int]
+    z: torch.Tensor                  # (T, z_dim)
+    key: torch.Tensor                # (T, C_in, Hk, Wk)
+    extras: tuple                    # extra layer inputs captured with the keys
+    value: torch.Tensor              # (T, C_out, Hv, Wv) the unedited values
+    goal_value: torch.Tensor         # (T, C_out, Hv, Wv) v*
+    value_box: torch.Tensor          # (T, Hv, Wv) 1 inside each target's goal box
+    image: torch.Tensor              # (T, 3, R, R) the unedited images
+    goal_image: torch.Tensor         # (T, 3, R, R) the pasted (or erased) pictures
+    image_box: torch.Tensor          # (T, R, R) 1 inside each target's goal box
+    key_box: torch.Tensor            # (T, Hk, Wk) keys under the goal box
+    context_keys: torch.Tensor       # (n, C_in) context keys, rows scaled by sqrt(mask weight)
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Translate the last two axes by (dy, dx), filling with zeros."""
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    if h - abs(dy) > 0 and w - abs(dx) > 0:
+        out[..., yd, xd] = x[..., ys, xs]
+    return out
+
+
+def _box_mask(alpha: torch.Tensor) -> torch.Tensor:
+    """1 inside the tight box around alpha's nonzero cells."""
+    out = torch.zeros_like(alpha)
+    b = bbox(alpha)
+    if b is not None:
+        out[b[0]:b[2], b[1]:b[3]] = 1
+    return out
+
+
+def _center(alpha: torch.Tensor) -> tuple[float, float]:
+    y0, x0, y1, x1 = bbox(alpha)
+    return (y0 + y1) / 2, (x0 + x1) / 2
+
+
+def _render(model: Generator, z: torch.Tensor, truncation: float) -> torch.Tensor:
+    with torch.no_grad():
+        return model(z, truncation)
+
+
+def _capture(model: Generator, layer: str, z: torch.Tensor, truncation: float):
+    with torch.no_grad(), nethook.Trace(model, layer, stop=True) as tr:
+        model(z, truncation)
+    return tr.key, tr.extras, tr.value
+
+
+def _context_keys(model: Generator, layer: str, regions: Sequence[Region], truncation: float,
+                  device: torch.device) -> torch.Tensor:
+    rows = []
+    res = model.resolution
+    for region in regions:
+        key, _, _ = _capture(model, layer, latents([region.seed], model.z_dim).to(device), truncation)
+        w = region.at(key.shape[-1], res).to(device).reshape(-1)
+        flat = key[0].reshape(key.shape[1], -1).T
+        keep = w > 0
+        rows.append(flat[keep] * w[keep, None].sqrt())
+    return torch.cat(rows)
+
+
+def _rewrite_goal(model: Generator, spec: EditSpec, device: torch.device) -> Goal:
+    res, t = model.resolution, spec.truncation
+    z_src = latents([spec.copy.seed], model.z_dim).to(device)
+    _, _, v_src = _capture(model, spec.layer, z_src, t)
+    img_src = _render(model, z_src, t)
+    hv = v_src.shape[-1]
+    if res % hv:
+        raise InvalidArgument("layer", f"value grid {hv} does not divide the image size {res}")
+    cell = res // hv
+    a_src_v = spec.copy.at(hv, res).to(device)
+    if a_src_v.max() == 0:
+        raise InvalidArgument("copy", "the copy region covers no cell of the layer's value grid")
+    a_src_img = spec.copy.alpha(res).to(device)
+    cy, cx = _center(a_src_v)
+
+    z = latents([r.seed for r in spec.paste], model.z_dim).to(device)
+    key, extras, value = _capture(model, spec.layer, z, t)
+    image = _render(model, z, t)
+    goal_value, goal_image = value.clone(), image.clone()
+    value_box = torch.zeros(len(spec.paste), hv, hv, device=device)
+    image_box = torch.zeros(len(spec.paste), res, res, device=device)
+    offsets, pasted_alpha = [], []
+    for i, region in enumerate(spec.paste):
+        py, px = _center(region.alpha(res))
+        dy, dx = round(py / cell - cy), round(px / cell - cx)
+        a_v = _shift(a_src_v, dy, dx)
+        if a_v.max() == 0:
+            raise InvalidArgument(f"paste[{i}]", "the pasted copy falls outside the image")
+        a_img = _shift(a_src_img, dy * cell, dx * cell)
+        goal_value[i] = value[i] * (1 - a_v) + _shift(v_src[0], dy, dx) * a_v
+        goal_image[i] = image[i] * (1 - a_img) + _shift(img_src[0], dy * cell, dx * cell) * a_img
+        value_box[i] = _box_mask(a_v)
+        image_box[i] = _box_mask(a_img)
+        offsets.append([dy * cell, dx * cell])
+        pasted_alpha.append(a_img.cpu())
+    hk = key.shape[-1]
+    key_box = F.adaptive_max_pool2d(image_box[:, None], hk)[:, 0] if hk < res else image_box.clone()
+    context = spec.context or [Region(seed=r.seed, mask=a) for r, a in zip(spec.paste, pasted_alpha)]
+    ctx = _context_keys(model, spec.layer, context, t, device)
+    return Goal([r.seed for r in spec.paste], z, key, extras, value, goal_value, value_box, image, goal_image,
+                image_box, key_box, ctx, {"offsets_px": offsets, "copy_alpha_value": a_src_v.cpu(),
+                                          "source_value": v_src.cpu(), "source_image": img_src.cpu()})
+
+
+def value_mean_square(model: Generator, layer: str, seeds: Sequence[int], truncation: float = 1.0,
+                      batch_size: int = 32) -> torch.Tensor:
+    """Per-unit E[a²] of a layer's values over every location of ``seeds`` (erase's normalizer)."""
+    device = next(model.parameters()).device
+    total, count = None, 0
+    seeds = list(seeds)
+    for start in range(0, len(seeds), batch_size):
+        v = nethook.latents_to_values(model, layer, latents(seeds[start:start + batch_size], model.z_dim).to(device),
+                                      truncation)
+        sq = v.detach().double().pow(2).sum(dim=(0, 2, 3))
+        total = sq if total is None else total + sq
+        count += v.shape[0] * v.shape[2] * v.shape[3]
+    return (total / count).float()
+
+
+def _erase_goal(model: Generator, spec: EditSpec, device: torch.device) -> Goal:
+    res, t = model.resolution, spec.truncation
+    z = latents([r.seed for r in spec.context], model.z_dim).to(device)
+    key, extras, value = _capture(model, spec.layer, z, t)
+    image = _render(model, z, t)
+    hv, hk = value.shape[-1], key.shape[-1]
+    alpha_v = torch.stack([r.at(hv, res) for r in spec.context]).to(device)
+    seeds = range(spec.stats["seed_start"], spec.stats["seed_start"] + min(spec.stats["samples"], 256))
+    energy = value_mean_square(model, spec.layer, seeds, t)
+    inside = (value.pow(2) * alpha_v[:, None]).sum(dim=(0, 2, 3)) / alpha_v.sum().clamp_min(1e-12)
+    units = torch.argsort(inside / energy.clamp_min(1e-12), descending=True)[: spec.erase["units"]]
+    goal_value = value.clone()
+    goal_value[:, units] = value[:, units] * (1 - alpha_v[:, None])
+    with torch.no_grad():
+        goal_image = nethook.values_to_image(model, spec.layer, z, goal_value, t)
+    value_box = torch.stack([_box_mask(a) for a in alpha_v])
+    image_box = torch.stack([_box_mask(r.alpha(res)) for r in spec.context]).to(device)
+    key_box = F.adaptive_max_pool2d(image_box[:, None], hk)[:, 0] if hk < res else image_box.clone()
+    ctx = _context_keys(model, spec.layer, spec.context, t, device)
+    return Goal([r.seed for r in spec.context], z, key, extras, value, goal_value, value_box, image, goal_image,
+                image_box, key_box, ctx, {"units": units.tolist()})
+
+
+def build_goal(model: Generator, spec: EditSpec) -> Goal:
+    """The targets of a spec: what the layer must draw where (op rewrite or erase)."""
+    device = next(model.parameters()).device
+    return _rewrite_goal(model, spec, device) if spec.op == "rewrite" else _erase_goal(model, spec, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def _masked_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean |a − b| over mask (T, H, W) cells and all channels, averaged over targets."""
+    per = ((a - b).abs() * mask[:, None]).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2)) * a.shape[1]).clamp_min(1)
+    return per.mean()
+
+
+class Objective:
+    """The loss of a candidate weight: the goal (value or image space) plus the pooled keep term."""
+
+    def __init__(self, model: Generator, spec: EditSpec, goal: Goal):
+        self.model, self.spec, self.goal = model, spec, goal
+        self.layer = model.layer(spec.layer)
+        device = goal.z.device
+        self.outside = 1 - goal.image_box.amax(0)           # outside every target's goal box
+        keep = spec.keep
+        self.pool = torch.arange(keep["pool_start"], keep["pool_start"] + keep["pool_size"])
+        self.gen = torch.Generator().manual_seed(keep["seed"])
+        self.device = device
+        probe_seeds = self.pool[:16].tolist()
+        self.probe_z = latents(probe_seeds, model.z_dim).to(device)
+        self.probe_base = _render(model, self.probe_z, spec.truncation)
+
+    def goal_loss(self, weight: torch.Tensor, space: str | None = None) -> torch.Tensor:
+        """L1 to the goal inside the goal boxes, in value or image space."""
+        g = self.goal
+        if (space or self.spec.goal) == "value":
+            return _masked_l1(edited_values(self.layer, weight, g.key, g.extras), g.goal_value, g.value_box)
+        images = edited_images(self.model, self.spec.layer, weight, g.z, self.spec.truncation)
+        return _masked_l1(images, g.goal_image, g.image_box)
+
+    def keep_loss(self, weight: torch.Tensor) -> torch.Tensor:
+        """Mean change outside the goal boxes on a few seeds drawn afresh from the pool."""
+        idx = torch.randint(len(self.pool), (self.spec.keep["per_step"],), generator=self.gen)
+        z = latents(self.pool[idx].tolist(), self.model.z_dim).to(self.device)
+        base = _render(self.model, z, self.spec.truncation)
+        edited = edited_images(self.model, self.spec.layer, weight, z, self.spec.truncation)
+        mask = self.outside.expand(z.shape[0], -1, -1)
+        return _masked_l1(edited, base, mask)
+
+    def loss(self, weight: torch.Tensor) -> torch.Tensor:
+        """What the solver minimizes."""
+        loss = self.goal_loss(weight)
+        if self.spec.keep["weight"] > 0:
+            loss = loss + self.spec.keep["weight"] * self.keep_loss(weight)
+        return loss
+
+    def report(self, weight: torch.Tensor) -> dict:
+        """Goal losses in both spaces and the mean change over 16 probe seeds from the pool."""
+        with torch.no_grad():
+            probe = edited_images(self.model, self.spec.layer, weight, self.probe_z, self.spec.truncation)
+            return {"value_loss": self.goal_loss(weight, "value").item(),
+                    "image_loss": self.goal_loss(weight, "image").item(),
+                    "probe_change": (probe - self.probe_base).abs().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Solvers
+
+
+def _cosine_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int, lr: float,
+                 progress: Progress | None, should_stop: StopCheck | None, stage: str = "optimize") -> float:
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    loss_value = float("nan")
+    for step in range(steps):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"{stage} cancelled at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if progress is not None and (step % PROGRESS_EVERY == 0 or step == steps - 1):
+            progress({"stage": stage, "step": step + 1, "steps": steps, "loss": loss_value})
+    return loss_value
+
+
+def _lam_shape(weight: torch.Tensor, in_axis: int, rank: int) -> list[int]:
+    shape = list(weight.shape)
+    shape[in_axis] = rank
+    return shape
+
+
+def _reparam(goal: Goal, direction: torch.Tensor) -> torch.Tensor:
+    """T (r, r) making the goal keys' projections onto D·T decorrelated with unit RMS.
+
+    Goal keys project onto a C⁻¹-aligned direction at several σ, so Adam at the paper's step size
+    oscillates; in this basis one unit of Λ moves a goal value by about one unit.
+    """
+    # Keys one cell around the box feed the box's values through the kernel: count them too.
+    near = F.max_pool2d(goal.key_box[:, None], 3, stride=1, padding=1)[:, 0]
+    keys = goal.key.permute(0, 2, 3, 1)[near > 0]                    # (M, C_in)
+    p = keys.double() @ direction.double()                          # (M, r)
+    gram = p.T @ p / max(p.shape[0], 1)
+    evals, evecs = torch.linalg.eigh(gram)
+    # Directions the goal keys barely touch are not amplified more than 10×: blowing them up
+    # would let Adam's fixed step move keys elsewhere by a lot.
+    evals = evals.clamp_min(evals.max().clamp_min(1e-30) * 1e-2)
+    return ((evecs * evals.rsqrt()) @ evecs.T).float()
+
+
+def solve_optimize(objective: Objective, direction: torch.Tensor, spec: EditSpec,
+                   progress: Progress | None = None, should_stop: StopCheck | None = None) -> torch.Tensor:
+    """Λ (orthonormal-D basis) by Adam on the constrained update, cosine-decayed learning rate."""
+    layer = objective.layer
+    w0 = layer.weight.detach()
+    t = _reparam(objective.goal, direction).to(w0.device)
+    d_work = direction.to(w0.device) @ t
+    lam = torch.zeros(_lam_shape(w0, layer.in_axis, direction.shape[1]), device=w0.device, requires_grad=True)
+    _cosine_adam([lam], lambda: objective.loss(w0 + _dense(lam, d_work, layer.in_axis)), spec.steps, spec.lr,
+                 progress, should_stop)
+    # Back to the orthonormal basis: Λ_orth[..., r] = Σ_r' T[r, r'] Λ[..., r'].
+    return (lam.detach().movedim(layer.in_axis, -1) @ t.T).movedim(-1, layer.in_axis).contiguous()
+
+
+def solve_closed_form(objective: Objective, direction: torch.Tensor) -> torch.Tensor:
+    """Λ minimizing the squared value error in the goal boxes (layers whose value is affine in W).
+
+    Output channel o of the change depends only on Λ's slice for o, so each channel is a small
+    least-squares problem over the (rank × kernel) entries of its slice; the columns are the
+    responses to unit Λ entries, measured by running the layer (exact, since it is linear).
+    """
+    layer, goal = objective.layer, objective.goal
+    w0 = layer.weight.detach()
+    out_axis = 1 if layer.in_axis == 0 else 0
+    shape = _lam_shape(w0, layer.in_axis, direction.shape[1])
+    slice_shape = [s for a, s in enumerate(shape) if a != out_axis]
+    n_basis = math.prod(slice_shape)
+    d = direction.to(w0.device)
+    with torch.no_grad():
+        base = edited_values(layer, w0, goal.key, goal.extras)
+        cells = goal.value_box > 0                                            # (T, Hv, Wv)
+        columns = []
+        for j in range(n_basis):
+            unit = torch.zeros(n_basis, device=w0.device)
+            unit[j] = 1
+            lam = unit.view(slice_shape).unsqueeze(out_axis).expand(shape)
+            resp = edited_values(layer, w0 + _dense(lam, d, layer.in_axis), goal.key, goal.extras) - base
+            columns.append(resp.permute(1, 0, 2, 3)[:, cells])              # (C_out, rows)
+        design = torch.stack(columns, dim=-1).double().cpu()                  # (C_out, rows, J)
+        target = (goal.goal_value - base).permute(1, 0, 2, 3)[:, cells].double().cpu()[..., None]
+        solution = torch.linalg.lstsq(design, target, driver="gelsd").solution[..., 0]   # (C_out, J)
+    lam = solution.float().view(shape[out_axis], *slice_shape).movedim(0, out_axis)
+    return lam.to(w0.device).contiguous()
+
+
+def _zero_lam(weight: torch.Tensor, direction: torch.Tensor, in_axis: int) -> torch.Tensor:
+    """Λ that removes W's component along D (D orthonormal): Λ = −W ×_in D."""
+    return -(weight.detach().movedim(in_axis, -1) @ direction.to(weight.device)).movedim(-1, in_axis).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _statistics(model: Generator, spec: EditSpec, progress: Progress | None,
+                should_stop: StopCheck | None) -> SecondMoment:
+    s = spec.stats
+    cb = (lambda done, total: progress({"stage": "statistics", "done": done, "total": total})) if progress else None
+    try:
+        return key_moment(model, spec.layer, range(s["seed_start"], s["seed_start"] + s["samples"]),
+                          truncation=spec.truncation, progress=cb, should_stop=should_stop)
+    except InterruptedError as exc:
+        raise Cancelled(str(exc)) from exc
+
+
+def rewrite(
+    model: Generator,
+    spec: dict | EditSpec,                  # an edit spec (JSON form) or a validated EditSpec
+    moment: SecondMoment | torch.Tensor | None = None,   # C for the layer; None computes it from spec.stats
+    progress: Progress | None = None,       # called with event dicts (stage, step, loss, ...)
+    should_stop: StopCheck | None = None,   # polled between steps; True raises Cancelled
+) -> Edit:
+    """Run an edit spec and return the edit; the model's weights are never modified."""
+    started = time.perf_counter()
+    spec = spec if isinstance(spec, EditSpec) else EditSpec.from_json(spec, model)
+    layer = model.layer(spec.layer)
+    if moment is None:
+        moment = _statistics(model, spec, progress, should_stop)
+    C = moment.moment() if isinstance(moment, SecondMoment) else moment
+    if C.shape != (layer.weight.shape[layer.in_axis],) * 2:
+        raise InvalidArgument("statistics", f"C is {tuple(C.shape)}, layer {spec.layer} keys have "
+                              f"{layer.weight.shape[layer.in_axis]} channels")
+    device = layer.weight.device
+    C = C.to(device)
+    if spec.op == "zero":
+        ctx = _context_keys(model, spec.layer, spec.context, spec.truncation, device)
+        direction = context_direction(C, ctx, spec.rank, spec.ridge)
+        lam = _zero_lam(layer.weight, direction, layer.in_axis)
+        metrics = {"op": "zero", "removed_norm": _dense(lam, direction.to(device), layer.in_axis).norm().item()}
+    else:
+        goal = build_goal(model, spec)
+        direction = context_direction(C, goal.context_keys, spec.rank, spec.ridge).to(device)
+        objective = Objective(model, spec, goal)
+        w0 = layer.weight.detach()
+        before = objective.report(w0)
+        if spec.solver == "closed_form":
+            lam = solve_closed_form(objective, direction)
+        else:
+            lam = solve_optimize(objective, direction, spec, progress, should_stop)
+        after = objective.report(w0 + _dense(lam, direction, layer.in_axis))
+        metrics = {"goal": spec.goal, "before": before, "after": after,
+                   "goal_loss_before": before[f"{spec.goal}_loss"], "goal_loss_after": after[f"{spec.goal}_loss"]}
+        if spec.op == "erase":
+            metrics["erased_units"] = goal.info["units"]
+    metrics["seconds"] = time.perf_counter() - started
+    delta = LowRankDelta(layer.weight_key, layer.in_axis, direction.detach().cpu(), lam.detach().cpu())
+    if progress is not None:
+        progress({"stage": "done", "metrics": metrics})
+    return Edit(layer=spec.layer, deltas=[delta], spec=spec.to_json(), metrics=metrics)
+
+
+def full_rank_update(model: Generator, spec: dict | EditSpec, lr: float = 1e-3,
+                     progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Baseline: the same goal solved by an unconstrained update of the whole layer weight.
+
+    Returns ({weight_key: new weight}, metrics). Same steps and schedule as ours; ``lr`` is in
+    weight units (ours is in the reparameterized Λ's).
+    """
+    spec = spec if isinstance(spec, EditSpec) else EditSpec.from_json(spec, model)
+    goal = build_goal(model, spec)
+    objective = Objective(model, spec, goal)
+    w0 = objective.layer.weight.detach()
+    delta = torch.zeros_like(w0, requires_grad=True)
+    started = time.perf_counter()
+    before = objective.report(w0)
+    _cosine_adam([delta], lambda: objective.loss(w0 + delta), spec.steps, lr, progress, None, "full_rank")
+    after = objective.report(w0 + delta.detach())
+    return ({objective.layer.weight_key: (w0 + delta.detach()).cpu()},
+            {"before": before, "after": after, "seconds": time.perf_counter() - started})
+
+
+def finetune_all(model: Generator, spec: dict | EditSpec, steps: int = 500, lr: float = 1e-4,
+                 progress: Progress | None = None) -> tuple[Generator, dict]:
+    """Baseline: fine-tune every weight so the targets render as their pasted pictures (whole image L1).
+
+    Returns (a fine-tuned copy of the model, metrics); ``model`` itself is untouched.
+    """
+    import copy
+
+    spec = spec if isinstance(spec, EditSpec) else EditSpec.from_json(spec, model)
+    goal = build_goal(model, spec)
+    tuned = copy.deepcopy(model).requires_grad_(True)
+    params = list(tuned.parameters())
+    started = time.perf_counter()
+    _cosine_adam(params, lambda: (tuned(goal.z, spec.truncation) - goal.goal_image).abs().mean(),
+                 steps, lr, progress, None, "finetune")
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    return tuned, {"seconds": time.perf_counter() - started}
