@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export RULEWRIGHT_CACHE_DIR ?= $(CURDIR)/.cache/rulewright
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv servers clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ venv: $(VENV)/.installed  ## create .venv with torch and the project
 demo: venv  ## import the faces model and write an album of samples to out/album.png
 	$(PY) -m rulewright.service album --model faces --seeds 0-31 --out out/album.png
 
-test: venv  ## the whole test suite
+# The registry tests start a real redis-server (moto_server comes with the test extras).
+servers:  ## install redis-server from the system's packages if it is missing
+	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server)
+
+test: venv servers  ## the whole test suite
 	$(PY) -m pytest -q
 
 bench: venv  ## engine throughput: images/s and statistics FLOP rate vs torch.mm

@@ -1,0 +1,45 @@
+"""rulewright's registry: versioned weights on object storage, aliases with history, a statistics cache.
+
+- ``Registry`` (``registry``): models, immutable numbered versions, aliases with compare-and-set
+  and an append-only history; ``Registry.open(uri)``.
+- ``open_store(uri)`` (``blobstore``): ``BlobStore`` backends by scheme, ``FileStore``
+  (``file://``, the default) and ``S3Store`` (``s3://``, configured by ``S3Config``).
+- ``errors``: ``RegistryError`` with a closed set of ``Code`` and stable ``Reason`` values.
+- ``manifests``: ``Model``, ``Version``, ``AliasEntry``, ``AliasState``, ``Page``.
+- ``stats_cache``: ``StatsKey``, ``LocalStatsCache``, ``RedisStatsCache``, ``open_stats_cache``.
+- ``weights`` (torch): ``materialize``, ``Materializer``, ``export_bytes`` / ``export_to_file``.
+- ``statistics`` (torch): ``cached_key_moment``.
+- ``gc``: ``scan`` and ``collect``; ``python -m rulewright.registry check|gc --store URI``.
+
+Importing this package, ``registry``, ``manifests``, ``blobstore``, the stores and
+``stats_cache`` never imports torch: clients use them.
+"""
+
+from .blobstore import BlobInfo, BlobRef, BlobStore, default_store_uri, open_store
+from .errors import Code, Reason, RegistryError
+from .manifests import AliasEntry, AliasState, Model, Page, Version
+from .registry import ANY, Registry
+from .stats_cache import LocalStatsCache, RedisStatsCache, StatsCache, StatsKey, open_stats_cache
+
+__all__ = [
+    "ANY",
+    "AliasEntry",
+    "AliasState",
+    "BlobInfo",
+    "BlobRef",
+    "BlobStore",
+    "Code",
+    "LocalStatsCache",
+    "Model",
+    "Page",
+    "Reason",
+    "RedisStatsCache",
+    "Registry",
+    "RegistryError",
+    "StatsCache",
+    "StatsKey",
+    "Version",
+    "default_store_uri",
+    "open_stats_cache",
+    "open_store",
+]

@@ -1,0 +1,182 @@
+"""The registry's one exception hierarchy: a closed set of codes and stable UPPER_SNAKE reasons.
+
+- ``Code``: the canonical codes a registry error can carry; names match ``grpc.StatusCode`` so the
+  API layer maps them with one table.
+- ``Reason``: every reason the registry raises, each bound to exactly one ``Code`` (``REASON_CODES``).
+- ``RegistryError``: base class; ``.code``, ``.reason``, ``.domain``, ``.metadata`` (string pairs for
+  ``google.rpc.ErrorInfo``) and the human message.
+- One subclass per code: ``NotFound``, ``AlreadyExists``, ``FailedPrecondition``, ``Aborted``,
+  ``DataLoss``, ``Unavailable``, ``InvalidArgument``, ``Internal``.
+
+Backends translate their own errors (``OSError``, botocore, redis-py) into these at the store
+boundary, so nothing above the store ever sees a backend exception.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+DOMAIN = "registry.rulewright.dev"
+
+
+class Code(str, enum.Enum):
+    """Canonical codes (a subset of gRPC's) that registry errors carry."""
+
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    DATA_LOSS = "DATA_LOSS"
+    UNAVAILABLE = "UNAVAILABLE"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    INTERNAL = "INTERNAL"
+
+
+class Reason(str, enum.Enum):
+    """Stable machine-readable reasons (``ErrorInfo.reason``); the same error always gets the same one."""
+
+    # NOT_FOUND
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
+    ALIAS_NOT_FOUND = "ALIAS_NOT_FOUND"
+    BLOB_NOT_FOUND = "BLOB_NOT_FOUND"
+    OBJECT_NOT_FOUND = "OBJECT_NOT_FOUND"
+    # ALREADY_EXISTS
+    MODEL_EXISTS = "MODEL_EXISTS"
+    OBJECT_EXISTS = "OBJECT_EXISTS"
+    # FAILED_PRECONDITION
+    VERSION_HAS_CHILDREN = "VERSION_HAS_CHILDREN"
+    VERSION_HAS_ALIASES = "VERSION_HAS_ALIASES"
+    MODEL_HAS_VERSIONS = "MODEL_HAS_VERSIONS"
+    NO_EARLIER_VERSION = "NO_EARLIER_VERSION"
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
+    # ABORTED
+    ALIAS_CONFLICT = "ALIAS_CONFLICT"
+    VERSION_ALLOCATION_CONFLICT = "VERSION_ALLOCATION_CONFLICT"
+    CONCURRENT_DELETE = "CONCURRENT_DELETE"
+    # DATA_LOSS
+    BLOB_CORRUPT = "BLOB_CORRUPT"
+    MANIFEST_CORRUPT = "MANIFEST_CORRUPT"
+    # UNAVAILABLE
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    # INVALID_ARGUMENT
+    INVALID_NAME = "INVALID_NAME"
+    INVALID_VERSION = "INVALID_VERSION"
+    INVALID_PAGE_SIZE = "INVALID_PAGE_SIZE"
+    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
+    INVALID_REFERENCE = "INVALID_REFERENCE"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    INVALID_STORE_URI = "INVALID_STORE_URI"
+    # INTERNAL: the deployment is wrong (bucket missing, credentials refused), not the request
+    STORE_MISCONFIGURED = "STORE_MISCONFIGURED"
+
+
+REASON_CODES: dict[Reason, Code] = {
+    Reason.MODEL_NOT_FOUND: Code.NOT_FOUND,
+    Reason.VERSION_NOT_FOUND: Code.NOT_FOUND,
+    Reason.ALIAS_NOT_FOUND: Code.NOT_FOUND,
+    Reason.BLOB_NOT_FOUND: Code.NOT_FOUND,
+    Reason.OBJECT_NOT_FOUND: Code.NOT_FOUND,
+    Reason.MODEL_EXISTS: Code.ALREADY_EXISTS,
+    Reason.OBJECT_EXISTS: Code.ALREADY_EXISTS,
+    Reason.VERSION_HAS_CHILDREN: Code.FAILED_PRECONDITION,
+    Reason.VERSION_HAS_ALIASES: Code.FAILED_PRECONDITION,
+    Reason.MODEL_HAS_VERSIONS: Code.FAILED_PRECONDITION,
+    Reason.NO_EARLIER_VERSION: Code.FAILED_PRECONDITION,
+    Reason.REQUEST_ID_REUSED: Code.FAILED_PRECONDITION,
+    Reason.ALIAS_CONFLICT: Code.ABORTED,
+    Reason.VERSION_ALLOCATION_CONFLICT: Code.ABORTED,
+    Reason.CONCURRENT_DELETE: Code.ABORTED,
+    Reason.BLOB_CORRUPT: Code.DATA_LOSS,
+    Reason.MANIFEST_CORRUPT: Code.DATA_LOSS,
+    Reason.STORE_UNAVAILABLE: Code.UNAVAILABLE,
+    Reason.INVALID_NAME: Code.INVALID_ARGUMENT,
+    Reason.INVALID_VERSION: Code.INVALID_ARGUMENT,
+    Reason.INVALID_PAGE_SIZE: Code.INVALID_ARGUMENT,
+    Reason.INVALID_PAGE_TOKEN: Code.INVALID_ARGUMENT,
+    Reason.INVALID_REFERENCE: Code.INVALID_ARGUMENT,
+    Reason.INVALID_ARGUMENT: Code.INVALID_ARGUMENT,
+    Reason.INVALID_STORE_URI: Code.INVALID_ARGUMENT,
+    Reason.STORE_MISCONFIGURED: Code.INTERNAL,
+}
+
+
+class RegistryError(Exception):
+    """A registry failure with a canonical ``code``, a stable ``reason`` and string ``metadata``."""
+
+    code: Code = Code.INTERNAL
+
+    def __init__(self, reason: Reason, message: str, **metadata: Any):
+        expected = REASON_CODES[reason]
+        if expected is not self.code:
+            # A programming error in the registry, never a user's: fail loudly where it is raised.
+            raise TypeError(f"reason {reason.value} belongs to {expected.value}, not {type(self).__name__}")
+        self.reason = reason
+        self.domain = DOMAIN
+        self.message = message
+        # ErrorInfo.metadata is map<string, string>: render values once, here.
+        self.metadata = {k: "" if v is None else str(v) for k, v in metadata.items()}
+        super().__init__(message)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason.value}: {self.message})"
+
+
+class NotFound(RegistryError):
+    """A model, version, alias or blob does not exist (→ NOT_FOUND)."""
+
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(RegistryError):
+    """A create found the name taken (→ ALREADY_EXISTS); also the store's conditional-create failure."""
+
+    code = Code.ALREADY_EXISTS
+
+
+class FailedPrecondition(RegistryError):
+    """The registry's state forbids the operation, e.g. deleting a version an alias uses (→ FAILED_PRECONDITION)."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class Aborted(RegistryError):
+    """A compare-and-set lost a race (→ ABORTED); re-read and retry."""
+
+    code = Code.ABORTED
+
+
+class DataLoss(RegistryError):
+    """Stored bytes do not match their sha256, or a manifest is unreadable (→ DATA_LOSS)."""
+
+    code = Code.DATA_LOSS
+
+
+class Unavailable(RegistryError):
+    """The object store cannot be reached right now (→ UNAVAILABLE); retrying may help."""
+
+    code = Code.UNAVAILABLE
+
+
+class InvalidArgument(RegistryError):
+    """A malformed name, version, page size, page token or reference (→ INVALID_ARGUMENT)."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class Internal(RegistryError):
+    """The deployment is misconfigured (bucket missing, credentials refused) (→ INTERNAL)."""
+
+    code = Code.INTERNAL
+
+
+ERROR_CLASSES: dict[Code, type[RegistryError]] = {
+    cls.code: cls
+    for cls in (NotFound, AlreadyExists, FailedPrecondition, Aborted, DataLoss, Unavailable, InvalidArgument, Internal)
+}
+
+
+def error(reason: Reason, message: str, **metadata: Any) -> RegistryError:
+    """The exception of the right class for ``reason`` (for code that picks the reason at run time)."""
+    return ERROR_CLASSES[REASON_CODES[reason]](reason, message, **metadata)

@@ -1,0 +1,45 @@
+"""Key statistics through the statistics cache: the torch side of ``stats_cache``.
+
+- ``moment_key(model, layer, seeds, truncation)``: the ``StatsKey`` of C = E[k kᵀ] at a layer,
+  named by the fingerprint of the weights upstream of it (so versions whose edits lie downstream
+  share the entry).
+- ``cached_key_moment(cache, model, layer, seeds, ...)``: that statistic from the cache, computed
+  with ``key_moment`` on a miss.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rulewright.service.engine.generators.base import Generator
+from rulewright.service.engine.stats import SecondMoment, key_moment, load_stat
+
+from .stats_cache import StatsCache, StatsKey
+
+KEY_MOMENT = "key_moment"
+
+
+def moment_key(model: Generator, layer: str, seeds: Sequence[int], truncation: float = 1.0) -> StatsKey:
+    """The cache key of ``key_moment(model, layer, seeds, truncation)``."""
+    return StatsKey.create(model.upstream_fingerprint(layer), layer, KEY_MOMENT, seeds, truncation, arch=model.arch)
+
+
+def cached_key_moment(
+    cache: StatsCache,
+    model: Generator,
+    layer: str,
+    seeds: Sequence[int],
+    truncation: float = 1.0,
+    batch_size: int = 32,  # samples per forward pass on a miss (does not change the result)
+) -> SecondMoment:
+    """C at ``layer`` over ``seeds`` from ``cache``; computed once across the cache's users on a miss."""
+    seeds = list(seeds)
+    key = moment_key(model, layer, seeds, truncation)
+
+    def compute() -> bytes:
+        return key_moment(model, layer, seeds, truncation, batch_size=batch_size).to_bytes()
+
+    stat = load_stat(cache.get_or_compute(key, compute))
+    if not isinstance(stat, SecondMoment):
+        raise TypeError(f"cache entry {key.canonical()} holds a {type(stat).__name__}")
+    return stat

@@ -1,0 +1,69 @@
+"""What the registry promises its neighbours: no torch for clients, one closed error table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rulewright.registry import errors
+from rulewright.registry.errors import REASON_CODES, Code, Reason
+
+from .conftest import REPO
+
+
+def test_client_code_paths_never_import_torch(tmp_path):
+    # Manifests, aliases, listings, stores and the cache interface run in clients without torch.
+    script = f"""
+import sys
+from rulewright.registry import Registry, open_stats_cache
+from rulewright.registry import gc, manifests, s3store, stats_cache
+import rulewright.registry.__main__
+r = Registry.open({str(tmp_path / "s")!r})
+r.import_model("faces", arch="dcgan", config={{}}, weights=(2).to_bytes(8, "little") + b"{{}}")
+r.create_version("faces", parent=1, delta=b"d", spec={{}})
+r.set_alias("faces", "production", 2, expected_version=None)
+r.list_versions("faces"); r.alias_history("faces", "production"); r.resolve("faces@production")
+gc.scan(r.store)
+open_stats_cache("memory://")
+bad = [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "rulewright.service"))]
+assert not bad, bad
+print("clean")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "clean", result.stderr
+
+
+def test_every_reason_has_exactly_one_code():
+    assert set(REASON_CODES) == set(Reason)
+    assert set(REASON_CODES.values()) <= set(Code)
+    for reason in Reason:
+        assert reason.value == reason.name and reason.value.isupper()
+
+
+def test_codes_are_grpc_status_names():
+    # The API layer maps with grpc.StatusCode[code.value]; keep the names identical.
+    grpc_names = {
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "DATA_LOSS",
+        "UNAVAILABLE",
+        "INVALID_ARGUMENT",
+        "INTERNAL",
+    }
+    assert {c.value for c in Code} == grpc_names
+
+
+def test_errors_carry_reason_domain_and_string_metadata():
+    exc = errors.error(Reason.ALIAS_CONFLICT, "moved", current_version=3, etag=None)
+    assert isinstance(exc, errors.Aborted) and exc.code is Code.ABORTED
+    assert exc.reason is Reason.ALIAS_CONFLICT and exc.domain == errors.DOMAIN
+    assert exc.metadata == {"current_version": "3", "etag": ""}
+
+
+def test_a_reason_raised_under_the_wrong_class_is_a_bug_caught_at_once():
+    with pytest.raises(TypeError):
+        errors.NotFound(Reason.ALIAS_CONFLICT, "wrong class")

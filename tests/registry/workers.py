@@ -1,0 +1,87 @@
+"""Functions run in separate processes by the registry tests (spawned: no torch, no fork state)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from rulewright.registry import Registry, RegistryError
+from rulewright.registry.blobstore import open_store
+
+
+def _registry(spec) -> Registry:
+    uri, s3 = spec
+    return Registry(open_store(uri, s3=s3))
+
+
+def create_versions(spec, model: str, parent: int, count: int, worker: int, barrier, results) -> None:
+    """Create ``count`` edit versions as fast as possible once every worker is ready."""
+    registry = _registry(spec)
+    barrier.wait()
+    numbers = []
+    for i in range(count):
+        delta = f"delta of worker {worker} edit {i}".encode()
+        v = registry.create_version(
+            model, parent=parent, delta=delta, spec={"worker": worker, "i": i}, author=f"w{worker}"
+        )
+        numbers.append(v.number)
+    results.put((worker, numbers))
+
+
+def move_alias(spec, model: str, alias: str, to: int, expected: int, worker: int, barrier, results) -> None:
+    """Try one compare-and-set move; report ("ok", version) or (reason, current_version)."""
+    registry = _registry(spec)
+    registry.get_alias(model, alias)  # warm the connection so both start the CAS together
+    barrier.wait()
+    try:
+        state = registry.set_alias(model, alias, to, expected_version=expected, author=f"w{worker}")
+        results.put((worker, "ok", str(state.version)))
+    except RegistryError as exc:
+        results.put((worker, exc.reason.value, exc.metadata.get("current_version", "")))
+
+
+def killed_writer(spec, model: str, parent: int, delta: bytes) -> None:
+    """Create a version but die by SIGKILL right before its manifest is written (after the blob)."""
+    registry = _registry(spec)
+    real_create = registry.store.create
+
+    def create(key: str, data: bytes) -> None:
+        if key.startswith(f"models/{model}/versions/") and key.endswith(".json") and key.count(".") == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_create(key, data)
+
+    registry.store.create = create
+    registry.create_version(model, parent=parent, delta=delta, spec={"doomed": True})
+
+
+def redis_get_or_compute(url: str, digest_seed: str, counter_path: str, compute_s: float, barrier, results) -> None:
+    """Ask a Redis cache for one statistic; the compute callback records that it ran."""
+    from rulewright.registry.stats_cache import RedisStatsCache, StatsKey
+
+    cache = RedisStatsCache(url, namespace="test")
+    key = StatsKey.create(digest_seed, "main.6", "key_moment", range(100))
+
+    def compute() -> bytes:
+        with open(counter_path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(compute_s)
+        return b"statistic:" + digest_seed.encode()
+
+    barrier.wait()
+    results.put(cache.get_or_compute(key, compute))
+
+
+def redis_hold_lock_and_die(url: str, digest_seed: str, started_path: str) -> None:
+    """Take the statistic's lock by starting its computation, then get SIGKILLed mid-compute."""
+    from rulewright.registry.stats_cache import RedisStatsCache, StatsKey
+
+    cache = RedisStatsCache(url, namespace="test", lock_ttl_s=2.0)
+    key = StatsKey.create(digest_seed, "main.6", "key_moment", range(100))
+
+    def compute() -> bytes:
+        open(started_path, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+        return b""
+
+    cache.get_or_compute(key, compute)
