@@ -31,7 +31,7 @@ def _px(x: int, y: int) -> list[int]:
 def test_closed_form_is_the_rank_one_formula(transpose):
     model = TinyGenerator(transpose=transpose)
     C = _spd(6)
-    spec = {"layer": "edit", "rank": 1, "goal": "value", "solver": "closed_form", "ridge": 0.0,
+    spec = {"layer": "edit", "rank": 1, "goal": "value", "solver": "closed_form", "ridge": 0.0, "keep": {"weight": 0},
             "copy": {"seed": 3, "box": _px(2, 5)}, "paste": [{"seed": 7, "box": _px(4, 1)}]}
     edit = rewrite(model, spec, moment=C)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def _small(kind: str):
 
 def _box_spec(layer: str, res: int, **kw) -> dict:
     b = [res // 4, res // 4, res // 2, res // 2]
-    spec = {"layer": layer, "rank": 2, "goal": "value", "steps": 300, "stats": {"samples": 64},
+    spec = {"layer": layer, "rank": 2, "goal": "value", "steps": 300, "stats": {"samples": 64}, "keep": {"weight": 0},
             "copy": {"seed": 1, "box": b}, "paste": [{"seed": 2, "box": b}, {"seed": 5, "box": b}]}
     spec.update(kw)
     return spec
@@ -144,7 +144,7 @@ def test_spec_is_complete_and_replays_to_the_same_delta():
 def test_erase_and_zero():
     model, layer, res = _small("dcgan")
     ctx = [{"seed": 2, "box": [8, 8, 20, 20]}, {"seed": 3, "box": [8, 8, 20, 20]}]
-    erase = rewrite(model, {"op": "erase", "layer": layer, "rank": 2, "goal": "value", "steps": 200,
+    erase = rewrite(model, {"op": "erase", "layer": layer, "rank": 2, "goal": "value", "steps": 200, "keep": {"weight": 0},
                             "stats": {"samples": 32}, "erase": {"units": 3}, "context": ctx})
     assert len(erase.metrics["erased_units"]) == 3
     assert erase.metrics["goal_loss_after"] < erase.metrics["goal_loss_before"]

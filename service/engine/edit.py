@@ -31,14 +31,14 @@ SOLVERS = ("optimize", "closed_form")
 # Defaults chosen from benchmarks/edit_quality.py on the faces model (README "Editing").
 DEFAULTS: dict[str, Any] = {
     "op": "rewrite",
-    "rank": 1,
+    "rank": 8,
     "goal": "image",
     "solver": "optimize",
     "steps": 2001,
     "lr": 0.05,
     "ridge": 1e-4,            # C + ridge·tr(C)/d·I before whitening
     "truncation": 1.0,
-    "keep": {"weight": 0.0, "pool_start": 1_000_000, "pool_size": 256, "per_step": 4, "seed": 0},
+    "keep": {"weight": 16.0, "pool_start": 1_000_000, "pool_size": 256, "per_step": 4, "seed": 0},
     "stats": {"samples": 1000, "seed_start": 0},
     "erase": {"units": 8},
 }

@@ -280,6 +280,13 @@ class Objective:
         self.pool = torch.arange(keep["pool_start"], keep["pool_start"] + keep["pool_size"])
         self.gen = torch.Generator().manual_seed(keep["seed"])
         self.device = device
+        # Unedited pool images are rendered once when they fit in 256 MB, else per step.
+        numel = keep["pool_size"] * 3 * model.resolution ** 2
+        self.pool_images = None
+        if keep["weight"] > 0 and numel * 4 <= 256 << 20:
+            self.pool_images = torch.cat([
+                _render(model, latents(self.pool[i:i + 64].tolist(), model.z_dim).to(device), spec.truncation)
+                for i in range(0, len(self.pool), 64)])
         probe_seeds = self.pool[:16].tolist()
         self.probe_z = latents(probe_seeds, model.z_dim).to(device)
         self.probe_base = _render(model, self.probe_z, spec.truncation)
@@ -296,7 +303,8 @@ class Objective:
         """Mean change outside the goal boxes on a few seeds drawn afresh from the pool."""
         idx = torch.randint(len(self.pool), (self.spec.keep["per_step"],), generator=self.gen)
         z = latents(self.pool[idx].tolist(), self.model.z_dim).to(self.device)
-        base = _render(self.model, z, self.spec.truncation)
+        base = self.pool_images[idx.to(self.device)] if self.pool_images is not None else \
+            _render(self.model, z, self.spec.truncation)
         edited = edited_images(self.model, self.spec.layer, weight, z, self.spec.truncation)
         mask = self.outside.expand(z.shape[0], -1, -1)
         return _masked_l1(edited, base, mask)
@@ -491,7 +499,7 @@ def full_rank_update(model: Generator, spec: dict | EditSpec, lr: float = 1e-3,
     before = objective.report(w0)
     _cosine_adam([delta], lambda: objective.loss(w0 + delta), spec.steps, lr, progress, None, "full_rank")
     after = objective.report(w0 + delta.detach())
-    return ({objective.layer.weight_key: (w0 + delta.detach()).cpu()},
+    return ({objective.layer.weight_key: (w0 + delta.detach())},
             {"before": before, "after": after, "seconds": time.perf_counter() - started})
 
 
