@@ -1,0 +1,152 @@
+"""Edit quality on the faces model: ours against a full-rank update and fine-tuning all weights.
+
+``python -m benchmarks.edit_quality [--spec examples/edits/glasses.json] [--heldout 200]``
+
+For held-out seeds that took no part in the edit it prints, per method: **efficacy** — the share
+of the gap to each face's ideal result (the same copy/paste applied to its own value map and
+rendered) closed inside the paste box — and **side effect** — the mean absolute pixel change
+outside the box (pixels in [-1, 1]) — with wall time. It writes before/after grids of 16 held-out
+seeds to ``out/edit_quality.png`` (rows: original, ideal, then each method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from rulewright.service.engine.device import configure_determinism, select_device
+from rulewright.service.engine.edit import EditSpec, render_edited
+from rulewright.service.engine.evaluate import heldout_metrics, ideal_images
+from rulewright.service.engine.loading import load_generator
+from rulewright.service.engine.rewrite import edited_images, finetune_all, full_rank_update, rewrite
+from rulewright.service.engine.sampling import grid, latents
+from rulewright.service.engine.stats import key_moment
+from rulewright.service.importers.faces import import_faces
+
+HELDOUT_START = 50_000      # disjoint from the example's seeds, the stats seeds and the keep pool
+
+
+def _variants(base: dict, names: list[str]) -> dict[str, dict]:
+    table = {
+        "ours": {},                                                        # the defaults
+        "ours_keepseed1": {"keep": {"seed": 1}},                           # run-to-run spread
+        "ours_keepseed2": {"keep": {"seed": 2}},
+        "paper_rank1": {"goal": "value", "rank": 1, "keep": {"weight": 0.0}},
+        "image_rank1": {"goal": "image", "rank": 1, "keep": {"weight": 0.0}},
+        "value_goal": {"goal": "value"},                                   # the paper's recipe
+        "closed_form": {"goal": "value", "solver": "closed_form"},
+        "image_goal": {"goal": "image", "keep": {"weight": 0.0}},
+        "image_keep": {"goal": "image", "keep": {"weight": 1.0}},
+        "image_keep4": {"goal": "image", "keep": {"weight": 4.0}},
+        "image_rank4_keep": {"goal": "image", "rank": 4, "keep": {"weight": 2.0}},
+        "image_rank4_keep4": {"goal": "image", "rank": 4, "keep": {"weight": 4.0}},
+        "image_rank8_keep4": {"goal": "image", "rank": 8, "keep": {"weight": 4.0}},
+        "image_rank8_keep16": {"goal": "image", "rank": 8, "keep": {"weight": 16.0}},
+        "image_main9": {"goal": "image", "layer": "main.9"},
+        "image_main9_keep": {"goal": "image", "layer": "main.9", "keep": {"weight": 1.0}},
+    }
+    out = {}
+    for name in names:
+        spec = json.loads(json.dumps(base))
+        for k, v in table[name].items():
+            spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
+        out[name] = spec
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every method and print a table (and JSON with --json)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.edit_quality", description=__doc__.splitlines()[0])
+    p.add_argument("--spec", default="examples/edits/glasses.json", help="edit spec JSON (op rewrite)")
+    p.add_argument("--heldout", type=int, default=200, help="held-out seeds to measure on")
+    p.add_argument("--variants", default="ours", help="comma-separated variants of ours: ours, value_goal, "
+                   "closed_form, image_goal, image_keep, image_keep4, image_rank4_keep, image_main9, image_main9_keep")
+    p.add_argument("--baselines", default="full_rank,full_rank_keep,finetune",
+                   help="comma-separated: full_rank, full_rank_keep, finetune, or none")
+    p.add_argument("--steps", type=int, default=None, help="override the spec's optimization steps")
+    p.add_argument("--full-rank-lr", type=float, default=1e-3, help="Adam step size of the full-rank baseline")
+    p.add_argument("--finetune-steps", type=int, default=500, help="steps of the fine-tune-all baseline")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam step size of the fine-tune-all baseline")
+    p.add_argument("--out", default="out/edit_quality.png", help="before/after grid PNG")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (figures differ within float rounding)")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    configure_determinism()
+    model = load_generator(import_faces()).to(select_device(args.device))
+    base = json.loads(Path(args.spec).read_text())
+    if args.steps:
+        base["steps"] = args.steps
+    heldout = list(range(HELDOUT_START, HELDOUT_START + args.heldout))
+    show = latents(heldout[:16], model.z_dim).to(next(model.parameters()).device)
+    rows = [model(show).detach()]
+    first = EditSpec.from_json(base, model)
+    rows.append(ideal_images(model, first, show))
+    results, moments = {}, {}
+
+    for name, spec in _variants(base, [v for v in args.variants.split(",") if v]).items():
+        es = EditSpec.from_json(spec, model)
+        if es.layer not in moments:
+            s = es.stats
+            moments[es.layer] = key_moment(model, es.layer, range(s["seed_start"], s["seed_start"] + s["samples"]))
+        started = time.perf_counter()
+        edit = rewrite(model, es, moment=moments[es.layer])
+        seconds = time.perf_counter() - started
+        render = lambda z, e=edit, t=es.truncation: render_edited(model, [e], z, t)  # noqa: E731
+        metrics = heldout_metrics(model, es, heldout, render)
+        rows.append(render(show))
+        results[name] = {**metrics, "seconds": seconds, "goal_loss_before": edit.metrics["goal_loss_before"],
+                         "goal_loss_after": edit.metrics["goal_loss_after"], "layer": es.layer, "rank": es.rank,
+                         "goal": es.goal}
+        print(f"  {name}: efficacy {100 * metrics['efficacy']:.1f}%, side effect {metrics['side_effect']:.4f}, "
+              f"{seconds:.1f} s", file=sys.stderr, flush=True)
+
+    baselines = [b for b in args.baselines.split(",") if b and b != "none"]
+    for name in ("full_rank", "full_rank_keep"):
+        if name not in baselines:
+            continue
+        # full_rank: the same goal with no keep term (the paper's unconstrained baseline);
+        # full_rank_keep: the same goal plus our pooled keep term, to separate the two levers.
+        spec = {**first.to_json(), "keep": {**first.keep, "weight": first.keep["weight"] if name.endswith("keep") else 0.0}}
+        weights, info = full_rank_update(model, spec, lr=args.full_rank_lr)
+        w = next(iter(weights.values()))
+        render = lambda z, w=w: edited_images(model, first.layer, w, z, first.truncation)  # noqa: E731
+        results[name] = {**heldout_metrics(model, first, heldout, render), "seconds": info["seconds"],
+                         "goal_loss_before": info["before"][f"{first.goal}_loss"],
+                         "goal_loss_after": info["after"][f"{first.goal}_loss"]}
+        with torch.no_grad():
+            rows.append(render(show))
+    if "finetune" in baselines:
+        tuned, info = finetune_all(model, first, steps=args.finetune_steps, lr=args.finetune_lr)
+        results["finetune_all"] = {**heldout_metrics(model, first, heldout, lambda z: tuned(z, first.truncation)),
+                                   "seconds": info["seconds"]}
+        with torch.no_grad():
+            rows.append(tuned(show))
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture = grid(torch.cat([r.cpu() for r in rows]), columns=16).numpy()
+    Image.fromarray(picture).resize((picture.shape[1] * 2, picture.shape[0] * 2), Image.NEAREST).save(out)
+
+    print(f"edit quality: {args.spec} on faces, {len(heldout)} held-out seeds from {HELDOUT_START}")
+    print(f"{'method':18s} {'efficacy':>9s} {'L1 ideal before→after':>22s} {'side effect':>11s} "
+          f"{'eff/side':>8s} {'seconds':>8s}")
+    for name, r in results.items():
+        ratio = r["efficacy"] / max(r["side_effect"], 1e-9)
+        print(f"{name:18s} {100 * r['efficacy']:8.1f}% {r['l1_to_ideal_before']:10.3f} → {r['l1_to_ideal_after']:.3f}"
+              f" {r['side_effect']:11.4f} {ratio:8.2f} {r['seconds']:8.1f}")
+    print(f"grid (rows: original, ideal, {', '.join(results)}): {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
