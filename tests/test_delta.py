@@ -62,3 +62,11 @@ def test_fingerprint_changes_only_with_upstream_edits():
     assert after["main.3"] == before["main.3"] and after["main.6"] == before["main.6"]
     assert after["main.9"] != before["main.9"]
     assert len(set(before.values())) == 3
+
+
+def test_non_contiguous_factors_serialize():
+    d = torch.randn(2, 16).T                      # a transposed view, as QR returns
+    lam = torch.randn(8, 2, 4, 4).transpose(0, 1)
+    data = to_bytes([LowRankDelta("main.6.weight", 0, d, lam)])
+    back = from_bytes(data)[0]
+    assert torch.equal(back.direction, d) and torch.equal(back.lam, lam)

@@ -70,8 +70,8 @@ def to_bytes(deltas: Sequence[LowRankDelta]) -> bytes:
     """One safetensors blob holding every delta of an edit (deterministic bytes)."""
     tensors, parts = {}, []
     for i, d in enumerate(deltas):
-        tensors[f"{i}.direction"] = d.direction.detach().to("cpu", torch.float32).clone()
-        tensors[f"{i}.lambda"] = d.lam.detach().to("cpu", torch.float32).clone()
+        tensors[f"{i}.direction"] = d.direction.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+        tensors[f"{i}.lambda"] = d.lam.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
         parts.append({"weight_key": d.weight_key, "in_axis": d.in_axis, "weight_shape": list(d.weight_shape)})
     meta = {"kind": "low_rank_delta", "format": FORMAT, "parts": parts}
     return st_save(tensors, metadata={"rulewright": json.dumps(meta, sort_keys=True)})

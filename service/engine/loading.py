@@ -103,10 +103,13 @@ def detect_architecture(state: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def load_generator(source: Source, arch: str | None = None) -> Generator:
-    """Build a generator from a checkpoint (path, bytes or dict); ``arch`` None means detect it."""
+def load_generator(source: Source, arch: str | None = None, share: bool = False) -> Generator:
+    """Build a generator from a checkpoint (path, bytes or dict); ``arch`` None means detect it.
+
+    ``share=True`` (dict sources) makes the parameters the dict's own tensors, without copying.
+    """
     state = read_state_dict(source)
     arch = arch or detect_architecture(state)
     if arch not in ARCHITECTURES:
         raise LookupError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[arch].from_state_dict(state)
+    return ARCHITECTURES[arch].from_state_dict(state, share=share)

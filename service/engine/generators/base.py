@@ -145,8 +145,12 @@ class Generator(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "Generator":
-        """Infer sizes from ``state``, build the generator and load the weights (strictly)."""
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], share: bool = False) -> "Generator":
+        """Infer sizes from ``state``, build the generator and load the weights (strictly).
+
+        ``share=True`` makes the parameters *be* the given tensors (no copy), so generators of
+        several versions share every tensor their edits leave alone; never edit those in place.
+        """
 
     @abc.abstractmethod
     def config(self) -> dict:

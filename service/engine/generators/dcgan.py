@@ -97,11 +97,12 @@ class DCGANGenerator(Generator):
         return z_dim, widths, kernel_size
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "DCGANGenerator":
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], share: bool = False) -> "DCGANGenerator":
         z_dim, widths, kernel_size = cls.infer_sizes(state)
         check_state_dict(ARCH, cls.expected_shapes(z_dim, widths, kernel_size), state)
         model = cls(z_dim, widths, kernel_size)
-        model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
+        model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()},
+                              assign=share)
         return model.requires_grad_(False)  # an inference object: edits optimize their own tensors
 
     def config(self) -> dict:

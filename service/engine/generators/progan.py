@@ -151,11 +151,11 @@ class ProGANGenerator(Generator):
         return widths
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "ProGANGenerator":
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], share: bool = False) -> "ProGANGenerator":
         widths = cls.infer_widths(state)
         check_state_dict(ARCH, cls.expected_shapes(widths), state)
         model = cls(widths)
-        model.blocks.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        model.blocks.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=share)
         return model.requires_grad_(False)  # an inference object: edits optimize their own tensors
 
     def public_state_dict(self) -> dict[str, torch.Tensor]:

@@ -492,7 +492,7 @@ class StyleGAN2Generator(Generator):
         return 4 * 2**n_blocks, style_dim, n_mlp, channels, kernel_size
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "StyleGAN2Generator":
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], share: bool = False) -> "StyleGAN2Generator":
         """Build from the flat ``g_ema`` dict, optionally with ``latent_avg`` (see ``normalize_checkpoint``)."""
         size, style_dim, n_mlp, channels, kernel_size = cls.infer_sizes(state)
         expected = cls.expected_shapes(size, style_dim, n_mlp, channels, kernel_size)
@@ -504,7 +504,7 @@ class StyleGAN2Generator(Generator):
         weights = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
         if not has_avg:
             weights["latent_avg"] = model.latent_avg
-        model.load_state_dict(weights)
+        model.load_state_dict(weights, assign=share)
         if not has_avg:
             model.latent_avg = model.mean_latent()
         return model.requires_grad_(False)  # an inference object: edits optimize their own tensors

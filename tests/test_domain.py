@@ -1,0 +1,81 @@
+"""The domain layer over a real filesystem registry: references, residency, sampling, rewrites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rulewright.service.domain import Domain
+from rulewright.service.engine.edit import render_edited
+from rulewright.service.engine.errors import Cancelled
+from rulewright.service.engine.sampling import latents, to_uint8
+from tests.builders import dcgan_state
+
+SPEC = {"layer": "main.6", "rank": 2, "goal": "value", "steps": 60, "stats": {"samples": 64}, "keep": {"weight": 0},
+        "copy": {"seed": 1, "box": [8, 8, 16, 16]}, "paste": [{"seed": 2, "box": [8, 8, 16, 16]}]}
+
+
+@pytest.fixture
+def domain(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in dcgan_state(z_dim=16, widths=(32, 16, 8, 3)).items()}, str(path))
+    d = Domain.open(tmp_path / "data", device="cpu", max_resident=2)
+    d.bootstrap("tiny", path)
+    return d
+
+
+def test_bootstrap_is_idempotent_and_sets_production(domain, tmp_path):
+    v = domain.resolve("tiny@production")
+    assert (v.model, v.number, v.kind) == ("tiny", 1, "import")
+    assert domain.bootstrap("tiny", tmp_path / "missing-is-not-read.safetensors").number == 1
+
+
+def test_sample_echoes_the_version_and_is_deterministic(domain):
+    version, a = domain.sample("tiny@production", seeds=[3, 4])
+    _, b = domain.sample("tiny/1", seeds=[3, 4])
+    assert version.number == 1 and a.dtype == torch.uint8 and a.shape == (2, 32, 32, 3)
+    assert torch.equal(a, b)
+
+
+def test_rewrite_creates_a_child_version_that_samples_differently(domain):
+    events = []
+    result = domain.rewrite("tiny@production", SPEC, author="alice", preview_seeds=[5], progress=events.append)
+    v2 = result.version
+    assert (v2.number, v2.parent, v2.kind, v2.author) == (2, 1, "edit", "alice")
+    assert v2.spec["layer"] == "main.6" and v2.metrics["goal_loss_after"] < v2.metrics["goal_loss_before"]
+    _, base = domain.sample("tiny/1", seeds=[5])
+    _, edited = domain.sample("tiny/2", seeds=[5])
+    assert not torch.equal(base, edited)
+    assert torch.equal(result.previews, edited)
+    model1 = domain.generator(domain.resolve("tiny/1")).model
+    expected = to_uint8(render_edited(model1, [result.edit], latents([5], 16)))
+    assert (expected.int() - edited.int()).abs().max() <= 1
+    assert any(e["stage"] == "optimize" for e in events)
+
+
+def test_versions_share_unedited_tensors(domain):
+    domain.rewrite("tiny/1", SPEC)
+    m1 = domain.generator(domain.resolve("tiny/1")).model
+    m2 = domain.generator(domain.resolve("tiny/2")).model
+    assert m1.main[3].weight.data_ptr() == m2.main[3].weight.data_ptr()      # untouched: shared
+    assert m1.main[6].weight.data_ptr() != m2.main[6].weight.data_ptr()      # edited: its own
+
+
+def test_request_id_replay_dry_run_and_cancel_create_nothing_new(domain):
+    first = domain.rewrite("tiny/1", SPEC, request_id="req-1")
+    again = domain.rewrite("tiny/1", SPEC, request_id="req-1")
+    assert again.replayed and again.version.number == first.version.number == 2
+    dry = domain.rewrite("tiny/1", SPEC, dry_run=True, preview_seeds=[1])
+    assert dry.version is None and dry.previews.shape == (1, 32, 32, 3)
+    with pytest.raises(Cancelled):
+        domain.rewrite("tiny/1", SPEC, should_stop=lambda: True)
+    assert [v.number for v in domain.registry.list_versions("tiny").items] == [1, 2]
+
+
+def test_lru_keeps_at_most_max_resident(domain):
+    domain.rewrite("tiny/1", SPEC)
+    domain.rewrite("tiny/2", SPEC)
+    for ref in ("tiny/1", "tiny/2", "tiny/3"):
+        domain.sample(ref, seeds=[0])
+    assert domain.resident_versions() == [("tiny", 2), ("tiny", 3)]
