@@ -1,0 +1,56 @@
+"""Helpers: a gRPC server on a free loopback port (port 0) with in-test servicers, and the
+fail-under-CI rule for tools the tests need.
+
+Never import ``tritonclient`` in this process: it registers the same ``inference.*`` protobuf
+symbols as ``rulewright.inference``; the tests run it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def missing(what: str) -> None:
+    """Fail under CI, skip elsewhere: a tool the tests need is not installed."""
+    message = f"{what} is not installed (make test installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@contextlib.contextmanager
+def serve(*register: Callable[[grpc.Server], None]) -> Iterator[str]:
+    """A started server with the given ``add_*_to_server`` registrations; yields its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    for add in register:
+        add(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None).wait()
+
+
+@pytest.fixture
+def channel_to() -> Iterator[Callable[[str], grpc.Channel]]:
+    """Opens channels to addresses; all are closed after the test."""
+    opened: list[grpc.Channel] = []
+
+    def open_channel(address: str) -> grpc.Channel:
+        ch = grpc.insecure_channel(address)
+        opened.append(ch)
+        return ch
+
+    yield open_channel
+    for ch in opened:
+        ch.close()
