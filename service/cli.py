@@ -5,12 +5,14 @@ Subcommands:
 - ``album``: sample seeds into one PNG grid.
 - ``layers``: list a model's rewritable layers and the default one.
 - ``stats``: compute a layer's key second moment over N samples, with a progress bar.
+- ``serve``: the gRPC server, embedded default (filesystem registry, faces model as ``faces``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,6 +93,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.app import configure_logging, serve
+
+    configure_logging()
+    return serve(args.data_dir, args.address, device=args.device, grace_s=args.grace, cache_dir=args.cache_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (each flag documented by its help)."""
     parser = argparse.ArgumentParser(prog="rulewright-engine", description=__doc__.splitlines()[0])
@@ -127,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="layer name (default: the model's default layer)")
     p.add_argument("--samples", type=int, default=1000, help="number of seeds (0..N-1)")
     p.set_defaults(fn=cmd_stats)
+
+    env = os.environ.get
+    p = sub.add_parser("serve", help="run the gRPC server (embedded default: filesystem registry, faces model)")
+    common(p, model=False)
+    p.add_argument("--data-dir", default=env("RULEWRIGHT_DATA_DIR", "data"),
+                   help="where the registry lives (default $RULEWRIGHT_DATA_DIR or ./data)")
+    p.add_argument("--address", default=env("RULEWRIGHT_ADDRESS", "127.0.0.1:50051"),
+                   help="host:port to listen on (default $RULEWRIGHT_ADDRESS or 127.0.0.1:50051)")
+    p.add_argument("--device", default=env("RULEWRIGHT_DEVICE", "auto"),
+                   help="auto, cpu, cuda or cuda:N (default $RULEWRIGHT_DEVICE or auto)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight RPCs get to finish after SIGTERM or SIGINT")
+    p.set_defaults(fn=cmd_serve)
     return parser
 
 

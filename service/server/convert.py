@@ -1,0 +1,287 @@
+"""Protobuf messages to and from the domain's values (the only server module that touches torch).
+
+- Names: ``model_name``, ``version_name``, ``parse_model``, ``parse_version``, ``parse_alias``.
+- Resources: ``model_pb``, ``version_pb``, ``alias_pb``, ``alias_move_pb``, ``layer_pb``.
+- Generator: ``latents_tensor``, ``interventions``, ``images_pb``, ``edit_spec``, ``progress_pb``,
+  ``rewrite_result_pb``, ``export_stream``.
+
+Conversion errors are engine ``InvalidArgument``s naming the field as the request spells it
+(for a spec: relative to ``spec``, which the Rewrite servicer's decorator prefixes).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import re
+import zlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from google.protobuf import struct_pb2, timestamp_pb2
+from PIL import Image as PILImage
+
+from rulewright.registry.errors import NotFound
+from rulewright.registry.registry import Registry
+from rulewright.registry.weights import export_bytes
+from rulewright.service.domain import RewriteResult, _json_metrics
+from rulewright.service.engine.dissect import Intervention
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
+from rulewright.v1 import resources_pb2
+
+_MODEL = re.compile(r"^models/([^/]+)$")
+_VERSION = re.compile(r"^models/([^/]+)/versions/([^/]+)$")
+_ALIAS = re.compile(r"^models/([^/]+)/aliases/([^/]+)$")
+EXPORT_CHUNK = 1 << 20
+
+
+# ---- names -----------------------------------------------------------------------------------
+
+def model_name(model: str) -> str:
+    return f"models/{model}"
+
+
+def version_name(version) -> str:
+    return f"models/{version.model}/versions/{version.number}"
+
+
+def _match(pattern: re.Pattern, name: str, field: str, shape: str) -> tuple[str, ...]:
+    m = pattern.match(name)
+    if not m:
+        raise InvalidArgument(field, f"must be {shape}, got {name!r}")
+    return m.groups()
+
+
+def parse_model(name: str, field: str = "name") -> str:
+    return _match(_MODEL, name, field, "models/{model}")[0]
+
+
+def parse_version(name: str, field: str = "name") -> tuple[str, int]:
+    model, number = _match(_VERSION, name, field, "models/{model}/versions/{version}")
+    if not number.isdigit():
+        raise InvalidArgument(field, f"version must be a positive number, got {number!r}")
+    return model, int(number)
+
+
+def parse_alias(name: str, field: str = "name") -> tuple[str, str]:
+    return _match(_ALIAS, name, field, "models/{model}/aliases/{alias}")
+
+
+# ---- resources -------------------------------------------------------------------------------
+
+def _time(t) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(t)
+    return ts
+
+
+def _struct(d: dict | None) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(_json_metrics(d or {}))
+    return s
+
+
+def alias_pb(state) -> resources_pb2.Alias:
+    return resources_pb2.Alias(name=f"models/{state.model}/aliases/{state.alias}", version=state.version or 0,
+                               etag=state.etag, update_time=_time(state.updated_at))
+
+
+def alias_move_pb(entry) -> resources_pb2.AliasMove:
+    return resources_pb2.AliasMove(seq=entry.seq, from_version=entry.from_version or 0,
+                                   to_version=entry.to_version or 0, author=entry.author,
+                                   move_time=_time(entry.time), reason=entry.reason,
+                                   etag=entry.etag)
+
+
+def model_pb(registry: Registry, model) -> resources_pb2.Model:
+    try:
+        latest = registry.resolve(model.name).number
+    except NotFound:
+        latest = 0
+    return resources_pb2.Model(
+        name=model_name(model.name), arch=model.arch, config_json=json.dumps(model.config, sort_keys=True),
+        description=model.description, author=model.author, create_time=_time(model.created_at),
+        aliases=[alias_pb(a) for a in registry.list_aliases(model.name)], latest_version=latest)
+
+
+def version_pb(registry: Registry, v) -> resources_pb2.Version:
+    kind = {"import": resources_pb2.Version.KIND_IMPORT, "edit": resources_pb2.Version.KIND_EDIT}[v.kind]
+    return resources_pb2.Version(
+        name=version_name(v), number=v.number, parent_version=v.parent or 0, kind=kind,
+        spec_json=json.dumps(v.spec or {}, sort_keys=True), metrics=_struct(v.metrics), author=v.author,
+        create_time=_time(v.created_at),
+        blobs=[resources_pb2.Blob(role=r, sha256=b.sha256, size_bytes=b.size) for r, b in sorted(v.blobs.items())],
+        lineage=[x.number for x in registry.get_lineage(v.model, v.number)], request_id=v.request_id or "")
+
+
+def layer_pb(info) -> gen.LayerInfo:
+    return gen.LayerInfo(name=info.name, key_shape=info.key_shape, value_shape=info.value_shape,
+                         weight_shape=info.weight_shape, resolution=info.resolution, linear=info.linear,
+                         weight_key=info.weight_key)
+
+
+def export_stream(registry: Registry, name: str) -> Iterator[reg.ExportVersionResponse]:
+    """Metadata, then the safetensors file in chunks."""
+    model, number = parse_version(name)
+    version = registry.get_version(model, number)
+    data = export_bytes(registry, model, number)
+    yield reg.ExportVersionResponse(metadata=reg.ExportMetadata(
+        version=version_pb(registry, version), size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    for i in range(0, len(data), EXPORT_CHUNK):
+        yield reg.ExportVersionResponse(chunk=data[i:i + EXPORT_CHUNK])
+
+
+# ---- images and latents ----------------------------------------------------------------------
+
+def latents_tensor(msg: gen.Latents) -> torch.Tensor:
+    if msg.count < 1 or msg.dim < 1:
+        raise InvalidArgument("latents", f"count and dim must be positive, got {msg.count} x {msg.dim}")
+    if len(msg.values) != msg.count * msg.dim:
+        raise InvalidArgument("latents.values", f"holds {len(msg.values)} values, count x dim is "
+                              f"{msg.count * msg.dim}")
+    return torch.tensor(np.asarray(msg.values, dtype=np.float32)).reshape(msg.count, msg.dim)
+
+
+def _mask(msg: images_pb2.Mask, field: str) -> torch.Tensor:
+    if msg.encoding == images_pb2.Mask.ENCODING_RAW:
+        if len(msg.data) != msg.width * msg.height or msg.width < 1:
+            raise InvalidArgument(f"{field}.data", f"holds {len(msg.data)} bytes, width x height is "
+                                  f"{msg.width * msg.height}")
+        pixels = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.width)
+    elif msg.encoding == images_pb2.Mask.ENCODING_PNG:
+        try:
+            pixels = np.asarray(PILImage.open(io.BytesIO(msg.data)).convert("L"))
+        except Exception as exc:  # noqa: BLE001 -- any decoder failure is bad input
+            raise InvalidArgument(f"{field}.data", f"not a readable PNG ({exc})") from None
+        if pixels.shape != (msg.height, msg.width):
+            raise InvalidArgument(f"{field}.data", f"PNG is {pixels.shape[1]}x{pixels.shape[0]}, "
+                                  f"width x height says {msg.width}x{msg.height}")
+    else:
+        raise InvalidArgument(f"{field}.encoding", "must be ENCODING_PNG or ENCODING_RAW")
+    return torch.from_numpy(pixels.copy())
+
+
+def _mask_spec(msg: images_pb2.Mask, field: str) -> dict:
+    m = _mask(msg, field)
+    return {"encoding": "zlib-base64-u8", "size": list(m.shape),
+            "data": base64.b64encode(zlib.compress(m.numpy().tobytes())).decode("ascii")}
+
+
+def interventions(items: Sequence[gen.UnitIntervention]) -> tuple[str | None, list[Intervention]]:
+    """(layer, interventions); this version drives one layer per request."""
+    layers = {i.layer for i in items}
+    if len(layers) > 1:
+        raise InvalidArgument("interventions", "all interventions must name the same layer")
+    out = []
+    for n, i in enumerate(items):
+        mode = "set" if i.mode == gen.UnitIntervention.MODE_SET else "zero"
+        mask = _mask(i.mask, f"interventions[{n}].mask") if i.HasField("mask") else None
+        out.append(Intervention(units=list(i.units), mode=mode, value=i.value, mask=mask))
+    return (layers.pop() or None) if layers else None, out
+
+
+def images_pb(images: torch.Tensor, fmt: int, seeds: Sequence[int] | None = None) -> list[images_pb2.Image]:
+    """(N, H, W, 3) uint8 → Image messages (PNG unless raw RGB8 is asked for)."""
+    raw = fmt == images_pb2.IMAGE_FORMAT_RAW_RGB8
+    out = []
+    for n, img in enumerate(images.cpu().numpy()):
+        if raw:
+            data = img.tobytes()
+        else:
+            buf = io.BytesIO()
+            PILImage.fromarray(img).save(buf, format="PNG", compress_level=1)
+            data = buf.getvalue()
+        msg = images_pb2.Image(format=images_pb2.IMAGE_FORMAT_RAW_RGB8 if raw else images_pb2.IMAGE_FORMAT_PNG,
+                               width=img.shape[1], height=img.shape[0], data=data)
+        if seeds:
+            msg.seed = seeds[n]
+        out.append(msg)
+    return out
+
+
+# ---- edits -----------------------------------------------------------------------------------
+
+def _region(msg: images_pb2.Region, field: str) -> dict:
+    out: dict = {"seed": msg.seed}
+    area = msg.WhichOneof("area")
+    if area == "box":
+        out["box"] = [msg.box.x0, msg.box.y0, msg.box.x1, msg.box.y1]
+    elif area == "mask":
+        out["mask"] = _mask_spec(msg.mask, f"{field}.mask")
+    return out
+
+
+def edit_spec(msg: edit_pb2.EditSpec) -> dict:
+    """The engine's JSON spec for a proto EditSpec: zero and absent fields left to the defaults."""
+    S = edit_pb2.EditSpec
+    spec: dict = {
+        "op": {S.OP_ERASE: "erase", S.OP_ZERO: "zero"}.get(msg.op, "rewrite"),
+        "goal": {S.GOAL_VALUE: "value"}.get(msg.goal, "image"),
+        "solver": {S.SOLVER_CLOSED_FORM: "closed_form"}.get(msg.solver, "optimize"),
+    }
+    for key in ("layer", "rank", "steps", "lr", "description"):
+        if getattr(msg, key):
+            spec[key] = getattr(msg, key)
+    for key in ("ridge", "truncation"):
+        if msg.HasField(key):
+            spec[key] = getattr(msg, key)
+    keep = {k: getattr(msg.keep, k) for k in ("weight", "pool_start") if msg.keep.HasField(k)}
+    keep.update({k: getattr(msg.keep, k) for k in ("pool_size", "per_step", "seed") if getattr(msg.keep, k)})
+    stats = {k: getattr(msg.stats, k) for k in ("samples", "seed_start") if getattr(msg.stats, k)}
+    for key, value in (("keep", keep), ("stats", stats), ("erase", {"units": msg.erase.units} if msg.erase.units else {})):
+        if value:
+            spec[key] = value
+    if msg.HasField("copy"):
+        spec["copy"] = _region(msg.copy, "copy")
+    for key in ("paste", "context"):
+        if getattr(msg, key):
+            spec[key] = [_region(r, f"{key}[{i}]") for i, r in enumerate(getattr(msg, key))]
+    return spec
+
+
+_STAGES = {"statistics": gen.Progress.STAGE_STATISTICS, "optimize": gen.Progress.STAGE_OPTIMIZE,
+           "full_rank": gen.Progress.STAGE_OPTIMIZE, "finetune": gen.Progress.STAGE_OPTIMIZE,
+           "preview": gen.Progress.STAGE_PREVIEW, "commit": gen.Progress.STAGE_COMMIT}
+
+
+def progress_pb(event: dict) -> gen.Progress | None:
+    """A domain progress event as a Progress message; None for events the API does not stream."""
+    stage = _STAGES.get(event.get("stage"))
+    if stage is None:
+        return None
+    msg = gen.Progress(stage=stage, step=int(event.get("step", event.get("done", 0))),
+                       steps=int(event.get("steps", event.get("total", 0))))
+    if event.get("loss") is not None:
+        msg.loss = float(event["loss"])
+    return msg
+
+
+def rewrite_result_pb(registry: Registry, result: RewriteResult) -> gen.RewriteResult:
+    out = gen.RewriteResult(parent=version_name(result.parent), spec_json=json.dumps(result.edit.spec, sort_keys=True),
+                            metrics=_struct(result.edit.metrics), dry_run=result.version is None)
+    if result.version is not None:
+        out.version.CopyFrom(version_pb(registry, result.version))
+    return out
+
+
+def empty():
+    from google.protobuf import empty_pb2
+
+    return empty_pb2.Empty()
+
+
+def move_alias(registry: Registry, model: str, alias: str, request: reg.SetAliasRequest):
+    """SetAlias: point (or, for version 0, unset) the alias under the request's expectation."""
+    which = request.WhichOneof("expectation")
+    if which is None:
+        raise InvalidArgument("expectation", "state expected_version (0 for a new alias) or etag")
+    kw = {"etag": request.etag} if which == "etag" else {"expected_version": request.expected_version or None}
+    if request.version < 0:
+        raise InvalidArgument("version", f"must be 0 (unset) or a version number, got {request.version}")
+    if request.version == 0:
+        return registry.delete_alias(model, alias, reason=request.reason, **kw)
+    return registry.set_alias(model, alias, request.version, reason=request.reason, **kw)

@@ -1,0 +1,137 @@
+"""Thin servicers over the domain layer: unpack the request, call ``Domain``, build the response.
+
+- ``GeneratorServicer``: ListLayers, Sample, Rewrite (server streaming; a worker thread runs the
+  edit, progress comes back through a queue; the client's cancellation or deadline stops it).
+- ``RegistryServicer``: ListModels, GetModel, DeleteModel, ListVersions, GetVersion,
+  DeleteVersion, ExportVersion, SetAlias, ListAliasHistory.
+
+Everything else answers UNIMPLEMENTED (the generated base class). Errors go through
+``errors.rpc``; conversions live in ``convert`` (this module imports no torch, S3 or Redis).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
+from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
+
+from . import convert
+from .errors import rpc
+
+_DONE = object()
+NAME_FIELDS = {"model": "name", "version": "name", "alias": "name"}   # registry fields → `name`
+
+
+class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
+    """GeneratorService over a ``Domain``."""
+
+    def __init__(self, domain):
+        self.domain = domain
+        self.workers: set[threading.Thread] = set()   # running Rewrite jobs (tests and shutdown join them)
+
+    @rpc()
+    def ListLayers(self, request, context):
+        version, infos, default = self.domain.list_layers(request.model)
+        model = self.domain.generator(version).model
+        return gen.ListLayersResponse(version=convert.version_name(version), layers=map(convert.layer_pb, infos),
+                                      default_layer=default, image_resolution=model.resolution, z_dim=model.z_dim)
+
+    @rpc(fields={"z": "latents"})
+    def Sample(self, request, context):
+        seeds = list(request.seeds) or None
+        z = convert.latents_tensor(request.latents) if request.HasField("latents") else None
+        layer, interventions = convert.interventions(request.interventions)
+        truncation = request.truncation if request.HasField("truncation") else 1.0
+        version, images = self.domain.sample(request.model, seeds=seeds, z=z, truncation=truncation, layer=layer,
+                                             interventions=interventions)
+        return gen.SampleResponse(version=convert.version_name(version),
+                                  images=convert.images_pb(images, request.image_format, seeds))
+
+    @rpc(prefix="spec.")
+    def Rewrite(self, request, context):
+        events: queue.Queue = queue.Queue()
+        spec = convert.edit_spec(request.spec)
+        stop = threading.Event()
+        context.add_callback(stop.set)
+        worker = threading.Thread(target=self._rewrite, args=(request, spec, events, stop, context), daemon=True)
+        self.workers.add(worker)
+        worker.start()
+        while (item := events.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _rewrite(self, request, spec, events, stop, context):
+        def progress(event):
+            if (msg := convert.progress_pb(event)) is not None:
+                events.put(gen.RewriteResponse(progress=msg))
+        try:
+            result = self.domain.rewrite(
+                request.model, spec, request_id=request.request_id or None, dry_run=request.dry_run,
+                preview_seeds=list(request.preview_seeds), progress=progress,
+                should_stop=lambda: stop.is_set() or not context.is_active())
+            if result.previews is not None:
+                events.put(gen.RewriteResponse(preview=gen.RewritePreview(images=convert.images_pb(
+                    result.previews, request.preview_format, list(request.preview_seeds)))))
+            events.put(gen.RewriteResponse(result=convert.rewrite_result_pb(self.domain.registry, result)))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the RPC thread, which maps it
+            events.put(exc)
+        finally:
+            events.put(_DONE)
+            self.workers.discard(threading.current_thread())
+
+
+class RegistryServicer(reg_grpc.RegistryServiceServicer):
+    """RegistryService over the domain's ``Registry``."""
+
+    def __init__(self, domain):
+        self.registry = domain.registry
+
+    @rpc()
+    def ListModels(self, request, context):
+        page = self.registry.list_models(request.page_size, request.page_token)
+        return reg.ListModelsResponse(models=[convert.model_pb(self.registry, m) for m in page.items],
+                                      next_page_token=page.next_page_token)
+
+    @rpc(fields=NAME_FIELDS)
+    def GetModel(self, request, context):
+        return convert.model_pb(self.registry, self.registry.get_model(convert.parse_model(request.name)))
+
+    @rpc(fields=NAME_FIELDS)
+    def DeleteModel(self, request, context):
+        self.registry.delete_model(convert.parse_model(request.name), force=request.force)
+        return convert.empty()
+
+    @rpc(fields={"model": "parent"})
+    def ListVersions(self, request, context):
+        page = self.registry.list_versions(convert.parse_model(request.parent, "parent"), request.page_size,
+                                           request.page_token)
+        return reg.ListVersionsResponse(versions=[convert.version_pb(self.registry, v) for v in page.items],
+                                        next_page_token=page.next_page_token)
+
+    @rpc(fields=NAME_FIELDS)
+    def GetVersion(self, request, context):
+        return convert.version_pb(self.registry, self.registry.get_version(*convert.parse_version(request.name)))
+
+    @rpc(fields=NAME_FIELDS)
+    def DeleteVersion(self, request, context):
+        self.registry.delete_version(*convert.parse_version(request.name), reason=request.reason)
+        return convert.empty()
+
+    @rpc(fields=NAME_FIELDS)
+    def ExportVersion(self, request, context):
+        yield from convert.export_stream(self.registry, request.name)
+
+    @rpc(fields=NAME_FIELDS)
+    def SetAlias(self, request, context):
+        model, alias = convert.parse_alias(request.name)
+        return convert.alias_pb(convert.move_alias(self.registry, model, alias, request))
+
+    @rpc(fields={"model": "parent", "alias": "parent"})
+    def ListAliasHistory(self, request, context):
+        model, alias = convert.parse_alias(request.parent, "parent")
+        page = self.registry.alias_history(model, alias, request.page_size, request.page_token)
+        return reg.ListAliasHistoryResponse(moves=map(convert.alias_move_pb, page.items),
+                                            next_page_token=page.next_page_token)

@@ -1,0 +1,110 @@
+"""GeneratorService over a real channel: ListLayers, Sample, Rewrite (progress, previews, request
+ids, dry runs, cancellation)."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2
+from rulewright.v1 import registry_service_pb2 as reg
+
+from .conftest import SPEC
+
+
+def spec_pb(**overrides) -> edit_pb2.EditSpec:
+    """SPEC (tests/test_domain.py) as a proto EditSpec."""
+    s = {**SPEC, **overrides}
+    box = lambda b: images_pb2.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])  # noqa: E731
+    return edit_pb2.EditSpec(
+        layer=s["layer"], rank=s["rank"], goal=edit_pb2.EditSpec.GOAL_VALUE, steps=s["steps"],
+        stats=edit_pb2.StatisticsSpec(samples=s["stats"]["samples"]), keep=edit_pb2.KeepSpec(weight=0.0),
+        copy=images_pb2.Region(seed=s["copy"]["seed"], box=box(s["copy"]["box"])),
+        paste=[images_pb2.Region(seed=p["seed"], box=box(p["box"])) for p in s["paste"]])
+
+
+def test_list_layers_echoes_the_version(generator):
+    r = generator.ListLayers(gen.ListLayersRequest(model="tiny@production"), timeout=30)
+    assert r.version == "models/tiny/versions/1" and r.z_dim == 16 and r.image_resolution == 32
+    assert r.default_layer in [layer.name for layer in r.layers] and "main.6" in [layer.name for layer in r.layers]
+
+
+def test_sample_raw_matches_the_domain_and_png_decodes(generator, domain):
+    raw = generator.Sample(gen.SampleRequest(model="tiny@production", seeds=[3, 4],
+                                             image_format=images_pb2.IMAGE_FORMAT_RAW_RGB8), timeout=30)
+    _, expected = domain.sample("tiny/1", seeds=[3, 4])
+    assert raw.version == "models/tiny/versions/1" and [i.seed for i in raw.images] == [3, 4]
+    got = np.stack([np.frombuffer(i.data, np.uint8).reshape(i.height, i.width, 3) for i in raw.images])
+    assert np.array_equal(got, expected.numpy())
+    png = generator.Sample(gen.SampleRequest(model="tiny", seeds=[3]), timeout=30).images[0]
+    assert png.format == images_pb2.IMAGE_FORMAT_PNG
+    picture = Image.open(io.BytesIO(png.data))
+    assert picture.size == (32, 32) and np.array_equal(np.asarray(picture.convert("RGB")), expected[0].numpy())
+
+
+def test_sample_from_latents(generator, domain):
+    z = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    r = generator.Sample(gen.SampleRequest(model="tiny/1", latents=gen.Latents(count=2, dim=16, values=z.ravel()),
+                                           image_format=images_pb2.IMAGE_FORMAT_RAW_RGB8), timeout=30)
+    import torch
+
+    _, expected = domain.sample("tiny/1", z=torch.from_numpy(z))
+    assert not r.images[0].HasField("seed")
+    assert np.frombuffer(r.images[1].data, np.uint8).tobytes() == expected[1].numpy().tobytes()
+
+
+def test_rewrite_streams_progress_previews_then_a_version_and_replays_its_request_id(generator, registry, domain):
+    request = gen.RewriteRequest(model="tiny@production", spec=spec_pb(), preview_seeds=[5], request_id="req-1",
+                                 preview_format=images_pb2.IMAGE_FORMAT_RAW_RGB8)
+    events = list(generator.Rewrite(request, timeout=60))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "result" and kinds[-2] == "preview" and kinds.count("progress") >= 2
+    optimize = [e.progress for e in events if e.HasField("progress") and e.progress.stage == gen.Progress.STAGE_OPTIMIZE]
+    assert optimize and optimize[-1].step == optimize[-1].steps == 60 and optimize[-1].HasField("loss")
+    result = events[-1].result
+    assert result.version.name == "models/tiny/versions/2" and result.parent == "models/tiny/versions/1"
+    assert result.version.request_id == "req-1" and json.loads(result.spec_json)["layer"] == "main.6"
+    assert list(result.version.lineage) == [1, 2]
+    _, edited = domain.sample("tiny/2", seeds=[5])
+    assert events[-2].preview.images[0].data == edited[0].numpy().tobytes()
+    again = list(generator.Rewrite(request, timeout=60))
+    assert [e.WhichOneof("event") for e in again] == ["result"] and again[0].result.version.name == result.version.name
+    assert [v.number for v in registry.ListVersions(reg.ListVersionsRequest(parent="models/tiny")).versions] == [1, 2]
+
+
+def test_dry_run_commits_nothing(generator, registry):
+    events = list(generator.Rewrite(gen.RewriteRequest(model="tiny", spec=spec_pb(), dry_run=True), timeout=60))
+    assert events[-1].result.dry_run and not events[-1].result.HasField("version")
+    assert [v.number for v in registry.ListVersions(reg.ListVersionsRequest(parent="models/tiny")).versions] == [1]
+
+
+def wait_idle(server, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server[0].generator_servicer.workers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server[0].generator_servicer.workers, "the rewrite worker did not stop"
+
+
+def test_cancelled_rewrite_creates_nothing(generator, registry, server):
+    call = generator.Rewrite(gen.RewriteRequest(model="tiny", spec=spec_pb(steps=100_000)), timeout=60)
+    for event in call:
+        if event.HasField("progress") and event.progress.stage == gen.Progress.STAGE_OPTIMIZE:
+            call.cancel()
+            break
+    wait_idle(server)
+    assert [v.number for v in registry.ListVersions(reg.ListVersionsRequest(parent="models/tiny")).versions] == [1]
+
+
+def test_deadline_exceeded_rewrite_creates_nothing(generator, registry, server):
+    with pytest.raises(grpc.RpcError) as err:
+        list(generator.Rewrite(gen.RewriteRequest(model="tiny", spec=spec_pb(steps=100_000)), timeout=1.0))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(server)
+    assert [v.number for v in registry.ListVersions(reg.ListVersionsRequest(parent="models/tiny")).versions] == [1]
