@@ -1,4 +1,4 @@
-# rulewright: `make demo` sets everything up and runs the engine end to end; `make test` runs the suite.
+# rulewright: `make demo` sets everything up and runs the service end to end; `make test` runs the suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile protos/pyproject.toml protos/setup.p
 
 venv: $(VENV)/.installed  ## create .venv with torch and the project
 
-demo: venv  ## import the faces model and write an album of samples to out/album.png
-	$(PY) -m rulewright.service album --model faces --seeds 0-31 --out out/album.png
+demo: venv  ## start the embedded server, sample, rewrite (glasses), promote, roll back; PNGs under out/
+	$(PY) examples/demo.py --out out
 
 # The registry tests start a real redis-server (moto_server comes with the test extras).
 servers:  ## install redis-server from the system's packages if it is missing

@@ -9,6 +9,10 @@
 - ``sample``, ``list_layers``, ``statistics`` (through the statistics cache), ``rewrite``
   (creates a version; ``dry_run`` and ``request_id`` honoured; cancellation creates nothing),
   ``dissect`` and ``search``.
+- ``compute_statistic``: a key moment or value quantiles through the cache, with progress and
+  cancellation (a cancelled computation caches nothing); reports whether it was a hit.
+- ``import_model``: safetensors bytes checked against their declared architecture and config,
+  then registered as a new model's version 1.
 
 Every result carries the resolved ``Version``, so responses can echo it. Hooked work (unit
 interventions, dissection) holds the version's lock, since hooks live on the shared module.
@@ -28,26 +32,29 @@ import torch
 from rulewright.registry.errors import NotFound
 from rulewright.registry.manifests import Version
 from rulewright.registry.registry import Registry
-from rulewright.registry.statistics import cached_key_moment
-from rulewright.registry.stats_cache import StatsCache, open_stats_cache
+from rulewright.registry.statistics import KEY_MOMENT, moment_key
+from rulewright.registry.stats_cache import StatsCache, StatsKey, open_stats_cache
 from rulewright.registry.weights import Materializer
 
 from .engine import delta as delta_codec
 from .engine import dissect
 from .engine.device import configure_determinism, select_device
+from .engine.errors import Cancelled, InvalidArgument
 from .engine.edit import Edit, EditSpec, render_edited
 from .engine.generators.base import Generator
-from .engine.loading import ARCHITECTURES, read_state_dict, detect_architecture
+from .engine.loading import ARCHITECTURES, _is_safetensors, read_state_dict, detect_architecture
 from .engine.regions import Region
 from .engine.rewrite import rewrite as engine_rewrite
 from .engine.sampling import check_latents, latents, to_uint8
 from .engine.search import Match, direction_for, response_threshold, search
-from .engine.stats import SecondMoment
+from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
 StopCheck = Callable[[], bool]
+VALUE_QUANTILE = "value_quantile"
+STATISTICS = (KEY_MOMENT, VALUE_QUANTILE)
 
 
 @dataclasses.dataclass
@@ -68,6 +75,33 @@ class RewriteResult:
     edit: Edit
     previews: torch.Tensor | None      # (N, H, W, 3) uint8 for the requested preview seeds
     replayed: bool = False             # a retried request id: the earlier version, nothing new
+
+
+@dataclasses.dataclass
+class StatisticResult:
+    """A statistic now in the cache: where it lives, whether it was there already, and its value."""
+
+    version: Version
+    layer: str
+    kind: str                          # KEY_MOMENT or VALUE_QUANTILE
+    samples: int
+    seed_start: int
+    truncation: float
+    cached: bool                       # a hit: nothing was computed by this call
+    key: StatsKey
+    size_bytes: int
+    stat: Stat
+
+
+@dataclasses.dataclass
+class DissectResult:
+    """Units of a layer ranked against regions, with their thresholds and optional maps."""
+
+    version: Version
+    layer: str
+    units: list                        # dissect.UnitScore, best first (``top`` of them)
+    thresholds: torch.Tensor           # (units,) every unit's threshold
+    maps: list                         # (unit, seed, (H, W) tensor) for the returned units, if asked
 
 
 class Domain:
@@ -91,6 +125,7 @@ class Domain:
         self._resident: "collections.OrderedDict[tuple[str, int], Resident]" = collections.OrderedDict()
         self._on_device: dict[int, torch.Tensor] = {}    # CPU storage pointer → its device copy
         self._lock = threading.Lock()
+        self._fingerprints: dict[tuple[str, int], str] = {}    # (model, number) → every weight's sha256
 
     @classmethod
     def open(cls, data_dir: str | Path, stats_cache: str | None = None, **kw: Any) -> "Domain":
@@ -199,12 +234,100 @@ class Domain:
         return version, model.layer_infos(), model.default_layer()
 
     def statistics(self, version: Version, layer: str, samples: int | None = None, seed_start: int = 0,
-                   truncation: float = 1.0) -> SecondMoment:
-        """C at ``layer`` for ``version`` through the shared cache (computed once on a miss)."""
+                   truncation: float = 1.0, progress: Progress | None = None,
+                   should_stop: StopCheck | None = None) -> SecondMoment:
+        """C at ``layer`` for ``version`` through the shared cache (computed once on a miss).
+
+        ``progress`` gets ``{"stage": "statistics", "done", "total"}`` per batch of a computation;
+        ``should_stop`` cancels it (``Cancelled``; nothing is cached).
+        """
+        return self._cached_stat(version, layer, KEY_MOMENT, samples, seed_start, truncation, progress,
+                                 should_stop).stat
+
+    def compute_statistic(self, ref: str, layer: str | None = None, kind: str = KEY_MOMENT,
+                          samples: int | None = None, seed_start: int = 0, truncation: float = 1.0,
+                          progress: Progress | None = None, should_stop: StopCheck | None = None) -> StatisticResult:
+        """A statistic of ``ref`` at ``layer`` (default layer if None) in the cache, computed on a miss."""
+        version = self.resolve(ref)
+        layer = layer or self.generator(version).model.default_layer()
+        return self._cached_stat(version, layer, kind, samples, seed_start, truncation, progress, should_stop)
+
+    def _stat_key(self, version: Version, model: Generator, layer: str, kind: str, seeds: range,
+                  truncation: float) -> StatsKey:
+        if kind == KEY_MOMENT:
+            return moment_key(model, layer, seeds, truncation)
+        # Values depend on the layer's own weight too: key them by every parameter (conservative).
+        return StatsKey.create(self._fingerprint(version, model), layer, VALUE_QUANTILE, seeds, truncation,
+                               arch=model.arch)
+
+    def _fingerprint(self, version: Version, model: Generator) -> str:
+        key = (version.model, version.number)
+        with self._lock:
+            hit = self._fingerprints.get(key)
+        if hit is None:
+            import hashlib
+
+            digest = hashlib.sha256(f"{model.arch}:all".encode())
+            for name, t in sorted(model.state_dict().items()):
+                t = t.detach().to("cpu").contiguous()
+                digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            hit = digest.hexdigest()
+            with self._lock:
+                self._fingerprints[key] = hit
+        return hit
+
+    def _cached_stat(self, version: Version, layer: str, kind: str, samples: int | None, seed_start: int,
+                     truncation: float, progress: Progress | None, should_stop: StopCheck | None) -> StatisticResult:
+        if kind not in STATISTICS:
+            raise InvalidArgument("statistic", f"must be one of {', '.join(STATISTICS)}, got {kind!r}")
+        samples = samples or self.stats_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= 10_000_000:
+            raise InvalidArgument("stats.samples", f"must lie in 1..10,000,000, got {samples!r}")
+        if seed_start < 0:
+            raise InvalidArgument("stats.seed_start", f"must not be negative, got {seed_start}")
         model = self.generator(version).model
         model.layer(layer)
-        seeds = range(seed_start, seed_start + (samples or self.stats_samples))
-        return cached_key_moment(self.stats_cache, model, layer, seeds, truncation)
+        seeds = range(seed_start, seed_start + samples)
+        key = self._stat_key(version, model, layer, kind, seeds, truncation)
+        ran = {"computed": False, "stopped": False}
+
+        def stopped() -> bool:
+            if should_stop is not None and should_stop():
+                ran["stopped"] = True
+            return ran["stopped"]
+
+        def report(done: int, total: int) -> None:
+            if progress is not None:
+                progress({"stage": "statistics", "done": done, "total": total})
+            if kind != KEY_MOMENT and stopped():    # value_quantiles has no should_stop of its own
+                raise InterruptedError("statistics cancelled")
+
+        def compute() -> bytes:
+            ran["computed"] = True
+            try:
+                if kind == KEY_MOMENT:
+                    stat = key_moment(model, layer, seeds, truncation, progress=report, should_stop=stopped)
+                else:
+                    stat = value_quantiles(model, layer, seeds, truncation, progress=report)
+            except InterruptedError:
+                raise Cancelled(f"{kind} statistics cancelled; nothing was cached") from None
+            return stat.to_bytes()
+
+        while True:
+            try:
+                data = self.stats_cache.get_or_compute(key, compute)
+                break
+            except Cancelled:
+                if ran["stopped"] or stopped():
+                    raise
+                ran["computed"] = False    # another caller's computation was cancelled: take over
+        stat = load_stat(data)
+        expected = SecondMoment if kind == KEY_MOMENT else Quantile
+        if not isinstance(stat, expected):
+            raise TypeError(f"cache entry {key.canonical()} holds a {type(stat).__name__}")
+        return StatisticResult(version, layer, kind, samples, seed_start, float(truncation), not ran["computed"], key,
+                               len(data), stat)
 
     def rewrite(self, ref: str, spec: dict, author: str = "anonymous", request_id: str | None = None,
                 dry_run: bool = False, preview_seeds: Sequence[int] = (), progress: Progress | None = None,
@@ -225,7 +348,7 @@ class Domain:
         if progress:
             progress({"stage": "statistics", "done": 0, "total": checked.stats["samples"]})
         moment = self.statistics(parent, checked.layer, checked.stats["samples"], checked.stats["seed_start"],
-                                 checked.truncation)
+                                 checked.truncation, progress=progress, should_stop=should_stop)
         with res.lock:   # the engine hooks the shared module while it gathers keys and values
             edit = engine_rewrite(model, checked, moment=moment, progress=progress, should_stop=should_stop)
         previews = None
@@ -243,16 +366,87 @@ class Domain:
             metrics=_json_metrics(edit.metrics), author=author, request_id=request_id)
         return RewriteResult(parent, version, edit, previews)
 
-    def search(self, ref: str, layer: str, context: Sequence[Region], seeds: Sequence[int], rank: int = 1,
-               top: int = 16, q: float = 0.999, truncation: float = 1.0) -> tuple[Version, list[Match], float]:
-        """(version, best matches, highlight threshold) for context regions."""
+    def search(self, ref: str, layer: str | None, context: Sequence[Region], seeds: Sequence[int], rank: int = 1,
+               top: int = 16, q: float = 0.999, truncation: float = 1.0, ridge: float = 1e-4,
+               samples: int | None = None, seed_start: int = 0) -> tuple[Version, list[Match], float]:
+        """(version, best matches, highlight threshold) for context regions (layer None: the default).
+
+        ``samples`` and ``seed_start`` choose the samples C is computed over (a cached statistic).
+        """
         version = self.resolve(ref)
         res = self.generator(version)
-        moment = self.statistics(version, layer, truncation=truncation)
+        layer = layer or res.model.default_layer()
+        if not context:
+            raise InvalidArgument("context", "give at least one region")
+        if not 0 < q < 1:
+            raise InvalidArgument("quantile", f"must lie strictly between 0 and 1, got {q}")
+        if rank < 1:
+            raise InvalidArgument("rank", f"must be positive, got {rank}")
+        moment = self.statistics(version, layer, samples, seed_start, truncation=truncation)
         with res.lock:
-            d = direction_for(res.model, layer, moment.moment(), list(context), rank, truncation=truncation)
+            d = direction_for(res.model, layer, moment.moment(), list(context), rank, ridge=ridge,
+                              truncation=truncation)
             threshold = response_threshold(res.model, layer, d, range(200), q, truncation)
             return version, search(res.model, layer, d, seeds, top, threshold, truncation), threshold
+
+    def dissect(self, ref: str, layer: str | None, regions: Sequence[Region], by: str = "iou", top: int = 0,
+                samples: int | None = None, seed_start: int = 0, q: float = dissect.DEFAULT_QUANTILE,
+                truncation: float = 1.0, include_maps: bool = False) -> DissectResult:
+        """Units of ``layer`` (None: the default) ranked against ``regions``, best first.
+
+        Thresholds are each unit's ``q``-quantile over ``samples`` untruncated samples from
+        ``seed_start`` (the cached VALUE_QUANTILE statistic); ``truncation`` applies to the regions'
+        samples. ``top`` 0 returns every unit.
+        """
+        version = self.resolve(ref)
+        res = self.generator(version)
+        layer = layer or res.model.default_layer()
+        if top < 0:
+            raise InvalidArgument("top", f"must not be negative, got {top}")
+        if not 0 < q < 1:
+            raise InvalidArgument("quantile", f"must lie strictly between 0 and 1, got {q}")
+        quantiles = self._cached_stat(version, layer, VALUE_QUANTILE, samples, seed_start, 1.0, None, None).stat
+        with res.lock:   # unit maps hook the shared module
+            ranked = dissect.rank_units(res.model, layer, list(regions), quantiles, by=by, truncation=truncation,
+                                        q=q)
+            ranked = ranked[:top] if top else ranked
+            maps = []
+            if include_maps and ranked:
+                seeds = list(dict.fromkeys(r.seed for r in regions))
+                values = dissect.unit_maps(res.model, layer, seeds=seeds, truncation=truncation)
+                maps = [(u.unit, seed, values[i, u.unit]) for i, seed in enumerate(seeds) for u in ranked]
+        return DissectResult(version, layer, ranked, quantiles.quantile(float(q)), maps)
+
+    def import_model(self, name: str, arch: str, config: dict | None, data: bytes, author: str = "anonymous",
+                     description: str = "", spec: dict | None = None, metrics: dict | None = None,
+                     request_id: str | None = None) -> Version:
+        """Register safetensors ``data`` as model ``name``'s version 1 once its layout checks out.
+
+        ``InvalidArgument`` (engine) names ``weights`` for bytes that are not a readable
+        safetensors file or fit no architecture, ``arch`` for a declared architecture the weights
+        are not, and ``config`` for a declared config the weights contradict.
+        """
+        if not _is_safetensors(data):
+            raise InvalidArgument("weights", "not a safetensors file (torch checkpoints and pickles are refused)")
+        try:
+            state = read_state_dict(data)
+            detected = detect_architecture(state)
+        except Exception as exc:  # noqa: BLE001 -- any reader failure is bad input
+            raise InvalidArgument("weights", f"unreadable weights: {exc}") from None
+        if arch and arch != detected:
+            raise InvalidArgument("arch", f"declared {arch!r}, but the weights are a {detected} state dict")
+        if detected not in ARCHITECTURES:
+            raise InvalidArgument("weights", f"architecture {detected!r} is not supported")
+        try:
+            derived = ARCHITECTURES[detected].from_state_dict(state).config()
+        except Exception as exc:  # noqa: BLE001 -- a state dict that does not fit its layout
+            raise InvalidArgument("weights", str(exc)) from None
+        for k, v in (config or {}).items():
+            if k in derived and _json_metrics(derived)[k] != v:
+                raise InvalidArgument("config", f"{k} is {v!r}, but the weights say {_json_metrics(derived)[k]!r}")
+        return self.registry.import_model(name, arch=detected, config=_json_metrics(derived), weights=data,
+                                          author=author, description=description, spec=spec, metrics=metrics,
+                                          request_id=request_id)
 
 
 def _json_metrics(metrics: dict) -> dict:

@@ -3,7 +3,10 @@
 - Names: ``model_name``, ``version_name``, ``parse_model``, ``parse_version``, ``parse_alias``.
 - Resources: ``model_pb``, ``version_pb``, ``alias_pb``, ``alias_move_pb``, ``layer_pb``.
 - Generator: ``latents_tensor``, ``interventions``, ``images_pb``, ``edit_spec``, ``progress_pb``,
-  ``rewrite_result_pb``, ``export_stream``.
+  ``rewrite_result_pb``, ``export_stream``, ``regions``, ``dissect_args``, ``dissect_pb``,
+  ``search_args``, ``search_pb``, ``statistics_args``, ``statistics_result_pb``.
+- Import: ``import_upload`` (the client stream: metadata, then chunks, checked for size and
+  sha256; ``ImportTooLarge`` → RESOURCE_EXHAUSTED), ``import_args``, ``import_pb``.
 
 Conversion errors are engine ``InvalidArgument``s naming the field as the request spells it
 (for a spec: relative to ``spec``, which the Rewrite servicer's decorator prefixes).
@@ -16,20 +19,23 @@ import hashlib
 import io
 import json
 import re
+import enum
 import zlib
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from PIL import Image as PILImage
 
-from rulewright.registry.errors import NotFound
+from rulewright.registry.errors import NotFound, RegistryError
 from rulewright.registry.registry import Registry
 from rulewright.registry.weights import export_bytes
-from rulewright.service.domain import RewriteResult, _json_metrics
-from rulewright.service.engine.dissect import Intervention
+from rulewright.service.domain import (KEY_MOMENT, VALUE_QUANTILE, DissectResult, RewriteResult, StatisticResult,
+                                       _json_metrics)
+from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention
 from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.regions import Region
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
 from rulewright.v1 import resources_pb2
 
@@ -285,3 +291,187 @@ def move_alias(registry: Registry, model: str, alias: str, request: reg.SetAlias
     if request.version == 0:
         return registry.delete_alias(model, alias, reason=request.reason, **kw)
     return registry.set_alias(model, alias, request.version, reason=request.reason, **kw)
+
+
+# ---- dissection, search, statistics ----------------------------------------------------------
+
+def regions(items: Sequence[images_pb2.Region], field: str) -> list[Region]:
+    """Engine regions (validated later by the engine, which names ``{field}[i]...``)."""
+    out = []
+    for i, r in enumerate(items):
+        area = r.WhichOneof("area")
+        box = (r.box.x0, r.box.y0, r.box.x1, r.box.y1) if area == "box" else None
+        mask = _mask(r.mask, f"{field}[{i}].mask") if area == "mask" else None
+        out.append(Region(seed=r.seed, mask=mask, box=box))
+    return out
+
+
+def _opt(msg, name: str, default: float) -> float:
+    return getattr(msg, name) if msg.HasField(name) else default
+
+
+def dissect_args(request: gen.DissectRequest) -> dict:
+    """Keyword arguments of ``Domain.dissect`` for a DissectRequest (the model apart)."""
+    return {"layer": request.layer or None, "regions": regions(request.regions, "regions"),
+            "by": "contrast" if request.rank_by == gen.DissectRequest.RANK_BY_CONTRAST else "iou",
+            "top": request.top, "samples": request.thresholds.samples or None,
+            "seed_start": request.thresholds.seed_start, "q": _opt(request, "quantile", DEFAULT_QUANTILE),
+            "truncation": _opt(request, "truncation", 1.0), "include_maps": request.include_maps}
+
+
+def dissect_pb(result: DissectResult) -> gen.DissectResponse:
+    thr = result.thresholds.tolist()
+    return gen.DissectResponse(
+        version=version_name(result.version), layer=result.layer,
+        units=[gen.UnitScore(unit=u.unit, iou=u.iou, inside=u.inside, outside=u.outside, contrast=u.contrast,
+                             threshold=thr[u.unit]) for u in result.units],
+        maps=[gen.UnitMap(unit=unit, seed=seed, width=m.shape[1], height=m.shape[0], values=m.reshape(-1).tolist())
+              for unit, seed, m in result.maps])
+
+
+def search_args(request: gen.SearchContextRequest) -> dict:
+    """Keyword arguments of ``Domain.search`` for a SearchContextRequest (the model apart)."""
+    if bool(request.seeds) == request.HasField("seed_range"):
+        raise InvalidArgument("seeds", "give exactly one of seeds and seed_range")
+    if request.HasField("seed_range"):
+        r = request.seed_range
+        if r.count < 1 or r.start < 0:
+            raise InvalidArgument("seed_range", f"needs start >= 0 and count >= 1, got {r.start}, {r.count}")
+        if r.count > 1_000_000:
+            raise InvalidArgument("seed_range.count", f"at most 1,000,000 candidates, got {r.count}")
+        seeds = range(r.start, r.start + r.count)
+    else:
+        seeds = list(request.seeds)
+    if request.top < 0:
+        raise InvalidArgument("top", f"must not be negative, got {request.top}")
+    return {"layer": request.layer or None, "context": regions(request.context, "context"), "seeds": seeds,
+            "rank": request.rank or 1, "top": request.top or 16, "q": _opt(request, "quantile", 0.999),
+            "truncation": _opt(request, "truncation", 1.0), "ridge": _opt(request, "ridge", 1e-4),
+            "samples": request.stats.samples or None, "seed_start": request.stats.seed_start}
+
+
+def search_pb(version, layer: str, matches, threshold: float, include_maps: bool) -> gen.SearchContextResponse:
+    return gen.SearchContextResponse(version=version_name(version), layer=layer, threshold=threshold, matches=[
+        gen.ContextMatch(seed=m.seed, score=m.score, above=m.above, width=m.response.shape[1],
+                         height=m.response.shape[0],
+                         response=m.response.reshape(-1).tolist() if include_maps else ())
+        for m in matches])
+
+
+_STATISTICS = {gen.STATISTIC_UNSPECIFIED: KEY_MOMENT, gen.STATISTIC_KEY_MOMENT: KEY_MOMENT,
+               gen.STATISTIC_VALUE_QUANTILES: VALUE_QUANTILE}
+
+
+def statistics_args(request: gen.ComputeStatisticsRequest) -> dict:
+    """Keyword arguments of ``Domain.compute_statistic`` for a request (the model apart)."""
+    if request.statistic not in _STATISTICS:
+        raise InvalidArgument("statistic", f"unknown statistic {request.statistic}")
+    return {"layer": request.layer or None, "kind": _STATISTICS[request.statistic],
+            "samples": request.stats.samples or None, "seed_start": request.stats.seed_start,
+            "truncation": _opt(request, "truncation", 1.0)}
+
+
+def statistics_result_pb(result: StatisticResult) -> gen.StatisticsResult:
+    kind = {KEY_MOMENT: gen.STATISTIC_KEY_MOMENT, VALUE_QUANTILE: gen.STATISTIC_VALUE_QUANTILES}[result.kind]
+    return gen.StatisticsResult(
+        version=version_name(result.version), layer=result.layer, statistic=kind,
+        stats=edit_pb2.StatisticsSpec(samples=result.samples, seed_start=result.seed_start), cached=result.cached,
+        cache_key=result.key.digest(), size_bytes=result.size_bytes)
+
+
+# ---- import ----------------------------------------------------------------------------------
+
+class _Code(str, enum.Enum):
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+
+
+class _Reason(str, enum.Enum):
+    IMPORT_TOO_LARGE = "IMPORT_TOO_LARGE"
+
+
+class ImportTooLarge(RegistryError):
+    """An upload over the server's size limit (→ RESOURCE_EXHAUSTED, reason IMPORT_TOO_LARGE).
+
+    A registry-style error so the one error table maps it with its own code; the registry's
+    codes have no RESOURCE_EXHAUSTED, so it sets its fields itself.
+    """
+
+    code = _Code.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, **metadata):
+        Exception.__init__(self, message)
+        self.reason = _Reason.IMPORT_TOO_LARGE
+        self.domain = "rulewright.dev"
+        self.message = message
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def import_upload(requests: Iterable[reg.ImportModelRequest], max_bytes: int) -> tuple[reg.ImportModelMetadata, bytes]:
+    """(metadata, weights) from an ImportModel stream, refused as soon as a limit is passed."""
+    stream = iter(requests)
+    first = next(stream, None)
+    if first is None or first.WhichOneof("content") != "metadata":
+        raise InvalidArgument("metadata", "the first message must carry the metadata")
+    meta = first.metadata
+    if meta.size_bytes < 0:
+        raise InvalidArgument("metadata.size_bytes", f"must not be negative, got {meta.size_bytes}")
+    if meta.size_bytes > max_bytes:
+        raise ImportTooLarge(f"declared size {meta.size_bytes} bytes is over the limit of {max_bytes}",
+                             limit=max_bytes, size_bytes=meta.size_bytes, field="metadata.size_bytes")
+    if meta.sha256 and not _SHA256.match(meta.sha256):
+        raise InvalidArgument("metadata.sha256", "must be 64 lowercase hex digits")
+    data, digest = bytearray(), hashlib.sha256()
+    for msg in stream:
+        if msg.WhichOneof("content") != "chunk":
+            raise InvalidArgument("metadata", "only the first message may carry metadata")
+        data += msg.chunk
+        digest.update(msg.chunk)
+        if len(data) > max_bytes:
+            raise ImportTooLarge(f"upload passed the limit of {max_bytes} bytes", limit=max_bytes, field="chunk")
+        if meta.size_bytes and len(data) > meta.size_bytes:
+            raise InvalidArgument("metadata.size_bytes", f"declared {meta.size_bytes} bytes, received more")
+    if not data:
+        raise InvalidArgument("chunk", "no weights were sent after the metadata")
+    if meta.size_bytes and len(data) != meta.size_bytes:
+        raise InvalidArgument("metadata.size_bytes", f"declared {meta.size_bytes} bytes, received {len(data)}")
+    if meta.sha256 and digest.hexdigest() != meta.sha256:
+        raise InvalidArgument("metadata.sha256", f"declared {meta.sha256}, the weights hash to {digest.hexdigest()}")
+    return meta, bytes(data)
+
+
+def _json_object(text: str, field: str) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(field, f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(field, f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def import_args(meta: reg.ImportModelMetadata) -> dict:
+    """Keyword arguments of ``Domain.import_model`` for the metadata (the weights apart)."""
+    if not meta.model_id:
+        raise InvalidArgument("metadata.model_id", "required")
+    if not meta.arch:
+        raise InvalidArgument("metadata.arch", "required (dcgan, progan or stylegan2)")
+    return {"name": meta.model_id, "arch": meta.arch, "config": _json_object(meta.config_json, "metadata.config_json"),
+            "description": meta.description, "spec": _json_object(meta.spec_json, "metadata.spec_json"),
+            "metrics": json_format.MessageToDict(meta.metrics) if meta.HasField("metrics") else None,
+            "request_id": meta.request_id or None}
+
+
+# Engine and registry fields of an import, as the request spells them.
+IMPORT_FIELDS = {"weights": "chunk", "arch": "metadata.arch", "config": "metadata.config_json",
+                 "spec": "metadata.spec_json", "metrics": "metadata.metrics", "request_id": "metadata.request_id",
+                 "model": "metadata.model_id", "name": "metadata.model_id"}
+
+
+def import_pb(registry: Registry, version) -> reg.ImportModelResponse:
+    return reg.ImportModelResponse(model=model_pb(registry, registry.get_model(version.model)),
+                                   version=version_pb(registry, version))

@@ -1,11 +1,13 @@
 """Thin servicers over the domain layer: unpack the request, call ``Domain``, build the response.
 
-- ``GeneratorServicer``: ListLayers, Sample, Rewrite (server streaming; a worker thread runs the
-  edit, progress comes back through a queue; the client's cancellation or deadline stops it).
-- ``RegistryServicer``: ListModels, GetModel, DeleteModel, ListVersions, GetVersion,
-  DeleteVersion, ExportVersion, SetAlias, ListAliasHistory.
+- ``GeneratorServicer``: ListLayers, Sample, Dissect, SearchContext, Rewrite and
+  ComputeStatistics (server streaming; a worker thread runs the job, progress comes back
+  through a queue; the client's cancellation or deadline stops it).
+- ``RegistryServicer``: ListModels, GetModel, ImportModel (client streaming, at most
+  ``max_import_bytes``), DeleteModel, ListVersions, GetVersion, DeleteVersion, ExportVersion,
+  SetAlias, ListAliasHistory.
 
-Everything else answers UNIMPLEMENTED (the generated base class). Errors go through
+Errors go through
 ``errors.rpc``; conversions live in ``convert`` (this module imports no torch, S3 or Redis).
 """
 
@@ -22,6 +24,31 @@ from .errors import rpc
 
 _DONE = object()
 NAME_FIELDS = {"model": "name", "version": "name", "alias": "name"}   # registry fields → `name`
+MAX_IMPORT_BYTES = 2 << 30                                             # ImportModel's default limit
+
+
+def _streamed(workers: set, context, work):
+    """Messages from ``work(emit, should_stop)`` run on a worker thread, as they come; its error last."""
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    context.add_callback(stop.set)
+
+    def run():
+        try:
+            work(events.put, lambda: stop.is_set() or not context.is_active())
+        except BaseException as exc:  # noqa: BLE001 -- handed to the RPC thread, which maps it
+            events.put(exc)
+        finally:
+            events.put(_DONE)
+            workers.discard(threading.current_thread())
+
+    worker = threading.Thread(target=run, daemon=True)
+    workers.add(worker)
+    worker.start()
+    while (item := events.get()) is not _DONE:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
@@ -48,6 +75,27 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
                                              interventions=interventions)
         return gen.SampleResponse(version=convert.version_name(version),
                                   images=convert.images_pb(images, request.image_format, seeds))
+
+    @rpc()
+    def Dissect(self, request, context):
+        return convert.dissect_pb(self.domain.dissect(request.model, **convert.dissect_args(request)))
+
+    @rpc()
+    def SearchContext(self, request, context):
+        args = convert.search_args(request)
+        version, matches, threshold = self.domain.search(request.model, **args)
+        layer = args["layer"] or self.domain.generator(version).model.default_layer()
+        return convert.search_pb(version, layer, matches, threshold, request.include_maps)
+
+    @rpc()
+    def ComputeStatistics(self, request, context):
+        args = convert.statistics_args(request)
+
+        def work(emit, should_stop):
+            progress = lambda e: emit(gen.ComputeStatisticsResponse(progress=convert.progress_pb(e)))  # noqa: E731
+            result = self.domain.compute_statistic(request.model, progress=progress, should_stop=should_stop, **args)
+            emit(gen.ComputeStatisticsResponse(result=convert.statistics_result_pb(result)))
+        yield from _streamed(self.workers, context, work)
 
     @rpc(prefix="spec.")
     def Rewrite(self, request, context):
@@ -86,8 +134,16 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
 class RegistryServicer(reg_grpc.RegistryServiceServicer):
     """RegistryService over the domain's ``Registry``."""
 
-    def __init__(self, domain):
+    def __init__(self, domain, max_import_bytes: int = MAX_IMPORT_BYTES):
+        self.domain = domain
         self.registry = domain.registry
+        self.max_import_bytes = max_import_bytes    # ImportModel uploads above it: RESOURCE_EXHAUSTED
+
+    @rpc(fields=convert.IMPORT_FIELDS)
+    def ImportModel(self, request_iterator, context):
+        meta, data = convert.import_upload(request_iterator, self.max_import_bytes)
+        version = self.domain.import_model(data=data, **convert.import_args(meta))
+        return convert.import_pb(self.registry, version)
 
     @rpc()
     def ListModels(self, request, context):

@@ -95,9 +95,9 @@ def test_delete_model_needs_force(registry):
     assert not registry.ListModels(reg.ListModelsRequest(), timeout=30).models
 
 
-def test_rpcs_not_built_yet_answer_unimplemented(registry, generator):
+def test_every_rpc_is_implemented_empty_requests_get_invalid_argument(registry, generator):
     for call, request in ((generator.Dissect, gen.DissectRequest(model="tiny")),
-                          (generator.SearchContext, gen.SearchContextRequest(model="tiny"))):
+                          (generator.SearchContext, gen.SearchContextRequest(model="tiny", seeds=[1]))):
         with pytest.raises(grpc.RpcError) as err:
             call(request, timeout=30)
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err.value).reason
