@@ -144,3 +144,22 @@ def _tiny_generator_class():
 
 
 TinyGenerator = _tiny_generator_class()  # noqa: F811
+
+
+# A cheap edit on the tiny DCGAN below (32×32, main.6 keys 8×8): value goal, no keep term.
+TINY_SPEC = {"layer": "main.6", "rank": 2, "goal": "value", "steps": 60, "stats": {"samples": 64},
+             "keep": {"weight": 0}, "copy": {"seed": 1, "box": [8, 8, 16, 16]},
+             "paste": [{"seed": 2, "box": [8, 8, 16, 16]}]}
+
+
+def tiny_domain(tmp_path, max_resident: int = 4):
+    """A Domain over a filesystem registry in ``tmp_path`` with a random DCGAN imported as ``tiny``."""
+    from safetensors.torch import save_file
+
+    from rulewright.service.domain import Domain
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in dcgan_state(z_dim=16, widths=(32, 16, 8, 3)).items()}, str(path))
+    domain = Domain.open(tmp_path / "data", device="cpu", max_resident=max_resident)
+    domain.bootstrap("tiny", path)
+    return domain

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from rulewright.service.domain import Domain
 from rulewright.service.engine.edit import render_edited
 from rulewright.service.engine.errors import Cancelled
 from rulewright.service.engine.sampling import latents, to_uint8
-from tests.builders import dcgan_state
+from tests.builders import TINY_SPEC, tiny_domain
 
-SPEC = {"layer": "main.6", "rank": 2, "goal": "value", "steps": 60, "stats": {"samples": 64}, "keep": {"weight": 0},
-        "copy": {"seed": 1, "box": [8, 8, 16, 16]}, "paste": [{"seed": 2, "box": [8, 8, 16, 16]}]}
+SPEC = TINY_SPEC
 
 
 @pytest.fixture
 def domain(tmp_path):
-    path = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in dcgan_state(z_dim=16, widths=(32, 16, 8, 3)).items()}, str(path))
-    d = Domain.open(tmp_path / "data", device="cpu", max_resident=2)
-    d.bootstrap("tiny", path)
-    return d
+    return tiny_domain(tmp_path, max_resident=2)
 
 
 def test_bootstrap_is_idempotent_and_sets_production(domain, tmp_path):

@@ -6,24 +6,17 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from safetensors.torch import save_file
 
-from rulewright.service.domain import Domain
 from rulewright.service.server.app import create_server
 from rulewright.v1 import generator_service_pb2_grpc as gen_grpc, registry_service_pb2_grpc as reg_grpc
-from tests.builders import dcgan_state
+from tests.builders import TINY_SPEC, tiny_domain
 
-SPEC = {"layer": "main.6", "rank": 2, "goal": "value", "steps": 60, "stats": {"samples": 64}, "keep": {"weight": 0},
-        "copy": {"seed": 1, "box": [8, 8, 16, 16]}, "paste": [{"seed": 2, "box": [8, 8, 16, 16]}]}
+SPEC = TINY_SPEC
 
 
 @pytest.fixture
 def domain(tmp_path):
-    path = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in dcgan_state(z_dim=16, widths=(32, 16, 8, 3)).items()}, str(path))
-    d = Domain.open(tmp_path / "data", device="cpu", max_resident=4)
-    d.bootstrap("tiny", path)
-    return d
+    return tiny_domain(tmp_path)
 
 
 @pytest.fixture
