@@ -95,9 +95,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import configure_logging, serve
+    from .server.auth import tokens_from_env
 
+    tokens = tokens_from_env(args.tokens_file)      # AuthConfigError (a ValueError): one line, exit 2
     configure_logging()
-    return serve(args.data_dir, args.address, device=args.device, grace_s=args.grace, cache_dir=args.cache_dir)
+    return serve(args.data_dir, args.address, device=args.device, grace_s=args.grace, cache_dir=args.cache_dir,
+                 tokens=tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto, cpu, cuda or cuda:N (default $RULEWRIGHT_DEVICE or auto)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds in-flight RPCs get to finish after SIGTERM or SIGINT")
+    p.add_argument("--tokens-file", default=env("RULEWRIGHT_TOKENS_FILE"),
+                   help="bearer tokens, one 'token role principal' line each (role: reader, editor or admin); "
+                        "merged with $RULEWRIGHT_TOKENS (same format, ';' also separates). Without tokens the "
+                        "server runs without auth and only on a loopback address")
     p.set_defaults(fn=cmd_serve)
     return parser
 

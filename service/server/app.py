@@ -2,8 +2,10 @@
 
 - ``create_server(domain, address="127.0.0.1:0", ...) -> (server, port)``: a started gRPC server
   with both services, ``grpc.health.v1`` and reflection; port 0 binds a free port (tests).
-- ``serve(data_dir, address, device, grace_s)``: the embedded default: opens the domain under
-  ``data_dir``, starts NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or
+  ``tokens`` (``auth.Token`` entries) turn bearer-token auth on; without them the address must
+  be loopback (``auth.AuthConfigError`` otherwise).
+- ``serve(data_dir, address, device, grace_s, tokens=...)``: the embedded default: opens the
+  domain under ``data_dir``, starts NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or
   SIGINT goes NOT_SERVING and stops with a grace period. Returns the exit status.
 - ``JsonFormatter`` / ``configure_logging()``: one JSON object per log line.
 """
@@ -26,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
+from .auth import AuthInterceptor, check_auth_config
 from .servicers import GeneratorServicer, RegistryServicer
 
 log = logging.getLogger(__name__)
@@ -49,9 +52,13 @@ def create_server(
     max_message_bytes: int = MAX_MESSAGE_BYTES,  # largest request and response accepted
     max_workers: int = 16,                      # concurrent RPCs
     health_servicer: health.HealthServicer | None = None,  # None: SERVING if a model is registered
+    tokens=None,                                # auth.Token entries; None or empty: auth off (loopback only)
 ) -> tuple[grpc.Server, int]:
     """A started server with GeneratorService, RegistryService, health and reflection."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"), options=[
+    check_auth_config(address, tokens)
+    interceptors = [AuthInterceptor(tokens)] if tokens else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+                         interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -73,19 +80,20 @@ def create_server(
 
 
 def serve(data_dir: str | Path, address: str = "127.0.0.1:50051", device: str = "auto",
-          grace_s: float = GRACE_S, cache_dir: str | Path | None = None) -> int:
+          grace_s: float = GRACE_S, cache_dir: str | Path | None = None, tokens=None) -> int:
     """Run the embedded default until SIGTERM or SIGINT; 0 after a graceful stop."""
     from rulewright.service.domain import Domain
     from rulewright.service.importers.faces import import_faces
 
+    check_auth_config(address, tokens)              # before anything is opened or downloaded
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     domain = Domain.open(data_dir, device=device)
     health_servicer = health.HealthServicer()
     set_health(health_servicer, False)
-    server, port = create_server(domain, address, health_servicer=health_servicer)
-    log.info("listening", extra={"event": "listening", "address": address, "port": port,
+    server, port = create_server(domain, address, health_servicer=health_servicer, tokens=tokens)
+    log.info("listening", extra={"event": "listening", "address": address, "port": port, "auth": bool(tokens),
                                  "data_dir": str(data_dir), "device": str(domain.device)})
     try:
         if not stop.is_set():

@@ -280,7 +280,8 @@ def empty():
     return empty_pb2.Empty()
 
 
-def move_alias(registry: Registry, model: str, alias: str, request: reg.SetAliasRequest):
+def move_alias(registry: Registry, model: str, alias: str, request: reg.SetAliasRequest,
+               author: str = "anonymous"):
     """SetAlias: point (or, for version 0, unset) the alias under the request's expectation."""
     which = request.WhichOneof("expectation")
     if which is None:
@@ -289,8 +290,8 @@ def move_alias(registry: Registry, model: str, alias: str, request: reg.SetAlias
     if request.version < 0:
         raise InvalidArgument("version", f"must be 0 (unset) or a version number, got {request.version}")
     if request.version == 0:
-        return registry.delete_alias(model, alias, reason=request.reason, **kw)
-    return registry.set_alias(model, alias, request.version, reason=request.reason, **kw)
+        return registry.delete_alias(model, alias, reason=request.reason, author=author, **kw)
+    return registry.set_alias(model, alias, request.version, reason=request.reason, author=author, **kw)
 
 
 # ---- dissection, search, statistics ----------------------------------------------------------

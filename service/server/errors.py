@@ -1,7 +1,8 @@
 """One table from exception to gRPC status, and the one decorator every servicer method wears.
 
 - ``ERROR_TABLE``: ordered (exception type, gRPC code, ErrorInfo reason, ErrorInfo domain); the
-  first row whose type matches wins. Registry errors carry their own code and reason.
+  first row whose type matches wins. Registry errors and auth errors (``Unauthenticated``,
+  ``PermissionDenied``, raised by ``auth.AuthInterceptor``) carry their own code and reason.
 - ``to_status(exc, fields)``: the ``google.rpc.Status`` for an exception (ErrorInfo always;
   BadRequest for INVALID_ARGUMENT; PreconditionFailure for FAILED_PRECONDITION).
 - ``rpc(fields=..., prefix=...)``: decorator for unary and server-streaming methods; turns any
@@ -33,9 +34,33 @@ log = logging.getLogger(__name__)
 DOMAIN = "rulewright.dev"
 GENERIC_INTERNAL = "internal error; see the server log"
 
-# (exception type, code, reason, domain); None: taken from the exception (registry errors).
-ERROR_TABLE: list[tuple[type[BaseException], grpc.StatusCode | None, str | None, str | None]] = [
-    (RegistryError, None, None, None),
+
+class AuthError(Exception):
+    """A call the auth interceptor refuses; it carries its own code, ``reason`` and ``metadata``."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    domain = DOMAIN
+
+    def __init__(self, reason: str, message: str, metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.reason = reason                 # TOKEN_MISSING, TOKEN_INVALID, ROLE_INSUFFICIENT
+        self.metadata = dict(metadata or {})
+
+
+class Unauthenticated(AuthError):
+    """No token, or one nobody configured: UNAUTHENTICATED."""
+
+
+class PermissionDenied(AuthError):
+    """A valid token whose role is too weak for the method: PERMISSION_DENIED."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+# (exception type(s), code, reason, domain); None: taken from the exception (registry and auth errors).
+ERROR_TABLE: list[tuple[type[BaseException] | tuple[type[BaseException], ...], grpc.StatusCode | None, str | None,
+                        str | None]] = [
+    ((RegistryError, AuthError), None, None, None),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", DOMAIN),
     (Cancelled, grpc.StatusCode.CANCELLED, "CANCELLED", DOMAIN),
     (LookupError, grpc.StatusCode.NOT_FOUND, "NOT_FOUND", DOMAIN),
@@ -48,8 +73,10 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(code, reason, domain) for ``exc``: the first matching row of ``ERROR_TABLE``."""
     for kind, code, reason, domain in ERROR_TABLE:
         if isinstance(exc, kind):
-            if kind is RegistryError:
+            if code is None and isinstance(exc, RegistryError):
                 return grpc.StatusCode[exc.code.value], exc.reason.value, exc.domain
+            if code is None:
+                return exc.code, exc.reason, exc.domain
             return code, reason, domain
     return grpc.StatusCode.INTERNAL, "INTERNAL", DOMAIN
 

@@ -20,6 +20,7 @@ from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_gr
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
 from . import convert
+from .auth import current_principal
 from .errors import rpc
 
 _DONE = object()
@@ -103,7 +104,8 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
         spec = convert.edit_spec(request.spec)
         stop = threading.Event()
         context.add_callback(stop.set)
-        worker = threading.Thread(target=self._rewrite, args=(request, spec, events, stop, context), daemon=True)
+        worker = threading.Thread(target=self._rewrite, args=(request, spec, events, stop, context,
+                                                              current_principal()), daemon=True)
         self.workers.add(worker)
         worker.start()
         while (item := events.get()) is not _DONE:
@@ -111,13 +113,13 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
                 raise item
             yield item
 
-    def _rewrite(self, request, spec, events, stop, context):
+    def _rewrite(self, request, spec, events, stop, context, author):
         def progress(event):
             if (msg := convert.progress_pb(event)) is not None:
                 events.put(gen.RewriteResponse(progress=msg))
         try:
             result = self.domain.rewrite(
-                request.model, spec, request_id=request.request_id or None, dry_run=request.dry_run,
+                request.model, spec, author=author, request_id=request.request_id or None, dry_run=request.dry_run,
                 preview_seeds=list(request.preview_seeds), progress=progress,
                 should_stop=lambda: stop.is_set() or not context.is_active())
             if result.previews is not None:
@@ -142,7 +144,7 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
     @rpc(fields=convert.IMPORT_FIELDS)
     def ImportModel(self, request_iterator, context):
         meta, data = convert.import_upload(request_iterator, self.max_import_bytes)
-        version = self.domain.import_model(data=data, **convert.import_args(meta))
+        version = self.domain.import_model(data=data, author=current_principal(), **convert.import_args(meta))
         return convert.import_pb(self.registry, version)
 
     @rpc()
@@ -157,7 +159,7 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
 
     @rpc(fields=NAME_FIELDS)
     def DeleteModel(self, request, context):
-        self.registry.delete_model(convert.parse_model(request.name), force=request.force)
+        self.registry.delete_model(convert.parse_model(request.name), force=request.force, author=current_principal())
         return convert.empty()
 
     @rpc(fields={"model": "parent"})
@@ -173,7 +175,8 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
 
     @rpc(fields=NAME_FIELDS)
     def DeleteVersion(self, request, context):
-        self.registry.delete_version(*convert.parse_version(request.name), reason=request.reason)
+        self.registry.delete_version(*convert.parse_version(request.name), reason=request.reason,
+                                     author=current_principal())
         return convert.empty()
 
     @rpc(fields=NAME_FIELDS)
@@ -183,7 +186,7 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
     @rpc(fields=NAME_FIELDS)
     def SetAlias(self, request, context):
         model, alias = convert.parse_alias(request.name)
-        return convert.alias_pb(convert.move_alias(self.registry, model, alias, request))
+        return convert.alias_pb(convert.move_alias(self.registry, model, alias, request, current_principal()))
 
     @rpc(fields={"model": "parent", "alias": "parent"})
     def ListAliasHistory(self, request, context):
