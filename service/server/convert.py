@@ -2,7 +2,8 @@
 
 - Names: ``model_name``, ``version_name``, ``parse_model``, ``parse_version``, ``parse_alias``.
 - Resources: ``model_pb``, ``version_pb``, ``alias_pb``, ``alias_move_pb``, ``layer_pb``.
-- Generator: ``latents_tensor``, ``interventions``, ``images_pb``, ``edit_spec``, ``progress_pb``,
+- Generator: ``latents_tensor``, ``interventions``, ``seeds``, ``image_format``, ``sample_truncation``,
+  ``check_rewrite_request``, ``images_pb``, ``edit_spec``, ``progress_pb``,
   ``rewrite_result_pb``, ``export_stream``, ``regions``, ``dissect_args``, ``dissect_pb``,
   ``search_args``, ``search_pb``, ``statistics_args``, ``statistics_result_pb``.
 - Import: ``import_upload`` (the client stream: metadata, then chunks, checked for size and
@@ -28,7 +29,7 @@ import torch
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from PIL import Image as PILImage
 
-from rulewright.registry.errors import NotFound, RegistryError
+from rulewright.registry.errors import InvalidArgument as RequestInvalid, NotFound, Reason, RegistryError
 from rulewright.registry.registry import Registry
 from rulewright.registry.weights import export_bytes
 from rulewright.service.domain import (KEY_MOMENT, VALUE_QUANTILE, DissectResult, RewriteResult, StatisticResult,
@@ -190,6 +191,53 @@ def interventions(items: Sequence[gen.UnitIntervention]) -> tuple[str | None, li
     return (layers.pop() or None) if layers else None, out
 
 
+def seeds(values: Sequence[int], field: str = "seeds") -> list[int] | None:
+    """Seeds as given (None for none), each 0 <= seed < 2^63, named ``{field}[i]`` when not."""
+    for i, seed in enumerate(values):
+        if seed < 0:
+            raise InvalidArgument(f"{field}[{i}]", f"must lie in [0, 2**63), got {seed}")
+    return list(values) or None
+
+
+def image_format(value: int, field: str = "image_format") -> int:
+    """An ImageFormat as sent (0: PNG); an unknown number (proto3 enums are open) is refused."""
+    if value not in images_pb2.ImageFormat.values():
+        raise InvalidArgument(field, f"unknown ImageFormat value {value}")
+    return value
+
+
+def check_rewrite_request(request: gen.RewriteRequest) -> None:
+    """RewriteRequest's own fields (preview_seeds, preview_format), checked before the job starts.
+
+    Their errors travel registry-style (the field in ErrorInfo metadata, as the model reference's
+    do), because the Rewrite servicer prefixes every engine field with ``spec.``.
+    """
+    try:
+        seeds(request.preview_seeds, "preview_seeds")
+        image_format(request.preview_format, "preview_format")
+    except InvalidArgument as exc:
+        err = RequestInvalid(Reason.INVALID_ARGUMENT, exc.description, field=exc.field)
+        err.domain = "rulewright.dev"
+        raise err from None
+
+
+def sample_truncation(domain, request: gen.SampleRequest) -> float:
+    """SampleRequest.truncation (absent: 1), checked against the model's architecture before sampling."""
+    if not request.HasField("truncation"):
+        return 1.0
+    t = request.truncation
+    if not 0.0 <= t <= 1.0:                     # NaN included
+        raise InvalidArgument("truncation", f"must lie in [0, 1], got {t}")
+    if t != 1.0:
+        try:
+            domain.generator(domain.resolve(request.model)).model.check_truncation(t)
+        except InvalidArgument:
+            raise
+        except ValueError as exc:               # the engine's plain check (dissect and edit wrap it; sample does not)
+            raise InvalidArgument("truncation", str(exc)) from None
+    return t
+
+
 def images_pb(images: torch.Tensor, fmt: int, seeds: Sequence[int] | None = None) -> list[images_pb2.Image]:
     """(N, H, W, 3) uint8 → Image messages (PNG unless raw RGB8 is asked for)."""
     raw = fmt == images_pb2.IMAGE_FORMAT_RAW_RGB8
@@ -224,6 +272,9 @@ def _region(msg: images_pb2.Region, field: str) -> dict:
 def edit_spec(msg: edit_pb2.EditSpec) -> dict:
     """The engine's JSON spec for a proto EditSpec: zero and absent fields left to the defaults."""
     S = edit_pb2.EditSpec
+    for key, enum_type in (("op", S.Op), ("goal", S.Goal), ("solver", S.Solver)):
+        if getattr(msg, key) not in enum_type.values():   # proto3 enums are open: an unknown number arrives as is
+            raise InvalidArgument(key, f"unknown {enum_type.DESCRIPTOR.name} value {getattr(msg, key)}")
     spec: dict = {
         "op": {S.OP_ERASE: "erase", S.OP_ZERO: "zero"}.get(msg.op, "rewrite"),
         "goal": {S.GOAL_VALUE: "value"}.get(msg.goal, "image"),

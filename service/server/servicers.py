@@ -68,14 +68,15 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
 
     @rpc(fields={"z": "latents"})
     def Sample(self, request, context):
-        seeds = list(request.seeds) or None
+        seeds = convert.seeds(request.seeds)
+        fmt = convert.image_format(request.image_format)
         z = convert.latents_tensor(request.latents) if request.HasField("latents") else None
         layer, interventions = convert.interventions(request.interventions)
-        truncation = request.truncation if request.HasField("truncation") else 1.0
+        truncation = convert.sample_truncation(self.domain, request)
         version, images = self.domain.sample(request.model, seeds=seeds, z=z, truncation=truncation, layer=layer,
                                              interventions=interventions)
         return gen.SampleResponse(version=convert.version_name(version),
-                                  images=convert.images_pb(images, request.image_format, seeds))
+                                  images=convert.images_pb(images, fmt, seeds))
 
     @rpc()
     def Dissect(self, request, context):
@@ -100,6 +101,7 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
 
     @rpc(prefix="spec.")
     def Rewrite(self, request, context):
+        convert.check_rewrite_request(request)
         events: queue.Queue = queue.Queue()
         spec = convert.edit_spec(request.spec)
         stop = threading.Event()
