@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rulewright.service.engine.generators.base import Generator, LayerSpec
+
 
 def tutorial_dcgan(z_dim: int = 16, widths: tuple[int, ...] = (32, 16, 8, 3), seed: int = 0) -> nn.Module:
     """The PyTorch DCGAN tutorial's generator structure (in-place ReLUs and all), randomly filled."""
@@ -89,61 +91,51 @@ def progan_reference(state: dict[str, torch.Tensor], z: torch.Tensor) -> torch.T
     return x
 
 
-class TinyGenerator(torch.nn.Module):
-    """Placeholder replaced below (keeps the import order of this module simple)."""
+class TinyGenerator(Generator):
+    """8×8 keys → one rewritable convolution ("edit") → RGB: the smallest generator with a rule."""
 
+    arch = "tiny"
 
-def _tiny_generator_class():
-    from rulewright.service.engine.generators.base import Generator, LayerSpec
+    def __init__(
+        self,
+        z_dim: int = 8,             # latent size
+        channels: int = 6,          # key channels
+        out: int = 5,               # value channels
+        kernel: int = 1,            # kernel of the rewritable convolution (odd)
+        transpose: bool = False,    # ConvTranspose2d (input axis 0) instead of Conv2d (axis 1)
+        seed: int = 0,
+    ):
+        super().__init__(z_dim=z_dim, resolution=8)
+        torch.manual_seed(seed)
+        self.channels = channels
+        self.fc = nn.Linear(z_dim, channels * 64)
+        conv = nn.ConvTranspose2d if transpose else nn.Conv2d
+        self.edit = conv(channels, out, kernel, 1, kernel // 2, bias=False)
+        self.rgb = nn.Conv2d(out, 3, 1)
+        self.transpose = transpose
+        self.eval()
+        self.requires_grad_(False)
 
-    class _Tiny(Generator):
-        """8×8 keys → one rewritable convolution ("edit") → RGB: the smallest generator with a rule."""
+    @classmethod
+    def from_state_dict(cls, state, share=False):
+        # Tests build it directly; it has no public checkpoint layout to load.
+        raise TypeError("TinyGenerator is built by tests, not loaded from a state dict")
 
-        arch = "tiny"
+    def config(self) -> dict:
+        return {}
 
-        def __init__(
-            self,
-            z_dim: int = 8,             # latent size
-            channels: int = 6,          # key channels
-            out: int = 5,               # value channels
-            kernel: int = 1,            # kernel of the rewritable convolution (odd)
-            transpose: bool = False,    # ConvTranspose2d (input axis 0) instead of Conv2d (axis 1)
-            seed: int = 0,
-        ):
-            super().__init__(z_dim=z_dim, resolution=8)
-            torch.manual_seed(seed)
-            self.channels = channels
-            self.fc = nn.Linear(z_dim, channels * 64)
-            conv = nn.ConvTranspose2d if transpose else nn.Conv2d
-            self.edit = conv(channels, out, kernel, 1, kernel // 2, bias=False)
-            self.rgb = nn.Conv2d(out, 3, 1)
-            self.transpose = transpose
-            self.eval()
-            self.requires_grad_(False)
+    def forward(self, z, truncation=1.0):
+        self.check_truncation(truncation)
+        x = torch.tanh(self.fc(z)).view(-1, self.channels, 8, 8)
+        return torch.tanh(self.rgb(F.leaky_relu(self.edit(x), 0.2)))
 
-        @classmethod
-        def from_state_dict(cls, state):
-            raise NotImplementedError
+    def layer_specs(self):
+        return [LayerSpec("edit", (self.edit,), self.edit.weight, in_axis=0 if self.transpose else 1,
+                          linear=True, weight_key="edit.weight")]
 
-        def config(self) -> dict:
-            return {}
+    def default_layer(self) -> str:
+        return "edit"
 
-        def forward(self, z, truncation=1.0):
-            self.check_truncation(truncation)
-            x = torch.tanh(self.fc(z)).view(-1, self.channels, 8, 8)
-            return torch.tanh(self.rgb(F.leaky_relu(self.edit(x), 0.2)))
-
-        def layer_specs(self):
-            return [LayerSpec("edit", (self.edit,), self.edit.weight, in_axis=0 if self.transpose else 1,
-                              linear=True, weight_key="edit.weight")]
-
-        def default_layer(self) -> str:
-            return "edit"
-
-    return _Tiny
-
-
-TinyGenerator = _tiny_generator_class()  # noqa: F811
 
 
 # A cheap edit on the tiny DCGAN below (32×32, main.6 keys 8×8): value goal, no keep term.

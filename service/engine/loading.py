@@ -46,7 +46,8 @@ def _read_bytes(source: Union[str, os.PathLike, bytes]) -> bytes:
         return f.read()
 
 
-def _is_safetensors(data: bytes) -> bool:
+def is_safetensors(data: bytes) -> bool:
+    """Whether bytes begin like a safetensors file (a plausible header length, then JSON)."""
     # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'.
     if len(data) < 9:
         return False
@@ -60,7 +61,7 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
         obj = dict(source)
     else:
         data = _read_bytes(source)
-        if _is_safetensors(data):
+        if is_safetensors(data):
             return load_safetensors_bytes(data)
         if not zipfile.is_zipfile(io.BytesIO(data)) and not data[:2] == b"\x80\x02":
             raise CheckpointError("not a safetensors file nor a torch checkpoint")

@@ -13,6 +13,7 @@ record the constructor; ``to_bytes()`` / ``from_bytes()`` as safetensors.
 
 from __future__ import annotations
 
+import abc
 import json
 from typing import Callable, Sequence
 
@@ -31,20 +32,22 @@ _CHUNK_ROWS = 65536
 Progress = Callable[[int, int], None]   # (items done, items total)
 
 
-class Stat:
+class Stat(abc.ABC):
     """Shared serialization for statistics: tensors plus constructor arguments as metadata."""
 
     kind = ""
 
+    @abc.abstractmethod
     def constructor(self) -> dict:
         """Keyword arguments that rebuild an empty statistic of the same shape."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def state_dict(self) -> dict:
-        raise NotImplementedError
+        """Tensors and scalars that ``load_state_dict`` restores."""
 
+    @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        """Restore what ``state_dict`` returned."""
 
     def to_bytes(self) -> bytes:
         """The statistic as a safetensors blob (kind and constructor in its metadata)."""

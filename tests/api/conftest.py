@@ -8,7 +8,6 @@ symbols as ``rulewright.inference``; the tests run it in a subprocess.
 from __future__ import annotations
 
 import contextlib
-import os
 from concurrent import futures
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,15 +15,9 @@ from typing import Callable, Iterator
 import grpc
 import pytest
 
+from tests.support import missing  # noqa: F401  (test modules import it from here)
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def missing(what: str) -> None:
-    """Fail under CI, skip elsewhere: a tool the tests need is not installed."""
-    message = f"{what} is not installed (make test installs it)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @contextlib.contextmanager

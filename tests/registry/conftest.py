@@ -6,7 +6,6 @@ where it fails them: CI must install what the tests need (``make test`` does).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -20,23 +19,9 @@ import pytest
 from rulewright.registry import Registry
 from rulewright.registry.filestore import FileStore
 from rulewright.registry.s3store import S3Config, S3Store
+from tests.support import free_port, missing  # noqa: F401  (test modules import free_port from here)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def missing(what: str) -> None:
-    """Fail under CI, skip elsewhere: a server the tests need is not installed."""
-    message = f"{what} is not installed (make test installs it)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+from tests.support import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -65,12 +66,6 @@ def test_json_log_lines_carry_the_extra_fields():
     record.method, record.code = "Sample", "OK"
     line = json.loads(JsonFormatter().format(record))
     assert (line["message"], line["method"], line["code"], line["level"]) == ("rpc", "Sample", "OK", "info")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_rulewright_engine_serve_end_to_end(tmp_path, cache_dir, faces_path):

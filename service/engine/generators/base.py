@@ -247,16 +247,13 @@ class Generator(nn.Module, abc.ABC):
         Buffers (BatchNorm statistics, noise maps, the truncation centre) are never edited, so
         hashing all of them keeps the key conservative without splitting versions apart.
         """
-        import hashlib
-
-        digest = hashlib.sha256(f"{self.arch}:{layer}".encode())
         params = dict(self.named_parameters())
         tensors = [(n, params[n]) for n in self.upstream_names(layer)] + sorted(self.named_buffers())
-        for name, tensor in tensors:
-            t = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return _fingerprint(f"{self.arch}:{layer}", tensors)
+
+    def weights_fingerprint(self) -> str:
+        """sha256 over every parameter and buffer (the key of statistics that read the whole model)."""
+        return _fingerprint(f"{self.arch}:all", sorted(self.state_dict().items()))
 
     def train(self, mode: bool = True) -> "Generator":
         """Stay in eval mode: BatchNorm statistics over a few edit images are garbage (DESIGN.md)."""
@@ -264,3 +261,15 @@ class Generator(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, z_dim={self.z_dim}, resolution={self.resolution}"
+
+
+def _fingerprint(label: str, tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """sha256 of a label and named tensors (name, dtype, shape and bytes of each, in order)."""
+    import hashlib
+
+    digest = hashlib.sha256(label.encode())
+    for name, tensor in tensors:
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
