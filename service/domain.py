@@ -4,8 +4,11 @@
 - ``Domain.open(data_dir)``: the embedded default (filesystem registry, in-process cache).
 - ``bootstrap(name, path)``: import a model as version 1 with alias ``production`` if absent.
 - ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``.
-- ``generator(version)``: the version's generator, resident in an LRU; versions share every
-  tensor their edits leave alone (on the CPU and on the device).
+- ``generator(version)``: the version's generator, resident in an LRU bounded by a count and a
+  memory budget; versions share every tensor their edits leave alone (on the CPU and on the
+  device), and shared tensors count once against the budget.
+- ``sample`` runs through a ``SampleBatcher`` (dynamic batching) unless it is turned off;
+  ``close()`` stops it.
 - ``sample``, ``list_layers``, ``statistics`` (through the statistics cache), ``rewrite``
   (creates a version; ``dry_run`` and ``request_id`` honoured; cancellation creates nothing),
   ``dissect`` and ``search``.
@@ -45,7 +48,8 @@ from .engine.generators.base import Generator
 from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
 from .engine.regions import Region
 from .engine.rewrite import rewrite as engine_rewrite
-from .engine.sampling import check_latents, latents, to_uint8
+from .batching import SampleBatcher
+from .engine.sampling import check_latents, latents, sample, to_uint8
 from .engine.search import Match, direction_for, response_threshold, search
 from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
 
@@ -113,19 +117,54 @@ class Domain:
         stats_cache: StatsCache,          # shared key statistics (Redis) or in-process
         device: str = "auto",             # where generators run
         max_resident: int = 8,            # versions kept loaded (unedited tensors are shared)
+        memory_budget_bytes: int | None = None,   # most bytes of weights kept loaded (shared ones once); None: no limit
         stats_samples: int = 1000,        # default samples for C when a spec does not say
+        max_batch: int = 16,              # most images in one forward pass
+        batch_delay_ms: float = 2.0,      # how long a Sample waits for others to share its forward pass
+        dynamic_batching: bool = True,    # False: each Sample runs its own forward passes
     ):
         configure_determinism()
         self.registry = registry
         self.stats_cache = stats_cache
         self.device = select_device(device)
         self.max_resident = max_resident
+        self.memory_budget_bytes = memory_budget_bytes
         self.stats_samples = stats_samples
         self._materializer = Materializer(registry)
         self._resident: "collections.OrderedDict[tuple[str, int], Resident]" = collections.OrderedDict()
         self._on_device: dict[int, torch.Tensor] = {}    # CPU storage pointer → its device copy
         self._lock = threading.Lock()
         self._fingerprints: dict[tuple[str, int, str | None], str] = {}   # (model, number, layer) → sha256
+        self.metrics = None               # server.metrics.Metrics once a server binds one: batches, cache lookups
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
+        self.max_batch = max_batch
+        self.batcher = SampleBatcher(max_batch, batch_delay_ms / 1000, self._observe_batch) if dynamic_batching else None
+
+    @classmethod
+    def from_config(cls, config) -> "Domain":
+        """The domain a ``server.config.ServeConfig`` describes: its registry, cache, device and limits."""
+        if config.registry_uri:
+            registry = Registry.open(config.registry_uri)
+            if config.create_bucket and hasattr(registry.store, "ensure_bucket"):
+                registry.store.ensure_bucket()
+        else:
+            path = Path(config.data_dir).resolve() / "registry"
+            path.mkdir(parents=True, exist_ok=True)
+            registry = Registry.open(path.as_uri())
+        budget = int(config.memory_budget_mb * 2**20) or None
+        return cls(registry, open_stats_cache(config.stats_cache), device=config.device,
+                   max_resident=config.max_resident, memory_budget_bytes=budget, max_batch=config.max_batch,
+                   batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching)
+
+    def close(self) -> None:
+        """Finish queued samples and stop the batcher (the server calls this after it stops)."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def _observe_batch(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_batch(n)
 
     @classmethod
     def open(cls, data_dir: str | Path, stats_cache: str | None = None, **kw: Any) -> "Domain":
@@ -171,7 +210,9 @@ class Domain:
         resident = Resident(version, model, threading.Lock())
         with self._lock:
             self._resident[key] = resident
-            while len(self._resident) > self.max_resident:
+            while len(self._resident) > self.max_resident or (
+                    len(self._resident) > 1 and self.memory_budget_bytes is not None
+                    and self._resident_bytes() > self.memory_budget_bytes):
                 evicted, _ = self._resident.popitem(last=False)
                 log.info("version evicted", extra={"event": "version_evicted", "model": evicted[0],
                                                    "version": evicted[1]})
@@ -195,6 +236,19 @@ class Domain:
             return
         live = {p.untyped_storage().data_ptr() for r in self._resident.values() for p in r.model.state_dict().values()}
         self._on_device = {k: v for k, v in self._on_device.items() if v.untyped_storage().data_ptr() in live}
+
+    def _resident_bytes(self) -> int:
+        seen: dict[int, int] = {}
+        for r in self._resident.values():
+            for t in r.model.state_dict().values():
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+    def resident_bytes(self) -> int:
+        """Bytes of weights the resident versions hold, each shared tensor counted once."""
+        with self._lock:
+            return self._resident_bytes()
 
     def resident_versions(self) -> list[tuple[str, int]]:
         """(model, number) of every resident version, least recently used first."""
@@ -221,10 +275,12 @@ class Domain:
             with res.lock:
                 images = dissect.sample_with_interventions(model, None, layer or model.default_layer(),
                                                            list(interventions), truncation=truncation, z=z)
+        elif self.batcher is not None:
+            model.check_truncation(truncation)     # here, not in the batch: a bad one fails only its caller
+            images = self.batcher.submit((version.model, version.number, float(truncation)), model, z, truncation)
         else:
-            from .engine.sampling import sample
-
-            images = sample(model, z=z, truncation=truncation)
+            self._observe_batch(z.shape[0])
+            images = sample(model, z=z, truncation=truncation, batch_size=self.max_batch)
         return version, to_uint8(images)
 
     def list_layers(self, ref: str) -> tuple[Version, list, str]:
@@ -316,6 +372,8 @@ class Domain:
                 if ran["stopped"] or stopped():
                     raise
                 ran["computed"] = False    # another caller's computation was cancelled: take over
+        if self.metrics is not None:
+            self.metrics.observe_stats_cache(kind, hit=not ran["computed"])
         stat = load_stat(data)
         expected = SecondMoment if kind == KEY_MOMENT else Quantile
         if not isinstance(stat, expected):

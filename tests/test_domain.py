@@ -72,3 +72,60 @@ def test_lru_keeps_at_most_max_resident(domain):
     for ref in ("tiny/1", "tiny/2", "tiny/3"):
         domain.sample(ref, seeds=[0])
     assert domain.resident_versions() == [("tiny", 2), ("tiny", 3)]
+
+
+def test_memory_budget_evicts_least_recently_used_counting_shared_tensors_once(domain):
+    domain.rewrite("tiny/1", SPEC)
+    domain.rewrite("tiny/2", SPEC)
+    one = domain.resident_bytes()
+    domain.max_resident, domain.memory_budget_bytes = 10, None
+    for ref in ("tiny/1", "tiny/2", "tiny/3"):
+        domain.sample(ref, seeds=[0])
+    three = domain.resident_bytes()
+    edited = three - one
+    assert 0 < edited < one      # versions 2 and 3 add only their edited tensors
+    domain.memory_budget_bytes = one + edited // 2 + 1    # room for version 1 and one edit, not two
+    domain.sample("tiny/1", seeds=[0])                    # most recent; 2 is now the oldest
+    domain.rewrite("tiny/3", SPEC)
+    domain.sample("tiny/4", seeds=[0])
+    assert ("tiny", 4) in domain.resident_versions() and ("tiny", 2) not in domain.resident_versions()
+    assert domain.resident_bytes() <= domain.memory_budget_bytes
+
+
+def test_dynamic_batching_coalesces_concurrent_samples_without_changing_pixels(domain):
+    import threading
+
+    sizes = []
+    domain.metrics = type("M", (), {"observe_batch": lambda self, n: sizes.append(n),
+                                    "observe_stats_cache": lambda self, kind, hit: None})()
+    alone = {s: domain.sample("tiny", seeds=[s])[1][0] for s in range(12)}
+    sizes.clear()
+    domain.batcher.max_delay_s = 0.2         # long enough that all twelve threads arrive first
+    out, barrier = {}, threading.Barrier(12)
+
+    def one(s):
+        barrier.wait()
+        out[s] = domain.sample("tiny", seeds=[s])[1][0]
+    threads = [threading.Thread(target=one, args=(s,)) for s in range(12)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(torch.equal(out[s], alone[s]) for s in range(12))
+    assert max(sizes) > 1 and sum(sizes) == 12          # shared forward passes, every image once
+    assert len(sizes) < 12
+
+
+def test_batcher_separates_keys_and_reports_errors_to_their_callers():
+    from rulewright.service.batching import BatcherClosed, SampleBatcher
+    from rulewright.service.engine.generators.dcgan import DCGANGenerator
+    from tests.builders import dcgan_state
+
+    model = DCGANGenerator.from_state_dict(dcgan_state())
+    batcher = SampleBatcher(max_batch=4, max_delay_s=0.0)
+    z = torch.randn(6, model.z_dim)
+    assert batcher.submit("a", model, z).shape[0] == 6       # larger than max_batch: chunked, all returned
+    with pytest.raises(ValueError, match="truncation"):
+        batcher.submit("b", model, z[:1], truncation=0.5)      # DCGAN has no truncation
+    assert batcher.submit("a", model, z[:1]).shape[0] == 1    # the worker survived
+    batcher.close()
+    with pytest.raises(BatcherClosed):
+        batcher.submit("a", model, z[:1])

@@ -3,6 +3,7 @@
 - ``latents(seeds, z_dim)``: one latent per seed, each drawn by its own CPU ``torch.Generator``, so
   it does not depend on the device, the batch, or the other seeds.
 - ``sample(model, seeds=..., z=..., truncation=..., batch_size=...)``: images in [-1, 1] on the CPU.
+- ``bucket(n)``: the padded size of an n-image forward pass (a power of two, at least 4).
 - ``check_latents(z, z_dim)``: raw latents must be finite (N, z_dim) floats (InvalidArgument).
 - ``to_uint8(images)``: (N, H, W, 3) uint8 pixels for PNG or raw RGB8.
 - ``grid(images, columns)``: one (H, W, 3) uint8 album of many images.
@@ -62,6 +63,14 @@ def _model_device(model: Generator) -> torch.device:
     return next(model.parameters()).device
 
 
+MIN_BUCKET = 4
+
+
+def bucket(n: int) -> int:
+    """The batch size an n-image forward pass runs at: the next power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
 def sample(
     model: Generator,
     seeds: Sequence[int] | None = None,   # one image per seed
@@ -69,7 +78,14 @@ def sample(
     truncation: float = 1.0,              # 1 = none; only architectures with a mapping network
     batch_size: int = 16,                 # images per forward pass (memory, not results)
 ) -> torch.Tensor:
-    """Images (N, 3, R, R) in [-1, 1] on the CPU; the same seed always gives the same image."""
+    """Images (N, 3, R, R) in [-1, 1] on the CPU; the same seed always gives the same image.
+
+    Forward passes run only at batch sizes 4, 8, 16, ... (a short chunk is padded with zero
+    latents): oneDNN and MKL pick kernels by batch size, and on this CPU batches of 1, 2, 3, 5,
+    6, 7, 9, 10 or 11 give results that differ from the others in the last bit (which sizes
+    depends on the architecture), so an image would depend on what else was in its batch.
+    ``tests/test_sampling.py`` checks that every bucket agrees bitwise for each architecture.
+    """
     if (seeds is None) == (z is None):
         raise ValueError("give exactly one of seeds or z")
     if batch_size < 1:
@@ -80,10 +96,14 @@ def sample(
     model.check_truncation(truncation)
     device = _model_device(model)
     outs = []
+    step = max(MIN_BUCKET, 1 << (batch_size.bit_length() - 1))   # the largest bucket within batch_size
     with torch.no_grad():
-        for start in range(0, z.shape[0], batch_size):
-            chunk = z[start : start + batch_size].to(device=device, dtype=torch.float32)
-            outs.append(model(chunk, truncation).float().cpu())
+        for start in range(0, z.shape[0], step):
+            chunk = z[start : start + step].to(device=device, dtype=torch.float32)
+            n = chunk.shape[0]
+            if bucket(n) != n:
+                chunk = torch.cat([chunk, chunk.new_zeros(bucket(n) - n, chunk.shape[1])])
+            outs.append(model(chunk, truncation)[:n].float().cpu())
     if not outs:
         return torch.empty(0, 3, model.resolution, model.resolution)
     return torch.cat(outs)

@@ -1,0 +1,128 @@
+"""Dynamic batching: concurrent Sample requests for one model version share forward passes.
+
+- ``SampleBatcher(max_batch, max_delay_s, observe)``: one worker thread; ``submit`` blocks the
+  caller until its images are ready. Requests with the same key (version and truncation) are
+  coalesced in arrival order up to ``max_batch`` images; the first waits at most ``max_delay_s``
+  for company, and requests that arrive while a batch runs join the next one without waiting.
+- ``BatcherClosed``: ``submit`` after ``close``.
+
+Images do not depend on the company they are batched with: ``sampling.sample`` pads every
+forward pass to a fixed bucket size, so any composition gives the same bits.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Callable, Hashable
+
+import torch
+
+from .engine.generators.base import Generator
+from .engine.sampling import sample
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was closed (the server is shutting down)."""
+
+
+@dataclasses.dataclass
+class _Job:
+    key: Hashable
+    model: Generator
+    z: torch.Tensor
+    truncation: float
+    arrived: float
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    images: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class SampleBatcher:
+    """Coalesces concurrent sampling of one (version, truncation) into shared forward passes."""
+
+    def __init__(
+        self,
+        max_batch: int = 16,              # most images in one forward pass
+        max_delay_s: float = 0.002,       # longest a request waits for others to join its batch
+        observe: Callable[[int], None] | None = None,   # called with each forward pass's image count
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
+        if max_delay_s < 0:
+            raise ValueError(f"max_delay_s must not be negative, got {max_delay_s}")
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.observe = observe
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="sample-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, key: Hashable, model: Generator, z: torch.Tensor, truncation: float = 1.0) -> torch.Tensor:
+        """(N, 3, R, R) images in [-1, 1] for latents ``z``, computed in a batch shared with others of ``key``."""
+        job = _Job(key, model, z, truncation, time.monotonic())
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed("the server is shutting down")
+            self._pending.append(job)
+            self._cond.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.images is not None
+        return job.images
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the worker; later submits raise ``BatcherClosed``."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._worker.join()
+
+    def _take(self) -> list[_Job] | None:
+        """The next batch: the oldest job and the jobs of its key behind it, up to max_batch images."""
+        with self._cond:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first = self._pending[0]
+            deadline = first.arrived + self.max_delay_s
+            while not self._closed:
+                rows = sum(j.z.shape[0] for j in self._pending if j.key == first.key)
+                left = deadline - time.monotonic()
+                if rows >= self.max_batch or left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, rows, rest = [], 0, collections.deque()
+            for job in self._pending:
+                n = job.z.shape[0]
+                if job.key == first.key and (not batch or rows + n <= self.max_batch):
+                    batch.append(job)
+                    rows += n
+                else:
+                    rest.append(job)
+            self._pending = rest
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                z = torch.cat([j.z for j in batch])
+                if self.observe is not None:
+                    self.observe(z.shape[0])
+                images = sample(batch[0].model, z=z, truncation=batch[0].truncation, batch_size=self.max_batch)
+                start = 0
+                for job in batch:
+                    job.images = images[start:start + job.z.shape[0]]
+                    start += job.z.shape[0]
+            except BaseException as exc:  # noqa: BLE001 -- every waiting caller gets the error
+                for job in batch:
+                    job.error = exc
+            finally:
+                for job in batch:
+                    job.done.set()
