@@ -5,14 +5,14 @@ Subcommands:
 - ``album``: sample seeds into one PNG grid.
 - ``layers``: list a model's rewritable layers and the default one.
 - ``stats``: compute a layer's key second moment over N samples, with a progress bar.
-- ``serve``: the gRPC server, embedded default (filesystem registry, faces model as ``faces``).
+- ``serve``: the gRPC server, embedded default (filesystem registry, faces model as ``faces``);
+  the same as ``rulewright serve`` (``server_main``), whose settings live in server/config.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -95,12 +95,29 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import configure_logging, serve
-    from .server.auth import tokens_from_env
+    from .server.config import resolve
 
-    tokens = tokens_from_env(args.tokens_file)      # AuthConfigError (a ValueError): one line, exit 2
+    config = resolve(args)          # ConfigError, TlsConfigError, AuthConfigError: ValueErrors, one line, exit 2
     configure_logging()
-    return serve(args.data_dir, args.address, device=args.device, grace_s=args.grace, cache_dir=args.cache_dir,
-                 tokens=tokens)
+    return serve(config)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``serve`` flags (server/config.py's settings)."""
+    from .server.config import add_arguments
+
+    add_arguments(p)
+
+
+def build_server_parser() -> argparse.ArgumentParser:
+    """The ``rulewright`` parser: ``rulewright serve`` runs the service."""
+    parser = argparse.ArgumentParser(prog="rulewright", description="rulewright: rewrite the rules of a GAN over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the gRPC server; with no settings, the embedded default "
+                                     "(filesystem registry under ./data, faces model, 127.0.0.1:50051)")
+    add_serve_arguments(p)
+    p.set_defaults(fn=cmd_serve)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,37 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1000, help="number of seeds (0..N-1)")
     p.set_defaults(fn=cmd_stats)
 
-    env = os.environ.get
     p = sub.add_parser("serve", help="run the gRPC server (embedded default: filesystem registry, faces model)")
-    common(p, model=False)
-    p.add_argument("--data-dir", default=env("RULEWRIGHT_DATA_DIR", "data"),
-                   help="where the registry lives (default $RULEWRIGHT_DATA_DIR or ./data)")
-    p.add_argument("--address", default=env("RULEWRIGHT_ADDRESS", "127.0.0.1:50051"),
-                   help="host:port to listen on (default $RULEWRIGHT_ADDRESS or 127.0.0.1:50051)")
-    p.add_argument("--device", default=env("RULEWRIGHT_DEVICE", "auto"),
-                   help="auto, cpu, cuda or cuda:N (default $RULEWRIGHT_DEVICE or auto)")
-    p.add_argument("--grace", type=float, default=10.0,
-                   help="seconds in-flight RPCs get to finish after SIGTERM or SIGINT")
-    p.add_argument("--tokens-file", default=env("RULEWRIGHT_TOKENS_FILE"),
-                   help="bearer tokens, one 'token role principal' line each (role: reader, editor or admin); "
-                        "merged with $RULEWRIGHT_TOKENS (same format, ';' also separates). Without tokens the "
-                        "server runs without auth and only on a loopback address")
+    add_serve_arguments(p)
     p.set_defaults(fn=cmd_serve)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     """Run one subcommand; known errors print one line and exit 2."""
+    from rulewright.registry.errors import RegistryError
+
     from .engine.generators.base import StateDictMismatch
     from .engine.loading import CheckpointError
     from .importers.faces import FacesImportError
 
-    args = build_parser().parse_args(argv)
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (FacesImportError, StateDictMismatch, CheckpointError, LookupError, ValueError, OSError) as exc:
-        print(f"rulewright-engine: error: {exc}", file=sys.stderr)
+    except (FacesImportError, StateDictMismatch, CheckpointError, RegistryError, LookupError, ValueError,
+            OSError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    """The ``rulewright`` command (today: ``rulewright serve``)."""
+    return main(argv, build_server_parser())
 
 
 if __name__ == "__main__":

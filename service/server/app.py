@@ -4,9 +4,10 @@
   with both services, ``grpc.health.v1`` and reflection; port 0 binds a free port (tests).
   ``tokens`` (``auth.Token`` entries) turn bearer-token auth on; without them the address must
   be loopback (``auth.AuthConfigError`` otherwise).
-- ``serve(data_dir, address, device, grace_s, tokens=...)``: the embedded default: opens the
-  domain under ``data_dir``, starts NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or
-  SIGINT goes NOT_SERVING and stops with a grace period. Returns the exit status.
+- ``serve(config)``: runs a ``config.ServeConfig`` (defaults: the embedded server: filesystem
+  registry under the data directory, in-process statistics cache, faces model): starts
+  NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or SIGINT goes
+  NOT_SERVING and stops with a grace period. TLS, metrics, S3 and Redis as configured.
 - ``JsonFormatter`` / ``configure_logging()``: one JSON object per log line.
 """
 
@@ -29,7 +30,7 @@ from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_gr
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
 from .auth import AuthInterceptor, check_auth_config
-from .servicers import GeneratorServicer, RegistryServicer
+from .servicers import MAX_IMPORT_BYTES, GeneratorServicer, RegistryServicer
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,16 @@ def create_server(
     max_workers: int = 16,                      # concurrent RPCs
     health_servicer: health.HealthServicer | None = None,  # None: SERVING if a model is registered
     tokens=None,                                # auth.Token entries; None or empty: auth off (loopback only)
+    credentials: grpc.ServerCredentials | None = None,  # TLS or mTLS (see tls.py); None: plaintext
+    metrics=None,                               # metrics.Metrics: counts every RPC, batch and cache lookup
+    max_import_bytes: int = MAX_IMPORT_BYTES,   # largest ImportModel upload
 ) -> tuple[grpc.Server, int]:
     """A started server with GeneratorService, RegistryService, health and reflection."""
     check_auth_config(address, tokens)
-    interceptors = [AuthInterceptor(tokens)] if tokens else []
+    # Metrics outermost, so refused calls (UNAUTHENTICATED, PERMISSION_DENIED) are counted too.
+    interceptors = ([metrics.interceptor()] if metrics is not None else []) + ([AuthInterceptor(tokens)] if tokens else [])
+    if metrics is not None:
+        metrics.bind(domain)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
                          interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -65,49 +72,89 @@ def create_server(
     ])
     server.generator_servicer = GeneratorServicer(domain)
     gen_grpc.add_GeneratorServiceServicer_to_server(server.generator_servicer, server)
-    reg_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(domain), server)
+    reg_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(domain, max_import_bytes), server)
     if health_servicer is None:
         health_servicer = health.HealthServicer()
         set_health(health_servicer, bool(domain.registry.list_models(page_size=1).items))
     server.health_servicer = health_servicer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
     return server, port
 
 
-def serve(data_dir: str | Path, address: str = "127.0.0.1:50051", device: str = "auto",
-          grace_s: float = GRACE_S, cache_dir: str | Path | None = None, tokens=None) -> int:
-    """Run the embedded default until SIGTERM or SIGINT; 0 after a graceful stop."""
-    from rulewright.service.domain import Domain
-    from rulewright.service.importers.faces import import_faces
+def serve(config, on_ready=None) -> int:
+    """Run the server a ``config.ServeConfig`` describes until SIGTERM or SIGINT; 0 after a graceful stop.
 
-    check_auth_config(address, tokens)              # before anything is opened or downloaded
+    Opens the domain (registry and statistics cache the config names), starts NOT_SERVING,
+    bootstraps the faces model unless ``bootstrap`` is ``none``, goes SERVING, and on a signal
+    goes NOT_SERVING and stops with ``grace_s``. ``on_ready(port)`` is called once serving.
+    """
+    from rulewright.service.domain import Domain
+
+    from .auth import tokens_from_env
+    from .tls import TlsFiles, server_credentials
+
+    tokens = tokens_from_env(config.tokens_file or None)   # AuthConfigError (a ValueError): one line, exit 2
+    check_auth_config(config.address, tokens)              # before anything is opened or downloaded
+    credentials = server_credentials(TlsFiles(config.tls_cert or None, config.tls_key or None,
+                                              config.tls_client_ca or None))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    domain = Domain.open(data_dir, device=device)
+    domain = Domain.from_config(config)
+    metrics = metrics_http = None
+    if config.metrics_address:
+        from .metrics import Metrics
+
+        metrics = Metrics()
+        metrics_http, metrics_port = metrics.serve_http(config.metrics_address)
+        log.info("metrics", extra={"event": "metrics", "address": config.metrics_address, "port": metrics_port})
     health_servicer = health.HealthServicer()
     set_health(health_servicer, False)
-    server, port = create_server(domain, address, health_servicer=health_servicer, tokens=tokens)
-    log.info("listening", extra={"event": "listening", "address": address, "port": port, "auth": bool(tokens),
-                                 "data_dir": str(data_dir), "device": str(domain.device)})
+    server, port = create_server(domain, config.address, max_message_bytes=int(config.max_message_mb * 2**20),
+                                 max_workers=config.max_workers, health_servicer=health_servicer, tokens=tokens,
+                                 credentials=credentials, metrics=metrics,
+                                 max_import_bytes=int(config.max_import_mb * 2**20))
+    log.info("listening", extra={"event": "listening", "address": config.address, "port": port, "auth": bool(tokens),
+                                 "tls": "mutual" if config.tls_client_ca else bool(credentials),
+                                 "registry": domain.registry.store.uri, "stats_cache": _redacted(config.stats_cache),
+                                 "device": str(domain.device), "dynamic_batching": config.dynamic_batching,
+                                 "max_batch": config.max_batch})
     try:
         if not stop.is_set():
-            version = domain.bootstrap("faces", import_faces(cache_dir))
-            domain.generator(version)                     # loaded before the first request
+            if config.bootstrap == "faces":
+                from rulewright.service.importers.faces import import_faces
+
+                version = domain.bootstrap("faces", import_faces(config.cache_dir or None))
+                domain.generator(version)                     # loaded before the first request
+                log.info("bootstrapped", extra={"event": "bootstrapped", "model": version.model,
+                                                "version": version.number})
             set_health(health_servicer, True)
-            log.info("serving", extra={"event": "serving", "model": version.model, "version": version.number})
+            log.info("serving", extra={"event": "serving", "port": port})
+            if on_ready is not None:
+                on_ready(port)
         stop.wait()
     finally:
-        log.info("shutting down", extra={"event": "shutdown", "grace_s": grace_s})
+        log.info("shutting down", extra={"event": "shutdown", "grace_s": config.grace_s})
         health_servicer.enter_graceful_shutdown()
-        server.stop(grace_s).wait()
+        server.stop(config.grace_s).wait()
+        domain.close()
+        if metrics_http is not None:
+            metrics_http.shutdown()
     log.info("stopped", extra={"event": "stopped"})
     return 0
+
+
+def _redacted(uri: str) -> str:
+    """A cache URI without its password (redis://:secret@host → redis://***@host)."""
+    scheme, sep, rest = uri.partition("://")
+    if "@" in rest:
+        return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"
+    return uri
 
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}

