@@ -222,6 +222,7 @@ class LocalStatsCache(StatsCache):
         return self._flight.run(key.digest(), lead)
 
     def __len__(self) -> int:
+        """Statistics held."""
         return len(self._items)
 
 
@@ -316,6 +317,11 @@ class RedisStatsCache(StatsCache):
         return not self._down
 
     # ---- interface ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Statistics held under this namespace (a SCAN: for operators and tests, not hot paths)."""
+        return sum(1 for k in self._r.scan_iter(match=f"{self.namespace}:stats:*", count=1000)
+                   if not k.endswith(b":lock"))
 
     def get(self, key: StatsKey) -> bytes | None:
         """The cached bytes, or None (also when Redis is unreachable)."""

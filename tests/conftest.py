@@ -1,11 +1,16 @@
-"""Shared fixtures: the real faces model (fetched once per run into the cache) and small models."""
+"""Shared fixtures: the real faces model (fetched once per run into the cache), and real Redis and
+S3 (moto) servers on loopback for the whole session."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+
+from tests.backends import MotoServer, RedisServer, moto_command
+from tests.support import missing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,3 +37,35 @@ def faces(faces_path: Path):
     from rulewright.service.engine.loading import load_generator
 
     return load_generator(faces_path)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A running ``redis-server`` for the whole session (tests that stop it must start it again)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        missing("redis-server")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The URL of an empty, running Redis."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A running ``moto_server`` for the whole session; each test uses its own bucket."""
+    command = moto_command()
+    if command is None:
+        missing("moto_server (pip install 'moto[server]')")
+    server = MotoServer(command)
+    yield server
+    server.stop()

@@ -1,7 +1,15 @@
-"""A real server from ``create_server`` on a free loopback port over a tiny random DCGAN in a
-tmp registry, and helpers to read google.rpc details from a failed call."""
+"""A real server from ``create_server`` on a free loopback port over a tiny random DCGAN, and
+helpers to read google.rpc details from a failed call.
+
+Every test that uses the ``domain`` fixture runs twice: against the embedded default (a
+filesystem registry in a tmp folder, the in-process statistics cache) and against a server
+configured for S3 and Redis the way ``rulewright serve`` is (``Domain.from_config`` with
+``RULEWRIGHT_S3_*`` in the environment), talking to a real ``moto_server`` and ``redis-server``.
+"""
 
 from __future__ import annotations
+
+import uuid
 
 import grpc
 import pytest
@@ -14,9 +22,39 @@ from tests.builders import TINY_SPEC, tiny_domain
 SPEC = TINY_SPEC
 
 
-@pytest.fixture
-def domain(tmp_path):
-    return tiny_domain(tmp_path)
+@pytest.fixture(params=["embedded", "s3+redis"])
+def domain(request, tmp_path, monkeypatch):
+    """The tiny model served from the embedded default, then from S3 and Redis."""
+    if request.param == "embedded":
+        d = tiny_domain(tmp_path)
+    else:
+        d = s3_redis_domain(tmp_path, request.getfixturevalue("moto_server"), request.getfixturevalue("redis_url"),
+                            monkeypatch)
+    yield d
+    d.close()
+
+
+def s3_redis_domain(tmp_path, moto_server, redis_url, monkeypatch):
+    """A Domain from a ServeConfig naming a fresh S3 bucket and Redis, with ``tiny`` bootstrapped."""
+    from safetensors.torch import save_file
+
+    from rulewright.service.domain import Domain
+    from rulewright.service.server.config import resolve
+    from tests.builders import dcgan_state
+
+    cfg = moto_server.config()
+    for name, value in {"ENDPOINT": cfg.endpoint, "ACCESS_KEY": cfg.access_key, "SECRET_KEY": cfg.secret_key,
+                        "SECURE": "false"}.items():
+        monkeypatch.setenv(f"RULEWRIGHT_S3_{name}", value)
+    config = resolve(environ={"RULEWRIGHT_REGISTRY_URI": f"s3://test-{uuid.uuid4().hex[:12]}/registry",
+                              "RULEWRIGHT_CREATE_BUCKET": "true", "RULEWRIGHT_STATS_CACHE": redis_url,
+                              "RULEWRIGHT_DEVICE": "cpu", "RULEWRIGHT_MAX_RESIDENT": "4"})
+    domain = Domain.from_config(config)
+    assert domain.registry.store.uri.startswith("s3://") and type(domain.stats_cache).__name__ == "RedisStatsCache"
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in dcgan_state(z_dim=16, widths=(32, 16, 8, 3)).items()}, str(path))
+    domain.bootstrap("tiny", path)
+    return domain
 
 
 @pytest.fixture
