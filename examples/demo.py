@@ -1,6 +1,6 @@
 """The main job end to end, against a real server over gRPC: ``make demo`` runs it.
 
-1. start the embedded server (``rulewright-engine serve``: filesystem registry under
+1. start the embedded server (``rulewright serve``: filesystem registry under
    ``out/demo-data``, faces imported as version 1 with alias ``production``);
 2. sample an album of faces;
 3. run an example edit (``examples/edits/glasses.json``) through the Rewrite RPC, with a
@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     address = f"127.0.0.1:{free_port()}"
-    server = subprocess.Popen([sys.executable, "-m", "rulewright.service", "serve", "--data-dir",
+    # `rulewright serve`, run through this interpreter so no PATH lookup is needed
+    server = subprocess.Popen([sys.executable, "-c", "import sys; from rulewright.service.cli import server_main; "
+                               "sys.exit(server_main())", "serve", "--data-dir",
                                str(out / "demo-data"), "--address", address], stderr=open(out / "demo-server.log", "w"))
     try:
         channel = grpc.insecure_channel(address)

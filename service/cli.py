@@ -94,6 +94,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    # gRPC core's own info lines (TLS handshake failures) are not JSON; keep only its errors.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .server.app import configure_logging, serve
     from .server.config import resolve
 

@@ -79,7 +79,10 @@ def create_server(
     server.health_servicer = health_servicer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:       # grpcio raises rather than returning 0 for an address in use
+        raise OSError(f"could not bind {address}: {exc}") from None
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
@@ -103,28 +106,28 @@ def serve(config, on_ready=None) -> int:
     credentials = server_credentials(TlsFiles(config.tls_cert or None, config.tls_key or None,
                                               config.tls_client_ca or None))
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    domain = Domain.from_config(config)
-    metrics = metrics_http = None
-    if config.metrics_address:
-        from .metrics import Metrics
-
-        metrics = Metrics()
-        metrics_http, metrics_port = metrics.serve_http(config.metrics_address)
-        log.info("metrics", extra={"event": "metrics", "address": config.metrics_address, "port": metrics_port})
-    health_servicer = health.HealthServicer()
-    set_health(health_servicer, False)
-    server, port = create_server(domain, config.address, max_message_bytes=int(config.max_message_mb * 2**20),
-                                 max_workers=config.max_workers, health_servicer=health_servicer, tokens=tokens,
-                                 credentials=credentials, metrics=metrics,
-                                 max_import_bytes=int(config.max_import_mb * 2**20))
-    log.info("listening", extra={"event": "listening", "address": config.address, "port": port, "auth": bool(tokens),
-                                 "tls": "mutual" if config.tls_client_ca else bool(credentials),
-                                 "registry": domain.registry.store.uri, "stats_cache": _redacted(config.stats_cache),
-                                 "device": str(domain.device), "dynamic_batching": config.dynamic_batching,
-                                 "max_batch": config.max_batch})
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    domain = metrics_http = server = health_servicer = None
     try:
+        domain = Domain.from_config(config)
+        metrics = None
+        if config.metrics_address:
+            from .metrics import Metrics
+
+            metrics = Metrics()
+            metrics_http, metrics_port = metrics.serve_http(config.metrics_address)
+            log.info("metrics", extra={"event": "metrics", "address": config.metrics_address, "port": metrics_port})
+        health_servicer = health.HealthServicer()
+        set_health(health_servicer, False)
+        server, port = create_server(domain, config.address, max_message_bytes=int(config.max_message_mb * 2**20),
+                                     max_workers=config.max_workers, health_servicer=health_servicer, tokens=tokens,
+                                     credentials=credentials, metrics=metrics,
+                                     max_import_bytes=int(config.max_import_mb * 2**20))
+        log.info("listening", extra={"event": "listening", "address": config.address, "port": port,
+                                     "auth": bool(tokens), "tls": "mutual" if config.tls_client_ca else bool(credentials),
+                                     "registry": domain.registry.store.uri,
+                                     "stats_cache": _redacted(config.stats_cache), "device": str(domain.device),
+                                     "dynamic_batching": config.dynamic_batching, "max_batch": config.max_batch})
         if not stop.is_set():
             if config.bootstrap == "faces":
                 from rulewright.service.importers.faces import import_faces
@@ -139,12 +142,16 @@ def serve(config, on_ready=None) -> int:
                 on_ready(port)
         stop.wait()
     finally:
-        log.info("shutting down", extra={"event": "shutdown", "grace_s": config.grace_s})
-        health_servicer.enter_graceful_shutdown()
-        server.stop(config.grace_s).wait()
-        domain.close()
+        if server is not None:
+            log.info("shutting down", extra={"event": "shutdown", "grace_s": config.grace_s})
+            health_servicer.enter_graceful_shutdown()
+            server.stop(config.grace_s).wait()
+        if domain is not None:
+            domain.close()
         if metrics_http is not None:
             metrics_http.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     log.info("stopped", extra={"event": "stopped"})
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 from typing import Any, Callable
@@ -98,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse(setting: Setting, value: Any, source: str) -> Any:
+    if setting.parse is int and isinstance(value, float):     # TOML 8.5 must not become 8
+        raise ConfigError(f"{setting.name} from {source}: expected a whole number, got {value!r}")
     try:
         if isinstance(value, str) or setting.parse is not str:
             value = setting.parse(value if isinstance(value, str) else str(value)) \
@@ -142,11 +145,18 @@ def _check(c: "ServeConfig") -> None:
     for name in ("max_batch", "max_resident", "max_workers"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
+    for name in ("batch_delay_ms", "memory_budget_mb", "grace_s", "max_import_mb", "max_message_mb"):
+        if not math.isfinite(getattr(c, name)):
+            raise ConfigError(f"{name} must be finite, got {getattr(c, name)}")
     for name in ("batch_delay_ms", "memory_budget_mb", "grace_s"):
         if not getattr(c, name) >= 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(c, name)}")
     for name in ("max_import_mb", "max_message_mb"):
         if not getattr(c, name) > 0:
             raise ConfigError(f"{name} must be positive, got {getattr(c, name)}")
+    for name in ("address", "metrics_address"):
+        value = getattr(c, name)
+        if value and not value.startswith("unix:") and not value.rpartition(":")[2].isdigit():
+            raise ConfigError(f"{name} must be host:port, got {value!r}")
     if c.bootstrap not in ("faces", "none"):
         raise ConfigError(f"bootstrap must be faces or none, got {c.bootstrap!r}")

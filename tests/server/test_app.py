@@ -73,7 +73,7 @@ def test_rulewright_engine_serve_end_to_end(tmp_path, cache_dir, faces_path):
     env = {**os.environ, "RULEWRIGHT_CACHE_DIR": str(cache_dir), "RULEWRIGHT_ADDRESS": "127.0.0.1:1"}
     exe = Path(sys.executable).with_name("rulewright-engine")
     proc = subprocess.Popen([str(exe), "serve", "--data-dir", str(tmp_path / "data"), "--address",
-                             f"127.0.0.1:{port}", "--device", "cpu", "--grace", "5"],
+                             f"127.0.0.1:{port}", "--device", "cpu", "--grace-s", "5"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
