@@ -43,14 +43,16 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
-import torch
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # before grpc loads: no INFO line per closed connection
 
-from rulewright.service.domain import Domain
-from rulewright.service.importers.faces import import_faces
-from rulewright.service.server import convert
-from rulewright.service.server.app import create_server
-from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc, images_pb2
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from rulewright.service.domain import Domain  # noqa: E402
+from rulewright.service.importers.faces import import_faces  # noqa: E402
+from rulewright.service.server import convert  # noqa: E402
+from rulewright.service.server.app import create_server  # noqa: E402
+from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc, images_pb2  # noqa: E402
 
 MODEL = "faces"
 PNG = images_pb2.IMAGE_FORMAT_PNG

@@ -22,19 +22,21 @@ from tests.builders import TINY_SPEC, tiny_domain
 SPEC = TINY_SPEC
 
 
-@pytest.fixture(params=["embedded", "s3+redis"])
-def domain(request, tmp_path, monkeypatch):
+BACKENDS = ["embedded", "s3+redis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def domain(request, tmp_path):
     """The tiny model served from the embedded default, then from S3 and Redis."""
     if request.param == "embedded":
         d = tiny_domain(tmp_path)
     else:
-        d = s3_redis_domain(tmp_path, request.getfixturevalue("moto_server"), request.getfixturevalue("redis_url"),
-                            monkeypatch)
+        d = s3_redis_domain(tmp_path, request.getfixturevalue("moto_server"), request.getfixturevalue("redis_url"))
     yield d
     d.close()
 
 
-def s3_redis_domain(tmp_path, moto_server, redis_url, monkeypatch):
+def s3_redis_domain(tmp_path, moto_server, redis_url):
     """A Domain from a ServeConfig naming a fresh S3 bucket and Redis, with ``tiny`` bootstrapped."""
     from safetensors.torch import save_file
 
@@ -43,13 +45,14 @@ def s3_redis_domain(tmp_path, moto_server, redis_url, monkeypatch):
     from tests.builders import dcgan_state
 
     cfg = moto_server.config()
-    for name, value in {"ENDPOINT": cfg.endpoint, "ACCESS_KEY": cfg.access_key, "SECRET_KEY": cfg.secret_key,
-                        "SECURE": "false"}.items():
-        monkeypatch.setenv(f"RULEWRIGHT_S3_{name}", value)
     config = resolve(environ={"RULEWRIGHT_REGISTRY_URI": f"s3://test-{uuid.uuid4().hex[:12]}/registry",
                               "RULEWRIGHT_CREATE_BUCKET": "true", "RULEWRIGHT_STATS_CACHE": redis_url,
                               "RULEWRIGHT_DEVICE": "cpu", "RULEWRIGHT_MAX_RESIDENT": "4"})
-    domain = Domain.from_config(config)
+    with pytest.MonkeyPatch.context() as env:        # the store reads RULEWRIGHT_S3_* once, when opened
+        for name, value in {"ENDPOINT": cfg.endpoint, "ACCESS_KEY": cfg.access_key, "SECRET_KEY": cfg.secret_key,
+                            "SECURE": "false"}.items():
+            env.setenv(f"RULEWRIGHT_S3_{name}", value)
+        domain = Domain.from_config(config)
     assert domain.registry.store.uri.startswith("s3://") and type(domain.stats_cache).__name__ == "RedisStatsCache"
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in dcgan_state(z_dim=16, widths=(32, 16, 8, 3)).items()}, str(path))

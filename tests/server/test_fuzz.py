@@ -22,7 +22,7 @@ from rulewright.service.server.app import create_server
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc, images_pb2
 from tests.builders import tiny_domain
 
-from .conftest import detail, error_info, rpc_status
+from .conftest import BACKENDS, detail, error_info, rpc_status, s3_redis_domain
 from .test_generator import spec_pb
 
 Z_DIM = 16           # the tiny DCGAN's latent width
@@ -32,15 +32,24 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
                                                                        HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory):
-    """One server for the whole module (built as conftest's ``server``), so examples stay cheap."""
-    server, port = create_server(tiny_domain(tmp_path_factory.mktemp("fuzz")))
+@pytest.fixture(scope="module", params=BACKENDS)
+def generator(request, tmp_path_factory):
+    """One server per backend for the whole module (as conftest's ``server``), so examples stay cheap."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    if request.param == "embedded":
+        domain = tiny_domain(tmp)
+    else:
+        redis_server = request.getfixturevalue("redis_server")
+        if redis_server.proc is None or redis_server.proc.poll() is not None:
+            redis_server.start()
+        domain = s3_redis_domain(tmp, request.getfixturevalue("moto_server"), redis_server.url)
+    server, port = create_server(domain)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield gen_grpc.GeneratorServiceStub(channel)
     finally:
         server.stop(0).wait()
+        domain.close()
 
 
 def assert_invalid_argument(err: grpc.RpcError) -> None:
