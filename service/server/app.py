@@ -1,7 +1,8 @@
 """Server construction, apart from the servicers: message sizes, health, reflection, shutdown, logs.
 
 - ``create_server(domain, address="127.0.0.1:0", ...) -> (server, port)``: a started gRPC server
-  with both services, ``grpc.health.v1`` and reflection; port 0 binds a free port (tests).
+  with both services, the Open Inference Protocol (``oip``), ``grpc.health.v1`` and reflection;
+  port 0 binds a free port (tests).
   ``tokens`` (``auth.Token`` entries) turn bearer-token auth on; without them the address must
   be loopback (``auth.AuthConfigError`` otherwise).
 - ``serve(config)``: runs a ``config.ServeConfig`` (defaults: the embedded server: filesystem
@@ -26,10 +27,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rulewright.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
 from .auth import AuthInterceptor, check_auth_config
+from .oip import SERVICE_NAME as OIP_SERVICE, InferenceServicer
 from .servicers import MAX_IMPORT_BYTES, GeneratorServicer, RegistryServicer
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20      # requests and responses (a 64-image PNG album fits easily)
 GRACE_S = 10.0                    # in-flight RPCs get this long on shutdown
 SERVICES = (gen.DESCRIPTOR.services_by_name["GeneratorService"].full_name,
-            reg.DESCRIPTOR.services_by_name["RegistryService"].full_name)
+            reg.DESCRIPTOR.services_by_name["RegistryService"].full_name, OIP_SERVICE)
 
 
 def set_health(servicer: health.HealthServicer, serving: bool) -> None:
@@ -45,6 +48,12 @@ def set_health(servicer: health.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("",) + SERVICES:
         servicer.set(name, status)
+
+
+def _serving(servicer: health.HealthServicer) -> bool:
+    """Whether the server as a whole (health service "") is SERVING."""
+    return servicer.Check(health_pb2.HealthCheckRequest(service=""), None).status == \
+        health_pb2.HealthCheckResponse.SERVING
 
 
 def create_server(
@@ -58,7 +67,7 @@ def create_server(
     metrics=None,                               # metrics.Metrics: counts every RPC, batch and cache lookup
     max_import_bytes: int = MAX_IMPORT_BYTES,   # largest ImportModel upload
 ) -> tuple[grpc.Server, int]:
-    """A started server with GeneratorService, RegistryService, health and reflection."""
+    """A started server with GeneratorService, RegistryService, the OIP service, health and reflection."""
     check_auth_config(address, tokens)
     # Metrics outermost, so refused calls (UNAUTHENTICATED, PERMISSION_DENIED) are counted too.
     interceptors = ([metrics.interceptor()] if metrics is not None else []) + ([AuthInterceptor(tokens)] if tokens else [])
@@ -78,6 +87,9 @@ def create_server(
         set_health(health_servicer, bool(domain.registry.list_models(page_size=1).items))
     server.health_servicer = health_servicer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # OIP ServerReady reports the overall health status, so both probes agree during startup and shutdown
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(domain, lambda: _serving(health_servicer)),
+                                                        server)
     reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

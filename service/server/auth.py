@@ -2,8 +2,11 @@
 
 - Roles, weakest first: ``reader`` (ListLayers, Sample, Dissect, SearchContext; registry List*,
   Get*, ExportVersion, ListAliasHistory), ``editor`` (+ Rewrite, ComputeStatistics), ``admin``
-  (+ ImportModel, DeleteModel, DeleteVersion, SetAlias). ``grpc.health.v1`` and reflection need
-  no token; any other method of our services not listed needs an admin (deny by default).
+  (+ ImportModel, DeleteModel, DeleteVersion, SetAlias). The Open Inference Protocol's
+  ModelReady, ServerMetadata, ModelMetadata and ModelInfer need a reader. ``grpc.health.v1``,
+  reflection and OIP ServerLive and ServerReady (the OIP's health probes, which say no more than
+  ``grpc.health.v1`` does) need no token; any other method of our services not listed needs an
+  admin (deny by default).
 - Token format (file and ``RULEWRIGHT_TOKENS`` alike): one ``token role principal`` per line,
   whitespace separated; blank lines and ``#`` comments are ignored; in the environment ``;``
   also separates entries. ``load_tokens(path, text)`` reads both and merges them.
@@ -38,15 +41,18 @@ ROLES = ("reader", "editor", "admin")            # weakest first; each includes 
 ANONYMOUS = "anonymous"
 _GEN = "/rulewright.v1.GeneratorService/"
 _REG = "/rulewright.v1.RegistryService/"
+_OIP = "/inference.GRPCInferenceService/"
 METHOD_ROLES: dict[str, str] = {
     **{_GEN + m: "reader" for m in ("ListLayers", "Sample", "Dissect", "SearchContext")},
     **{_GEN + m: "editor" for m in ("Rewrite", "ComputeStatistics")},
     **{_REG + m: "reader" for m in ("ListModels", "GetModel", "ListVersions", "GetVersion", "ExportVersion",
                                     "ListAliasHistory")},
     **{_REG + m: "admin" for m in ("ImportModel", "DeleteModel", "DeleteVersion", "SetAlias")},
+    **{_OIP + m: "reader" for m in ("ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")},
 }
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                    "/grpc.reflection.v1.ServerReflection/")
+PUBLIC_METHODS = frozenset({_OIP + "ServerLive", _OIP + "ServerReady"})   # probes, as open as grpc.health
 
 _principal: contextvars.ContextVar[str] = contextvars.ContextVar("rulewright_principal", default=ANONYMOUS)
 
@@ -160,7 +166,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = continuation(handler_call_details)
-        if handler is None or method.startswith(PUBLIC_PREFIXES):
+        if handler is None or method.startswith(PUBLIC_PREFIXES) or method in PUBLIC_METHODS:
             return handler
         required = METHOD_ROLES.get(method, "admin")
         secret = _bearer(handler_call_details.invocation_metadata)
