@@ -1,0 +1,446 @@
+"""``Client``: typed calls to rulewright's GeneratorService and RegistryService.
+
+Every call has a deadline: ``timeout`` seconds in all (``long_timeout`` for the streaming work
+of Rewrite, ComputeStatistics, ImportModel and ExportVersion), retries included. A call that
+fails with UNAVAILABLE (the server is down, restarting, or not yet up) is retried up to
+``retries`` times with exponential backoff and jitter, as long as its deadline allows; every
+call retried is idempotent (a Rewrite carries a ``request_id``, so a retry returns the version
+the first attempt created instead of creating another). Any other failure raises
+``RulewrightError`` at once, with the server's reason and field violations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+
+import grpc
+import numpy as np
+
+from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
+from rulewright.v1 import images_pb2, registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
+
+from .errors import RulewrightError, from_rpc_error
+from .spec import edit_spec_pb, region_pb
+from .types import (Alias, AliasMove, ContextSearch, Dissection, Export, Import, Layers, Model, Preview, Progress,
+                    RewriteResult, SampledImage, StatisticsResult, Version)
+
+__all__ = ["Client", "RetryEvent", "RegionLike"]
+
+T = TypeVar("T")
+RegionLike = Mapping[str, Any] | images_pb2.Region   # {"seed": 3, "box": [x0, y0, x1, y1]} or a Region
+MAX_MESSAGE_BYTES = 256 << 20
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class RetryEvent:
+    """A call about to be retried: which ``method``, the ``attempt`` that failed (from 1), its
+    ``error`` (UNAVAILABLE) and the ``delay`` in seconds before the next attempt."""
+
+    method: str
+    attempt: int
+    error: RulewrightError
+    delay: float
+
+
+def _region(r: RegionLike, field: str) -> images_pb2.Region:
+    return r if isinstance(r, images_pb2.Region) else region_pb(r, field)
+
+
+def _model_name(model: str) -> str:
+    """``faces``, ``faces@production``, ``faces/3`` or ``models/faces`` → ``faces``."""
+    if model.startswith("models/"):
+        model = model.split("/")[1]
+    return model.split("@", 1)[0].split("/", 1)[0]
+
+
+class Client:
+    """A connection to a rulewright server.
+
+    Args:
+        address: ``host:port`` of the server.
+        token: bearer token sent with every call (``authorization: Bearer <token>``); None when
+            the server runs without auth.
+        timeout: seconds any short call may take in all, retries included.
+        long_timeout: the same for Rewrite, ComputeStatistics, ImportModel and ExportVersion.
+        retries: how many times a call that failed with UNAVAILABLE is tried again.
+        backoff: the first retry's delay in seconds; each further retry doubles it (up to
+            ``max_backoff``), with the upper half drawn at random (jitter).
+        max_backoff: the longest delay between two attempts.
+        credentials: ``grpc.ssl_channel_credentials(...)`` for TLS or mTLS; None: plaintext.
+        on_retry: called with a ``RetryEvent`` before each retry (logging, tests).
+
+    Usable as a context manager; ``close()`` closes the channel.
+    """
+
+    def __init__(self, address: str, token: str | None = None, *, timeout: float = 60.0,
+                 long_timeout: float = 3600.0, retries: int = 4, backoff: float = 0.25, max_backoff: float = 8.0,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 on_retry: Callable[[RetryEvent], None] | None = None):
+        self.address = address
+        self.timeout = float(timeout)
+        self.long_timeout = float(long_timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.on_retry = on_retry
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   # reconnect soon after a restart, so that retries find the server back up
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
+        self.channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
+                        else grpc.insecure_channel(address, options))
+        self._gen = gen_grpc.GeneratorServiceStub(self.channel)
+        self._reg = reg_grpc.RegistryServiceStub(self.channel)
+
+    # ---- plumbing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _delay(self, attempt: int) -> float:
+        cap = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    def _retrying(self, method: str, fn: Callable[[float], T], timeout: float | None) -> T:
+        """``fn(seconds left)`` until it succeeds, fails with a code other than UNAVAILABLE, runs
+        out of retries or the deadline passes; gRPC errors become RulewrightError."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn(max(deadline - time.monotonic(), 0.001))
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+            delay = self._delay(attempt)
+            if (error.code is not grpc.StatusCode.UNAVAILABLE or attempt > self.retries
+                    or time.monotonic() + delay >= deadline):
+                raise error
+            if self.on_retry is not None:
+                self.on_retry(RetryEvent(method, attempt, error, delay))
+            time.sleep(delay)
+
+    def _unary(self, method: str, stub_method, request, timeout: float | None = None):
+        return self._retrying(method, lambda left: stub_method(request, timeout=left, metadata=self._metadata),
+                              timeout)
+
+    def _pages(self, method: str, stub_method, request, items: str, timeout: float | None) -> list:
+        out: list = []
+        while True:
+            page = self._unary(method, stub_method, request, timeout)
+            out.extend(getattr(page, items))
+            if not page.next_page_token:
+                return out
+            request.page_token = page.next_page_token
+
+    def _stream(self, method: str, stub_method, request, timeout: float | None) -> Iterator:
+        """Messages of a server stream; retried from the start on UNAVAILABLE (callers make that
+        safe), cancelled if the caller stops reading."""
+        deadline = time.monotonic() + (self.long_timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            call = stub_method(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._metadata)
+            try:
+                yield from call
+                return
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+            finally:
+                call.cancel()   # a no-op once the stream ended; stops the server's work otherwise
+            delay = self._delay(attempt)
+            if (error.code is not grpc.StatusCode.UNAVAILABLE or attempt > self.retries
+                    or time.monotonic() + delay >= deadline):
+                raise error
+            if self.on_retry is not None:
+                self.on_retry(RetryEvent(method, attempt, error, delay))
+            time.sleep(delay)
+
+    # ---- GeneratorService ------------------------------------------------------------------
+
+    def layers(self, model: str, *, timeout: float | None = None) -> Layers:
+        """The rewritable layers of ``model`` (a reference: ``faces``, ``faces@production``,
+        ``faces/3``), its default layer, image resolution and latent size."""
+        return Layers.from_pb(self._unary("ListLayers", self._gen.ListLayers, gen.ListLayersRequest(model=model),
+                                          timeout))
+
+    def sample(self, model: str, seeds: Iterable[int] = (), *, latents: np.ndarray | None = None,
+               truncation: float | None = None, format: str = "png",
+               timeout: float | None = None) -> list[SampledImage]:
+        """Render ``seeds`` (or raw ``latents``, an array (n, z_dim)) with ``model``.
+
+        ``format`` is ``"png"`` (the server's PNG bytes) or ``"raw"`` (8-bit RGB, cheapest);
+        either way each ``SampledImage`` offers ``.image`` (PIL), ``.array`` (numpy) and
+        ``.png``. The images come in request order, each with the resolved version.
+        """
+        if format not in ("png", "raw"):
+            raise ValueError(f"format must be 'png' or 'raw', got {format!r}")
+        request = gen.SampleRequest(model=model, seeds=list(seeds), image_format=(
+            images_pb2.IMAGE_FORMAT_PNG if format == "png" else images_pb2.IMAGE_FORMAT_RAW_RGB8))
+        if latents is not None:
+            z = np.asarray(latents, dtype=np.float32)
+            request.latents.CopyFrom(gen.Latents(count=z.shape[0], dim=z.shape[1], values=z.ravel().tolist()))
+        if truncation is not None:
+            request.truncation = truncation
+        resp = self._unary("Sample", self._gen.Sample, request, timeout)
+        return [SampledImage.from_pb(im, resp.version) for im in resp.images]
+
+    def dissect(self, model: str, regions: Sequence[RegionLike], *, layer: str = "", top: int = 10,
+                rank_by: str = "iou", include_maps: bool = False, quantile: float | None = None,
+                threshold_samples: int = 0, truncation: float | None = None,
+                timeout: float | None = None) -> Dissection:
+        """Rank the units of ``layer`` (default: the model's default layer) by how well their
+        thresholded maps match ``regions`` (``{"seed", "box": [x0, y0, x1, y1]}`` dicts).
+
+        ``rank_by`` is ``"iou"`` or ``"contrast"``; ``top`` units come back (0: all), with their
+        activation maps on each region's seed if ``include_maps``. ``threshold_samples``: how
+        many samples the per-unit thresholds are computed over (0: the server's default).
+        """
+        ranks = {"iou": gen.DissectRequest.RANK_BY_IOU, "contrast": gen.DissectRequest.RANK_BY_CONTRAST}
+        if rank_by not in ranks:
+            raise ValueError(f"rank_by must be one of {sorted(ranks)}, got {rank_by!r}")
+        request = gen.DissectRequest(model=model, layer=layer, top=top, rank_by=ranks[rank_by],
+                                     include_maps=include_maps,
+                                     regions=[_region(r, f"regions[{i}]") for i, r in enumerate(regions)])
+        if threshold_samples:
+            request.thresholds.samples = threshold_samples
+        if quantile is not None:
+            request.quantile = quantile
+        if truncation is not None:
+            request.truncation = truncation
+        return Dissection.from_pb(self._unary("Dissect", self._gen.Dissect, request, timeout))
+
+    def search_context(self, model: str, context: Sequence[RegionLike], *, seeds: Iterable[int] = (),
+                       seed_range: tuple[int, int] | None = None, layer: str = "", rank: int = 0, top: int = 16,
+                       stats_samples: int = 0, include_maps: bool = False,
+                       timeout: float | None = None) -> ContextSearch:
+        """Rank candidate samples (``seeds``, or ``seed_range`` = (start, count)) by their
+        response to the direction the ``context`` regions define: which images an edit with
+        that context will touch. ``stats_samples``: samples of the key statistics (0: default)."""
+        request = gen.SearchContextRequest(model=model, layer=layer, rank=rank, top=top, include_maps=include_maps,
+                                           seeds=list(seeds),
+                                           context=[_region(r, f"context[{i}]") for i, r in enumerate(context)])
+        if seed_range is not None:
+            request.seed_range.CopyFrom(gen.SeedRange(start=seed_range[0], count=seed_range[1]))
+        if stats_samples:
+            request.stats.samples = stats_samples
+        return ContextSearch.from_pb(self._unary("SearchContext", self._gen.SearchContext, request, timeout))
+
+    def statistics(self, model: str, *, layer: str = "", statistic: str = "key_moment", samples: int = 0,
+                   seed_start: int = 0, truncation: float | None = None,
+                   timeout: float | None = None) -> Iterator[Progress | StatisticsResult]:
+        """Compute (or find in the server's cache) a layer statistic (``"key_moment"``, what
+        every edit needs, or ``"value_quantiles"``, the dissection thresholds): yields
+        ``Progress`` events, then the ``StatisticsResult``."""
+        kinds = {"key_moment": gen.STATISTIC_KEY_MOMENT, "value_quantiles": gen.STATISTIC_VALUE_QUANTILES}
+        if statistic not in kinds:
+            raise ValueError(f"statistic must be one of {sorted(kinds)}, got {statistic!r}")
+        request = gen.ComputeStatisticsRequest(model=model, layer=layer, statistic=kinds[statistic])
+        request.stats.samples, request.stats.seed_start = samples, seed_start
+        if truncation is not None:
+            request.truncation = truncation
+        for msg in self._stream("ComputeStatistics", self._gen.ComputeStatistics, request, timeout):
+            if msg.WhichOneof("event") == "progress":
+                yield Progress.from_pb(msg.progress)
+            else:
+                yield StatisticsResult.from_pb(msg.result)
+
+    def rewrite(self, model: str, spec: Mapping[str, Any] | edit_pb2.EditSpec, *, request_id: str | None = None,
+                dry_run: bool = False, preview_seeds: Iterable[int] = (), preview_format: str = "png",
+                timeout: float | None = None) -> Iterator[Progress | Preview | RewriteResult]:
+        """Run an edit on ``model`` (a reference; the version it resolves to is the parent).
+
+        ``spec`` is an edit spec dict (the JSON of ``examples/edits/*.json``) or an EditSpec.
+        Yields ``Progress`` events, a ``Preview`` of ``preview_seeds`` if any, and last the
+        ``RewriteResult`` with the new version (none for ``dry_run``). Every call carries a
+        ``request_id`` (one is generated if not given), so a retry after UNAVAILABLE returns the
+        version the first attempt created. Stopping the iteration early cancels the edit, and
+        a cancelled edit creates nothing.
+        """
+        if preview_format not in ("png", "raw"):
+            raise ValueError(f"preview_format must be 'png' or 'raw', got {preview_format!r}")
+        request = gen.RewriteRequest(model=model, spec=edit_spec_pb(spec), dry_run=dry_run,
+                                     request_id=request_id or f"rwc-{uuid.uuid4().hex}",
+                                     preview_seeds=list(preview_seeds), preview_format=(
+                                         images_pb2.IMAGE_FORMAT_PNG if preview_format == "png"
+                                         else images_pb2.IMAGE_FORMAT_RAW_RGB8))
+        for msg in self._stream("Rewrite", self._gen.Rewrite, request, timeout):
+            kind = msg.WhichOneof("event")
+            if kind == "progress":
+                yield Progress.from_pb(msg.progress)
+            elif kind == "preview":
+                yield Preview([SampledImage.from_pb(im, "") for im in msg.preview.images])
+            elif kind == "result":
+                yield RewriteResult.from_pb(msg.result)
+
+    # ---- RegistryService ------------------------------------------------------------------
+
+    def models(self, *, timeout: float | None = None) -> list[Model]:
+        """Every registered model, in name order (all pages)."""
+        return [Model.from_pb(m) for m in self._pages("ListModels", self._reg.ListModels, reg.ListModelsRequest(),
+                                                      "models", timeout)]
+
+    def model(self, model: str, *, timeout: float | None = None) -> Model:
+        """One model (by name, e.g. ``faces``), with its aliases."""
+        return Model.from_pb(self._unary("GetModel", self._reg.GetModel,
+                                         reg.GetModelRequest(name=f"models/{_model_name(model)}"), timeout))
+
+    def versions(self, model: str, *, timeout: float | None = None) -> list[Version]:
+        """The live versions of ``model``, oldest first (all pages)."""
+        return [Version.from_pb(v) for v in self._pages(
+            "ListVersions", self._reg.ListVersions, reg.ListVersionsRequest(parent=f"models/{_model_name(model)}"),
+            "versions", timeout)]
+
+    def version(self, model: str, number: int, *, timeout: float | None = None) -> Version:
+        """Version ``number`` of ``model``."""
+        return Version.from_pb(self._unary("GetVersion", self._reg.GetVersion, reg.GetVersionRequest(
+            name=f"models/{_model_name(model)}/versions/{int(number)}"), timeout))
+
+    def delete_version(self, model: str, number: int, *, reason: str = "", timeout: float | None = None) -> None:
+        """Delete version ``number`` (a tombstone stays; refused while an alias or a child needs it)."""
+        self._unary("DeleteVersion", self._reg.DeleteVersion, reg.DeleteVersionRequest(
+            name=f"models/{_model_name(model)}/versions/{int(number)}", reason=reason), timeout)
+
+    def delete_model(self, model: str, *, force: bool = False, timeout: float | None = None) -> None:
+        """Delete ``model``; with versions only if ``force``."""
+        self._unary("DeleteModel", self._reg.DeleteModel,
+                    reg.DeleteModelRequest(name=f"models/{_model_name(model)}", force=force), timeout)
+
+    def aliases(self, model: str, *, timeout: float | None = None) -> dict[str, Alias]:
+        """The aliases of ``model`` that are set, by alias name."""
+        return self.model(model, timeout=timeout).aliases
+
+    def alias(self, model: str, alias: str, *, timeout: float | None = None) -> Alias:
+        """One alias of ``model``; NOT_FOUND (reason ``ALIAS_NOT_FOUND``) if it is not set."""
+        found = self.aliases(model, timeout=timeout).get(alias)
+        if found is None:
+            raise RulewrightError(grpc.StatusCode.NOT_FOUND, f"alias {alias!r} of {_model_name(model)!r} is not set",
+                                  "ALIAS_NOT_FOUND")
+        return found
+
+    def set_alias(self, model: str, alias: str, version: int, *, expected_version: int | None = None,
+                  etag: str | None = None, reason: str = "", timeout: float | None = None) -> Alias:
+        """Point ``alias`` of ``model`` at ``version`` (0 unsets it) by compare-and-set.
+
+        The move happens only if the alias is where the caller expects: ``etag`` (from
+        ``Alias.etag``) or ``expected_version`` (0 for a new alias). Giving neither moves it
+        from the state read just before (still refused if it moves in between). A lost race
+        raises ABORTED (``ALIAS_CONFLICT``) with the current version and etag in ``metadata``.
+        """
+        request = reg.SetAliasRequest(name=f"models/{_model_name(model)}/aliases/{alias}", version=int(version),
+                                      reason=reason)
+        if etag is not None:
+            request.etag = etag
+        elif expected_version is not None:
+            request.expected_version = int(expected_version)
+        else:
+            current = self.aliases(model, timeout=timeout).get(alias)
+            if current is not None:
+                request.etag = current.etag
+            else:
+                request.expected_version = 0
+        return Alias.from_pb(self._unary("SetAlias", self._reg.SetAlias, request, timeout))
+
+    def alias_history(self, model: str, alias: str = "production", *, timeout: float | None = None) -> list[AliasMove]:
+        """Every move of ``alias``, oldest first (all pages)."""
+        return [AliasMove.from_pb(m) for m in self._pages(
+            "ListAliasHistory", self._reg.ListAliasHistory,
+            reg.ListAliasHistoryRequest(parent=f"models/{_model_name(model)}/aliases/{alias}"), "moves", timeout)]
+
+    def rollback(self, model: str, alias: str = "production", *, reason: str = "",
+                 timeout: float | None = None) -> Alias:
+        """Move ``alias`` back to where its latest move came from, by compare-and-set on the
+        state that move created (so a concurrent move makes this fail with ABORTED instead of
+        being undone blindly). Rolling back twice moves it forward again, like ``cd -``.
+        FAILED_PRECONDITION (``NO_EARLIER_VERSION``) when there is nothing to go back to."""
+        moves = self.alias_history(model, alias, timeout=timeout)
+        if not moves or not moves[-1].from_version or not moves[-1].to_version:
+            raise RulewrightError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"alias {alias!r} of {_model_name(model)!r} has no earlier version to roll back to",
+                                  "NO_EARLIER_VERSION")
+        last = moves[-1]
+        return self.set_alias(model, alias, last.from_version, etag=last.etag,
+                              reason=reason or f"rollback to version {last.from_version}", timeout=timeout)
+
+    def export(self, model: str, version: int, path: str | os.PathLike, *, timeout: float | None = None) -> Export:
+        """Download version ``version``'s materialized weights (one safetensors file) to
+        ``path``. The bytes are checked against the size and sha256 the server announced
+        (DATA_LOSS otherwise) and only then renamed into place."""
+        path = Path(path)
+        request = reg.ExportVersionRequest(name=f"models/{_model_name(model)}/versions/{int(version)}")
+        part = path.with_name(path.name + ".part")
+
+        def download(left: float) -> Export:
+            meta, digest, size = None, hashlib.sha256(), 0
+            call = self._reg.ExportVersion(request, timeout=left, metadata=self._metadata)
+            try:
+                with open(part, "wb") as f:
+                    for msg in call:
+                        if msg.WhichOneof("content") == "metadata":
+                            meta = msg.metadata
+                        else:
+                            f.write(msg.chunk)
+                            digest.update(msg.chunk)
+                            size += len(msg.chunk)
+            finally:
+                call.cancel()
+            if meta is None or size != meta.size_bytes or digest.hexdigest() != meta.sha256:
+                part.unlink(missing_ok=True)
+                raise RulewrightError(grpc.StatusCode.DATA_LOSS, f"export of {request.name} is corrupt: got {size} "
+                                      f"bytes with sha256 {digest.hexdigest()}, the server announced "
+                                      f"{meta.size_bytes if meta else '?'} bytes with sha256 "
+                                      f"{meta.sha256 if meta else '?'}", "EXPORT_CORRUPT")
+            os.replace(part, path)
+            return Export(str(path), Version.from_pb(meta.version), size, meta.sha256)
+
+        try:
+            return self._retrying("ExportVersion", download, self.long_timeout if timeout is None else timeout)
+        finally:
+            part.unlink(missing_ok=True)
+
+    def import_model(self, model_id: str, weights: str | os.PathLike | bytes | BinaryIO, *, arch: str,
+                     config: Mapping[str, Any], description: str = "", source: Mapping[str, Any] | None = None,
+                     request_id: str | None = None, timeout: float | None = None) -> Import:
+        """Register model ``model_id`` with version 1 from safetensors ``weights`` (a path, the
+        bytes or a binary file), of architecture ``arch`` (``dcgan``, ``progan``, ``stylegan2``)
+        with its ``config``. The size and sha256 travel along and are checked by the server; a
+        ``request_id`` (generated if not given) makes the retry after UNAVAILABLE safe."""
+        if isinstance(weights, (bytes, bytearray)):
+            data = bytes(weights)
+        elif hasattr(weights, "read"):
+            data = weights.read()
+        else:
+            data = Path(weights).read_bytes()
+        meta = reg.ImportModelMetadata(model_id=model_id, arch=arch, config_json=json.dumps(dict(config)),
+                                       description=description, spec_json=json.dumps(dict(source or {})),
+                                       request_id=request_id or f"rwc-{uuid.uuid4().hex}", size_bytes=len(data),
+                                       sha256=hashlib.sha256(data).hexdigest())
+
+        def messages() -> Iterator[reg.ImportModelRequest]:
+            yield reg.ImportModelRequest(metadata=meta)
+            view = io.BytesIO(data)
+            while chunk := view.read(CHUNK):
+                yield reg.ImportModelRequest(chunk=chunk)
+
+        return Import.from_pb(self._retrying(
+            "ImportModel", lambda left: self._reg.ImportModel(messages(), timeout=left, metadata=self._metadata),
+            self.long_timeout if timeout is None else timeout))

@@ -1,0 +1,375 @@
+"""What the client returns: plain dataclasses, built from the API's messages (``from_pb``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+from PIL import Image
+
+from rulewright.v1 import generator_service_pb2 as gen
+from rulewright.v1 import images_pb2, registry_service_pb2 as reg, resources_pb2
+
+__all__ = [
+    "SampledImage", "Layer", "Layers", "UnitScore", "UnitMap", "Dissection", "ContextMatch", "ContextSearch",
+    "Progress", "Preview", "RewriteResult", "StatisticsResult", "Model", "Version", "Alias", "AliasMove",
+    "Export", "Import", "version_number",
+]
+
+
+def _time(ts) -> dt.datetime | None:
+    return ts.ToDatetime(tzinfo=dt.timezone.utc) if ts.seconds or ts.nanos else None
+
+
+def _struct(s) -> dict[str, Any]:
+    return json_format.MessageToDict(s) if s is not None else {}
+
+
+def _json(text: str) -> dict[str, Any]:
+    return json.loads(text) if text else {}
+
+
+def version_number(name: str) -> int:
+    """The number at the end of ``models/{model}/versions/{n}``."""
+    return int(name.rsplit("/", 1)[-1])
+
+
+@dataclass(frozen=True)
+class SampledImage:
+    """One rendered image: ``seed`` (None for raw latents), the resolved ``version`` it came from,
+    and its pixels as received (``format`` ``"png"`` or ``"raw"``: 8-bit RGB, row-major)."""
+
+    seed: int | None
+    version: str
+    width: int
+    height: int
+    format: str
+    data: bytes
+
+    @classmethod
+    def from_pb(cls, im: images_pb2.Image, version: str) -> "SampledImage":
+        """From the API's Image."""
+        fmt = "raw" if im.format == images_pb2.IMAGE_FORMAT_RAW_RGB8 else "png"
+        return cls(seed=im.seed if im.HasField("seed") else None, version=version, width=im.width,
+                   height=im.height, format=fmt, data=im.data)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The pixels as a uint8 array (height, width, 3)."""
+        if self.format == "raw":
+            return np.frombuffer(self.data, dtype=np.uint8).reshape(self.height, self.width, 3)
+        return np.asarray(self.image)
+
+    @property
+    def image(self) -> Image.Image:
+        """The pixels as an RGB PIL image."""
+        if self.format == "raw":
+            return Image.fromarray(self.array, "RGB")
+        return Image.open(io.BytesIO(self.data)).convert("RGB")
+
+    @property
+    def png(self) -> bytes:
+        """The image as PNG bytes (the server's own bytes when it sent PNG)."""
+        if self.format == "png":
+            return self.data
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A rewritable layer: ``name`` (``main.6``), key/value/weight shapes, the key grid's
+    ``resolution``, whether its value is ``linear`` in the weight, and its ``weight_key``."""
+
+    name: str
+    key_shape: tuple[int, ...]
+    value_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    resolution: int
+    linear: bool
+    weight_key: str
+
+
+@dataclass(frozen=True)
+class Layers:
+    """A version's rewritable layers (input to output), its default layer, image size and z size."""
+
+    version: str
+    layers: list[Layer]
+    default_layer: str
+    image_resolution: int
+    z_dim: int
+
+    @classmethod
+    def from_pb(cls, r: gen.ListLayersResponse) -> "Layers":
+        """From ListLayersResponse."""
+        return cls(version=r.version, default_layer=r.default_layer, image_resolution=r.image_resolution,
+                   z_dim=r.z_dim, layers=[Layer(l.name, tuple(l.key_shape), tuple(l.value_shape),
+                                                tuple(l.weight_shape), l.resolution, l.linear, l.weight_key)
+                                          for l in r.layers])
+
+
+@dataclass(frozen=True)
+class UnitScore:
+    """How well one unit matches the regions (soft ``iou``, mean activation ``inside`` and
+    ``outside``, their difference ``contrast``, and the unit's ``threshold``)."""
+
+    unit: int
+    iou: float
+    inside: float
+    outside: float
+    contrast: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class UnitMap:
+    """One unit's activation map on one seed: ``values`` is a float32 array (height, width)."""
+
+    unit: int
+    seed: int
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class Dissection:
+    """The units of ``layer`` ranked against the regions, best first, with their maps if asked."""
+
+    version: str
+    layer: str
+    units: list[UnitScore]
+    maps: list[UnitMap]
+
+    @classmethod
+    def from_pb(cls, r: gen.DissectResponse) -> "Dissection":
+        """From DissectResponse."""
+        return cls(version=r.version, layer=r.layer,
+                   units=[UnitScore(u.unit, u.iou, u.inside, u.outside, u.contrast, u.threshold) for u in r.units],
+                   maps=[UnitMap(m.unit, m.seed, np.asarray(m.values, dtype=np.float32).reshape(m.height, m.width))
+                         for m in r.maps])
+
+
+@dataclass(frozen=True)
+class ContextMatch:
+    """One sample's response to a context direction: the strongest ``score``, the share of
+    locations ``above`` the threshold, and the ``response`` map (height, width) if asked."""
+
+    seed: int
+    score: float
+    above: float
+    response: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class ContextSearch:
+    """Samples ranked by their response to the context regions' direction, strongest first."""
+
+    version: str
+    layer: str
+    threshold: float
+    matches: list[ContextMatch]
+
+    @classmethod
+    def from_pb(cls, r: gen.SearchContextResponse) -> "ContextSearch":
+        """From SearchContextResponse."""
+        return cls(version=r.version, layer=r.layer, threshold=r.threshold, matches=[
+            ContextMatch(m.seed, m.score, m.above,
+                         np.asarray(m.response, dtype=np.float32).reshape(m.height, m.width) if m.response else None)
+            for m in r.matches])
+
+
+_STAGES = {gen.Progress.STAGE_STATISTICS: "statistics", gen.Progress.STAGE_OPTIMIZE: "optimize",
+           gen.Progress.STAGE_PREVIEW: "preview", gen.Progress.STAGE_COMMIT: "commit"}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a long call is: ``stage`` (``statistics``, ``optimize``, ``preview``, ``commit``),
+    ``step`` of ``steps`` units of work, and the current ``loss`` while optimizing."""
+
+    stage: str
+    step: int
+    steps: int
+    loss: float | None = None
+
+    @classmethod
+    def from_pb(cls, p: gen.Progress) -> "Progress":
+        """From the API's Progress."""
+        return cls(stage=_STAGES.get(p.stage, "unspecified"), step=p.step, steps=p.steps,
+                   loss=p.loss if p.HasField("loss") else None)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Images of the edited model (one per preview seed), rendered before the commit."""
+
+    images: list[SampledImage]
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A blob a version added (``role`` ``weights`` or ``delta``), named by its sha256."""
+
+    role: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Version:
+    """An immutable version: ``kind`` ``import`` or ``edit``, its ``parent_version`` (0 for an
+    import), the replayable ``spec``, ``metrics``, ``author``, ``lineage`` (import first)."""
+
+    name: str
+    model: str
+    number: int
+    parent_version: int
+    kind: str
+    spec: dict[str, Any]
+    metrics: dict[str, Any]
+    author: str
+    create_time: dt.datetime | None
+    lineage: list[int]
+    request_id: str
+    blobs: list[Blob] = field(default_factory=list)
+
+    @classmethod
+    def from_pb(cls, v: resources_pb2.Version) -> "Version":
+        """From the API's Version."""
+        kind = {resources_pb2.Version.KIND_IMPORT: "import", resources_pb2.Version.KIND_EDIT: "edit"}.get(v.kind, "")
+        return cls(name=v.name, model=v.name.split("/")[1] if v.name.count("/") >= 3 else "", number=v.number,
+                   parent_version=v.parent_version, kind=kind, spec=_json(v.spec_json), metrics=_struct(v.metrics),
+                   author=v.author, create_time=_time(v.create_time), lineage=list(v.lineage),
+                   request_id=v.request_id, blobs=[Blob(b.role, b.sha256, b.size_bytes) for b in v.blobs])
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    """The outcome of a rewrite: the new ``version`` (None for a dry run), the ``parent`` it
+    edited (a resource name), the complete ``spec`` that ran and the edit's ``metrics``."""
+
+    version: Version | None
+    parent: str
+    spec: dict[str, Any]
+    metrics: dict[str, Any]
+    dry_run: bool
+
+    @classmethod
+    def from_pb(cls, r: gen.RewriteResult) -> "RewriteResult":
+        """From the API's RewriteResult."""
+        return cls(version=Version.from_pb(r.version) if r.HasField("version") else None, parent=r.parent,
+                   spec=_json(r.spec_json), metrics=_struct(r.metrics), dry_run=r.dry_run)
+
+
+@dataclass(frozen=True)
+class StatisticsResult:
+    """A statistic now in the server's shared cache (``cached``: it was there already)."""
+
+    version: str
+    layer: str
+    statistic: str
+    samples: int
+    seed_start: int
+    cached: bool
+    cache_key: str
+    size_bytes: int
+
+    @classmethod
+    def from_pb(cls, r: gen.StatisticsResult) -> "StatisticsResult":
+        """From the API's StatisticsResult."""
+        kind = "value_quantiles" if r.statistic == gen.STATISTIC_VALUE_QUANTILES else "key_moment"
+        return cls(version=r.version, layer=r.layer, statistic=kind, samples=r.stats.samples,
+                   seed_start=r.stats.seed_start, cached=r.cached, cache_key=r.cache_key, size_bytes=r.size_bytes)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A movable pointer: ``alias`` (``production``) of ``model`` at ``version``, with the
+    ``etag`` of its current state (a compare-and-set states it)."""
+
+    name: str
+    model: str
+    alias: str
+    version: int
+    etag: str
+    update_time: dt.datetime | None
+
+    @classmethod
+    def from_pb(cls, a: resources_pb2.Alias) -> "Alias":
+        """From the API's Alias."""
+        parts = a.name.split("/")
+        return cls(name=a.name, model=parts[1] if len(parts) > 1 else "", alias=parts[-1], version=a.version,
+                   etag=a.etag, update_time=_time(a.update_time))
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One entry of an alias's history: ``from_version`` → ``to_version`` (0: unset), by whom,
+    when and why, with the ``etag`` of the state it created."""
+
+    seq: int
+    from_version: int
+    to_version: int
+    author: str
+    move_time: dt.datetime | None
+    reason: str
+    etag: str
+
+    @classmethod
+    def from_pb(cls, m: resources_pb2.AliasMove) -> "AliasMove":
+        """From the API's AliasMove."""
+        return cls(m.seq, m.from_version, m.to_version, m.author, _time(m.move_time), m.reason, m.etag)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A registered model: ``arch``, its ``config``, the ``aliases`` that are set (by alias name)
+    and the ``latest_version`` a bare reference resolves to."""
+
+    name: str
+    id: str
+    arch: str
+    config: dict[str, Any]
+    description: str
+    author: str
+    create_time: dt.datetime | None
+    aliases: dict[str, Alias]
+    latest_version: int
+
+    @classmethod
+    def from_pb(cls, m: resources_pb2.Model) -> "Model":
+        """From the API's Model."""
+        aliases = [Alias.from_pb(a) for a in m.aliases]
+        return cls(name=m.name, id=m.name.split("/", 1)[-1], arch=m.arch, config=_json(m.config_json),
+                   description=m.description, author=m.author, create_time=_time(m.create_time),
+                   aliases={a.alias: a for a in aliases}, latest_version=m.latest_version)
+
+
+@dataclass(frozen=True)
+class Export:
+    """A version's weights written to ``path`` (safetensors), ``size_bytes`` long, whose
+    ``sha256`` matched what the server announced."""
+
+    path: str
+    version: Version
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Import:
+    """A model registered by ``import_model``, with its version 1."""
+
+    model: Model
+    version: Version
+
+    @classmethod
+    def from_pb(cls, r: reg.ImportModelResponse) -> "Import":
+        """From ImportModelResponse."""
+        return cls(Model.from_pb(r.model), Version.from_pb(r.version))

@@ -1,0 +1,191 @@
+"""The ``rulewright`` command against a live server: every subcommand, error printing, exit codes.
+
+Most runs call ``cli.main`` in this process (fast, output via capsys); a few run the installed
+``.venv/bin/rulewright`` to check the entry point, the environment defaults and ``serve``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rulewright.client import Client, cli
+from tests.builders import TINY_SPEC
+
+EXE = Path(sys.executable).with_name("rulewright")
+COPY, PASTE = "1:8,8,16,16", "2:8,8,16,16"
+TINY_FLAGS = ["--copy", COPY, "--paste", PASTE, "--layer", "main.6", "--rank", "2", "--goal", "value", "--steps", "40"]
+
+
+@pytest.fixture
+def rw(live, capsys):
+    """Run ``rulewright --address <live> ARGS``: (exit status, stdout, stderr)."""
+    address, _ = live
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = cli.main(["--address", address, *args])
+        except SystemExit as exc:        # argparse's usage errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def client(live):
+    with Client(live[0]) as c:
+        yield c
+
+
+def test_sample_to_files_and_grid(rw, client, tmp_path):
+    code, out, _ = rw("sample", "tiny@production", "--seeds", "0-2,5", "--out", str(tmp_path / "album"))
+    assert code == 0 and "models/tiny/versions/1" in out
+    files = sorted(p.name for p in (tmp_path / "album").iterdir())
+    assert files == ["seed-0.png", "seed-1.png", "seed-2.png", "seed-5.png"]
+    expected = client.sample("tiny/1", [5])[0].png
+    assert (tmp_path / "album" / "seed-5.png").read_bytes() == expected   # the server's PNG, untouched
+
+    code, out, _ = rw("sample", "tiny", "--seeds", "0-4", "--grid", str(tmp_path / "grid.png"), "--columns", "3",
+                      "--scale", "2")
+    assert code == 0
+    assert Image.open(tmp_path / "grid.png").size == (3 * 32 * 2, 2 * 32 * 2)   # 5 images: 2 rows of 3
+
+
+def test_sample_usage_errors_exit_2(rw):
+    code, _, err = rw("sample", "tiny", "--seeds", "5-2", "--out", "x")
+    assert code == 2 and "empty range" in err
+
+
+def test_dissect_heatmap(rw, tmp_path):
+    code, out, _ = rw("dissect", "tiny", "--layer", "main.6", "--region", "1:0,0,16,16", "--region", "2:8,8,24,24",
+                      "--top", "2", "--threshold-samples", "64", "--out", str(tmp_path / "heat.png"), "--scale", "3")
+    assert code == 0 and "layer main.6" in out
+    units = [line.split()[0] for line in out.splitlines()[1:3]]
+    assert all(u.isdigit() for u in units)
+    heat = Image.open(tmp_path / "heat.png")
+    assert heat.size == (2 * 32 * 3, 2 * 32 * 3)             # columns: the two seeds; rows: the two units
+    assert len(np.unique(np.asarray(heat).reshape(-1, 3), axis=0)) > 16  # a picture, not a blank tile
+
+
+def test_rewrite_from_flags_with_progress_and_promote(rw, client):
+    before = client.sample("tiny@production", [2])[0].png
+    code, out, err = rw("rewrite", "tiny", *TINY_FLAGS, "--promote", "production", "--reason", "cli test")
+    assert code == 0, err
+    assert "created models/tiny/versions/2 (parent models/tiny/versions/1)" in out
+    assert "production: 1 -> 2" in out
+    assert "optimize" in err and "40/40" in err              # the progress bar ran to the end on stderr
+    assert client.alias("tiny", "production").version == 2
+    assert client.sample("tiny@production", [2])[0].png != before
+    assert client.alias_history("tiny", "production")[-1].reason == "cli test"
+    spec = client.version("tiny", 2).spec
+    assert (spec["copy"], spec["paste"], spec["steps"]) == ({"seed": 1, "box": [8, 8, 16, 16]},
+                                                            [{"seed": 2, "box": [8, 8, 16, 16]}], 40)
+
+
+def test_rewrite_from_spec_with_override_and_dry_run(rw, client, tmp_path):
+    spec = tmp_path / "tiny.json"
+    spec.write_text(json.dumps({**TINY_SPEC, "context": [{"seed": 3, "box": [0, 0, 16, 16]}]}))
+    code, out, err = rw("rewrite", "tiny", "--spec", str(spec), "--steps", "7", "--dry-run", "--quiet")
+    assert code == 0, err
+    assert out.startswith("dry run") and "nothing committed" in out and err == ""
+    assert [v.number for v in client.versions("tiny")] == [1]
+    code, out, _ = rw("rewrite", "tiny", "--spec", str(spec), "--steps", "7", "--quiet")
+    assert code == 0 and "created models/tiny/versions/2" in out
+    made = client.version("tiny", 2).spec
+    assert made["steps"] == 7 and made["rank"] == 2 and made["context"] == [{"seed": 3, "box": [0, 0, 16, 16]}]
+
+
+def test_rewrite_error_prints_message_and_field_violations(rw, client):
+    code, out, err = rw("rewrite", "tiny", "--copy", COPY, "--paste", "2:8,8,99,99", "--layer", "main.6", "--quiet")
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert lines[0].startswith("rulewright: error: ") and "99" in lines[0]
+    assert lines[1].startswith("  spec.paste[0].box: ") and "0 <= x0 < x1 <= 32" in lines[1]
+    assert [v.number for v in client.versions("tiny")] == [1]
+
+
+def test_rewrite_usage_errors_exit_2(rw, tmp_path):
+    code, _, err = rw("rewrite", "tiny", "--layer", "main.6")
+    assert code == 2 and "--copy and at least one --paste" in err
+    code, _, err = rw("rewrite", "tiny", "--copy", "1:8,8,16", "--paste", PASTE)
+    assert code == 2 and "SEED:x0,y0,x1,y1" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**TINY_SPEC, "colour": "red"}))
+    code, _, err = rw("rewrite", "tiny", "--spec", str(bad))
+    assert code == 2 and "colour" in err
+
+
+def test_versions_aliases_alias_set_history_rollback(rw, client):
+    assert rw("rewrite", "tiny", *TINY_FLAGS, "--quiet")[0] == 0
+    code, out, _ = rw("versions", "tiny")
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert code == 0 and [r[0] for r in rows] == ["1", "2"]
+    assert rows[0][1] == "import" and rows[1][1:3] == ["edit", "parent 1"] and "aliases production" in rows[0]
+
+    code, out, _ = rw("alias", "set", "tiny", "production", "2", "--reason", "ship it")
+    assert code == 0 and out.strip() == "production: 1 -> 2"
+    code, out, _ = rw("aliases", "tiny")
+    assert code == 0 and out.startswith("production\t2\tetag ")
+    code, out, err = rw("alias", "set", "tiny", "production", "1", "--expect-version", "1")
+    assert code == 1 and "rulewright: error:" in err and client.alias("tiny", "production").version == 2
+
+    code, out, _ = rw("rollback", "tiny")
+    assert code == 0 and out.strip() == "production: 2 -> 1"
+    code, out, _ = rw("alias", "history", "tiny")
+    moves = [line.split("\t") for line in out.splitlines()]
+    assert [m[1] for m in moves][-2:] == ["1 -> 2", "2 -> 1"]
+    assert moves[-2][-1] == "ship it" and moves[-1][-1] == "rollback to version 1"
+
+    code, out, err = rw("rollback", "tiny", "--alias", "staging")
+    assert code == 1 and "staging" in err                     # never set: NOT_FOUND, printed
+
+
+def test_models_layers_export(rw, tmp_path):
+    code, out, _ = rw("models")
+    assert code == 0 and {line.split("\t")[0] for line in out.splitlines()} >= {"faces", "tiny"}
+    code, out, _ = rw("layers", "tiny")
+    assert code == 0 and "default layer" in out and "  main.6\t" in out
+    code, out, _ = rw("export", "tiny", "1", "--out", str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    assert code == 0 and hashlib.sha256(data).hexdigest() in out
+    code, _, err = rw("export", "tiny", "9", "--out", str(tmp_path / "none.safetensors"))
+    assert code == 1 and err.startswith("rulewright: error: ") and not (tmp_path / "none.safetensors").exists()
+
+
+def test_unreachable_server_is_an_error_not_a_traceback(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = cli.main(["--address", f"127.0.0.1:{port}", "--retries", "1", "--timeout", "5", "models"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("rulewright: error: ") and "Traceback" not in err
+
+
+def test_installed_command_reads_the_environment(live):
+    address, _ = live
+    proc = subprocess.run([str(EXE), "versions", "tiny"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RULEWRIGHT_ADDRESS": address})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("1\timport\t")
+
+
+def test_serve_delegates_to_the_server():
+    proc = subprocess.run([str(EXE), "serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--data-dir" in proc.stdout and "--max-batch" in proc.stdout
+
+
+def test_serve_without_the_server_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "rulewright.service.cli", None)   # as if only the client were installed
+    assert cli.main(["serve", "--address", "127.0.0.1:0"]) == 2
+    assert capsys.readouterr().err == "rulewright serve needs the server: pip install rulewright\n"
