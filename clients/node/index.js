@@ -1,0 +1,240 @@
+// A small Node.js client of the rulewright gRPC API (GeneratorService, RegistryService).
+//
+// The .proto files under protos/ are loaded at runtime with @grpc/proto-loader, so this client
+// never drifts from the API it is checked out with and needs no code generation step.
+
+import { readdirSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+/** The root the .proto files import each other from (`rulewright/v1/...`). */
+export const PROTO_ROOT = resolve(here, '..', '..', 'protos');
+
+/** Default deadline of a call, in milliseconds. */
+export const DEFAULT_TIMEOUT_MS = 30_000;
+
+/** Options every load uses; exported so that callers decoding messages see the same shapes. */
+export const LOADER_OPTIONS = Object.freeze({
+  keepCase: true, // field names as the .proto spells them (parent_version, create_time)
+  longs: String, // int64 seeds reach 2^63: a Number would round them silently
+  enums: String, // 'KIND_EDIT' rather than 2
+  bytes: Buffer,
+  defaults: true, // absent scalars read as their zero value, as in every other language
+  oneofs: true, // a virtual field names which member of a oneof is set
+  includeDirs: [PROTO_ROOT],
+});
+
+let cachedPackage;
+
+/**
+ * The `rulewright.v1` package: service constructors and message types, loaded once.
+ * @returns {grpc.GrpcObject}
+ */
+export function loadPackage() {
+  if (!cachedPackage) {
+    const dir = join(PROTO_ROOT, 'rulewright', 'v1');
+    const files = readdirSync(dir)
+      .filter((f) => f.endsWith('.proto'))
+      .sort()
+      .map((f) => `rulewright/v1/${f}`);
+    const definition = protoLoader.loadSync(files, LOADER_OPTIONS);
+    cachedPackage = grpc.loadPackageDefinition(definition).rulewright.v1;
+  }
+  return cachedPackage;
+}
+
+/**
+ * Attaches `authorization: Bearer <token>` to every call. An interceptor rather than call
+ * credentials because grpc-js refuses call credentials on an insecure channel, and a loopback
+ * server with auth on still wants the token.
+ * @param {string} token
+ * @returns {grpc.Interceptor}
+ */
+function bearerInterceptor(token) {
+  return (options, nextCall) =>
+    new grpc.InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        metadata.set('authorization', `Bearer ${token}`);
+        next(metadata, listener);
+      },
+    });
+}
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {string} [token] bearer token sent with every call
+ * @property {boolean} [insecure=true] plaintext; false: TLS with the system roots (or rootCerts)
+ * @property {Buffer} [rootCerts] PEM roots to verify the server with, when not insecure
+ * @property {number} [timeoutMs] deadline of each helper call (default 30 s)
+ */
+
+/**
+ * @typedef {object} Client
+ * @property {grpc.Client & Record<string, Function>} generator GeneratorService stub
+ * @property {grpc.Client & Record<string, Function>} registry RegistryService stub
+ * @property {number} timeoutMs deadline of each helper call
+ * @property {() => void} close closes both channels
+ */
+
+/**
+ * Stubs of both services on one address.
+ * @param {string} address host:port
+ * @param {ClientOptions} [options]
+ * @returns {Client}
+ */
+export function createClient(address, { token, insecure = true, rootCerts, timeoutMs = DEFAULT_TIMEOUT_MS } = {}) {
+  const pkg = loadPackage();
+  const channelOptions = {
+    // Sample responses carry images; the server allows more than grpc-js's 4 MiB default.
+    'grpc.max_receive_message_length': 64 * 1024 * 1024,
+  };
+  const interceptors = [];
+  let credentials;
+  if (insecure) {
+    credentials = grpc.credentials.createInsecure();
+    if (token) interceptors.push(bearerInterceptor(token));
+  } else {
+    credentials = grpc.credentials.createSsl(rootCerts ?? null);
+    if (token) {
+      const call = grpc.credentials.createFromMetadataGenerator((_params, callback) => {
+        const md = new grpc.Metadata();
+        md.set('authorization', `Bearer ${token}`);
+        callback(null, md);
+      });
+      credentials = grpc.credentials.combineChannelCredentials(credentials, call);
+    }
+  }
+  const generator = new pkg.GeneratorService(address, credentials, { ...channelOptions, interceptors });
+  // A second stub on the same channel: one connection for both services.
+  const registry = new pkg.RegistryService(address, credentials, {
+    ...channelOptions,
+    interceptors,
+    channelOverride: generator.getChannel(),
+  });
+  return {
+    generator,
+    registry,
+    timeoutMs,
+    close() {
+      generator.close();
+    },
+  };
+}
+
+/**
+ * Calls a unary method with a deadline, as a promise; rejects with the grpc-js ServiceError
+ * (`code`, `details`, `metadata`).
+ * @param {grpc.Client & Record<string, Function>} stub
+ * @param {string} method
+ * @param {object} request
+ * @param {number} timeoutMs
+ * @returns {Promise<any>}
+ */
+export function unary(stub, method, request, timeoutMs = DEFAULT_TIMEOUT_MS) {
+  return new Promise((resolvePromise, reject) => {
+    const deadline = new Date(Date.now() + timeoutMs);
+    stub[method](request, new grpc.Metadata(), { deadline }, (err, response) =>
+      err ? reject(err) : resolvePromise(response),
+    );
+  });
+}
+
+/**
+ * @typedef {object} Image
+ * @property {'IMAGE_FORMAT_PNG'|'IMAGE_FORMAT_RAW_RGB8'} format
+ * @property {number} width pixels
+ * @property {number} height pixels
+ * @property {Buffer} data the encoded pixels
+ * @property {string} [seed] decimal int64; absent for an image rendered from raw latents
+ */
+
+/**
+ * Renders seeds.
+ * @param {Client} client
+ * @param {string} model model reference: `faces`, `faces@production`, `faces/3`
+ * @param {Array<number|string|bigint>} seeds each 0 <= seed < 2^63
+ * @param {{format?: 'png'|'raw'|string, truncation?: number}} [options]
+ * @returns {Promise<{version: string, images: Image[]}>}
+ */
+export async function sample(client, model, seeds, { format = 'png', truncation } = {}) {
+  const image_format =
+    { png: 'IMAGE_FORMAT_PNG', raw: 'IMAGE_FORMAT_RAW_RGB8' }[String(format).toLowerCase()] ?? format;
+  const request = { model, seeds: seeds.map(String), image_format };
+  if (truncation !== undefined) request.truncation = truncation;
+  const response = await unary(client.generator, 'Sample', request, client.timeoutMs);
+  // The image's own width and height fields, not the PNG header: they also hold for raw RGB.
+  return { version: response.version, images: response.images };
+}
+
+/**
+ * Every item of a paginated List method, following next_page_token.
+ * @param {Client} client
+ * @param {string} method
+ * @param {object} request
+ * @param {string} field the repeated field of the response
+ */
+async function listAll(client, method, request, field) {
+  const items = [];
+  let page_token = '';
+  do {
+    const response = await unary(client.registry, method, { ...request, page_token }, client.timeoutMs);
+    items.push(...response[field]);
+    page_token = response.next_page_token;
+  } while (page_token);
+  return items;
+}
+
+/**
+ * A model's live versions, oldest first.
+ * @param {Client} client
+ * @param {string} model the model id (`faces`) or its resource name (`models/faces`)
+ * @returns {Promise<object[]>} rulewright.v1.Version messages
+ */
+export function listVersions(client, model) {
+  const parent = model.startsWith('models/') ? model : `models/${model}`;
+  return listAll(client, 'ListVersions', { parent }, 'versions');
+}
+
+/**
+ * Every registered model, with its aliases, in name order.
+ * @param {Client} client
+ * @returns {Promise<object[]>} rulewright.v1.Model messages
+ */
+export function listModels(client) {
+  return listAll(client, 'ListModels', {}, 'models');
+}
+
+/**
+ * One model, with its aliases.
+ * @param {Client} client
+ * @param {string} model the model id or its resource name
+ * @returns {Promise<object>} a rulewright.v1.Model message
+ */
+export function getModel(client, model) {
+  const name = model.startsWith('models/') ? model : `models/${model}`;
+  return unary(client.registry, 'GetModel', { name }, client.timeoutMs);
+}
+
+/**
+ * A google.protobuf.Timestamp as an ISO 8601 string ('' when unset).
+ * @param {{seconds: string, nanos: number} | null | undefined} ts
+ */
+export function timestampToISO(ts) {
+  if (!ts) return '';
+  return new Date(Number(ts.seconds) * 1000 + Math.floor(ts.nanos / 1e6)).toISOString();
+}
+
+/**
+ * The canonical name of a gRPC status code (5 -> 'NOT_FOUND').
+ * @param {number} code
+ */
+export function statusName(code) {
+  return Object.keys(grpc.status).find((k) => grpc.status[k] === code) ?? String(code);
+}
+
+export { grpc };
