@@ -8,7 +8,8 @@
 - ``serve(config)``: runs a ``config.ServeConfig`` (defaults: the embedded server: filesystem
   registry under the data directory, in-process statistics cache, faces model): starts
   NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or SIGINT goes
-  NOT_SERVING and stops with a grace period. TLS, metrics, S3 and Redis as configured.
+  NOT_SERVING and stops with a grace period. TLS, metrics, S3 and Redis as configured; the HTTP
+  side (``web.py``: the editor and its JSON API) where ``web_address(config)`` says.
 - ``JsonFormatter`` / ``configure_logging()``: one JSON object per log line.
 """
 
@@ -31,12 +32,13 @@ from rulewright.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
-from .auth import AuthInterceptor, check_auth_config
+from .auth import AuthInterceptor, check_auth_config, is_loopback
 from .oip import SERVICE_NAME as OIP_SERVICE, InferenceServicer
 from .servicers import MAX_IMPORT_BYTES, GeneratorServicer, RegistryServicer
 
 log = logging.getLogger(__name__)
 
+AUTO_WEB_ADDRESS = "127.0.0.1:8080"   # the HTTP side of the embedded default (web_address "auto")
 MAX_MESSAGE_BYTES = 64 << 20      # requests and responses (a 64-image PNG album fits easily)
 GRACE_S = 10.0                    # in-flight RPCs get this long on shutdown
 SERVICES = (gen.DESCRIPTOR.services_by_name["GeneratorService"].full_name,
@@ -101,6 +103,17 @@ def create_server(
     return server, port
 
 
+def web_address(config) -> str | None:
+    """Where the HTTP side listens: ``web_address`` as set; ``auto``: ``AUTO_WEB_ADDRESS`` when the
+    gRPC address is loopback without TLS (the embedded default's shape), else None; ``off``/empty: None."""
+    value = config.web_address
+    if value in ("", "off"):
+        return None
+    if value == "auto":
+        return AUTO_WEB_ADDRESS if is_loopback(config.address) and not (config.tls_cert or config.tls_key) else None
+    return value
+
+
 def serve(config, on_ready=None) -> int:
     """Run the server a ``config.ServeConfig`` describes until SIGTERM or SIGINT; 0 after a graceful stop.
 
@@ -115,11 +128,14 @@ def serve(config, on_ready=None) -> int:
 
     tokens = tokens_from_env(config.tokens_file or None)   # AuthConfigError (a ValueError): one line, exit 2
     check_auth_config(config.address, tokens)              # before anything is opened or downloaded
+    web_at = web_address(config)
+    if web_at:
+        check_auth_config(web_at, tokens)                  # the HTTP side obeys the same rule
     credentials = server_credentials(TlsFiles(config.tls_cert or None, config.tls_key or None,
                                               config.tls_client_ca or None))
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    domain = metrics_http = server = health_servicer = None
+    domain = metrics_http = server = health_servicer = web = None
     try:
         domain = Domain.from_config(config)
         metrics = None
@@ -140,6 +156,8 @@ def serve(config, on_ready=None) -> int:
                                      "registry": domain.registry.store.uri,
                                      "stats_cache": _redacted(config.stats_cache), "device": str(domain.device),
                                      "dynamic_batching": config.dynamic_batching, "max_batch": config.max_batch})
+        if web_at:
+            web = _start_web(domain, config, web_at, tokens, health_servicer)
         if not stop.is_set():
             if config.bootstrap == "faces":
                 from rulewright.service.importers.faces import import_faces
@@ -157,6 +175,8 @@ def serve(config, on_ready=None) -> int:
         if server is not None:
             log.info("shutting down", extra={"event": "shutdown", "grace_s": config.grace_s})
             health_servicer.enter_graceful_shutdown()
+            if web is not None:
+                web.shutdown()                                # running editor jobs are cancelled: they create nothing
             server.stop(config.grace_s).wait()
         if domain is not None:
             domain.close()
@@ -166,6 +186,27 @@ def serve(config, on_ready=None) -> int:
             signal.signal(sig, handler)
     log.info("stopped", extra={"event": "stopped"})
     return 0
+
+
+def _start_web(domain, config, address: str, tokens, health_servicer):
+    """The HTTP side (``web.py``) with the server's tokens and TLS files; its health follows gRPC's.
+
+    A busy port under ``auto`` leaves the HTTP side off (a second embedded server on one machine);
+    an address that was asked for and cannot be bound stops the command.
+    """
+    from .web import create_web_server, ssl_context
+
+    tls = ssl_context(config.tls_cert or None, config.tls_key or None, config.tls_client_ca or None)
+    try:
+        web = create_web_server(domain, address, tokens=tokens, serving=lambda: _serving(health_servicer), tls=tls)
+    except OSError as exc:
+        if config.web_address != "auto":
+            raise
+        log.warning("web side off", extra={"event": "web_off", "address": address, "error": str(exc)})
+        return None
+    log.info("web", extra={"event": "web", "address": address, "port": web.port, "url": web.url,
+                           "auth": bool(tokens), "tls": tls is not None})
+    return web
 
 
 def _redacted(uri: str) -> str:

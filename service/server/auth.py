@@ -168,20 +168,31 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or method.startswith(PUBLIC_PREFIXES) or method in PUBLIC_METHODS:
             return handler
+        try:
+            token = self.authorize(method, _bearer(handler_call_details.invocation_metadata))
+        except (Unauthenticated, PermissionDenied) as exc:
+            return self._deny(handler, method, exc, exc.metadata.get("principal", ""))
+        return _with_principal(handler, token.principal)
+
+    def authorize(self, method: str, secret: bytes | None,
+                  missing: str = "missing bearer token (metadata 'authorization: Bearer <token>')") -> Token:
+        """The entry of ``secret`` if its role may call ``method`` (a full gRPC method name).
+
+        Raises ``Unauthenticated`` (TOKEN_MISSING, TOKEN_INVALID) or ``PermissionDenied``
+        (ROLE_INSUFFICIENT); the HTTP side (``web.py``) calls this with its endpoints' methods.
+        """
         required = METHOD_ROLES.get(method, "admin")
-        secret = _bearer(handler_call_details.invocation_metadata)
         if not secret:
-            return self._deny(handler, method, Unauthenticated(
-                "TOKEN_MISSING", "missing bearer token (metadata 'authorization: Bearer <token>')"))
+            raise Unauthenticated("TOKEN_MISSING", missing)
         token = self.lookup(secret)
         if token is None:
-            return self._deny(handler, method, Unauthenticated("TOKEN_INVALID", "unknown bearer token"))
+            raise Unauthenticated("TOKEN_INVALID", "unknown bearer token")
         if ROLES.index(token.role) < ROLES.index(required):
-            return self._deny(handler, method, PermissionDenied(
+            raise PermissionDenied(
                 "ROLE_INSUFFICIENT", f"{method.rsplit('/', 1)[-1]} needs role {required}; {token.principal} is "
                 f"{token.role}", metadata={"required_role": required, "role": token.role,
-                                           "principal": token.principal}), token.principal)
-        return _with_principal(handler, token.principal)
+                                           "principal": token.principal})
+        return token
 
     @staticmethod
     def _deny(handler, method: str, exc: Exception, principal: str = "") -> grpc.RpcMethodHandler:

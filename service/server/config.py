@@ -72,6 +72,8 @@ SETTINGS = (
     Setting("tls_key", str, "", "PEM private key of the server certificate"),
     Setting("tls_client_ca", str, "", "PEM CA bundle that client certificates must chain to (mutual TLS)"),
     Setting("metrics_address", str, "", "host:port of the Prometheus /metrics HTTP endpoint; empty: off"),
+    Setting("web_address", str, "auto", "host:port of the HTTP side (the editor page and its JSON API); off: none; "
+                                        "auto: 127.0.0.1:8080 when --address is loopback without TLS, else off"),
     Setting("max_batch", int, 16, "most images in one forward pass"),
     Setting("batch_delay_ms", float, 2.0, "how long a Sample waits for others to share its forward pass"),
     Setting("dynamic_batching", _bool, True, "coalesce concurrent Sample requests for one version (true/false)"),
@@ -158,5 +160,7 @@ def _check(c: "ServeConfig") -> None:
         value = getattr(c, name)
         if value and not value.startswith("unix:") and not value.rpartition(":")[2].isdigit():
             raise ConfigError(f"{name} must be host:port, got {value!r}")
+    if c.web_address not in ("auto", "off", "") and not c.web_address.rpartition(":")[2].isdigit():
+        raise ConfigError(f"web_address must be host:port, auto or off, got {c.web_address!r}")
     if c.bootstrap not in ("faces", "none"):
         raise ConfigError(f"bootstrap must be faces or none, got {c.bootstrap!r}")

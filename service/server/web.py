@@ -1,0 +1,972 @@
+"""The HTTP side of the server: the editor page and its small JSON API (``docs/web-api.md``).
+
+- ``create_web_server(domain, address, tokens=..., serving=..., tls=...) -> WebServer``: a started
+  ``ThreadingHTTPServer`` on its own port (port 0: a free one); ``WebServer.shutdown()`` stops it
+  and cancels its running jobs. Like ``create_server``, it refuses a non-loopback address
+  without tokens (``auth.check_auth_config``).
+- Every endpoint calls the same ``Domain`` (and ``convert`` helpers) as the gRPC servicers;
+  request JSON is checked here, then handed over exactly as a servicer would hand it.
+- Auth: the same tokens and roles as gRPC; each endpoint carries the gRPC method whose role it
+  needs (``auth.METHOD_ROLES``); the token comes from ``Authorization: Bearer`` or ``?token=``.
+  With auth off (loopback only) the ``Host`` header must name a loopback host (no DNS
+  rebinding), and every request that changes something must be ``application/json`` from no or
+  the same origin (no cross-site form posts).
+- Errors: ``error_body(exc)`` maps any exception through ``errors.to_status`` (the one
+  ``ERROR_TABLE``) to ``{"error": {"code", "message", "reason", "domain", "metadata",
+  "field_violations"}}`` and an HTTP status (``HTTP_STATUS``).
+- Images are PNG URLs: samples at ``/api/models/{m}/versions/{n}/images/{seed}.png`` (PNG bytes
+  from ``convert.images_pb``, the bytes gRPC Sample returns), computed images (heatmaps, rewrite
+  previews) at ``/api/renders/{id}.png`` from a small LRU (``Renders``).
+- Rewrites run as jobs (``web_jobs.Jobs``): ``domain.rewrite`` on a thread, its progress events
+  (``convert.progress_pb``, the gRPC stream's) as server-sent events, replayed to late subscribers.
+- Static files: ``GET /`` and ``/assets/*`` from ``service/server/webui/`` (built by ``make web``;
+  missing: 503 ``the editor is not built: run make web``); nothing outside ``assets/`` is served.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import io
+import json
+import logging
+import math
+import mimetypes
+import re
+import secrets
+import socket
+import ssl
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import torch
+import torch.nn.functional as F
+from google.rpc import code_pb2, error_details_pb2
+from PIL import Image as PILImage
+
+from rulewright.registry.errors import RegistryError
+from rulewright.service.domain import _json_metrics
+from rulewright.service.engine.dissect import Intervention
+from rulewright.service.engine.edit import EditSpec
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.regions import Region
+from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
+
+from . import convert
+from .auth import AuthInterceptor, check_auth_config, is_loopback
+from .errors import PermissionDenied, to_status
+from .web_jobs import CANCELLED, FAILED, Jobs, TooManyJobs
+
+log = logging.getLogger(__name__)
+
+WEBUI_DIR = Path(__file__).resolve().parent / "webui"
+NOT_BUILT = "the editor is not built: run make web\n"
+MAX_BODY_BYTES = 1 << 20           # largest JSON request body (a mask is a few KiB of zlib+base64)
+MAX_PREVIEW_SEEDS = 16
+SSE_KEEPALIVE_S = 15.0             # a comment line this often keeps proxies from closing an idle stream
+_GEN = "/rulewright.v1.GeneratorService/"
+_REG = "/rulewright.v1.RegistryService/"
+_MISSING_TOKEN = "missing bearer token (header 'Authorization: Bearer <token>' or ?token=)"
+_MAX_INT64 = 2**63 - 1
+
+# gRPC code name → HTTP status (docs/web-api.md); anything else: 500.
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+               "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "ABORTED": 409, "FAILED_PRECONDITION": 412,
+               "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+_SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                     "X-Frame-Options": "DENY"}
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+class RouteNotFound(LookupError):
+    """No endpoint at that path (→ NOT_FOUND)."""
+
+
+class MethodNotAllowed(LookupError):
+    """An endpoint that does not take this HTTP method (→ NOT_FOUND's code, HTTP 405)."""
+
+    http_status = 405
+
+    def __init__(self, message: str, allow: list[str]):
+        super().__init__(message)
+        self.allow = allow
+
+
+class RenderNotFound(LookupError):
+    """A computed image no longer (or never) in the LRU (→ NOT_FOUND)."""
+
+
+class _Code(str, enum.Enum):
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+
+
+class _Reason(str, enum.Enum):
+    BODY_TOO_LARGE = "BODY_TOO_LARGE"
+    TOO_MANY_JOBS = "TOO_MANY_JOBS"
+
+
+class Exhausted(RegistryError):
+    """A limit of the HTTP side (body size, running jobs): RESOURCE_EXHAUSTED through the error table.
+
+    Registry-style (its own code and reason), as ``convert.ImportTooLarge`` is, so the one table
+    maps it; ``http_status`` refines the HTTP status (413 for a body).
+    """
+
+    code = _Code.RESOURCE_EXHAUSTED
+
+    def __init__(self, reason: _Reason, message: str, http_status: int = 429, **metadata: Any):
+        Exception.__init__(self, message)
+        self.reason = reason
+        self.domain = "rulewright.dev"
+        self.message = message
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+        self.http_status = http_status
+
+
+def error_body(exc: BaseException, prefix: str = "") -> tuple[int, dict]:
+    """(HTTP status, ``{"error": ...}``) for ``exc``, through ``errors.to_status`` (``ERROR_TABLE``)."""
+    status = to_status(exc, prefix=prefix)
+    code = code_pb2.Code.Name(status.code)
+    out: dict[str, Any] = {"code": code, "message": status.message, "reason": "", "domain": "", "metadata": {},
+                           "field_violations": []}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            out.update(reason=info.reason, domain=info.domain, metadata=dict(info.metadata))
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out["field_violations"] = [{"field": v.field, "description": v.description}
+                                       for v in bad.field_violations]
+    if code == "INTERNAL":
+        log.error("unhandled error", exc_info=exc, extra={"event": "web_internal_error"})
+    return getattr(exc, "http_status", None) or HTTP_STATUS.get(code, 500), {"error": out}
+
+
+@contextlib.contextmanager
+def _renamed(rename: Callable[[str], str]):
+    """Engine ``InvalidArgument`` fields renamed as the JSON request spells them."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        new = rename(exc.field)
+        if new == exc.field:
+            raise
+        raise InvalidArgument(new, exc.description) from None
+
+
+def _spec_field(field: str) -> str:
+    return field if field == "spec" or field.startswith("spec.") else f"spec.{field}"
+
+
+# ---- JSON values -----------------------------------------------------------------------------
+
+def _finite(value: Any) -> Any:
+    """JSON-safe: NaN and infinities (which browsers' JSON.parse refuses) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _int(body: dict, key: str, default: Any = None, lo: int = 0, hi: int = _MAX_INT64, field: str | None = None):
+    """``body[key]`` as an integer in [lo, hi]; ``default`` when absent or null."""
+    field = field or key
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(field, f"must be an integer, got {json.dumps(value)[:80]}")
+    if not lo <= value <= hi:
+        raise InvalidArgument(field, f"must lie in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _required_int(body: dict, key: str, lo: int = 0, hi: int = _MAX_INT64) -> int:
+    if body.get(key) is None:
+        raise InvalidArgument(key, "is required")
+    return _int(body, key, lo=lo, hi=hi)
+
+
+def _float(body: dict, key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgument(key, f"must be a finite number, got {json.dumps(value)}")
+    return float(value)
+
+
+def _str(body: dict, key: str, default: str = "", required: bool = False, limit: int = 256) -> str:
+    value = body.get(key)
+    if value is None or value == "":
+        if required:
+            raise InvalidArgument(key, "is required")
+        return default
+    if not isinstance(value, str):
+        raise InvalidArgument(key, f"must be a string, got {json.dumps(value)}")
+    if len(value) > limit:
+        raise InvalidArgument(key, f"must be at most {limit} characters")
+    return value
+
+
+def _bool(body: dict, key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidArgument(key, f"must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def _int_list(body: dict, key: str, limit: int = 1_000_000) -> list[int]:
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidArgument(key, f"must be a list of integers, got {json.dumps(value)[:80]}")
+    if len(value) > limit:
+        raise InvalidArgument(key, f"at most {limit} entries, got {len(value)}")
+    return [_int({"v": v}, "v", field=f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _stats(body: dict, key: str) -> edit_pb2.StatisticsSpec:
+    value = body.get(key) or {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(key, "must be an object {samples, seed_start}")
+    unknown = set(value) - {"samples", "seed_start"}
+    if unknown:
+        raise InvalidArgument(key, f"unknown fields {sorted(unknown)}")
+    return edit_pb2.StatisticsSpec(samples=_int(value, "samples", 0, 0, 10_000_000, f"{key}.samples"),
+                                   seed_start=_int(value, "seed_start", 0, field=f"{key}.seed_start"))
+
+
+def _ref(body: dict) -> tuple[str, int, str]:
+    """(model, version, reference) of a body's ``model`` and ``version``."""
+    model = _str(body, "model", required=True, limit=128)
+    version = _required_int(body, "version", lo=1)
+    return model, version, f"{model}/{version}"
+
+
+def _time(t) -> str:
+    return t.isoformat()
+
+
+# ---- computed images -------------------------------------------------------------------------
+
+def png(images: torch.Tensor) -> list[bytes]:
+    """(N, H, W, 3) uint8 → PNG bytes each, exactly as gRPC Sample encodes them."""
+    return [m.data for m in convert.images_pb(images, images_pb2.IMAGE_FORMAT_PNG)]
+
+
+def heatmap_png(values: torch.Tensor, threshold: float, size: int) -> bytes:
+    """An RGBA PNG of ``values`` (H, W) at ``size``×``size``: transparent where a cell is not above
+    ``threshold``, yellow to red (and more opaque) from the threshold up to the map's maximum.
+
+    Cells are enlarged as blocks (nearest), so the shaded share is exactly the share of cells
+    above the threshold that search reports as ``above``."""
+    v = values.detach().float().cpu()
+    if tuple(v.shape) != (size, size):
+        v = F.interpolate(v[None, None], size=(size, size), mode="nearest")[0, 0]
+    threshold = float(threshold) if math.isfinite(float(threshold)) else float(v.max())
+    span = max(float(v.max()) - threshold, 1e-12)
+    t = ((v - threshold) / span).clamp(0, 1)
+    above = v > threshold
+    rgba = torch.zeros(size, size, 4, dtype=torch.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 1] = (230 - 190 * t).round().to(torch.uint8)
+    rgba[..., 2] = (40 * (1 - t)).round().to(torch.uint8)
+    rgba[..., 3] = torch.where(above, (110 + 145 * t).round(), torch.zeros_like(t)).to(torch.uint8)
+    buf = io.BytesIO()
+    PILImage.fromarray(rgba.numpy(), "RGBA").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class Renders:
+    """Computed PNGs (heatmaps, previews) by random id, the ``capacity`` newest kept."""
+
+    def __init__(self, capacity: int = 2048):
+        self.capacity = capacity
+        self._items: "collections.OrderedDict[str, bytes]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes) -> str:
+        """The URL of ``data``."""
+        key = secrets.token_urlsafe(12)
+        with self._lock:
+            self._items[key] = data
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return f"/api/renders/{key}.png"
+
+    def get(self, key: str) -> bytes:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+        if data is None:
+            raise RenderNotFound(f"image {key!r} is gone (the server keeps the {self.capacity} newest computed "
+                                 "images): run the search, dissection or rewrite again")
+        return data
+
+
+# ---- routes ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: re.Pattern
+    handler: str                 # name of the _Handler method
+    rpc: str | None              # the gRPC method whose role this needs; None: public
+
+
+def _route(method: str, path: str, handler: str, rpc: str | None) -> Route:
+    return Route(method, re.compile(f"^{path}$"), handler, rpc)
+
+
+_M = r"/api/models/(?P<model>[^/]+)"
+_V = _M + r"/versions/(?P<version>[^/]+)"
+_J = r"/api/rewrites/(?P<job>[^/]+)"
+ROUTES = (
+    _route("GET", r"/", "page", None),
+    _route("GET", r"/index\.html", "page", None),
+    _route("GET", r"/assets/(?P<path>.+)", "asset", None),
+    _route("GET", r"/healthz", "healthz", None),
+    _route("GET", r"/api/models", "models", _REG + "ListModels"),
+    _route("GET", _M + r"/versions", "versions", _REG + "ListVersions"),
+    _route("GET", _V + r"/layers", "layers", _GEN + "ListLayers"),
+    _route("GET", _V + r"/images/(?P<seed>[^/]+)\.png", "image", _GEN + "Sample"),
+    _route("GET", r"/api/renders/(?P<key>[A-Za-z0-9_-]+)\.png", "render", _GEN + "Sample"),
+    _route("POST", r"/api/search", "search", _GEN + "SearchContext"),
+    _route("POST", r"/api/dissect", "dissect", _GEN + "Dissect"),
+    _route("POST", r"/api/rewrites", "rewrite", _GEN + "Rewrite"),
+    _route("GET", _J, "job", _GEN + "Rewrite"),
+    _route("GET", _J + r"/events", "events", _GEN + "Rewrite"),
+    _route("POST", _J + r"/cancel", "cancel", _GEN + "Rewrite"),
+    _route("PUT", _M + r"/aliases/(?P<alias>[^/]+)", "set_alias", _REG + "SetAlias"),
+    _route("POST", _M + r"/aliases/(?P<alias>[^/]+)/rollback", "rollback", _REG + "SetAlias"),
+)
+
+
+def match(method: str, path: str) -> tuple[Route, dict[str, str]]:
+    """The route for ``method`` and ``path`` and its (percent-decoded) parameters."""
+    allowed = []
+    for route in ROUTES:
+        m = route.pattern.match(path)
+        if m is None:
+            continue
+        if route.method == method:
+            return route, {k: unquote(v) for k, v in m.groupdict().items()}
+        allowed.append(route.method)
+    if allowed:
+        raise MethodNotAllowed(f"{method} {path} is not an endpoint (allowed: {', '.join(sorted(set(allowed)))})",
+                               sorted(set(allowed)))
+    raise RouteNotFound(f"no endpoint at {path}")
+
+
+# ---- the application -------------------------------------------------------------------------
+
+class WebApp:
+    """What the handlers share: the domain, auth, jobs, computed images and the static folder."""
+
+    def __init__(self, domain, tokens=None, static_dir: Path | str | None = None,
+                 serving: Callable[[], bool] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 job_ttl_s: float = 600.0, max_jobs: int = 4, renders: int = 2048,
+                 sse_keepalive_s: float = SSE_KEEPALIVE_S):
+        self.domain = domain
+        self.auth = AuthInterceptor(tokens) if tokens else None
+        self.static_dir = Path(static_dir) if static_dir is not None else WEBUI_DIR
+        self.serving = serving or (lambda: bool(domain.registry.list_models(page_size=1).items))
+        self.max_body_bytes = max_body_bytes
+        self.jobs = Jobs(ttl_s=job_ttl_s, max_running=max_jobs)
+        self.renders = Renders(renders)
+        self.sse_keepalive_s = sse_keepalive_s
+
+    # -- registry views
+
+    def model_json(self, m) -> dict:
+        registry = self.domain.registry
+        try:
+            latest = registry.resolve(m.name).number
+        except LookupError:
+            latest = None
+        resolution = (m.config or {}).get("resolution")
+        if resolution is None and latest is not None:
+            resolution = self.domain.generator(registry.get_version(m.name, latest)).model.resolution
+        return {"name": m.name, "arch": m.arch, "latest_version": latest, "resolution": resolution,
+                "z_dim": (m.config or {}).get("z_dim"), "description": m.description,
+                "aliases": {a.alias: a.version for a in registry.list_aliases(m.name)}}
+
+    def alias_json(self, state) -> dict:
+        history = _pages(lambda size, token: self.domain.registry.alias_history(state.model, state.alias, size, token))
+        return {"alias": state.alias, "version": state.version, "etag": state.etag, "updated": _time(state.updated_at),
+                "history": [{"seq": e.seq, "from": e.from_version, "to": e.to_version, "author": e.author,
+                             "time": _time(e.time), "reason": e.reason} for e in history]}
+
+
+def _pages(fetch) -> list:
+    items, token = [], ""
+    while True:
+        page = fetch(1000, token)
+        items += page.items
+        token = page.next_page_token
+        if not token:
+            return items
+
+
+def _lineage(versions: dict[int, Any], v, registry) -> list[int]:
+    chain, current = [], v
+    while current is not None:
+        chain.append(current.number)
+        if current.parent is None:
+            return chain[::-1]
+        current = versions.get(current.parent)
+    return [x.number for x in registry.get_lineage(v.model, v.number)]
+
+
+def _version_json(v, lineage: list[int]) -> dict:
+    return {"number": v.number, "parent": v.parent, "lineage": lineage, "kind": v.kind, "author": v.author,
+            "created": _time(v.created_at), "spec": v.spec or {}, "metrics": _json_metrics(v.metrics or {})}
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header: ``[::1]:8080`` → ``::1``, ``localhost:8080`` → ``localhost``."""
+    if host.startswith("["):
+        return host[1:host.index("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _progress_json(msg: gen.Progress) -> dict:
+    out = {"stage": gen.Progress.Stage.Name(msg.stage).removeprefix("STAGE_").lower(), "step": msg.step,
+           "steps": msg.steps}
+    if msg.HasField("loss"):
+        out["loss"] = msg.loss
+    return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request: route, authorize, run the endpoint, answer JSON (or PNG, text, events)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "rulewright"
+    sys_version = ""
+    timeout = 60                              # idle and slow clients are dropped
+
+    # -- plumbing
+
+    def setup(self):
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()     # here, on this request's thread, not the accept loop
+
+    def log_message(self, format, *args):  # noqa: A002 -- http.server's signature; we log one JSON line instead
+        pass
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (bad request line, header too long) as JSON errors."""
+        body = {"error": {"code": "INVALID_ARGUMENT" if code < 500 else "INTERNAL",
+                          "message": message or self.responses.get(code, ("",))[0], "reason": "BAD_HTTP_REQUEST",
+                          "domain": "rulewright.dev", "metadata": {}, "field_violations": []}}
+        self.close_connection = True
+        try:
+            self._send(code, "application/json", json.dumps(body).encode(), {"Connection": "close"})
+        except OSError:
+            pass
+
+    @property
+    def app(self) -> WebApp:
+        return self.server.app
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
+    def _dispatch(self, method: str) -> None:
+        started = time.perf_counter()
+        self._status, name, self._body_read = 0, "-", False
+        url = urlsplit(self.path)
+        self.query = parse_qs(url.query, keep_blank_values=True)
+        try:
+            route, params = match(method, url.path)
+            name = route.handler
+            self.principal = self._authorize(route)
+            getattr(self, "h_" + route.handler)(**params)
+        except Exception as exc:  # noqa: BLE001 -- every error becomes a JSON answer; the server keeps serving
+            if self._status:                  # already answering (a stream): nothing more can be said
+                level = logging.DEBUG if isinstance(exc, OSError) else logging.WARNING   # the client went away
+                log.log(level, "web response broken", exc_info=exc, extra={"event": "web_error", "route": name})
+            else:
+                self._error(exc, prefix="")
+        if not self._body_read and int(self.headers.get("Content-Length") or 0):
+            self.close_connection = True      # an unread body would be taken for the next request
+        log.info("http", extra={"event": "http", "method": method, "route": name, "status": self._status,
+                                "ms": round((time.perf_counter() - started) * 1e3, 2)})
+
+    def _send(self, status: int, ctype: str, data: bytes, headers: dict | None = None) -> None:
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in {**_SECURITY_HEADERS, **(headers or {})}.items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _json(self, status: int, obj: Any, headers: dict | None = None) -> None:
+        data = json.dumps(_finite(obj), allow_nan=False, separators=(",", ":")).encode()
+        self._send(status, "application/json", data, {"Cache-Control": "no-store", **(headers or {})})
+
+    def _error(self, exc: BaseException, prefix: str = "") -> None:
+        status, body = error_body(exc, prefix)
+        headers = {}
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="rulewright"'
+        if isinstance(exc, MethodNotAllowed):
+            headers["Allow"] = ", ".join(exc.allow)
+        self._json(status, body, headers)
+
+    def _authorize(self, route: Route) -> str:
+        """The principal for this request, after the host, origin and token checks."""
+        host = self.headers.get("Host", "")
+        if self.app.auth is None and host and not is_loopback(_host_name(host) + ":0"):
+            # auth off means loopback only: a foreign Host is a browser tricked into calling us (DNS rebinding)
+            raise PermissionDenied("HOST_REFUSED", f"Host {host!r} is not a loopback name; this server has auth "
+                                                   "off and answers only http://127.0.0.1 or http://localhost")
+        if route.method in ("POST", "PUT"):
+            origin = self.headers.get("Origin")
+            if origin is not None and urlsplit(origin).netloc != host:
+                raise PermissionDenied("ORIGIN_REFUSED", f"cross-origin request from {origin!r} refused")
+        if route.rpc is None or self.app.auth is None:
+            return "anonymous"
+        secret = None
+        header = self.headers.get("Authorization")
+        if header is not None:
+            scheme, _, token = header.strip().partition(" ")
+            secret = token.strip().encode() if scheme.lower() == "bearer" else b""
+        elif self.query.get("token"):
+            secret = self.query["token"][-1].encode()
+        return self.app.auth.authorize(route.rpc, secret, missing=_MISSING_TOKEN).principal
+
+    def _body(self) -> dict:
+        """The JSON object of the request body (at most ``max_body_bytes``)."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            raise InvalidArgument("body", "send a Content-Length (chunked bodies are not accepted)")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise InvalidArgument("body", "Content-Length is not a number") from None
+        if length > self.app.max_body_bytes or length < 0:
+            self.close_connection = True
+            raise Exhausted(_Reason.BODY_TOO_LARGE, f"request body of {length} bytes is over the limit of "
+                            f"{self.app.max_body_bytes}", http_status=413, limit=self.app.max_body_bytes)
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if length and ctype != "application/json":
+            raise InvalidArgument("body", f"Content-Type must be application/json, got {ctype or 'none'!r}")
+        data = self.rfile.read(length) if length else b""
+        self._body_read = True
+        if len(data) != length:
+            self.close_connection = True
+            raise InvalidArgument("body", f"ended after {len(data)} of {length} bytes")
+        if not data.strip():
+            return {}
+        try:
+            body = json.loads(data, parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidArgument("body", f"not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidArgument("body", f"must be a JSON object, got {type(body).__name__}")
+        return body
+
+    # -- static files
+
+    def _static(self, path: Path, cache: str) -> None:
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if ctype == "application/javascript":
+            ctype = "text/javascript"
+        if ctype.startswith("text/") or ctype.endswith(("+xml", "/json")):
+            ctype += "; charset=utf-8"
+        self._send(200, ctype, path.read_bytes(), {"Cache-Control": cache})
+
+    def h_page(self) -> None:
+        index = self.app.static_dir / "index.html"
+        if not index.is_file():
+            self._send(503, "text/plain; charset=utf-8", NOT_BUILT.encode(), {"Cache-Control": "no-store"})
+            return
+        self._static(index, "no-cache")
+
+    def h_asset(self, path: str) -> None:
+        root = (self.app.static_dir / "assets").resolve()
+        parts = path.split("/")
+        if "\\" in path or "\x00" in path or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+            raise RouteNotFound(f"no asset {path!r}")
+        target = root.joinpath(*parts).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            raise RouteNotFound(f"no asset {path!r}")
+        hashed = re.search(r"[-.][A-Za-z0-9_-]{8,}\.[a-z0-9]+$", target.name) is not None
+        self._static(target, "public, max-age=31536000, immutable" if hashed else "no-cache")
+
+    def h_healthz(self) -> None:
+        try:
+            serving = bool(self.app.serving())
+        except Exception:  # noqa: BLE001 -- a failing check reads as not serving
+            serving = False
+        self._json(200 if serving else 503, {"status": "SERVING" if serving else "NOT_SERVING"})
+
+    # -- registry
+
+    def h_models(self) -> None:
+        models = _pages(lambda size, token: self.app.domain.registry.list_models(size, token))
+        self._json(200, {"models": [self.app.model_json(m) for m in models]})
+
+    def h_versions(self, model: str) -> None:
+        registry = self.app.domain.registry
+        versions = _pages(lambda size, token: registry.list_versions(model, size, token))
+        by_number = {v.number: v for v in versions}
+        self._json(200, {"versions": [_version_json(v, _lineage(by_number, v, registry)) for v in versions],
+                         "aliases": [self.app.alias_json(a) for a in registry.list_aliases(model)]})
+
+    def h_set_alias(self, model: str, alias: str) -> None:
+        body = self._body()
+        unknown = set(body) - {"version", "expected_version", "etag", "reason"}
+        if unknown:
+            raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
+        request = reg.SetAliasRequest(name=f"models/{model}/aliases/{alias}",
+                                      version=_required_int(body, "version"),
+                                      reason=_str(body, "reason", limit=1000))
+        if "etag" in body and "expected_version" in body:
+            raise InvalidArgument("etag", "give expected_version or etag, not both")
+        if "etag" in body:
+            request.etag = _str(body, "etag", required=True)
+        elif "expected_version" in body:
+            request.expected_version = _int(body, "expected_version", 0) or 0
+        else:
+            raise InvalidArgument("expected_version", "state expected_version (null or 0 for a new alias) or etag")
+        state = convert.move_alias(self.app.domain.registry, model, alias, request, self.principal)
+        self._json(200, self.app.alias_json(state))
+
+    def h_rollback(self, model: str, alias: str) -> None:
+        body = self._body()
+        unknown = set(body) - {"etag", "reason"}
+        if unknown:
+            raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
+        state = self.app.domain.registry.rollback_alias(model, alias, etag=_str(body, "etag") or None,
+                                                        author=self.principal,
+                                                        reason=_str(body, "reason", limit=1000))
+        self._json(200, self.app.alias_json(state))
+
+    # -- generator
+
+    @staticmethod
+    def _version(version: str) -> int:
+        if not version.isdigit() or not 1 <= int(version) <= _MAX_INT64:
+            raise InvalidArgument("version", f"must be a version number, got {version!r}")
+        return int(version)
+
+    def h_layers(self, model: str, version: str) -> None:
+        domain = self.app.domain
+        v, infos, default = domain.list_layers(f"{model}/{self._version(version)}")
+        gen_model = domain.generator(v).model
+        self._json(200, {"model": v.model, "version": v.number, "default_layer": default,
+                         "image_resolution": gen_model.resolution, "z_dim": gen_model.z_dim,
+                         "layers": [{"name": i.name, "resolution": i.resolution, "in_channels": i.key_shape[0],
+                                     "out_channels": i.value_shape[0], "key_shape": list(i.key_shape),
+                                     "value_shape": list(i.value_shape), "linear": i.linear} for i in infos]})
+
+    def h_image(self, model: str, version: str, seed: str) -> None:
+        number = self._version(version)
+        if not seed.isdigit() or int(seed) > _MAX_INT64:
+            raise InvalidArgument("seed", f"must be an integer in [0, 2**63), got {seed!r}")
+        layer = (self.query.get("layer") or [""])[-1] or None
+        ablate = (self.query.get("ablate") or [""])[-1]
+        interventions = []
+        if ablate:
+            try:
+                units = [int(u) for u in ablate.split(",")]
+            except ValueError:
+                raise InvalidArgument("ablate", f"must be unit numbers separated by commas, got {ablate!r}") from None
+            interventions = [Intervention(units=units)]
+        with _renamed(lambda f: re.sub(r"^interventions\[0\](\.units)?", "ablate", f)):
+            _, images = self.app.domain.sample(f"{model}/{number}", seeds=[int(seed)], layer=layer,
+                                               interventions=interventions)
+        self._send(200, "image/png", png(images)[0], {"Cache-Control": "private, max-age=31536000, immutable"})
+
+    def h_render(self, key: str) -> None:
+        self._send(200, "image/png", self.app.renders.get(key), {"Cache-Control": "private, max-age=3600"})
+
+    def h_search(self) -> None:
+        body = self._body()
+        unknown = set(body) - {"model", "version", "layer", "context", "seeds", "seed_range", "rank", "top",
+                               "quantile", "truncation", "ridge", "stats"}
+        if unknown:
+            raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
+        model, number, ref = _ref(body)
+        context = body.get("context")
+        if not isinstance(context, list) or not context:
+            raise InvalidArgument("context", "give a list of at least one region")
+        regions = [Region.from_spec(r, f"context[{i}]") for i, r in enumerate(context)]
+        request = gen.SearchContextRequest(model=ref, layer=_str(body, "layer"), rank=_int(body, "rank", 1, 1, 1 << 20),
+                                           top=_int(body, "top", 16, 1, 1000), stats=_stats(body, "stats"),
+                                           seeds=_int_list(body, "seeds"))
+        if body.get("seed_range") is not None:
+            span = body["seed_range"]
+            if (not isinstance(span, list) or len(span) != 2
+                    or any(isinstance(x, bool) or not isinstance(x, int) for x in span)):
+                raise InvalidArgument("seed_range", "must be [first, end) as two integers")
+            if not 0 <= span[0] < span[1] <= _MAX_INT64:
+                raise InvalidArgument("seed_range", f"needs 0 <= first < end, got {span}")
+            request.seed_range.start, request.seed_range.count = span[0], span[1] - span[0]
+        for key in ("quantile", "truncation", "ridge"):
+            if (value := _float(body, key)) is not None:
+                setattr(request, key, value)
+        args = convert.search_args(request)
+        args["context"] = regions
+        domain = self.app.domain
+        version, matches, threshold = domain.search(ref, **args)
+        res = domain.generator(version).model.resolution
+        layer = args["layer"] or domain.generator(version).model.default_layer()
+        self._json(200, {"model": version.model, "version": version.number, "layer": layer, "threshold": threshold,
+                         "matches": [{"seed": m.seed, "score": m.score, "above": m.above,
+                                      "map_url": self.app.renders.put(heatmap_png(m.response, threshold, res))}
+                                     for m in matches]})
+
+    def h_dissect(self) -> None:
+        body = self._body()
+        unknown = set(body) - {"model", "version", "layer", "region", "top", "rank_by", "quantile", "truncation",
+                               "thresholds"}
+        if unknown:
+            raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
+        model, number, ref = _ref(body)
+        if body.get("region") is None:
+            raise InvalidArgument("region", "is required (seed and mask or box)")
+        region = Region.from_spec(body["region"], "region")
+        rank_by = _str(body, "rank_by", "iou")
+        if rank_by not in ("iou", "contrast"):
+            raise InvalidArgument("rank_by", f"must be iou or contrast, got {rank_by!r}")
+        request = gen.DissectRequest(model=ref, layer=_str(body, "layer"), top=_int(body, "top", 8, 0, 1 << 20),
+                                     thresholds=_stats(body, "thresholds"), include_maps=True,
+                                     rank_by=gen.DissectRequest.RANK_BY_CONTRAST if rank_by == "contrast"
+                                     else gen.DissectRequest.RANK_BY_IOU)
+        for key in ("quantile", "truncation"):
+            if (value := _float(body, key)) is not None:
+                setattr(request, key, value)
+        args = convert.dissect_args(request)
+        args["regions"] = [region]
+        domain = self.app.domain
+        with _renamed(lambda f: "region" + f.removeprefix("regions[0]") if f.startswith("regions[0]") else f):
+            result = domain.dissect(ref, **args)
+        res = domain.generator(result.version).model.resolution
+        thresholds = result.thresholds.tolist()
+        maps = {unit: m for unit, _, m in result.maps}
+        self._json(200, {"model": result.version.model, "version": result.version.number, "layer": result.layer,
+                         "seed": region.seed,
+                         "units": [{"unit": u.unit, "iou": u.iou, "contrast": u.contrast, "inside": u.inside,
+                                    "outside": u.outside, "threshold": thresholds[u.unit],
+                                    "map_url": self.app.renders.put(heatmap_png(maps[u.unit], thresholds[u.unit], res))
+                                    if u.unit in maps else None} for u in result.units]})
+
+    # -- rewrites
+
+    def h_rewrite(self) -> None:
+        body = self._body()
+        unknown = set(body) - {"model", "version", "spec", "request_id", "dry_run", "preview_seeds"}
+        if unknown:
+            raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
+        model, number, ref = _ref(body)
+        if body.get("spec") is None:
+            raise InvalidArgument("spec", "is required (an edit spec, as examples/edits/*.json)")
+        spec = body["spec"]
+        request_id = _str(body, "request_id", limit=128) or None
+        dry_run = _bool(body, "dry_run")
+        preview_seeds = _int_list(body, "preview_seeds", MAX_PREVIEW_SEEDS)
+        domain = self.app.domain
+        parent = domain.resolve(ref)
+        # The check Domain.rewrite starts with, here too, so bad specs answer 400 rather than a failed job.
+        with _renamed(_spec_field):
+            EditSpec.from_json(spec, domain.generator(parent).model)
+        key = None
+        if request_id and not dry_run:
+            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            key = (parent.model, request_id, digest)
+        renders, author = self.app.renders, self.principal
+
+        def work(emit, should_stop) -> dict:
+            def progress(event: dict) -> None:
+                if (msg := convert.progress_pb(event)) is not None:
+                    emit(_progress_json(msg))
+            result = domain.rewrite(ref, spec, author=author, request_id=request_id, dry_run=dry_run,
+                                    preview_seeds=preview_seeds, progress=progress, should_stop=should_stop)
+            out = {"model": parent.model, "parent": result.parent.number,
+                   "version": result.version.number if result.version is not None else None,
+                   "dry_run": result.version is None, "replayed": result.replayed,
+                   "metrics": _json_metrics(result.edit.metrics or {})}
+            if result.previews is not None:
+                out["previews"] = [{"seed": s, "url": renders.put(data)}
+                                   for s, data in zip(preview_seeds, png(result.previews))]
+            return out
+
+        def on_error(exc: BaseException) -> tuple[str, dict]:
+            _, err = error_body(exc, prefix="spec.")
+            return (CANCELLED if err["error"]["code"] == "CANCELLED" else FAILED), err
+
+        try:
+            job, _ = self.app.jobs.start(work, on_error, key, info={"model": parent.model, "parent": parent.number})
+        except TooManyJobs as exc:
+            raise Exhausted(_Reason.TOO_MANY_JOBS, str(exc), max_jobs=self.app.jobs.max_running) from None
+        self._json(202, self._job_json(job), {"Location": f"/api/rewrites/{job.id}"})
+
+    @staticmethod
+    def _job_json(job) -> dict:
+        out = {"job": job.id, "state": job.state, **job.info, "events_url": f"/api/rewrites/{job.id}/events",
+               "cancel_url": f"/api/rewrites/{job.id}/cancel"}
+        last = job.last()
+        if last is not None:
+            out[last[0]] = last[1].get("error", last[1]) if last[0] == "error" else last[1]
+        return out
+
+    def h_job(self, job: str) -> None:
+        self._json(200, self._job_json(self.app.jobs.get(job)))
+
+    def h_cancel(self, job: str) -> None:
+        self._body()
+        self._json(202, self._job_json(self.app.jobs.cancel(job)))
+
+    def h_events(self, job: str) -> None:
+        found = self.app.jobs.get(job)
+        try:
+            after = max(0, int(self.headers.get("Last-Event-ID") or 0))
+        except ValueError:
+            after = 0
+        if found.done and after >= len(found.events):
+            # a reconnect after the last event: 204 tells EventSource to stop reconnecting
+            self._send(204, "text/plain", b"")
+            return
+        self._status = 200
+        self.close_connection = True
+        self.send_response(200)
+        for k, v in {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
+                     "X-Accel-Buffering": "no", "Connection": "close", **_SECURITY_HEADERS}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(b"retry: 2000\n\n")
+        while True:
+            events, finished = found.wait(after, self.app.sse_keepalive_s)
+            chunk = b"".join(f"id: {i}\nevent: {name}\ndata: {json.dumps(_finite(data), allow_nan=False)}\n\n"
+                             .encode() for i, name, data in events)
+            if events:
+                after = events[-1][0]
+            self.wfile.write(chunk or b": keepalive\n\n")
+            self.wfile.flush()
+            if finished:                      # the events came with the state, under one lock: nothing follows
+                return
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        # TLS handshakes that fail and clients that vanish mid-answer are routine: one debug line, no traceback
+        log.debug("web connection error", exc_info=True, extra={"event": "web_connection_error"})
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class WebServer:
+    """The HTTP side on ``address`` (port 0: a free one): ``start()``, then ``port``, ``url`` and
+    ``app``; ``stop()`` (also ``shutdown()``) stops it. ``options`` go to ``WebApp``.
+
+    Like ``create_server``, it refuses a non-loopback address without tokens; binding happens in
+    the constructor (``OSError`` naming the address when it is taken).
+    """
+
+    def __init__(self, domain, address: str = "127.0.0.1:0", tokens=None, static_dir: Path | str | None = None,
+                 serving: Callable[[], bool] | None = None, tls: ssl.SSLContext | None = None, **options: Any):
+        check_auth_config(address, tokens)
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"web address must be host:port, got {address!r}")
+        host = host.strip("[]") or "0.0.0.0"
+        cls = _Server6 if ":" in host else _Server
+        try:
+            self.httpd = cls((host, int(port)), _Handler)
+        except OSError as exc:
+            raise OSError(f"could not bind web address {address}: {exc.strerror or exc}") from None
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+        self.app = self.httpd.app = WebApp(domain, tokens=tokens, static_dir=static_dir, serving=serving, **options)
+        self.address = address
+        self.port = self.httpd.server_address[1]
+        bound = self.httpd.server_address[0]
+        self.url = f"{'https' if tls is not None else 'http'}://{f'[{bound}]' if ':' in bound else bound}:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
+                                       name="web")
+
+    def start(self) -> "WebServer":
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, cancel running jobs (they create nothing), end event streams, free the port."""
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+        self.app.jobs.close(timeout)
+        self.httpd.server_close()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    shutdown = stop
+
+
+def ssl_context(cert: str | None, key: str | None, client_ca: str | None = None) -> ssl.SSLContext | None:
+    """A server TLS context from the gRPC server's PEM files (None without a certificate)."""
+    if not cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(client_ca)
+    return ctx
+
+
+def create_web_server(domain, address: str = "127.0.0.1:0", **kw: Any) -> WebServer:
+    """A started ``WebServer`` (see there for the arguments)."""
+    return WebServer(domain, address, **kw).start()
