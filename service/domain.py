@@ -18,7 +18,8 @@
   then registered as a new model's version 1.
 
 Every result carries the resolved ``Version``, so responses can echo it. Hooked work (unit
-interventions, dissection) holds the version's lock, since hooks live on the shared module.
+interventions, dissection, rewrites, search) runs on a private module over the resident's
+tensors (``hookable``), so its hooks never reach the samples other requests draw meanwhile.
 """
 
 from __future__ import annotations
@@ -63,11 +64,20 @@ STATISTICS = (KEY_MOMENT, VALUE_QUANTILE)
 
 @dataclasses.dataclass
 class Resident:
-    """A version's generator and the lock hooked work takes on it."""
+    """A version's generator, shared by every request that samples it (never hooked)."""
 
     version: Version
     model: Generator
-    lock: threading.Lock
+
+    def hookable(self) -> Generator:
+        """A fresh module over the same tensors, for work that hooks layers (no weights copied).
+
+        Hooks live on module objects: on the shared one they would reach concurrent samples
+        (a Sample during a Rewrite got ``StopForward`` or the hooked layer's values).
+        """
+        private = type(self.model).from_state_dict(self.model.public_state_dict(), share=True)
+        private._layer_infos = self.model.layer_infos()     # traced once, before the version was shared
+        return private
 
 
 @dataclasses.dataclass
@@ -207,7 +217,8 @@ class Domain:
         state = self._materializer.state_dict(version.model, version.number)
         arch = self.registry.get_model(version.model).arch
         model = ARCHITECTURES[arch].from_state_dict(self._to_device(state), share=True)
-        resident = Resident(version, model, threading.Lock())
+        model.layer_infos()     # traces (hooks) it now, while no other request can see it
+        resident = Resident(version, model)
         with self._lock:
             self._resident[key] = resident
             while len(self._resident) > self.max_resident or (
@@ -272,9 +283,8 @@ class Domain:
             z = latents(seeds, model.z_dim)
         check_latents(z, model.z_dim)
         if interventions:
-            with res.lock:
-                images = dissect.sample_with_interventions(model, None, layer or model.default_layer(),
-                                                           list(interventions), truncation=truncation, z=z)
+            images = dissect.sample_with_interventions(res.hookable(), None, layer or model.default_layer(),
+                                                       list(interventions), truncation=truncation, z=z)
         elif self.batcher is not None:
             model.check_truncation(truncation)     # here, not in the batch: a bad one fails only its caller
             images = self.batcher.submit((version.model, version.number, float(truncation)), model, z, truncation)
@@ -336,7 +346,8 @@ class Domain:
             raise InvalidArgument("stats.samples", f"must lie in 1..10,000,000, got {samples!r}")
         if seed_start < 0:
             raise InvalidArgument("stats.seed_start", f"must not be negative, got {seed_start}")
-        model = self.generator(version).model
+        res = self.generator(version)
+        model = res.model
         model.layer(layer)
         seeds = range(seed_start, seed_start + samples)
         key = self._stat_key(version, model, layer, kind, seeds, truncation)
@@ -357,9 +368,10 @@ class Domain:
             ran["computed"] = True
             try:
                 if kind == KEY_MOMENT:
-                    stat = key_moment(model, layer, seeds, truncation, progress=report, should_stop=stopped)
+                    stat = key_moment(res.hookable(), layer, seeds, truncation, progress=report,
+                                      should_stop=stopped)
                 else:
-                    stat = value_quantiles(model, layer, seeds, truncation, progress=report)
+                    stat = value_quantiles(res.hookable(), layer, seeds, truncation, progress=report)
             except InterruptedError:
                 raise Cancelled(f"{kind} statistics cancelled; nothing was cached") from None
             return stat.to_bytes()
@@ -401,12 +413,12 @@ class Domain:
             progress({"stage": "statistics", "done": 0, "total": checked.stats["samples"]})
         moment = self.statistics(parent, checked.layer, checked.stats["samples"], checked.stats["seed_start"],
                                  checked.truncation, progress=progress, should_stop=should_stop)
-        with res.lock:   # the engine hooks the shared module while it gathers keys and values
-            edit = engine_rewrite(model, checked, moment=moment, progress=progress, should_stop=should_stop)
+        private = res.hookable()        # the engine hooks it while it gathers keys and values
+        edit = engine_rewrite(private, checked, moment=moment, progress=progress, should_stop=should_stop)
         previews = None
         if preview_seeds:
             z = latents(preview_seeds, model.z_dim).to(next(model.parameters()).device)
-            previews = to_uint8(render_edited(model, [edit], z, checked.truncation).cpu())
+            previews = to_uint8(render_edited(private, [edit], z, checked.truncation).cpu())
         if dry_run:
             return RewriteResult(parent, None, edit, previews)
         if should_stop is not None and should_stop():
@@ -435,11 +447,10 @@ class Domain:
         if rank < 1:
             raise InvalidArgument("rank", f"must be positive, got {rank}")
         moment = self.statistics(version, layer, samples, seed_start, truncation=truncation)
-        with res.lock:
-            d = direction_for(res.model, layer, moment.moment(), list(context), rank, ridge=ridge,
-                              truncation=truncation)
-            threshold = response_threshold(res.model, layer, d, range(200), q, truncation)
-            return version, search(res.model, layer, d, seeds, top, threshold, truncation), threshold
+        private = res.hookable()
+        d = direction_for(private, layer, moment.moment(), list(context), rank, ridge=ridge, truncation=truncation)
+        threshold = response_threshold(private, layer, d, range(200), q, truncation)
+        return version, search(private, layer, d, seeds, top, threshold, truncation), threshold
 
     def dissect(self, ref: str, layer: str | None, regions: Sequence[Region], by: str = "iou", top: int = 0,
                 samples: int | None = None, seed_start: int = 0, q: float = dissect.DEFAULT_QUANTILE,
@@ -458,15 +469,15 @@ class Domain:
         if not 0 < q < 1:
             raise InvalidArgument("quantile", f"must lie strictly between 0 and 1, got {q}")
         quantiles = self._cached_stat(version, layer, VALUE_QUANTILE, samples, seed_start, 1.0, None, None).stat
-        with res.lock:   # unit maps hook the shared module
-            ranked = dissect.rank_units(res.model, layer, list(regions), quantiles, by=by, truncation=truncation,
-                                        q=q)
-            ranked = ranked[:top] if top else ranked
-            maps = []
-            if include_maps and ranked:
-                seeds = list(dict.fromkeys(r.seed for r in regions))
-                values = dissect.unit_maps(res.model, layer, seeds=seeds, truncation=truncation)
-                maps = [(u.unit, seed, values[i, u.unit]) for i, seed in enumerate(seeds) for u in ranked]
+        private = res.hookable()     # unit maps hook it
+        ranked = dissect.rank_units(private, layer, list(regions), quantiles, by=by, truncation=truncation,
+                                    q=q)
+        ranked = ranked[:top] if top else ranked
+        maps = []
+        if include_maps and ranked:
+            seeds = list(dict.fromkeys(r.seed for r in regions))
+            values = dissect.unit_maps(private, layer, seeds=seeds, truncation=truncation)
+            maps = [(u.unit, seed, values[i, u.unit]) for i, seed in enumerate(seeds) for u in ranked]
         return DissectResult(version, layer, ranked, quantiles.quantile(float(q)), maps)
 
     def import_model(self, name: str, arch: str, config: dict | None, data: bytes, author: str = "anonymous",

@@ -96,3 +96,24 @@ def test_glasses_rewrite_changes_the_eyes_then_a_rollback_restores_every_pixel(g
                                           reason="rollback"), timeout=30)
     version, restored = faces_images(generator, "faces@production", held_out)
     assert version == "models/faces/versions/1" and restored.tobytes() == before.tobytes()
+
+
+def test_samples_drawn_during_a_rewrite_are_untouched_by_its_hooks(generator):
+    """Rewrites, statistics, search and dissection hook layers; concurrent samples must not see it."""
+    from .test_generator import spec_pb
+
+    seeds = list(range(8))
+    before = pixels(generator.Sample(gen.SampleRequest(model="tiny/1", seeds=seeds, image_format=RAW), timeout=30))
+    call = generator.Rewrite(gen.RewriteRequest(model="tiny/1", spec=spec_pb(steps=100_000)), timeout=120)
+    checked = 0
+    for event in call:
+        if event.HasField("progress") and event.progress.stage in (gen.Progress.STAGE_STATISTICS,
+                                                                   gen.Progress.STAGE_OPTIMIZE):
+            got = pixels(generator.Sample(gen.SampleRequest(model="tiny/1", seeds=seeds, image_format=RAW),
+                                          timeout=30))
+            assert got == before
+            checked += 1
+            if checked == 12:
+                call.cancel()
+                break
+    assert checked == 12
