@@ -69,3 +69,15 @@ def moto_server():
     server = MotoServer(command)
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _root_log_handlers():
+    """Puts back the root logger's handlers and level: in-process ``serve`` calls install JSON ones."""
+    import logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    yield
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])

@@ -130,14 +130,18 @@ class Client:
             try:
                 return fn(max(deadline - time.monotonic(), 0.001))
             except grpc.RpcError as err:
-                error = from_rpc_error(err)
-            delay = self._delay(attempt)
-            if (error.code is not grpc.StatusCode.UNAVAILABLE or attempt > self.retries
-                    or time.monotonic() + delay >= deadline):
-                raise error
-            if self.on_retry is not None:
-                self.on_retry(RetryEvent(method, attempt, error, delay))
-            time.sleep(delay)
+                self._back_off(method, attempt, from_rpc_error(err), deadline)
+
+    def _back_off(self, method: str, attempt: int, error: RulewrightError, deadline: float) -> None:
+        """Sleep before the next attempt, or raise ``error`` if it is not UNAVAILABLE or the retry
+        budget or the deadline would be exceeded."""
+        delay = self._delay(attempt)
+        if (error.code is not grpc.StatusCode.UNAVAILABLE or attempt > self.retries
+                or time.monotonic() + delay >= deadline):
+            raise error
+        if self.on_retry is not None:
+            self.on_retry(RetryEvent(method, attempt, error, delay))
+        time.sleep(delay)
 
     def _unary(self, method: str, stub_method, request, timeout: float | None = None):
         return self._retrying(method, lambda left: stub_method(request, timeout=left, metadata=self._metadata),
@@ -167,13 +171,7 @@ class Client:
                 error = from_rpc_error(err)
             finally:
                 call.cancel()   # a no-op once the stream ended; stops the server's work otherwise
-            delay = self._delay(attempt)
-            if (error.code is not grpc.StatusCode.UNAVAILABLE or attempt > self.retries
-                    or time.monotonic() + delay >= deadline):
-                raise error
-            if self.on_retry is not None:
-                self.on_retry(RetryEvent(method, attempt, error, delay))
-            time.sleep(delay)
+            self._back_off(method, attempt, error, deadline)
 
     # ---- GeneratorService ------------------------------------------------------------------
 
