@@ -157,6 +157,12 @@ class Metrics:
         self.batch_size = prometheus_client.Histogram(
             "rulewright_sample_batch_size", "Images per batched generator forward pass.",
             buckets=BATCH_BUCKETS, registry=self.registry)
+        self.http_requests = prometheus_client.Counter(
+            "rulewright_http_requests", "Finished requests to the editor's HTTP side by route and status.",
+            ("route", "status"), registry=self.registry)
+        self.http_duration = prometheus_client.Histogram(
+            "rulewright_http_request_duration_seconds", "Editor HTTP latency, to the end of the response.",
+            ("route",), buckets=DURATION_BUCKETS, registry=self.registry)
         self.stats_cache = prometheus_client.Counter(
             "rulewright_stats_cache_lookups", "Statistics-cache lookups by statistic kind and result.",
             ("kind", "result"), registry=self.registry)
@@ -174,6 +180,11 @@ class Metrics:
     def observe_batch(self, size: int) -> None:
         """Record one forward pass of ``size`` images."""
         self.batch_size.observe(size)
+
+    def observe_http(self, route: str, status: int, seconds: float) -> None:
+        """Record one finished request to the editor's HTTP side (``route``: its handler's name)."""
+        self.http_requests.labels(route=route, status=str(status)).inc()
+        self.http_duration.labels(route=route).observe(seconds)
 
     def observe_stats_cache(self, kind: str, hit: bool) -> None:
         """Record one statistics-cache lookup of ``kind``."""

@@ -529,8 +529,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(exc, prefix="")
         if not self._body_read and int(self.headers.get("Content-Length") or 0):
             self.close_connection = True      # an unread body would be taken for the next request
+        seconds = time.perf_counter() - started
         log.info("http", extra={"event": "http", "method": method, "route": name, "status": self._status,
-                                "ms": round((time.perf_counter() - started) * 1e3, 2)})
+                                "ms": round(seconds * 1e3, 2)})
+        metrics = self.app.domain.metrics
+        if metrics is not None and hasattr(metrics, "observe_http"):   # route names are ours: bounded labels
+            metrics.observe_http(name, self._status, seconds)
 
     def _send(self, status: int, ctype: str, data: bytes, headers: dict | None = None) -> None:
         self._status = status

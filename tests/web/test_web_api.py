@@ -578,3 +578,26 @@ def test_faces_image_and_search(faces_web):
     for t in threads:
         t.join()
     assert sorted(r.status for r in out) == [200, 200]
+
+
+def test_editor_requests_are_counted_in_the_metrics(web):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rulewright.service.server.metrics import Metrics
+
+    base, domain = web
+    Metrics().bind(domain)
+    assert request(base, "GET", "/api/models/tiny/versions/1/images/3.png").status == 200
+    assert request(base, "GET", "/api/models/tiny/versions/9/images/3.png").status == 404
+    def samples():
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(domain.metrics.render().decode())
+                for s in family.samples}
+    key = ("rulewright_http_request_duration_seconds_count", (("route", "image"),))
+    deadline = time.monotonic() + 10      # recorded once the response is out: the client can be faster
+    while samples().get(key) != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    samples = samples()
+    assert samples[("rulewright_http_requests_total", (("route", "image"), ("status", "200")))] == 1
+    assert samples[("rulewright_http_requests_total", (("route", "image"), ("status", "404")))] == 1
+    assert samples[("rulewright_http_request_duration_seconds_count", (("route", "image"),))] == 2
