@@ -20,7 +20,7 @@ from rulewright.service.engine.device import configure_determinism
 from rulewright.service.engine.generators.progan import ProGANGenerator
 from rulewright.service.engine.generators.stylegan2 import StyleGAN2Generator
 from rulewright.service.engine.loading import load_generator
-from rulewright.service.engine.sampling import latents, sample, to_uint8
+from rulewright.service.engine.sampling import sample, to_uint8
 from rulewright.service.engine.stats import key_moment
 from rulewright.service.importers.faces import import_faces
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict, f
 from rulewright.service.engine.loading import load_generator
 from rulewright.service.engine.stats import key_moment, load_stat
 from rulewright.service.importers.faces import import_faces
+from tests.backends import RedisServer
 
 LAYER = "main.6"
 SAMPLES = 1000
@@ -69,53 +68,6 @@ def median_pair(a: Callable[[], object], b: Callable[[], object], repeats: int) 
             fn()
             out.append(time.perf_counter() - start)
     return statistics.median(ta), statistics.median(tb)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Redis:
-    """A throwaway ``redis-server`` with persistence off."""
-
-    def __init__(self, workdir: Path):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed (apt-get install redis-server, or make test)")
-        self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise SystemExit("redis-server did not start")
-
-    def stop(self) -> None:
-        """Terminate the server and wait for it."""
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 def rank1_delta(weight: torch.Tensor, in_axis: int, seed: int = 0) -> LowRankDelta:
@@ -194,7 +146,11 @@ def run(repeats: int = 5) -> dict:
             "apply_on_resident_base_s": apply_only,
         }
 
-        redis = _Redis(Path(tmp))
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed (apt-get install redis-server, or make test)")
+        redis = RedisServer(binary, Path(tmp))     # the tests' launcher: persistence off, a free port
+        redis.start()
         try:
             cache = RedisStatsCache(f"redis://127.0.0.1:{redis.port}/0", namespace="bench")
             seeds = range(SAMPLES)

@@ -101,16 +101,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse(setting: Setting, value: Any, source: str) -> Any:
-    if setting.parse is int and isinstance(value, float):     # TOML 8.5 must not become 8
-        raise ConfigError(f"{setting.name} from {source}: expected a whole number, got {value!r}")
+    """``value`` as the setting's type: a string from a flag or the environment, or a TOML value."""
     try:
-        if isinstance(value, str) or setting.parse is not str:
-            value = setting.parse(value if isinstance(value, str) else str(value)) \
-                if not (setting.parse in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)) \
-                else setting.parse(value)
+        if isinstance(value, str):
+            return setting.parse(value)
+        if setting.parse is _bool and isinstance(value, bool):
+            return value
+        if setting.parse is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if setting.parse is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if setting.parse is int and isinstance(value, float):     # TOML 8.5 must not become 8
+            raise ValueError(f"expected a whole number, got {value!r}")
+        raise ValueError(f"expected {setting.parse.__name__.strip('_')}, got {value!r}")
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{setting.name} from {source}: {exc}") from None
-    return value
 
 
 def resolve(args: argparse.Namespace | None = None, environ: dict | None = None) -> "ServeConfig":

@@ -9,6 +9,7 @@ configured for S3 and Redis the way ``rulewright serve`` is (``Domain.from_confi
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import grpc
@@ -103,3 +104,11 @@ def detail(err: grpc.RpcError, cls):
 
 def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     return detail(err, error_details_pb2.ErrorInfo)
+
+
+def wait_idle(server, timeout: float = 30.0) -> None:
+    """Wait until the server's streaming jobs (Rewrite, ComputeStatistics) have stopped."""
+    deadline = time.monotonic() + timeout
+    while server[0].generator_servicer.workers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server[0].generator_servicer.workers, "the worker did not stop"

@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rulewright.service.server.app import create_server
-from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc, images_pb2
+from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc, images_pb2
 from tests.builders import tiny_domain
 
 from .conftest import BACKENDS, detail, error_info, rpc_status, s3_redis_domain

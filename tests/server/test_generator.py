@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 
 import grpc
 import numpy as np
@@ -16,7 +14,7 @@ from PIL import Image
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2
 from rulewright.v1 import registry_service_pb2 as reg
 
-from .conftest import SPEC
+from .conftest import SPEC, wait_idle
 
 
 def spec_pb(**overrides) -> edit_pb2.EditSpec:
@@ -83,13 +81,6 @@ def test_dry_run_commits_nothing(generator, registry):
     events = list(generator.Rewrite(gen.RewriteRequest(model="tiny", spec=spec_pb(), dry_run=True), timeout=60))
     assert events[-1].result.dry_run and not events[-1].result.HasField("version")
     assert [v.number for v in registry.ListVersions(reg.ListVersionsRequest(parent="models/tiny")).versions] == [1]
-
-
-def wait_idle(server, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while server[0].generator_servicer.workers and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not server[0].generator_servicer.workers, "the rewrite worker did not stop"
 
 
 def test_cancelled_rewrite_creates_nothing(generator, registry, server):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from concurrent import futures
 
 import grpc
@@ -24,7 +23,7 @@ from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 from tests.builders import dcgan_state
 
-from .conftest import detail, error_info
+from .conftest import detail, error_info, wait_idle
 
 BOX = images_pb2.Box(x0=8, y0=8, x1=16, y1=16)
 
@@ -55,13 +54,6 @@ def counting(monkeypatch):
     wrap("key_moment", domain_module.key_moment)
     wrap("value_quantiles", domain_module.value_quantiles)
     return counts
-
-
-def wait_idle(server, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while server[0].generator_servicer.workers and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not server[0].generator_servicer.workers, "the worker did not stop"
 
 
 # ---- Dissect ---------------------------------------------------------------------------------
