@@ -33,7 +33,7 @@ from rulewright.service.cli import server_main
 from rulewright.service.server.config import SETTINGS, ConfigError, ServeConfig, add_arguments, resolve
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import images_pb2, registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
-from tests.support import free_port
+from tests.support import free_port, missing
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -323,7 +323,7 @@ def test_busy_address_exits_2(cli):
 def rulewright_exe() -> Path:
     exe = Path(sys.executable).with_name("rulewright")
     if not exe.exists():
-        pytest.skip(f"{exe} is not installed (pip install -e .)")
+        missing(f"{exe} (pip install -e clients/python)")
     return exe
 
 

@@ -21,6 +21,7 @@ from rulewright.inference import grpc_predict_v2_pb2 as oip, grpc_predict_v2_pb2
 from rulewright.service.server import auth
 from rulewright.service.server.app import create_server, set_health
 from rulewright.v1 import generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
+from tests.support import missing
 
 from .conftest import detail, error_info
 from .test_auth import READER, TOKENS_TEXT, bearer
@@ -35,7 +36,7 @@ Input = oip.ModelInferRequest.InferInputTensor
 def probe(port: int, *calls: dict) -> list:
     """Run ``calls`` through tritonclient in a fresh interpreter; their results in order."""
     if importlib.util.find_spec("tritonclient") is None:      # finds it without importing it
-        pytest.skip("tritonclient[grpc] (a test extra) is not installed")
+        missing("tritonclient[grpc] (a test extra)")
     plan = json.dumps({"address": f"127.0.0.1:{port}", "calls": list(calls)})
     done = subprocess.run([sys.executable, str(PROBE)], input=plan, cwd=REPO, capture_output=True, text=True,
                           timeout=180, check=False)

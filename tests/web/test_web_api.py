@@ -33,7 +33,7 @@ from rulewright.service.server.auth import AuthConfigError, parse_tokens
 from rulewright.service.server.config import ConfigError, resolve
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from tests.builders import TINY_SPEC
-from tests.support import free_port
+from tests.support import free_port, missing
 from tests.web.conftest import events, request
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -524,7 +524,7 @@ def test_web_address_setting():
 def test_rulewright_serve_starts_and_stops_the_web_side(tmp_path):
     exe = Path(sys.executable).with_name("rulewright-engine")
     if not exe.exists():
-        pytest.skip(f"{exe} is not installed")
+        missing(f"{exe} (pip install -e .)")
     port, web_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RULEWRIGHT_")}
     proc = subprocess.Popen([str(exe), "serve", "--data-dir", str(tmp_path / "data"), "--bootstrap", "none",
