@@ -154,18 +154,15 @@ class Domain:
     @classmethod
     def from_config(cls, config) -> "Domain":
         """The domain a ``server.config.ServeConfig`` describes: its registry, cache, device and limits."""
-        if config.registry_uri:
-            registry = Registry.open(config.registry_uri)
-            if config.create_bucket and hasattr(registry.store, "ensure_bucket"):
-                registry.store.ensure_bucket()
-        else:
-            path = Path(config.data_dir).resolve() / "registry"
-            path.mkdir(parents=True, exist_ok=True)
-            registry = Registry.open(path.as_uri())
-        budget = int(config.memory_budget_mb * 2**20) or None
-        return cls(registry, open_stats_cache(config.stats_cache), device=config.device,
-                   max_resident=config.max_resident, memory_budget_bytes=budget, max_batch=config.max_batch,
-                   batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching)
+        kw = dict(device=config.device, max_resident=config.max_resident,
+                  memory_budget_bytes=int(config.memory_budget_mb * 2**20) or None, max_batch=config.max_batch,
+                  batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching)
+        if not config.registry_uri:
+            return cls.open(config.data_dir, config.stats_cache, **kw)
+        registry = Registry.open(config.registry_uri)
+        if config.create_bucket and hasattr(registry.store, "ensure_bucket"):
+            registry.store.ensure_bucket()
+        return cls(registry, open_stats_cache(config.stats_cache), **kw)
 
     def close(self) -> None:
         """Finish queued samples and stop the batcher (the server calls this after it stops)."""
