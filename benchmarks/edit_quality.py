@@ -1,6 +1,11 @@
 """Edit quality on the faces model: ours against a full-rank update and fine-tuning all weights.
 
 ``python -m benchmarks.edit_quality [--spec examples/edits/glasses.json] [--heldout 200]``
+``python -m benchmarks.edit_quality --pareto [--edits glasses,mask] [--plot out/pareto.png]``
+
+``--pareto`` sweeps every method along its own knob on every shipped edit (benchmarks/pareto.py),
+draws the curves, prints efficacy at matched side effect, and times the default rewrite against
+the paper's single-layer Adam edit of the first release (``speedup vs adam``).
 
 For held-out seeds that took no part in the edit it prints, per method: **efficacy** — the share
 of the gap to each face's ideal result (the same copy/paste applied to its own value map and
@@ -12,6 +17,7 @@ seeds to ``out/edit_quality.png`` (rows: original, ideal, then each method).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -54,6 +60,8 @@ def _variants(base: dict, names: list[str]) -> dict[str, dict]:
     out = {}
     for name in names:
         spec = json.loads(json.dumps(base))
+        if not name.startswith("ours"):
+            spec["method"] = "single"          # the variants below are of the paper's one-layer edit
         for k, v in table[name].items():
             spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
         out[name] = spec
@@ -76,11 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/edit_quality.png", help="before/after grid PNG")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (figures differ within float rounding)")
+    p.add_argument("--pareto", action="store_true", help="sweep every method along its knob on every shipped edit")
+    p.add_argument("--edits", default="", help="--pareto: comma-separated edit names (default: every examples/edits/*.json)")
+    p.add_argument("--methods", default="ours,ours_context,single,full_rank_keep,finetune,finetune_found",
+                   help="--pareto: methods to sweep")
+    p.add_argument("--plot", default="out/pareto.png", help="--pareto: the curves, one panel per edit")
+    p.add_argument("--single-steps", type=int, default=500, help="--pareto: Adam steps of the single-layer method")
+    p.add_argument("--full-rank-steps", type=int, default=500, help="--pareto: Adam steps of full-rank + keep")
+    p.add_argument("--keep-weights", default="1,4,16", help="--pareto: keep weights of full-rank + keep")
+    p.add_argument("--finetune-sweep", default="25,50,100,250,500", help="--pareto: fine-tune-all step counts")
+    p.add_argument("--finetune-found-sweep", default="100,250", help="--pareto: step counts with ours' found targets")
+    p.add_argument("--speed-edit", default="glasses", help="--pareto: the edit timed against the first release's "
+                   "default (single layer, Adam, 2,001 steps); empty to skip")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
     configure_determinism()
     model = load_generator(import_faces()).to(select_device(args.device))
+    if args.pareto:
+        return run_pareto(model, args)
     base = json.loads(Path(args.spec).read_text())
     if args.steps:
         base["steps"] = args.steps
@@ -114,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         # full_rank: the same goal with no keep term (the paper's unconstrained baseline);
         # full_rank_keep: the same goal plus our pooled keep term, to separate the two levers.
-        spec = {**first.to_json(), "keep": {**first.keep, "weight": first.keep["weight"] if name.endswith("keep") else 0.0}}
+        single = EditSpec.from_json({**base, "method": "single", "search": {"targets": 0}}, model)
+        spec = {**single.to_json(), "keep": {**single.keep, "weight": single.keep["weight"] if name.endswith("keep") else 0.0}}
         weights, info = full_rank_update(model, spec, lr=args.full_rank_lr)
         w = next(iter(weights.values()))
         render = lambda z, w=w: edited_images(model, first.layer, w, z, first.truncation)  # noqa: E731
@@ -146,6 +169,57 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+# The first release's default rewrite: one layer, rank 8, pooled keep term 16, 2,001 cosine Adam steps.
+FIRST_RELEASE = {"method": "single", "solver": "adam", "rank": 8, "steps": 2001, "lr": 0.05,
+                 "keep": {"weight": 16.0}, "search": {"targets": 0}}
+
+
+def run_pareto(model, args) -> int:
+    """--pareto: curves for every shipped edit, the matched-side-effect table, and the speed ratio."""
+    from benchmarks import pareto
+
+    names = [n for n in args.edits.split(",") if n]
+    paths = [Path("examples/edits") / f"{n}.json" for n in names] or sorted(Path("examples/edits").glob("*.json"))
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.keep_weights = [float(w) for w in args.keep_weights.split(",") if w]
+    args.finetune_steps = [int(s) for s in args.finetune_sweep.split(",") if s]
+    args.finetune_found_steps = [int(s) for s in args.finetune_found_sweep.split(",") if s]
+    args.finetune_default = args.finetune_steps and 500 if 500 in args.finetune_steps else args.finetune_steps[-1]
+    seeds = list(range(HELDOUT_START, HELDOUT_START + args.heldout))
+    results = {}
+    for path in paths:
+        print(f"  {path.stem} ...", file=sys.stderr, flush=True)
+        results[path.stem] = pareto.sweep_edit(model, path, seeds, args)
+    pareto.report(results)
+    pareto.plot(results, Path(args.plot))
+    print(f"\nplot: {args.plot}")
+    if args.speed_edit:
+        speed(model, Path("examples/edits") / f"{args.speed_edit}.json", seeds, pareto)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def speed(model, path: Path, seeds: list[int], pareto) -> None:
+    """Time the default rewrite against the first release's default on one edit, same run, same C."""
+    base = json.loads(path.read_text())
+    default = EditSpec.from_json(base, model)
+    s = default.stats
+    C = key_moment(model, default.layer, range(s["seed_start"], s["seed_start"] + s["samples"])).moment()
+    held = pareto.Heldout(model, dataclasses.replace(default, found=[]), seeds, C)
+    rows = {}
+    for name, spec in (("first release (adam)", pareto._spec(base, model, **FIRST_RELEASE)), ("default", default)):
+        started = time.perf_counter()
+        edit = rewrite(model, spec, moment=C)
+        seconds = time.perf_counter() - started
+        rows[name] = {"seconds": seconds, **held.measure(lambda z, e=edit: render_edited(model, [e], z, spec.truncation))}
+    print(f"\nspeed on {path.stem} (statistics cached for both, {torch.get_num_threads()} threads):")
+    for name, r in rows.items():
+        print(f"  {name:22s} {r['seconds']:7.1f} s   efficacy {100 * r['efficacy']:5.1f}%   side effect {r['side_effect']:.4f}")
+    ratio = rows["first release (adam)"]["seconds"] / rows["default"]["seconds"]
+    print(f"speedup vs adam: {ratio:.1f}x")
 
 
 if __name__ == "__main__":

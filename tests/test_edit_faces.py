@@ -28,12 +28,11 @@ def test_every_shipped_example_is_a_valid_spec(faces):
     assert files, "examples/edits/ ships at least one edit"
     for path in files:
         spec = EditSpec.from_json(json.loads(path.read_text()), faces)
-        assert spec.op == "rewrite" and len(spec.paste) >= 3
+        assert len(spec.paste if spec.op == "rewrite" else spec.context) >= 3, path.name
 
 
 def test_glasses_edit_reaches_held_out_faces(faces, moment):
     spec = json.loads((EXAMPLES / "glasses.json").read_text())
-    spec["steps"] = 500     # the shipped default is 2,001; 500 keeps the suite fast and still generalizes
     before = {k: v.clone() for k, v in faces.state_dict().items()}
     edit = rewrite(faces, spec, moment=moment)
     assert all(torch.equal(v, before[k]) for k, v in faces.state_dict().items())   # the model is untouched

@@ -1,9 +1,12 @@
 """Low-rank weight deltas: what an edit version stores (kilobytes, not a new weight file).
 
-- ``LowRankDelta(weight_key, in_axis, direction, lam)``: ``ΔW = Λ ×_{in_axis} Dᵀ``, i.e. for a
+- ``LowRankDelta(weight_key, in_axis, direction, lam, scale=1.0)``: ``ΔW = scale · Λ ×_{in_axis} Dᵀ``, i.e. for a
   Conv2d weight (out, in, kh, kw): ``ΔW[o,i,y,x] = Σ_r Λ[o,r,y,x] D[i,r]``; for ConvTranspose2d
   (in, out, kh, kw) the same with the input axis first. ``direction`` D is (in, r); ``lam`` Λ has
-  the weight's shape with the input axis replaced by r.
+  the weight's shape with the input axis replaced by r. ``scale`` is the edit's *strength*: the
+  low-rank form makes dialling an edit up or down exact without re-optimizing, and a delta at
+  strength 0 is skipped entirely, so the weights are the parent's bit for bit.
+- ``with_strength(deltas, s)``: the same factors at another strength.
 - ``to_bytes(deltas)`` / ``from_bytes(data)``: one safetensors blob for an edit's deltas.
 - ``apply_to_state_dict(state, deltas)``: weights after the edit; unedited tensors are shared.
 
@@ -20,7 +23,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-FORMAT = 1
+FORMAT = 2            # 2 added the per-part scale; blobs at strength 1 are still written as format 1
+READS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -31,8 +35,11 @@ class LowRankDelta:
     in_axis: int                  # the weight's input-channel axis
     direction: torch.Tensor       # D, (in_channels, rank)
     lam: torch.Tensor             # Λ, weight shape with in_axis replaced by rank
+    scale: float = 1.0            # strength: ΔW is multiplied by it (0 = no change at all)
 
     def __post_init__(self):
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or self.scale != self.scale:
+            raise ValueError(f"scale must be a number, got {self.scale!r}")
         if self.direction.ndim != 2:
             raise ValueError(f"direction must be (in, rank), got {tuple(self.direction.shape)}")
         if not 0 <= self.in_axis < self.lam.ndim:
@@ -55,10 +62,17 @@ class LowRankDelta:
         shape[self.in_axis] = int(self.direction.shape[0])
         return tuple(shape)
 
+    @property
+    def is_zero(self) -> bool:
+        """True at strength 0: callers skip the delta so the weight stays bit-identical."""
+        return self.scale == 0
+
     def dense(self) -> torch.Tensor:
-        """ΔW as a full tensor of the weight's shape."""
+        """ΔW as a full tensor of the weight's shape (the scale applied)."""
         lam_last = self.lam.movedim(self.in_axis, -1)                 # (..., r)
         full = lam_last @ self.direction.to(lam_last.dtype).T         # (..., in)
+        if self.scale != 1:
+            full = full * self.scale
         return full.movedim(-1, self.in_axis).contiguous()
 
     def nbytes(self) -> int:
@@ -66,14 +80,25 @@ class LowRankDelta:
         return self.direction.numel() * self.direction.element_size() + self.lam.numel() * self.lam.element_size()
 
 
+def with_strength(deltas: Sequence[LowRankDelta], strength: float) -> list[LowRankDelta]:
+    """The same factors at ``strength`` (replacing any earlier scale)."""
+    return [dataclasses.replace(d, scale=float(strength)) for d in deltas]
+
+
 def to_bytes(deltas: Sequence[LowRankDelta]) -> bytes:
     """One safetensors blob holding every delta of an edit (deterministic bytes)."""
     tensors, parts = {}, []
+    scaled = any(d.scale != 1 for d in deltas)
     for i, d in enumerate(deltas):
         tensors[f"{i}.direction"] = d.direction.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
         tensors[f"{i}.lambda"] = d.lam.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
-        parts.append({"weight_key": d.weight_key, "in_axis": d.in_axis, "weight_shape": list(d.weight_shape)})
-    meta = {"kind": "low_rank_delta", "format": FORMAT, "parts": parts}
+        part = {"weight_key": d.weight_key, "in_axis": d.in_axis, "weight_shape": list(d.weight_shape)}
+        if scaled:
+            part["scale"] = float(d.scale)
+        parts.append(part)
+    # Format 1 when every scale is 1, so earlier readers still read what they understand; a reader
+    # that ignored a scale would apply the wrong edit, hence format 2 for scaled parts.
+    meta = {"kind": "low_rank_delta", "format": FORMAT if scaled else 1, "parts": parts}
     return st_save(tensors, metadata={"rulewright": json.dumps(meta, sort_keys=True)})
 
 
@@ -85,11 +110,12 @@ def from_bytes(data: bytes) -> list[LowRankDelta]:
         meta = json.loads(header["__metadata__"]["rulewright"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError("not a low-rank delta blob") from exc
-    if meta.get("kind") != "low_rank_delta" or meta.get("format") != FORMAT:
-        raise ValueError(f"not a low-rank delta blob of format {FORMAT}")
+    if meta.get("kind") != "low_rank_delta" or meta.get("format") not in READS:
+        raise ValueError(f"not a low-rank delta blob of format {' or '.join(map(str, READS))}")
     tensors = st_load(data)
     return [
-        LowRankDelta(p["weight_key"], int(p["in_axis"]), tensors[f"{i}.direction"], tensors[f"{i}.lambda"])
+        LowRankDelta(p["weight_key"], int(p["in_axis"]), tensors[f"{i}.direction"], tensors[f"{i}.lambda"],
+                     float(p.get("scale", 1.0)))
         for i, p in enumerate(meta["parts"])
     ]
 
@@ -98,6 +124,8 @@ def apply_to_state_dict(state: Mapping[str, torch.Tensor], deltas: Sequence[LowR
     """A new dict with each delta added to its weight; every other tensor is shared, not copied."""
     out = dict(state)
     for d in deltas:
+        if d.is_zero:
+            continue
         if d.weight_key not in out:
             raise KeyError(f"delta edits {d.weight_key!r}, which the weights lack")
         w = out[d.weight_key]

@@ -26,22 +26,43 @@ from .regions import Region
 
 OPS = ("rewrite", "erase", "zero")
 GOALS = ("image", "value")
-SOLVERS = ("optimize", "closed_form")
+METHODS = ("multilayer", "single")
+SOLVERS = ("adam", "closed_form")
+FACTORS = ("free", "context")
 
-# Defaults chosen from benchmarks/edit_quality.py on the faces model (README "Editing").
+# Defaults chosen from `python -m benchmarks.edit_quality --pareto` on the faces model (README
+# "Editing"). None means "the method's default" (METHOD_DEFAULTS), filled in by from_json.
 DEFAULTS: dict[str, Any] = {
     "op": "rewrite",
-    "rank": 8,
+    "method": "multilayer",
+    "layers": [],              # multilayer: the layers that get a low-rank delta; empty = every rewritable one
+    "factors": "free",         # multilayer: "free" factors, or input factors fixed to each layer's context directions
+    "rank": None,
     "goal": "image",
-    "solver": "optimize",
-    "steps": 2001,
-    "lr": 0.05,
+    "solver": "adam",
+    "steps": None,
+    "lr": None,
     "ridge": 1e-4,            # C + ridge·tr(C)/d·I before whitening
     "truncation": 1.0,
-    "keep": {"weight": 16.0, "pool_start": 1_000_000, "pool_size": 256, "per_step": 4, "seed": 0},
+    "strength": 1.0,          # scale of the stored delta; exact for the low-rank form
+    "keep": {"weight": None, "pool_start": 1_000_000, "pool_size": 256, "per_step": 4, "seed": 0},
     "stats": {"samples": 1000, "seed_start": 0},
     "erase": {"units": 8},
+    # Extra paste targets found by context search: the candidates whose keys in a paste box
+    # respond most to the context direction get the copy pasted there too. Rewrite only.
+    "search": {"targets": None, "candidates": 600, "seed_start": 2_000_000},
 }
+
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Low-rank deltas on every rewritable layer, image L1 on the (user + found) targets.
+    "multilayer": {"rank": 4, "steps": 100, "lr": 1e-3, "keep_weight": 0.0, "search_targets": 16},
+    # The paper's edit: one layer, the update confined to the context directions, the user's targets.
+    "single": {"rank": 8, "steps": 2001, "lr": 0.05, "keep_weight": 16.0, "search_targets": 0},
+}
+
+# Specs recorded before the multilayer method said solver "optimize" (Adam on one layer) and had
+# no search: read them as that, so a replay of an old version does what it did then.
+_LEGACY = {"method": "single", "search": {"targets": 0}}
 
 
 def _merge(defaults: dict, given: dict, field: str) -> dict:
@@ -66,6 +87,9 @@ class EditSpec:
     """A validated, complete edit description (see ``to_json`` for the fields)."""
 
     op: str
+    method: str
+    layers: list
+    factors: str
     layer: str
     rank: int
     goal: str
@@ -74,31 +98,59 @@ class EditSpec:
     lr: float
     ridge: float
     truncation: float
+    strength: float
     keep: dict
     stats: dict
     erase: dict
+    search: dict
     copy: Region | None = None
     paste: list[Region] = dataclasses.field(default_factory=list)
     context: list[Region] = dataclasses.field(default_factory=list)
+    found: list[Region] | None = None     # targets found by search (None: not searched yet)
+
+    @property
+    def targets(self) -> list[Region]:
+        """Every paste target: the user's, then those found by context search."""
+        return list(self.paste) + list(self.found or [])
 
     @classmethod
     def from_json(cls, spec: dict, model: Generator) -> "EditSpec":
         """Validate ``spec`` against ``model`` and fill in every default; InvalidArgument names the field."""
         if not isinstance(spec, dict):
             raise InvalidArgument("spec", "must be a JSON object")
-        allowed = set(DEFAULTS) | {"layer", "copy", "paste", "context", "model", "name", "description"}
+        allowed = set(DEFAULTS) | {"layer", "copy", "paste", "context", "found", "model", "name", "description"}
         unknown = set(spec) - allowed
         if unknown:
             raise InvalidArgument("spec", f"unknown fields {sorted(unknown)}")
+        spec = dict(spec)
+        if spec.get("solver") == "optimize":          # the name Adam had before "adam"
+            spec["solver"] = "adam"
+            if "method" not in spec:
+                spec["method"] = _LEGACY["method"]
+                spec["search"] = {**_LEGACY["search"], **(spec.get("search") or {})}
+        if "method" not in spec and (spec.get("solver") == "closed_form" or spec.get("goal") == "value"):
+            spec["method"] = "single"                  # only the one-layer edit has them
         s = {**copy.deepcopy(DEFAULTS), **{k: v for k, v in spec.items() if k in DEFAULTS}}
-        for key in ("keep", "stats", "erase"):
+        for key in ("keep", "stats", "erase", "search"):
             s[key] = _merge(DEFAULTS[key], spec.get(key) or {}, key)
-        if s["op"] not in OPS:
-            raise InvalidArgument("op", f"must be one of {list(OPS)}, got {s['op']!r}")
-        if s["goal"] not in GOALS:
-            raise InvalidArgument("goal", f"must be one of {list(GOALS)}, got {s['goal']!r}")
-        if s["solver"] not in SOLVERS:
-            raise InvalidArgument("solver", f"must be one of {list(SOLVERS)}, got {s['solver']!r}")
+        for key, allowed_values in (("op", OPS), ("method", METHODS), ("goal", GOALS), ("solver", SOLVERS),
+                                    ("factors", FACTORS)):
+            if s[key] not in allowed_values:
+                raise InvalidArgument(key, f"must be one of {list(allowed_values)}, got {s[key]!r}")
+        method = METHOD_DEFAULTS[s["method"]]
+        for key in ("rank", "steps", "lr"):
+            if s[key] is None:
+                s[key] = method[key]
+        if s["keep"]["weight"] is None:
+            s["keep"]["weight"] = method["keep_weight"]
+        if s["search"]["targets"] is None:
+            s["search"]["targets"] = method["search_targets"]
+        if s["method"] == "multilayer" and s["op"] == "zero":
+            s["method"] = "single"                     # zero removes a direction of one layer: nothing to fit
+        if s["method"] == "multilayer" and s["goal"] != "image":
+            raise InvalidArgument("goal", "the multilayer method fits images; use method 'single' for goal 'value'")
+        if s["method"] == "multilayer" and s["solver"] != "adam":
+            raise InvalidArgument("solver", "the multilayer method is solved by adam; closed_form needs method 'single'")
         layer = spec.get("layer") or model.default_layer()
         try:
             info = {i.name: i for i in model.layer_infos()}[layer]
@@ -109,6 +161,23 @@ class EditSpec:
         _number(s, "rank", int, 1, 1 << 30, "rank")
         if s["rank"] > info.key_shape[0]:
             raise InvalidArgument("rank", f"rank {s['rank']} exceeds the key dimension {info.key_shape[0]} of {layer}")
+        infos = {i.name: i for i in model.layer_infos()}
+        if not isinstance(s["layers"], list) or not all(isinstance(n, str) for n in s["layers"]):
+            raise InvalidArgument("layers", "must be a list of layer names")
+        for i, name in enumerate(s["layers"]):
+            if name not in infos:
+                raise InvalidArgument(f"layers[{i}]", f"{name!r} is not a rewritable layer of this {model.arch}; "
+                                      f"rewritable: {', '.join(infos)}")
+        if len(set(s["layers"])) != len(s["layers"]):
+            raise InvalidArgument("layers", "names a layer twice")
+        if s["method"] == "multilayer":
+            for name in s["layers"] or list(infos):
+                if s["rank"] > infos[name].key_shape[0]:
+                    raise InvalidArgument("rank", f"rank {s['rank']} exceeds the key dimension of layer {name}")
+        _number(s, "strength", float, -10.0, 10.0, "strength")
+        _number(s["search"], "targets", int, 0, 256, "search.targets")
+        _number(s["search"], "candidates", int, 1, 100_000, "search.candidates")
+        _number(s["search"], "seed_start", int, 0, 2**62, "search.seed_start")
         _number(s, "steps", int, 1, 100_000, "steps")
         _number(s, "lr", float, 1e-8, 10.0, "lr")
         _number(s, "ridge", float, 0.0, 1.0, "ridge")
@@ -132,16 +201,20 @@ class EditSpec:
         regions = {}
         for key in ("copy",):
             regions[key] = Region.from_spec(spec[key], key) if spec.get(key) is not None else None
-        for key in ("paste", "context"):
+        for key in ("paste", "context", "found"):
             items = spec.get(key) or []
             if not isinstance(items, list):
                 raise InvalidArgument(key, "must be a list of regions")
             regions[key] = [Region.from_spec(item, f"{key}[{i}]") for i, item in enumerate(items)]
         if regions["copy"] is not None:
             regions["copy"].validate(res, "copy")
-        for key in ("paste", "context"):
+        for key in ("paste", "context", "found"):
             for i, region in enumerate(regions[key]):
                 region.validate(res, f"{key}[{i}]")
+        # A spec that lists its found targets (a recorded one, or a pruned list) is replayed as is.
+        found = regions["found"] if spec.get("found") is not None else None
+        if s["op"] != "rewrite" and found:
+            raise InvalidArgument("found", "found targets belong to op rewrite")
         if s["op"] == "rewrite":
             if regions["copy"] is None:
                 raise InvalidArgument("copy", "a rewrite needs a copy region (seed + mask or box)")
@@ -150,7 +223,7 @@ class EditSpec:
         elif not regions["context"]:
             raise InvalidArgument("context", f"{s['op']} needs at least one context region")
         return cls(layer=layer, copy=regions["copy"], paste=regions["paste"], context=regions["context"],
-                   **{k: s[k] for k in DEFAULTS})
+                   found=found, **{k: s[k] for k in DEFAULTS})
 
     def to_json(self) -> dict:
         """The complete spec as JSON (what versions record and replays read)."""
@@ -160,6 +233,8 @@ class EditSpec:
             out["copy"] = self.copy.to_spec()
         out["paste"] = [r.to_spec() for r in self.paste]
         out["context"] = [r.to_spec() for r in self.context]
+        if self.found is not None:
+            out["found"] = [r.to_spec() for r in self.found]
         return out
 
 
@@ -184,6 +259,8 @@ class AppliedEdit:
             raise InvalidArgument("edit", f"edits weights this model lacks: {missing}")
         with torch.no_grad():
             for d in edit.deltas:
+                if d.is_zero:
+                    continue
                 p = params[d.weight_key]
                 if tuple(p.shape) != d.weight_shape:
                     self.remove()
@@ -220,6 +297,8 @@ def edited_weights(model: Generator, edits: Sequence[Edit]) -> dict[str, torch.T
         for d in edit.deltas:
             if d.weight_key not in params:
                 raise InvalidArgument("edit", f"edits weight {d.weight_key!r}, which this model lacks")
+            if d.is_zero:
+                continue
             p = params[d.weight_key]
             name = names[id(p)]
             current = out.get(name, p.detach())

@@ -185,19 +185,21 @@ def _rewrite_goal(model: Generator, spec: EditSpec, device: torch.device) -> Goa
     a_src_img = spec.copy.alpha(res).to(device)
     cy, cx = _center(a_src_v)
 
-    z = latents([r.seed for r in spec.paste], model.z_dim).to(device)
+    targets = spec.targets                   # the user's pastes, then any found by context search
+    z = latents([r.seed for r in targets], model.z_dim).to(device)
     key, extras, value = _capture(model, spec.layer, z, t)
     image = _render(model, z, t)
     goal_value, goal_image = value.clone(), image.clone()
-    value_box = torch.zeros(len(spec.paste), hv, hv, device=device)
-    image_box = torch.zeros(len(spec.paste), res, res, device=device)
+    value_box = torch.zeros(len(targets), hv, hv, device=device)
+    image_box = torch.zeros(len(targets), res, res, device=device)
     offsets, pasted_alpha = [], []
-    for i, region in enumerate(spec.paste):
+    for i, region in enumerate(targets):
         py, px = _center(region.alpha(res))
         dy, dx = round(py / cell - cy), round(px / cell - cx)
         a_v = _shift(a_src_v, dy, dx)
         if a_v.max() == 0:
-            raise InvalidArgument(f"paste[{i}]", "the pasted copy falls outside the image")
+            field = f"paste[{i}]" if i < len(spec.paste) else f"found[{i - len(spec.paste)}]"
+            raise InvalidArgument(field, "the pasted copy falls outside the image")
         a_img = _shift(a_src_img, dy * cell, dx * cell)
         goal_value[i] = value[i] * (1 - a_v) + _shift(v_src[0], dy, dx) * a_v
         goal_image[i] = image[i] * (1 - a_img) + _shift(img_src[0], dy * cell, dx * cell) * a_img
@@ -207,10 +209,11 @@ def _rewrite_goal(model: Generator, spec: EditSpec, device: torch.device) -> Goa
         pasted_alpha.append(a_img.cpu())
     hk = key.shape[-1]
     key_box = F.adaptive_max_pool2d(image_box[:, None], hk)[:, 0] if hk < res else image_box.clone()
+    # The context is the user's: found targets add examples of the goal, not of the rule's context.
     context = spec.context or [Region(seed=r.seed, mask=a) for r, a in zip(spec.paste, pasted_alpha)]
     ctx = _context_keys(model, spec.layer, context, t, device)
-    return Goal([r.seed for r in spec.paste], z, key, extras, value, goal_value, value_box, image, goal_image,
-                image_box, key_box, ctx, {"offsets_px": offsets, "copy_alpha_value": a_src_v.cpu(),
+    return Goal([r.seed for r in targets], z, key, extras, value, goal_value, value_box, image, goal_image,
+                image_box, key_box, ctx, {"context": context, "offsets_px": offsets, "copy_alpha_value": a_src_v.cpu(),
                                           "source_value": v_src.cpu(), "source_image": img_src.cpu()})
 
 
@@ -249,7 +252,7 @@ def _erase_goal(model: Generator, spec: EditSpec, device: torch.device) -> Goal:
     key_box = F.adaptive_max_pool2d(image_box[:, None], hk)[:, 0] if hk < res else image_box.clone()
     ctx = _context_keys(model, spec.layer, spec.context, t, device)
     return Goal([r.seed for r in spec.context], z, key, extras, value, goal_value, value_box, image, goal_image,
-                image_box, key_box, ctx, {"units": units.tolist()})
+                image_box, key_box, ctx, {"units": units.tolist(), "context": list(spec.context)})
 
 
 def build_goal(model: Generator, spec: EditSpec) -> Goal:
@@ -268,14 +271,30 @@ def _masked_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return per.mean()
 
 
+Weights = dict[str, torch.Tensor]      # {parameter name: replacement tensor}
+
+
+def render_with(model: Generator, weights: Weights, z: torch.Tensor, truncation: float = 1.0) -> torch.Tensor:
+    """Images for ``z`` with some parameters replaced (the model is untouched; gradients flow)."""
+    return functional_call(model, weights, (z, truncation))
+
+
 class Objective:
-    """The loss of a candidate weight: the goal (value or image space) plus the pooled keep term."""
+    """The loss of candidate weights: the goal (value or image space) plus the pooled keep term.
+
+    A candidate is one tensor (the edited layer's weight; method single) or a dict of replaced
+    parameters by name (method multilayer). Method single measures the goal inside the goal
+    boxes; multilayer measures the whole target image, whose outside-the-box part holds the
+    targets themselves in place.
+    """
 
     def __init__(self, model: Generator, spec: EditSpec, goal: Goal):
         self.model, self.spec, self.goal = model, spec, goal
         self.layer = model.layer(spec.layer)
+        self.weight_name = _param_name(model, self.layer.weight)
         device = goal.z.device
         self.outside = 1 - goal.image_box.amax(0)           # outside every target's goal box
+        self.whole = torch.ones_like(goal.image_box)
         keep = spec.keep
         self.pool = torch.arange(keep["pool_start"], keep["pool_start"] + keep["pool_size"])
         self.gen = torch.Generator().manual_seed(keep["seed"])
@@ -291,38 +310,48 @@ class Objective:
         self.probe_z = latents(probe_seeds, model.z_dim).to(device)
         self.probe_base = _render(model, self.probe_z, spec.truncation)
 
-    def goal_loss(self, weight: torch.Tensor, space: str | None = None) -> torch.Tensor:
-        """L1 to the goal inside the goal boxes, in value or image space."""
-        g = self.goal
-        if (space or self.spec.goal) == "value":
-            return _masked_l1(edited_values(self.layer, weight, g.key, g.extras), g.goal_value, g.value_box)
-        images = edited_images(self.model, self.spec.layer, weight, g.z, self.spec.truncation)
-        return _masked_l1(images, g.goal_image, g.image_box)
+    def _weights(self, candidate: torch.Tensor | Weights) -> Weights:
+        return candidate if isinstance(candidate, dict) else {self.weight_name: candidate}
 
-    def keep_loss(self, weight: torch.Tensor) -> torch.Tensor:
+    def _images(self, candidate: torch.Tensor | Weights, z: torch.Tensor) -> torch.Tensor:
+        return render_with(self.model, self._weights(candidate), z, self.spec.truncation)
+
+    def goal_loss(self, candidate: torch.Tensor | Weights, space: str | None = None) -> torch.Tensor:
+        """L1 to the goal: inside the goal boxes (value or image space), or over whole target images."""
+        g = self.goal
+        space = space or ("whole" if self.spec.method == "multilayer" else self.spec.goal)
+        if space == "value":
+            return _masked_l1(edited_values(self.layer, candidate, g.key, g.extras), g.goal_value, g.value_box)
+        images = self._images(candidate, g.z)
+        return _masked_l1(images, g.goal_image, self.whole if space == "whole" else g.image_box)
+
+    def keep_loss(self, candidate: torch.Tensor | Weights) -> torch.Tensor:
         """Mean change outside the goal boxes on a few seeds drawn afresh from the pool."""
         idx = torch.randint(len(self.pool), (self.spec.keep["per_step"],), generator=self.gen)
         z = latents(self.pool[idx].tolist(), self.model.z_dim).to(self.device)
         base = self.pool_images[idx.to(self.device)] if self.pool_images is not None else \
             _render(self.model, z, self.spec.truncation)
-        edited = edited_images(self.model, self.spec.layer, weight, z, self.spec.truncation)
+        edited = self._images(candidate, z)
         mask = self.outside.expand(z.shape[0], -1, -1)
         return _masked_l1(edited, base, mask)
 
-    def loss(self, weight: torch.Tensor) -> torch.Tensor:
+    def loss(self, candidate: torch.Tensor | Weights) -> torch.Tensor:
         """What the solver minimizes."""
-        loss = self.goal_loss(weight)
+        loss = self.goal_loss(candidate)
         if self.spec.keep["weight"] > 0:
-            loss = loss + self.spec.keep["weight"] * self.keep_loss(weight)
+            loss = loss + self.spec.keep["weight"] * self.keep_loss(candidate)
         return loss
 
-    def report(self, weight: torch.Tensor) -> dict:
-        """Goal losses in both spaces and the mean change over 16 probe seeds from the pool."""
+    def report(self, candidate: torch.Tensor | Weights) -> dict:
+        """Goal losses (value space only for one layer's weight) and the mean change over 16 probe seeds."""
         with torch.no_grad():
-            probe = edited_images(self.model, self.spec.layer, weight, self.probe_z, self.spec.truncation)
-            return {"value_loss": self.goal_loss(weight, "value").item(),
-                    "image_loss": self.goal_loss(weight, "image").item(),
-                    "probe_change": (probe - self.probe_base).abs().mean().item()}
+            probe = self._images(candidate, self.probe_z)
+            out = {"image_loss": self.goal_loss(candidate, "image").item(),
+                   "whole_image_loss": self.goal_loss(candidate, "whole").item(),
+                   "probe_change": (probe - self.probe_base).abs().mean().item()}
+            if not isinstance(candidate, dict):
+                out["value_loss"] = self.goal_loss(candidate, "value").item()
+            return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +375,49 @@ def _cosine_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]
         if progress is not None and (step % PROGRESS_EVERY == 0 or step == steps - 1):
             progress({"stage": stage, "step": step + 1, "steps": steps, "loss": loss_value})
     return loss_value
+
+
+def best_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int, lr: float,
+              schedule: str = "cosine", progress: Progress | None = None, should_stop: StopCheck | None = None,
+              stage: str = "optimize") -> tuple[float, float, int]:
+    """Adam that hands back its best iterate: ``params`` end at the lowest loss seen.
+
+    The loss of step t is measured at the parameters step t starts from, so the starting point
+    (no edit, when the factors start at zero) is a candidate, and a short or diverging run can
+    never return anything worse than it. Returns (best loss, starting loss, best step).
+    """
+    opt = torch.optim.Adam(params, lr=lr)
+    factor = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if schedule == "cosine" else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    best, best_step, start = float("inf"), 0, float("nan")
+    saved = [p.detach().clone() for p in params]
+
+    def consider(value: float, step: int) -> None:
+        nonlocal best, best_step
+        if value < best:                       # NaN never wins
+            best, best_step = value, step
+            for keep, p in zip(saved, params):
+                keep.copy_(p.detach())
+
+    for step in range(steps):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"{stage} cancelled at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        value = loss.item()
+        if step == 0:
+            start = value
+        consider(value, step)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None and (step % PROGRESS_EVERY == 0 or step == steps - 1):
+            progress({"stage": stage, "step": step + 1, "steps": steps, "loss": value, "best_loss": best})
+    with torch.no_grad():
+        consider(loss_fn().item(), steps)      # the last update, which no step measured yet
+        for keep, p in zip(saved, params):
+            p.copy_(keep)
+    return best, start, best_step
 
 
 def _lam_shape(weight: torch.Tensor, in_axis: int, rank: int) -> list[int]:
@@ -374,14 +446,14 @@ def _reparam(goal: Goal, direction: torch.Tensor) -> torch.Tensor:
 
 def solve_optimize(objective: Objective, direction: torch.Tensor, spec: EditSpec,
                    progress: Progress | None = None, should_stop: StopCheck | None = None) -> torch.Tensor:
-    """Λ (orthonormal-D basis) by Adam on the constrained update, cosine-decayed learning rate."""
+    """Λ (orthonormal-D basis) by Adam on the constrained update, cosine-decayed; the best iterate."""
     layer = objective.layer
     w0 = layer.weight.detach()
     t = _reparam(objective.goal, direction).to(w0.device)
     d_work = direction.to(w0.device) @ t
     lam = torch.zeros(_lam_shape(w0, layer.in_axis, direction.shape[1]), device=w0.device, requires_grad=True)
-    _cosine_adam([lam], lambda: objective.loss(w0 + _dense(lam, d_work, layer.in_axis)), spec.steps, spec.lr,
-                 progress, should_stop)
+    best_adam([lam], lambda: objective.loss(w0 + _dense(lam, d_work, layer.in_axis)), spec.steps, spec.lr,
+              "cosine", progress, should_stop)
     # Back to the orthonormal basis: Λ_orth[..., r] = Σ_r' T[r, r'] Λ[..., r'].
     return (lam.detach().movedim(layer.in_axis, -1) @ t.T).movedim(-1, layer.in_axis).contiguous()
 
@@ -422,6 +494,104 @@ def _zero_lam(weight: torch.Tensor, direction: torch.Tensor, in_axis: int) -> to
     return -(weight.detach().movedim(in_axis, -1) @ direction.to(weight.device)).movedim(-1, in_axis).contiguous()
 
 
+def rewritable_layers(model: Generator, spec: EditSpec) -> list[str]:
+    """The layers a spec changes: the one layer, or (multilayer) the named or every rewritable layer."""
+    if spec.method != "multilayer":
+        return [spec.layer]
+    return list(spec.layers) or [info.name for info in model.layer_infos()]
+
+
+def layer_directions(model: Generator, spec: EditSpec, moments: dict, regions: Sequence[Region],
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """{layer: D_L}, each layer's own context directions (the paper's constraint, layer by layer)."""
+    out = {}
+    for name in rewritable_layers(model, spec):
+        keys = _context_keys(model, name, regions, spec.truncation, device)
+        out[name] = context_direction(moments[name].to(device), keys, min(spec.rank, keys.shape[0]), spec.ridge)
+    return out
+
+
+def solve_multilayer(objective: Objective, spec: EditSpec, directions: dict[str, torch.Tensor] | None = None,
+                     progress: Progress | None = None, should_stop: StopCheck | None = None) -> list[LowRankDelta]:
+    """Low-rank deltas ΔW_L = Λ_L ×_in D_Lᵀ on every edited layer, fitted together by Adam.
+
+    Λ starts at zero (the unedited model) and D at a seeded random orthonormal basis, as LoRA
+    does; with ``directions`` the D_L are fixed to each layer's context directions and only Λ
+    is trained. The stored D is orthonormalized (Λ absorbs the triangular factor), so ΔW is
+    unchanged.
+    """
+    model = objective.model
+    gen = torch.Generator().manual_seed(spec.keep["seed"])
+    parts = []
+    for name in rewritable_layers(model, spec):
+        layer = model.layer(name)
+        w0 = layer.weight.detach()
+        in_dim = w0.shape[layer.in_axis]
+        if directions is not None:
+            d = directions[name].to(w0.device).clone()
+        else:
+            d = torch.linalg.qr(torch.randn(in_dim, spec.rank, generator=gen))[0].to(w0.device)
+            d.requires_grad_(True)
+        lam = torch.zeros(_lam_shape(w0, layer.in_axis, d.shape[1]), device=w0.device, requires_grad=True)
+        parts.append((layer, _param_name(model, layer.weight), w0, d, lam))
+
+    def candidate() -> Weights:
+        return {pname: w0 + _dense(lam, d, layer.in_axis) for layer, pname, w0, d, lam in parts}
+
+    params = [lam for *_, lam in parts] + ([d for *_, d, _ in parts] if directions is None else [])
+    best_adam(params, lambda: objective.loss(candidate()), spec.steps, spec.lr, "constant", progress, should_stop)
+    deltas = []
+    for layer, _, _, d, lam in parts:
+        q, r = torch.linalg.qr(d.detach())
+        lam_q = (lam.detach().movedim(layer.in_axis, -1) @ r.T).movedim(-1, layer.in_axis).contiguous()
+        deltas.append(LowRankDelta(layer.weight_key, layer.in_axis, q.cpu(), lam_q.cpu(), spec.strength))
+    return deltas
+
+
+def delta_weights(model: Generator, deltas: Sequence[LowRankDelta]) -> Weights:
+    """{parameter name: edited weight} for deltas of this model (their scale applied)."""
+    params = dict(model.public_parameters())
+    out = {}
+    for d in deltas:
+        p = params[d.weight_key]
+        out[_param_name(model, p)] = p.detach() + (0 if d.is_zero else d.dense().to(p.device, p.dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Context search for extra paste targets
+
+
+def find_targets(model: Generator, spec: EditSpec, C: torch.Tensor, goal: Goal) -> list[Region]:
+    """Extra paste targets: the candidate samples whose keys under a paste box respond most to the
+    context direction, each with the copy pasted at that box (one of the user's paste regions).
+
+    ``goal`` is the goal of the user's own targets (its key boxes say where each paste lands).
+    Candidates are seeds ``search.seed_start ..`` (+ ``search.candidates``), minus the edit's own.
+    """
+    n, count, start = spec.search["targets"], spec.search["candidates"], spec.search["seed_start"]
+    if n == 0 or spec.op != "rewrite":
+        return []
+    device = goal.z.device
+    direction = context_direction(C, goal.context_keys, min(spec.rank, goal.context_keys.shape[0]), spec.ridge)
+    direction = direction.to(device)
+    own = {r.seed for r in spec.paste} | {spec.copy.seed}
+    seeds = [s for s in range(start, start + count) if s not in own]
+    boxes = goal.key_box[: len(spec.paste)]                                  # (P, Hk, Wk)
+    area = boxes.sum(dim=(1, 2)).clamp_min(1e-12)
+    scores, which = [], []
+    for i in range(0, len(seeds), 64):
+        key, _, _ = _capture(model, spec.layer, latents(seeds[i:i + 64], model.z_dim).to(device), spec.truncation)
+        resp = torch.einsum("nchw,cr->nrhw", key, direction).norm(dim=1)      # (N, Hk, Wk)
+        per_box = torch.einsum("nhw,phw->np", resp, boxes) / area             # mean response under each box
+        best, idx = per_box.max(dim=1)
+        scores.append(best.cpu())
+        which.append(idx.cpu())
+    scores, which = torch.cat(scores), torch.cat(which)
+    order = sorted(range(len(seeds)), key=lambda j: (-float(scores[j]), seeds[j]))[:n]
+    return [dataclasses.replace(spec.paste[int(which[j])], seed=seeds[j]) for j in order]
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
@@ -440,11 +610,16 @@ def _statistics(model: Generator, spec: EditSpec, progress: Progress | None,
 def rewrite(
     model: Generator,
     spec: dict | EditSpec,                  # an edit spec (JSON form) or a validated EditSpec
-    moment: SecondMoment | torch.Tensor | None = None,   # C for the layer; None computes it from spec.stats
+    moment: SecondMoment | torch.Tensor | None = None,   # C for spec.layer; None computes it from spec.stats
     progress: Progress | None = None,       # called with event dicts (stage, step, loss, ...)
     should_stop: StopCheck | None = None,   # polled between steps; True raises Cancelled
+    moments: dict | None = None,            # {layer: C} for factors "context" (missing ones are computed)
 ) -> Edit:
-    """Run an edit spec and return the edit; the model's weights are never modified."""
+    """Run an edit spec and return the edit; the model's weights are never modified.
+
+    The returned edit's spec lists the targets context search found (``found``), so replaying
+    it reproduces the edit exactly.
+    """
     started = time.perf_counter()
     spec = spec if isinstance(spec, EditSpec) else EditSpec.from_json(spec, model)
     layer = model.layer(spec.layer)
@@ -461,26 +636,55 @@ def rewrite(
         direction = context_direction(C, ctx, spec.rank, spec.ridge)
         lam = _zero_lam(layer.weight, direction, layer.in_axis)
         metrics = {"op": "zero", "removed_norm": _dense(lam, direction.to(device), layer.in_axis).norm().item()}
+        deltas = [LowRankDelta(layer.weight_key, layer.in_axis, direction.detach().cpu(), lam.detach().cpu(),
+                               spec.strength)]
     else:
+        if spec.found is None:
+            found = []
+            if spec.op == "rewrite" and spec.search["targets"] > 0:
+                found = find_targets(model, spec, C, build_goal(model, dataclasses.replace(spec, found=[])))
+                if progress is not None:
+                    progress({"stage": "search", "found": [r.seed for r in found]})
+            spec = dataclasses.replace(spec, found=found)
         goal = build_goal(model, spec)
-        direction = context_direction(C, goal.context_keys, spec.rank, spec.ridge).to(device)
         objective = Objective(model, spec, goal)
         w0 = layer.weight.detach()
         before = objective.report(w0)
-        if spec.solver == "closed_form":
-            lam = solve_closed_form(objective, direction)
+        if spec.method == "multilayer":
+            directions = None
+            if spec.factors == "context":
+                moments = dict(moments or {})
+                moments[spec.layer] = C
+                for name in rewritable_layers(model, spec):
+                    if name not in moments:
+                        s = spec.stats
+                        moments[name] = key_moment(model, name, range(s["seed_start"], s["seed_start"] + s["samples"]),
+                                                   truncation=spec.truncation, should_stop=should_stop)
+                    if isinstance(moments[name], SecondMoment):
+                        moments[name] = moments[name].moment()
+                directions = layer_directions(model, spec, moments, goal.info["context"], device)
+            deltas = solve_multilayer(objective, spec, directions, progress, should_stop)
         else:
-            lam = solve_optimize(objective, direction, spec, progress, should_stop)
-        after = objective.report(w0 + _dense(lam, direction, layer.in_axis))
-        metrics = {"goal": spec.goal, "before": before, "after": after,
-                   "goal_loss_before": before[f"{spec.goal}_loss"], "goal_loss_after": after[f"{spec.goal}_loss"]}
+            direction = context_direction(C, goal.context_keys, spec.rank, spec.ridge).to(device)
+            if spec.solver == "closed_form":
+                lam = solve_closed_form(objective, direction)
+            else:
+                lam = solve_optimize(objective, direction, spec, progress, should_stop)
+            deltas = [LowRankDelta(layer.weight_key, layer.in_axis, direction.detach().cpu(), lam.detach().cpu(),
+                                   spec.strength)]
+        candidate = delta_weights(model, deltas)
+        if spec.method != "multilayer":
+            candidate = candidate[objective.weight_name]
+        after = objective.report(candidate)
+        metrics = {"goal": spec.goal, "method": spec.method, "before": before, "after": after,
+                   "goal_loss_before": before[f"{spec.goal}_loss"], "goal_loss_after": after[f"{spec.goal}_loss"],
+                   "targets": len(spec.paste), "found_targets": len(spec.found or [])}
         if spec.op == "erase":
             metrics["erased_units"] = goal.info["units"]
     metrics["seconds"] = time.perf_counter() - started
-    delta = LowRankDelta(layer.weight_key, layer.in_axis, direction.detach().cpu(), lam.detach().cpu())
     if progress is not None:
         progress({"stage": "done", "metrics": metrics})
-    return Edit(layer=spec.layer, deltas=[delta], spec=spec.to_json(), metrics=metrics)
+    return Edit(layer=spec.layer, deltas=deltas, spec=spec.to_json(), metrics=metrics)
 
 
 def full_rank_update(model: Generator, spec: dict | EditSpec, lr: float = 1e-3,
