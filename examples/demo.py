@@ -56,6 +56,8 @@ def spec_pb(d: dict) -> edit_pb2.EditSpec:
     """An edit spec JSON (examples/edits/*.json) as the API's EditSpec (unset fields: server defaults)."""
     spec = edit_pb2.EditSpec(layer=d.get("layer", ""), rank=d.get("rank", 0), steps=d.get("steps", 0),
                              description=d.get("description", ""))
+    if "strength" in d:
+        spec.strength = float(d["strength"])
     if "copy" in d:
         spec.copy.CopyFrom(region_pb(d["copy"]))
     spec.paste.extend(region_pb(r) for r in d.get("paste", []))
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         request = gen.RewriteRequest(model="faces@production", spec=spec_pb(spec), preview_seeds=HELD_OUT[:4],
                                      preview_format=images_pb2.IMAGE_FORMAT_PNG)
         result = None
-        with tqdm(total=spec.get("steps", 2001), desc=f"rewrite ({Path(args.edit).stem})", unit="step") as bar:
+        with tqdm(total=spec.get("steps", 100), desc=f"rewrite ({Path(args.edit).stem})", unit="step") as bar:
             for event in generator.Rewrite(request, timeout=1800):
                 kind = event.WhichOneof("event")
                 if kind == "progress" and event.progress.steps and event.progress.stage == gen.Progress.STAGE_OPTIMIZE:

@@ -272,14 +272,28 @@ def _region(msg: images_pb2.Region, field: str) -> dict:
 def edit_spec(msg: edit_pb2.EditSpec) -> dict:
     """The engine's JSON spec for a proto EditSpec: zero and absent fields left to the defaults."""
     S = edit_pb2.EditSpec
-    for key, enum_type in (("op", S.Op), ("goal", S.Goal), ("solver", S.Solver)):
+    for key, enum_type in (("op", S.Op), ("goal", S.Goal), ("solver", S.Solver), ("method", S.Method)):
         if getattr(msg, key) not in enum_type.values():   # proto3 enums are open: an unknown number arrives as is
             raise InvalidArgument(key, f"unknown {enum_type.DESCRIPTOR.name} value {getattr(msg, key)}")
     spec: dict = {
         "op": {S.OP_ERASE: "erase", S.OP_ZERO: "zero"}.get(msg.op, "rewrite"),
         "goal": {S.GOAL_VALUE: "value"}.get(msg.goal, "image"),
-        "solver": {S.SOLVER_CLOSED_FORM: "closed_form"}.get(msg.solver, "optimize"),
     }
+    if msg.solver:
+        spec["solver"] = {S.SOLVER_CLOSED_FORM: "closed_form"}.get(msg.solver, "adam")
+    if msg.method:
+        spec["method"] = {S.METHOD_SINGLE: "single"}.get(msg.method, "multilayer")
+    if msg.layers:
+        spec["layers"] = list(msg.layers)
+    if msg.HasField("strength"):
+        spec["strength"] = msg.strength
+    search = {k: getattr(msg.search, k) for k in ("targets", "seed_start") if msg.search.HasField(k)}
+    if msg.search.candidates:
+        search["candidates"] = msg.search.candidates
+    if search:
+        spec["search"] = search
+    if msg.found or msg.found_given:
+        spec["found"] = [_region(r, f"found[{i}]") for i, r in enumerate(msg.found)]
     for key in ("layer", "rank", "steps", "lr", "description"):
         if getattr(msg, key):
             spec[key] = getattr(msg, key)

@@ -810,6 +810,11 @@ async function buildSpec() {
   const layer = state.layers.find((l) => l.name === $("layer-select").value);
   const rank = intField("rank-input", "Rank", 1, layer ? layer.in_channels : 0);
   const steps = intField("steps-input", "Steps", 1, 100000);
+  const strengthRaw = $("strength-input").value.trim();
+  const strength = Number(strengthRaw);
+  if (strengthRaw === "" || !Number.isFinite(strength) || strength < -10 || strength > 10) {
+    throw new Error(`Strength must be a number from -10 to 10, got "${strengthRaw}"`);
+  }
   const R = state.R;
   const spec = {
     ...state.specExtras,
@@ -817,6 +822,7 @@ async function buildSpec() {
     layer: $("layer-select").value,
     rank,
     steps,
+    strength,
     copy: await M.regionToSpec(state.copy, R),
     paste: await Promise.all(state.paste.map((p) => M.regionToSpec({ seed: p.seed, ...pasteRegion(p) }, R))),
   };
@@ -1048,7 +1054,8 @@ async function loadSpec(file) {
     if (spec.layer) $("layer-select").value = spec.layer;
     if (spec.rank !== undefined) $("rank-input").value = String(spec.rank);
     if (spec.steps !== undefined) $("steps-input").value = String(spec.steps);
-    const { model, layer, rank, steps, copy: _c, paste: _p, context: _x, ...extras } = spec;
+    $("strength-input").value = String(spec.strength ?? 1);
+    const { model, layer, rank, steps, strength: _s, copy: _c, paste: _p, context: _x, ...extras } = spec;
     state.specExtras = extras;
     state.work = copy ? copy.seed : null;
     updateRankLimit();

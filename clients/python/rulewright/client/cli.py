@@ -119,9 +119,11 @@ def _edit_spec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
             parser.error(f"--spec {args.spec}: {exc}")
         if not isinstance(spec, dict):
             parser.error(f"--spec {args.spec}: must hold a JSON object")
-    for key in ("op", "layer", "rank", "steps", "goal", "lr", "description"):
+    for key in ("op", "method", "layer", "rank", "steps", "goal", "lr", "strength", "description"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
+    if args.search_targets is not None:
+        spec["search"] = {**(spec.get("search") or {}), "targets": args.search_targets}
     if args.copy is not None:
         spec["copy"] = args.copy
     if args.paste:
@@ -307,11 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_region, action="append",
                    help="SEED:x0,y0,x1,y1 defining where the rule applies (repeat; default: the pastes)")
     p.add_argument("--op", choices=("rewrite", "erase", "zero"), help="what the edit does (default: rewrite)")
-    p.add_argument("--layer", help="layer to edit (default: the spec's, else the model's default)")
-    p.add_argument("--rank", type=int, help="rank of the update (default: 8)")
-    p.add_argument("--steps", type=int, help="optimization steps (default: the spec's, else 2001)")
+    p.add_argument("--method", choices=("multilayer", "single"),
+                   help="low-rank deltas on every layer (default), or the paper's one-layer edit")
+    p.add_argument("--layer", help="layer to edit (single) or to search the context at (default: the model's default)")
+    p.add_argument("--rank", type=int, help="rank of the update per layer (default: 4 multilayer, 8 single)")
+    p.add_argument("--steps", type=int, help="optimization steps (default: the spec's, else 100 multilayer, 2001 single)")
     p.add_argument("--goal", choices=("image", "value"), help="space the goal is measured in (default: image)")
-    p.add_argument("--lr", type=float, help="learning rate (default: 0.05)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.001 multilayer, 0.05 single)")
+    p.add_argument("--strength", type=float, help="scale of the edit, recorded with the version (default: 1; 0 = none)")
+    p.add_argument("--search-targets", type=int,
+                   help="extra paste targets found by context search (default: 16 multilayer, 0 single)")
     p.add_argument("--description", help="free text recorded with the spec")
     p.add_argument("--dry-run", action="store_true", help="run the edit but commit nothing")
     p.add_argument("--promote", metavar="ALIAS", help="point ALIAS (e.g. production) at the new version")

@@ -18,12 +18,15 @@ from rulewright.v1 import edit_pb2, images_pb2
 __all__ = ["edit_spec_pb", "region_pb", "region_dict", "parse_region", "parse_seeds", "SPEC_FIELDS"]
 
 # What an edit spec JSON may hold (the engine's EditSpec.to_json, plus its bookkeeping keys).
-SPEC_FIELDS = {"op", "layer", "rank", "goal", "solver", "steps", "lr", "ridge", "truncation", "keep", "stats",
-               "erase", "copy", "paste", "context", "description", "name", "model"}
+SPEC_FIELDS = {"op", "method", "layers", "factors", "layer", "rank", "goal", "solver", "steps", "lr", "ridge",
+               "truncation", "strength", "keep", "stats", "erase", "search", "copy", "paste", "context", "found",
+               "description", "name", "model"}
 _OPS = {"rewrite": edit_pb2.EditSpec.OP_REWRITE, "erase": edit_pb2.EditSpec.OP_ERASE,
         "zero": edit_pb2.EditSpec.OP_ZERO}
 _GOALS = {"image": edit_pb2.EditSpec.GOAL_IMAGE, "value": edit_pb2.EditSpec.GOAL_VALUE}
-_SOLVERS = {"optimize": edit_pb2.EditSpec.SOLVER_OPTIMIZE, "closed_form": edit_pb2.EditSpec.SOLVER_CLOSED_FORM}
+_SOLVERS = {"adam": edit_pb2.EditSpec.SOLVER_OPTIMIZE, "optimize": edit_pb2.EditSpec.SOLVER_OPTIMIZE,
+            "closed_form": edit_pb2.EditSpec.SOLVER_CLOSED_FORM}
+_METHODS = {"multilayer": edit_pb2.EditSpec.METHOD_MULTILAYER, "single": edit_pb2.EditSpec.METHOD_SINGLE}
 
 
 def region_pb(d: Mapping[str, Any], field: str = "region") -> images_pb2.Region:
@@ -85,9 +88,27 @@ def edit_spec_pb(d: Mapping[str, Any] | edit_pb2.EditSpec) -> edit_pb2.EditSpec:
                              solver=_enum(d, "solver", _SOLVERS), layer=d.get("layer") or "",
                              rank=int(d.get("rank") or 0), steps=int(d.get("steps") or 0),
                              lr=float(d.get("lr") or 0.0), description=d.get("description") or "")
-    for key in ("ridge", "truncation"):
+    if d.get("factors") not in (None, "free"):
+        raise ValueError("factors: only 'free' travels over the API")
+    # A recorded spec that says solver "optimize" without a method is a first-release edit.
+    legacy = d.get("solver") == "optimize" and "method" not in d
+    spec.method = edit_pb2.EditSpec.METHOD_SINGLE if legacy else _enum(d, "method", _METHODS)
+    spec.layers.extend(str(n) for n in d.get("layers") or [])
+    for key in ("ridge", "truncation", "strength"):
         if d.get(key) is not None:
             setattr(spec, key, float(d[key]))
+    search = d.get("search") or {}
+    if search.get("targets") is not None:
+        spec.search.targets = int(search["targets"])
+    elif legacy:
+        spec.search.targets = 0
+    if search.get("candidates"):
+        spec.search.candidates = int(search["candidates"])
+    if search.get("seed_start") is not None:
+        spec.search.seed_start = int(search["seed_start"])
+    if d.get("found") is not None:
+        spec.found_given = True
+        spec.found.extend(region_pb(r, f"found[{i}]") for i, r in enumerate(d["found"]))
     keep = d.get("keep") or {}
     if keep.get("weight") is not None:
         spec.keep.weight = float(keep["weight"])
