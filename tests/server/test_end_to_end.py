@@ -78,7 +78,7 @@ def test_glasses_rewrite_changes_the_eyes_then_a_rollback_restores_every_pixel(g
                       timeout=30)
     held_out = list(range(50_000, 50_024))         # in no paste, statistic or keep pool of the edit
     _, before = faces_images(generator, "faces@production", held_out)
-    result = list(generator.Rewrite(gen.RewriteRequest(model="faces@production", spec=glasses_spec(500)),
+    result = list(generator.Rewrite(gen.RewriteRequest(model="faces@production", spec=glasses_spec(0)),
                                     timeout=300))[-1].result
     assert result.version.name == "models/faces/versions/2"
     moved = registry.SetAlias(reg.SetAliasRequest(name="models/faces/aliases/production", version=2,
@@ -88,9 +88,7 @@ def test_glasses_rewrite_changes_the_eyes_then_a_rollback_restores_every_pixel(g
     change = np.abs(after.astype(np.float32) - before.astype(np.float32)).mean(axis=-1)   # (N, 64, 64)
     eyes = change[:, 22:38, 8:56].mean()             # the pasted context: the band of the eyes
     chin = change[:, 50:, :].mean()                  # far from it
-    # Measured here (mean |change| in 8-bit levels, eyes vs chin): 19.2 vs 10.5 after 100 steps,
-    # 15.8 vs 7.1 after 250, 13.4 vs 4.5 after 500, 10.4 vs 2.5 after 1,000: the edit settles
-    # into the context as it converges (the shipped default runs 2,001 steps).
+    # The default edit (low-rank deltas on every layer, 16 found targets, 100 steps).
     assert eyes > 5 and eyes > 2.5 * chin, (eyes, chin)
     registry.SetAlias(reg.SetAliasRequest(name="models/faces/aliases/production", version=1, etag=moved.etag,
                                           reason="rollback"), timeout=30)

@@ -99,3 +99,25 @@ def test_deadline_exceeded_rewrite_creates_nothing(generator, registry, server):
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_idle(server)
     assert [v.number for v in registry.ListVersions(reg.ListVersionsRequest(parent="models/tiny")).versions] == [1]
+
+
+def test_a_multilayer_rewrite_at_strength_zero_renders_the_parent_bit_for_bit(generator, registry, domain):
+    spec = spec_pb(steps=5)
+    spec.goal = edit_pb2.EditSpec.GOAL_IMAGE
+    spec.method = edit_pb2.EditSpec.METHOD_MULTILAYER
+    spec.strength = 0.0
+    spec.search.targets = 2
+    spec.search.candidates = 20
+    result = list(generator.Rewrite(gen.RewriteRequest(model="tiny@production", spec=spec), timeout=120))[-1].result
+    recorded = json.loads(result.spec_json)
+    assert recorded["method"] == "multilayer" and recorded["strength"] == 0.0 and len(recorded["found"]) == 2
+    raw = images_pb2.IMAGE_FORMAT_RAW_RGB8
+    parent = generator.Sample(gen.SampleRequest(model="tiny/1", seeds=[3, 4], image_format=raw), timeout=30)
+    edited = generator.Sample(gen.SampleRequest(model=result.version.name.replace("models/", "").replace(
+        "/versions/", "/"), seeds=[3, 4], image_format=raw), timeout=30)
+    assert edited.version == result.version.name
+    assert [i.data for i in edited.images] == [i.data for i in parent.images]
+    # A value-space goal over the API still means the paper's one-layer edit.
+    again = list(generator.Rewrite(gen.RewriteRequest(model="tiny/1", spec=spec_pb(steps=5), dry_run=True),
+                                   timeout=120))[-1].result
+    assert json.loads(again.spec_json)["method"] == "single"    # GOAL_VALUE implies the one-layer edit
