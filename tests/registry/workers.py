@@ -85,3 +85,41 @@ def redis_hold_lock_and_die(url: str, digest_seed: str, started_path: str) -> No
         return b""
 
     cache.get_or_compute(key, compute)
+
+
+def crash_after(store, point: str) -> None:
+    """Make this process SIGKILL itself right after the write ``point`` names lands in ``store``.
+
+    ``point`` is ``blob`` (any blob upload) or a regular expression searched in document keys
+    (``/requests/[0-9a-f]{64}\\.claim\\.json$``, ``/versions/\\d{10}\\.json$``, ``model\\.json$``).
+    """
+    import re
+
+    real_create, real_put_blob = store.create, store.put_blob
+
+    def create(key: str, data: bytes) -> None:
+        real_create(key, data)
+        if point != "blob" and re.search(point, key):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def put_blob(data):
+        ref = real_put_blob(data)
+        if point == "blob":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return ref
+
+    store.create, store.put_blob = create, put_blob
+
+
+def rewrite_killed_at(spec, model: str, parent: int, delta: bytes, request_id: str, point: str) -> None:
+    """Create a version for ``request_id`` and die by SIGKILL right after the write ``point``."""
+    registry = _registry(spec)
+    crash_after(registry.store, point)
+    registry.create_version(model, parent=parent, delta=delta, spec={"request": request_id}, request_id=request_id)
+
+
+def import_killed_at(spec, model: str, weights: bytes, request_id: str, point: str) -> None:
+    """Import ``weights`` as ``model`` for ``request_id`` and die by SIGKILL right after ``point``."""
+    registry = _registry(spec)
+    crash_after(registry.store, point)
+    registry.import_model(model, arch="dcgan", config={}, weights=weights, request_id=request_id)

@@ -1,0 +1,96 @@
+"""Crash safety: a process killed (SIGKILL) right after a chosen write, then retried or restarted.
+
+Each crash point is a write the registry makes; the killed process is a real child process, so
+nothing it held in memory survives. After the kill, a retry with the same request id must end
+with exactly one live version for it, and a half-done import must be finishable and never
+garbage-collected away.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+
+import pytest
+
+from rulewright.registry import Registry
+from rulewright.registry.gc import collect, scan
+from rulewright.registry.manifests import Version, dumps, utc_now
+
+from .conftest import store_spec
+from .test_registry import WEIGHTS, faces
+from .workers import import_killed_at, rewrite_killed_at
+
+CTX = multiprocessing.get_context("spawn")
+
+# Where a Rewrite's version creation can be cut short: after the delta blob, after the request's
+# claim, after the version manifest, after the request record.
+REWRITE_POINTS = {
+    "blob": "blob",
+    "claim": r"/requests/[0-9a-f]{64}\.claim\.json$",
+    "manifest": r"/versions/\d{10}\.json$",
+    "record": r"/requests/[0-9a-f]{64}\.json$",
+}
+
+
+def run_killed(target, *args) -> None:
+    """Run ``target(*args)`` in a spawned process and check that it died by SIGKILL."""
+    proc = CTX.Process(target=target, args=args)
+    proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == -signal.SIGKILL, f"the child was not killed at its crash point (exit {proc.exitcode})"
+
+
+def live_for(registry: Registry, request_id: str) -> list[int]:
+    return [v.number for v in registry.list_versions("faces", page_size=1000).items if v.request_id == request_id]
+
+
+@pytest.mark.parametrize("point", list(REWRITE_POINTS))
+def test_retry_after_a_kill_at_any_write_creates_exactly_one_version(store, point):
+    registry = faces(Registry(store))
+    registry.create_version("faces", parent=1, delta=b"an earlier edit", spec={})
+    run_killed(rewrite_killed_at, store_spec(store), "faces", 1, b"the edit", "req-1", REWRITE_POINTS[point])
+
+    retry = Registry(store)  # a fresh process's view: no hints
+    found = retry.find_version_by_request_id("faces", "req-1")
+    version = retry.create_version("faces", parent=1, delta=b"the edit", spec={"request": "req-1"}, request_id="req-1")
+    again = Registry(store).create_version(
+        "faces", parent=1, delta=b"the edit", spec={"request": "req-1"}, request_id="req-1"
+    )
+    assert live_for(registry, "req-1") == [version.number] == [again.number]
+    if point in ("manifest", "record"):  # the killed attempt's version is the one kept
+        assert found is not None and found.number == version.number == 3
+    else:
+        assert found is None
+    assert store.get_blob(version.blobs["delta"].sha256) == b"the edit"
+    # Later requests are unaffected, and the store is clean apart from a killed upload's blob.
+    assert registry.create_version("faces", parent=1, delta=b"next", spec={}, request_id="req-2").number == version.number + 1
+    assert scan(store).ok
+
+
+def test_twins_killed_before_withdrawing_leave_one_version_after_a_retry(store):
+    """Two attempts of one request each published a manifest and died: a retry keeps the lowest."""
+    registry = faces(Registry(store))
+    ref = store.put_blob(b"twin")
+    # The state two twins leave when both are killed right after their manifests.
+    store.create(Registry._claim_key("faces", "req-t"), dumps({"request_id": "req-t", "after": 1}))
+    for n in (2, 3):
+        twin = Version("faces", n, 1, "edit", {}, {"delta": ref}, {}, "w", utc_now(), "req-t")
+        store.create(f"models/faces/versions/{n:010d}.json", dumps(twin.to_dict()))
+    assert live_for(registry, "req-t") == [2, 3]
+    kept = Registry(store).create_version("faces", parent=1, delta=b"twin", spec={}, request_id="req-t")
+    assert kept.number == 2 and live_for(registry, "req-t") == [2]
+    assert registry.find_version_by_request_id("faces", "req-t").number == 2
+
+
+def test_import_retried_after_a_kill_between_model_and_version_1(store):
+    run_killed(import_killed_at, store_spec(store), "faces", WEIGHTS, "imp-1", r"/model\.json$")
+    registry = Registry(store)
+    assert registry.find_version_by_request_id("faces", "imp-1") is None
+    v1 = registry.import_model("faces", arch="dcgan", config={}, weights=WEIGHTS, request_id="imp-1")
+    assert v1.number == 1 and v1.request_id == "imp-1"
+    assert registry.find_version_by_request_id("faces", "imp-1") == v1
+    assert live_for(registry, "imp-1") == [1]
