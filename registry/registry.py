@@ -201,7 +201,7 @@ class Registry:
             if prior is not None:
                 return self._same_request(prior, "import", None)
         ref = self.store.put_blob(weights)
-        model = Model(name, arch, config, str(description), str(author), utc_now(), request_id)
+        model = Model(name, arch, config, str(description), str(author), utc_now(), request_id, ref)
         try:
             self.store.create(self._model_key(name), dumps(model.to_dict()))
         except errors.AlreadyExists:
@@ -223,6 +223,15 @@ class Registry:
             "model imported", extra={"event": "model_imported", "model": name, "sha256": ref.sha256, "size": ref.size}
         )
         return self._record_request(name, request_id, version)
+
+    def import_pending(self, name: str) -> bool:
+        """Whether model ``name`` exists without its version 1: an import killed midway (retry it)."""
+        self.get_model(name)
+        try:
+            self.store.read(self._version_key(name, 1))
+        except errors.NotFound:
+            return True
+        return False
 
     def _check_weights(self, weights: BlobSource) -> None:
         if isinstance(weights, (bytes, bytearray, memoryview)):

@@ -183,10 +183,16 @@ class Domain:
     # ---- models and versions -----------------------------------------------------------------
 
     def bootstrap(self, name: str, path: str | Path, alias: str = "production", author: str = "rulewright") -> Version:
-        """Import ``path`` as model ``name`` (version 1, alias ``alias``) unless it exists; idempotent."""
+        """Import ``path`` as model ``name`` (version 1, alias ``alias``) unless it exists; idempotent.
+
+        An import killed midway (the model without its version 1) is finished with the same
+        request id, so a crash during the first start never keeps the server from starting.
+        """
         try:
-            self.registry.get_model(name)
+            pending = self.registry.import_pending(name)
         except NotFound:
+            pending = True
+        if pending:
             data = Path(path).read_bytes()
             state = read_state_dict(data)
             arch = detect_architecture(state)

@@ -8,6 +8,7 @@ garbage-collected away.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import signal
 
@@ -19,7 +20,8 @@ from rulewright.registry.manifests import Version, dumps, utc_now
 
 from .conftest import store_spec
 from .test_registry import WEIGHTS, faces
-from .workers import import_killed_at, rewrite_killed_at
+from .test_faults import run_cli
+from .workers import bootstrap_killed_at, import_killed_at, rewrite_killed_at
 
 CTX = multiprocessing.get_context("spawn")
 
@@ -94,3 +96,46 @@ def test_import_retried_after_a_kill_between_model_and_version_1(store):
     assert v1.number == 1 and v1.request_id == "imp-1"
     assert registry.find_version_by_request_id("faces", "imp-1") == v1
     assert live_for(registry, "imp-1") == [1]
+
+
+def test_import_killed_before_version_1_is_reported_kept_by_gc_and_finished_by_a_retry(store):
+    run_killed(import_killed_at, store_spec(store), "faces", WEIGHTS, "imp-2", r"/model\.json$")
+    weights = hashlib.sha256(WEIGHTS).hexdigest()
+    report = scan(store)
+    assert report.incomplete_imports == ["faces"] and report.orphans == [] and report.ok
+    result = run_cli(store, "check")
+    assert result.returncode == 1 and "incomplete import: model 'faces' has no version 1" in result.stdout
+    # However old the blob, gc keeps what the retry needs.
+    assert collect(store, grace_s=0).removed == [] and store.has_blob(weights)
+    v1 = Registry(store).import_model("faces", arch="dcgan", config={}, weights=WEIGHTS, request_id="imp-2")
+    assert v1.number == 1 and v1.blobs["weights"].sha256 == weights
+    after = scan(store)
+    assert after.incomplete_imports == [] and after.orphans == [] and after.ok
+    assert run_cli(store, "check").returncode == 0
+
+
+@pytest.mark.parametrize("point", ["model", "version"])
+def test_first_start_killed_mid_bootstrap_starts_next_time(store, tmp_path, point):
+    """The server's bootstrap import killed after model.json (or version 1): the next start finishes it."""
+    from safetensors.torch import save_file
+
+    from rulewright.registry.stats_cache import LocalStatsCache
+    from rulewright.service.domain import Domain
+    from tests.builders import dcgan_state
+
+    path = tmp_path / "small.safetensors"
+    save_file(dcgan_state(), str(path))
+    where = r"/model\.json$" if point == "model" else r"/versions/0000000001\.json$"
+    run_killed(bootstrap_killed_at, store_spec(store), "small", str(path), where)
+
+    domain = Domain(Registry(store), LocalStatsCache(), device="cpu", dynamic_batching=False)
+    try:
+        version = domain.bootstrap("small", path)
+        assert (version.model, version.number, version.kind) == ("small", 1, "import")
+        assert domain.registry.get_alias("small", "production").version == 1
+        assert [v.number for v in domain.registry.list_versions("small").items] == [1]
+        assert domain.generator(version).model.z_dim == 16  # the weights load
+        assert domain.bootstrap("small", path) == version  # and a third start changes nothing
+    finally:
+        domain.close()
+    assert scan(store).ok and scan(store).incomplete_imports == []

@@ -123,3 +123,13 @@ def import_killed_at(spec, model: str, weights: bytes, request_id: str, point: s
     registry = _registry(spec)
     crash_after(registry.store, point)
     registry.import_model(model, arch="dcgan", config={}, weights=weights, request_id=request_id)
+
+
+def bootstrap_killed_at(spec, name: str, path: str, point: str) -> None:
+    """Run the server's first-start import of ``path`` as ``name`` and die by SIGKILL right after ``point``."""
+    from rulewright.registry.stats_cache import LocalStatsCache
+    from rulewright.service.domain import Domain
+
+    registry = _registry(spec)
+    crash_after(registry.store, point)
+    Domain(registry, LocalStatsCache(), device="cpu", dynamic_batching=False).bootstrap(name, path)
