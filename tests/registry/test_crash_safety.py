@@ -21,7 +21,7 @@ from rulewright.registry.manifests import Version, dumps, utc_now
 from .conftest import store_spec
 from .test_registry import WEIGHTS, faces
 from .test_faults import run_cli
-from .workers import bootstrap_killed_at, import_killed_at, rewrite_killed_at
+from .workers import bootstrap_killed_at, import_killed_at, rewrite_killed_at, rewrite_killed_in_statistics
 
 CTX = multiprocessing.get_context("spawn")
 
@@ -139,3 +139,39 @@ def test_first_start_killed_mid_bootstrap_starts_next_time(store, tmp_path, poin
     finally:
         domain.close()
     assert scan(store).ok and scan(store).incomplete_imports == []
+
+
+def test_retry_after_a_crash_in_the_statistics_phase_takes_over_the_dead_holders_lock(file_store, tmp_path, redis_url):
+    """A Rewrite killed while computing C holds the Redis lock; its retry waits (with progress)
+    at most one short lease, then computes C itself and creates the one version."""
+    import redis
+    from safetensors.torch import save_file
+
+    from rulewright.registry.stats_cache import open_stats_cache
+    from rulewright.service.domain import Domain
+    from tests.builders import TINY_SPEC, dcgan_state
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(dcgan_state(), str(path))
+    edit = dict(TINY_SPEC, steps=5)
+    domain = Domain(Registry(file_store), open_stats_cache(redis_url), device="cpu", dynamic_batching=False)
+    try:
+        domain.bootstrap("tiny", path)
+        pttl = tmp_path / "pttl"
+        run_killed(rewrite_killed_in_statistics, store_spec(file_store), redis_url, "tiny", edit, "req-s", str(pttl))
+        # The dead holder's lock blocks its retry for one short lease at most, not half a minute.
+        assert 0 < int(pttl.read_text()) <= 10_000
+
+        events: list[dict] = []
+        result = domain.rewrite("tiny/1", edit, request_id="req-s", progress=events.append)
+        assert result.version is not None and result.version.number == 2 and not result.replayed
+        assert any(e.get("waiting") for e in events)  # the client heard it was waiting, not hung
+        assert any(e["stage"] == "statistics" and e.get("done", 0) > 0 for e in events)  # then computed C here
+        assert list(redis.Redis.from_url(redis_url).scan_iter(match="rulewright:stats:*:lock")) == []
+        assert live_for_model(domain.registry, "tiny", "req-s") == [2]
+    finally:
+        domain.close()
+
+
+def live_for_model(registry: Registry, model: str, request_id: str) -> list[int]:
+    return [v.number for v in registry.list_versions(model, page_size=1000).items if v.request_id == request_id]

@@ -133,3 +133,26 @@ def bootstrap_killed_at(spec, name: str, path: str, point: str) -> None:
     registry = _registry(spec)
     crash_after(registry.store, point)
     Domain(registry, LocalStatsCache(), device="cpu", dynamic_batching=False).bootstrap(name, path)
+
+
+def rewrite_killed_in_statistics(spec, redis_url: str, model: str, edit: dict, request_id: str, pttl_path: str) -> None:
+    """Run a Rewrite as a server would (default Redis cache) and die by SIGKILL while computing C.
+
+    Right before dying it writes the milliseconds left on the statistics lock it holds to ``pttl_path``.
+    """
+    import redis
+
+    from rulewright.registry.stats_cache import open_stats_cache
+    from rulewright.service.domain import Domain
+
+    domain = Domain(_registry(spec), open_stats_cache(redis_url), device="cpu", dynamic_batching=False)
+    client = redis.Redis.from_url(redis_url)
+
+    def progress(event: dict) -> None:
+        if event.get("stage") == "statistics" and event.get("done", 0) > 0:  # inside the computation
+            [lock] = list(client.scan_iter(match="rulewright:stats:*:lock"))
+            with open(pttl_path, "w") as f:
+                f.write(str(client.pttl(lock)))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    domain.rewrite(f"{model}/1", edit, request_id=request_id, progress=progress)
