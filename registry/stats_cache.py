@@ -255,8 +255,8 @@ class RedisStatsCache(StatsCache):
     computes (renewing the lock every third of its TTL from a heartbeat thread), SETs the value
     with the cache TTL, and deletes the lock if it is still its own. Losers poll for the value
     with a growing interval (calling ``on_wait``); if the lock vanishes without a value (its
-    holder died and the lease lapsed, or its compute failed) they race for the lock again. Threads of one process share one flight, so a
-    process sends one set of requests per key.
+    holder died and the lease lapsed, or its compute failed) they race for the lock again.
+    Threads of one process share one flight, so a process sends one set of requests per key.
 
     Redis errors never reach the caller: the first one logs a structured warning, the statistic
     is computed locally, and Redis is tried again after ``retry_after_s`` (no permanent switch-off).

@@ -69,7 +69,8 @@ def test_retry_after_a_kill_at_any_write_creates_exactly_one_version(store, poin
         assert found is None
     assert store.get_blob(version.blobs["delta"].sha256) == b"the edit"
     # Later requests are unaffected, and the store is clean apart from a killed upload's blob.
-    assert registry.create_version("faces", parent=1, delta=b"next", spec={}, request_id="req-2").number == version.number + 1
+    later = registry.create_version("faces", parent=1, delta=b"next", spec={}, request_id="req-2")
+    assert later.number == version.number + 1
     assert scan(store).ok
 
 
