@@ -156,3 +156,12 @@ def rewrite_killed_in_statistics(spec, redis_url: str, model: str, edit: dict, r
             os.kill(os.getpid(), signal.SIGKILL)
 
     domain.rewrite(f"{model}/1", edit, request_id=request_id, progress=progress)
+
+
+def create_same_request(spec, model: str, parent: int, request_id: str, worker: int, barrier, results) -> None:
+    """Create a version for ``request_id`` at the same moment as the other workers (twin retries)."""
+    registry = _registry(spec)
+    registry.get_version(model, parent)  # warm the connection so the twins start together
+    barrier.wait()
+    v = registry.create_version(model, parent=parent, delta=b"the twins' edit", spec={}, request_id=request_id)
+    results.put((worker, v.number))
