@@ -46,8 +46,9 @@ def run_killed(target, *args) -> None:
     assert proc.exitcode == -signal.SIGKILL, f"the child was not killed at its crash point (exit {proc.exitcode})"
 
 
-def live_for(registry: Registry, request_id: str) -> list[int]:
-    return [v.number for v in registry.list_versions("faces", page_size=1000).items if v.request_id == request_id]
+def live_for(registry: Registry, request_id: str, model: str = "faces") -> list[int]:
+    """Numbers of the live versions of ``model`` that carry ``request_id``."""
+    return [v.number for v in registry.list_versions(model, page_size=1000).items if v.request_id == request_id]
 
 
 @pytest.mark.parametrize("point", list(REWRITE_POINTS))
@@ -169,10 +170,7 @@ def test_retry_after_a_crash_in_the_statistics_phase_takes_over_the_dead_holders
         assert any(e.get("waiting") for e in events)  # the client heard it was waiting, not hung
         assert any(e["stage"] == "statistics" and e.get("done", 0) > 0 for e in events)  # then computed C here
         assert list(redis.Redis.from_url(redis_url).scan_iter(match="rulewright:stats:*:lock")) == []
-        assert live_for_model(domain.registry, "tiny", "req-s") == [2]
+        assert live_for(domain.registry, "req-s", "tiny") == [2]
     finally:
         domain.close()
 
-
-def live_for_model(registry: Registry, model: str, request_id: str) -> list[int]:
-    return [v.number for v in registry.list_versions(model, page_size=1000).items if v.request_id == request_id]
