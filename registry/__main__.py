@@ -1,9 +1,11 @@
 """``python -m rulewright.registry check|gc --store URI``: consistency check and garbage collection.
 
 - ``check``: report orphan blobs, missing or corrupt blobs of live manifests, unreadable
-  manifests, broken lineages; exit 1 if anything is found, 0 if the store is clean.
+  manifests, broken lineages, imports killed before their version 1; exit 1 if anything is
+  found, 0 if the store is clean.
 - ``gc``: remove orphan blobs (and abandoned uploads, stale deletion markers) older than
-  ``--grace``; report damaged manifests without repairing them; exit 1 if any are found.
+  ``--grace``, keeping the weights of unfinished imports; report damaged manifests without
+  repairing them; exit 1 if any are found.
 - Exit 2: bad arguments or an unreachable store.
 
 S3 credentials come from ``RULEWRIGHT_S3_*`` (never from flags, which ``ps`` would show).
@@ -85,10 +87,16 @@ def _print_text(report: Report, command: str) -> None:
         print(f"  abandoned upload {name}" + (": removed" if command == "gc" else ""))
     for key in report.stale_markers:
         print(f"  stale deletion marker {key}" + (": removed" if command == "gc" else ""))
+    for name in report.incomplete_imports:
+        print(
+            f"  incomplete import: model {name!r} has no version 1 (killed midway; its weights are kept); "
+            "the next start with --bootstrap or a retry of the import with its request id finishes it"
+        )
     for problem in report.problems:
         sha = f" {problem.sha256}" if problem.sha256 else ""
         print(f"  PROBLEM {problem.kind}: {problem.key}{sha}: {problem.detail}")
-    print("ok" if report.ok and (command == "gc" or not report.orphans) else "problems found")
+    clean = command == "gc" or not (report.orphans or report.incomplete_imports)
+    print("ok" if report.ok and clean else "problems found")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
         _print_text(report, args.command)
-    problems = bool(report.problems) or (args.command == "check" and bool(report.orphans or report.stale_markers))
+    problems = bool(report.problems) or (
+        args.command == "check" and bool(report.orphans or report.stale_markers or report.incomplete_imports)
+    )
     return 1 if problems else 0
 
 

@@ -14,6 +14,11 @@ for a moment every new blob looks orphaned. Removing only blobs older than the g
 hour by default; re-uploading refreshes a blob's age) keeps in-flight writes safe without locks.
 The blob listing is taken before the manifests are read, so a blob whose manifest lands during
 the scan is either seen referenced or young.
+
+An import writes ``model.json`` (naming its weights blob) before version 1. A model without
+version 1 is an import in progress or one killed midway, which the next start (``--bootstrap``)
+or a retry of the import with its request id finishes: its weights blob counts as referenced,
+so gc keeps it however old it is, and ``check`` lists the import as incomplete.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 
 from . import errors
 from .blobstore import BlobInfo, BlobStore
-from .manifests import Version, loads, parse_time, utc_now
+from .manifests import Model, Version, loads, parse_time, utc_now
 from .registry import MARKER_LEASE_S
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,7 @@ DEFAULT_GRACE_S = 3600.0
 
 _MANIFEST_RE = re.compile(r"^models/([^/]+)/versions/(\d{10})\.json$")
 _TOMBSTONE_RE = re.compile(r"^models/([^/]+)/versions/(\d{10})\.deleted\.json$")
+_MODEL_RE = re.compile(r"^models/([^/]+)/model\.json$")
 _MARKER_RE = re.compile(r"^models/[^/]+/(?:versions/\d{10}\.)?deleting\.[0-9a-f]+\.json$")
 
 
@@ -64,6 +70,7 @@ class Report:
     kept: list[str] = dataclasses.field(default_factory=list)          # orphans younger than the grace period
     abandoned_uploads: list[str] = dataclasses.field(default_factory=list)
     stale_markers: list[str] = dataclasses.field(default_factory=list)
+    incomplete_imports: list[str] = dataclasses.field(default_factory=list)  # models without version 1
     problems: list[Problem] = dataclasses.field(default_factory=list)
 
     @property
@@ -79,16 +86,22 @@ class Report:
         return d
 
 
-def _live_manifest_keys(store: BlobStore) -> tuple[list[str], list[str]]:
-    manifests, dead, markers = [], set(), []
+def _live_manifest_keys(store: BlobStore) -> tuple[list[str], list[str], list[str]]:
+    """(live version manifests, deletion markers, model.json keys of models without a version 1)."""
+    manifests, dead, markers, models, firsts = [], set(), [], {}, set()
     for key in store.list_keys("models/"):
         if m := _MANIFEST_RE.match(key):
             manifests.append((key, (m.group(1), m.group(2))))
+            if int(m.group(2)) == 1:
+                firsts.add(m.group(1))
         elif m := _TOMBSTONE_RE.match(key):
             dead.add((m.group(1), m.group(2)))
         elif _MARKER_RE.match(key):
             markers.append(key)
-    return [k for k, ident in manifests if ident not in dead], markers
+        elif m := _MODEL_RE.match(key):
+            models[m.group(1)] = key
+    pending = [key for name, key in sorted(models.items()) if name not in firsts]
+    return [k for k, ident in manifests if ident not in dead], markers, pending
 
 
 def scan(store: BlobStore, verify: bool = True, grace_s: float = DEFAULT_GRACE_S) -> Report:
@@ -102,7 +115,7 @@ def scan(store: BlobStore, verify: bool = True, grace_s: float = DEFAULT_GRACE_S
     report = Report(store=store.uri)
     blobs = {b.sha256: b for b in store.iter_blobs()}  # before the manifests: see module docstring
     report.blobs = len(blobs)
-    keys, markers = _live_manifest_keys(store)
+    keys, markers, pending = _live_manifest_keys(store)
     live: dict[tuple[str, int], Version] = {}
     for key in keys:
         try:
@@ -134,6 +147,19 @@ def scan(store: BlobStore, verify: bool = True, grace_s: float = DEFAULT_GRACE_S
                     report.problems.append(
                         Problem("corrupt_blob", key, f"{role} blob: {verified[ref.sha256]}", ref.sha256)
                     )
+    for key in pending:
+        try:
+            model = Model.from_dict(loads(store.read(key), key), key)
+        except errors.NotFound:  # deleted during the scan
+            continue
+        except errors.DataLoss as exc:
+            report.problems.append(Problem("unreadable_manifest", key, exc.message))
+            continue
+        if store.list_keys(f"models/{model.name}/versions/0000000001.json"):
+            continue  # version 1 landed during the scan
+        report.incomplete_imports.append(model.name)
+        if model.weights is not None:
+            referenced.add(model.weights.sha256)  # the retry that finishes the import needs it
     report.referenced = len(referenced)
     report.orphans = sorted((b for sha, b in blobs.items() if sha not in referenced), key=lambda b: b.sha256)
     report.abandoned_uploads = store.abandoned_uploads(grace_s)

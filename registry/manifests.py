@@ -237,6 +237,9 @@ class Model:
     author: str
     created_at: dt.datetime
     request_id: str | None = None
+    # The import's base weights, named before version 1 exists: an import killed between the two
+    # can be finished, and gc keeps the blob meanwhile (absent in models stored before this field).
+    weights: BlobRef | None = None
 
     @property
     def resource_name(self) -> str:
@@ -254,6 +257,7 @@ class Model:
             "author": self.author,
             "created_at": format_time(self.created_at),
             "request_id": self.request_id,
+            **({"weights": self.weights.to_dict()} if self.weights is not None else {}),
         }
 
     @classmethod
@@ -268,8 +272,9 @@ class Model:
                 author=str(d["author"]),
                 created_at=parse_time(d["created_at"]),
                 request_id=d.get("request_id"),
+                weights=BlobRef.from_dict(d["weights"]) if d.get("weights") else None,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, errors.InvalidArgument) as exc:
             raise _corrupt(what, exc) from None
 
 

@@ -17,6 +17,7 @@ Layout of documents in the store (every one written once, by conditional create,
     models/{m}/versions/{n:010d}.deleting.{token}.json     a deletion of n in progress
     models/{m}/versions/{p:010d}.child.{n:010d}.json       n claims p as parent (written before n)
     models/{m}/aliases/{a}/{seq:010d}.json                 the alias's history; the latest entry is its value
+    models/{m}/requests/{sha256(request id)}.claim.json    a mutation with that request id began (written first)
     models/{m}/requests/{sha256(request id)}.json          request id → version, for retried mutations
     models/{m}/deleting.{token}.json                       a deletion of the whole model in progress
 
@@ -24,6 +25,14 @@ Why these shapes: object stores give us exactly one atomic primitive, create-if-
 number is allocated by creating its manifest (a loser retries with the next number); an alias
 moves by creating the next history entry (a loser gets ABORTED naming the winner's version), so
 the history cannot diverge from the value. Deletion never frees a number: it adds a tombstone.
+
+Retries: a mutation with a request id claims it first (the claim records the highest version
+number taken then), writes its manifest carrying the request id, and records request id →
+version last. A writer killed between any two of these steps leaves either nothing visible or a
+manifest that names its request id; a retry that finds a claim but no record looks for that
+manifest among the versions numbered after the claim's floor, so it never creates a second
+version. Twins (the same request id at once) each settle on the lowest-numbered live manifest
+carrying it and withdraw (tombstone) their own if it is not that one.
 
 Deleting a version races with creating a child of it or moving an alias onto it. Both sides
 write first and check the other side's mark after (the deleter: its ``deleting`` marker, then
@@ -152,6 +161,10 @@ class Registry:
     def _request_key(m: str, request_id: str) -> str:
         return f"models/{m}/requests/{hashlib.sha256(request_id.encode()).hexdigest()}.json"
 
+    @staticmethod
+    def _claim_key(m: str, request_id: str) -> str:
+        return f"models/{m}/requests/{hashlib.sha256(request_id.encode()).hexdigest()}.claim.json"
+
     # ---- models ------------------------------------------------------------------------------
 
     def import_model(
@@ -188,7 +201,7 @@ class Registry:
             if prior is not None:
                 return self._same_request(prior, "import", None)
         ref = self.store.put_blob(weights)
-        model = Model(name, arch, config, str(description), str(author), utc_now(), request_id)
+        model = Model(name, arch, config, str(description), str(author), utc_now(), request_id, ref)
         try:
             self.store.create(self._model_key(name), dumps(model.to_dict()))
         except errors.AlreadyExists:
@@ -202,7 +215,7 @@ class Registry:
         except errors.AlreadyExists:
             first = self.get_version(name, 1)
             if request_id is not None and first.request_id == request_id:
-                return first
+                return self._record_request(name, request_id, first)  # killed before its record
             raise errors.AlreadyExists(Reason.MODEL_EXISTS, f"model {name!r} already exists", model=name) from None
         self._number_hints[name] = max(self._number_hints.get(name, 0), 1)
         self._undo_if_deleting(name, version, None)
@@ -210,6 +223,15 @@ class Registry:
             "model imported", extra={"event": "model_imported", "model": name, "sha256": ref.sha256, "size": ref.size}
         )
         return self._record_request(name, request_id, version)
+
+    def import_pending(self, name: str) -> bool:
+        """Whether model ``name`` exists without its version 1: an import killed midway (retry it)."""
+        self.get_model(name)
+        try:
+            self.store.read(self._version_key(name, 1))
+        except errors.NotFound:
+            return True
+        return False
 
     def _check_weights(self, weights: BlobSource) -> None:
         if isinstance(weights, (bytes, bytearray, memoryview)):
@@ -307,11 +329,15 @@ class Registry:
         metrics = check_json_object(metrics, "metrics")
         request_id = check_request_id(request_id)
         if request_id is not None:
-            prior = self.find_version_by_request_id(model, request_id)
-            if prior is not None:
-                return self._same_request(prior, "edit", parent)
+            earlier = self._requested(model, request_id)
+            if earlier:
+                prior = self._same_request(earlier[0], "edit", parent)
+                for duplicate in earlier[1:]:  # twins killed before they withdrew theirs
+                    self._withdraw_duplicate(model, duplicate, prior.number, request_id)
+                return self._record_request(model, request_id, prior)
         self.get_version(model, parent)
         ref = self.store.put_blob(delta)
+        floor = self._claim_request(model, request_id)
 
         def make(n: int) -> Version:
             return Version(model, n, parent, "edit", spec, {"delta": ref}, metrics, str(author), utc_now(), request_id)
@@ -328,7 +354,7 @@ class Registry:
                 "size": ref.size,
             },
         )
-        return self._record_request(model, request_id, version)
+        return self._settle_request(model, request_id, version, floor)
 
     def _allocate(self, model: str, make: Callable[[int], Version], parent: int | None) -> Version:
         n = self._max_number(model) + 1
@@ -395,21 +421,95 @@ class Registry:
         self._tombstone(model, version.number, version.author, f"duplicate of version {winner} (request {request_id})")
         return self.get_version(model, winner)
 
-    def find_version_by_request_id(self, model: str, request_id: str) -> Version | None:
-        """The live version an earlier mutation with ``request_id`` created, or None."""
-        model = check_model_name(model)
-        request_id = check_request_id(request_id)
+    def _claim_request(self, model: str, request_id: str | None) -> int:
+        """Claim ``request_id`` before allocating; the floor above which its manifest will be numbered."""
+        if request_id is None:
+            return 0
+        key = self._claim_key(model, request_id)
+        floor = self._max_number(model)
+        body = {"request_id": request_id, "after": floor, "time": format_time(utc_now())}
+        try:
+            self.store.create(key, dumps(body))
+            return floor
+        except errors.AlreadyExists:
+            return self._claim_floor(model, request_id, default=floor)
+
+    def _claim_floor(self, model: str, request_id: str, default: int | None = None) -> int | None:
+        """The claim's floor (the highest number taken when it was written); ``default`` without a claim."""
+        key = self._claim_key(model, request_id)
+        try:
+            claim = loads(self.store.read(key), key)
+            if claim.get("request_id") == request_id:
+                return int(claim["after"])
+        except errors.NotFound:
+            return default
+        except (KeyError, TypeError, ValueError):
+            pass
+        return 0  # unreadable: look at every version rather than miss one
+
+    def _request_versions(self, model: str, request_id: str, after: int, below: int | None = None) -> list[Version]:
+        """Live versions numbered in (after, below) whose manifest carries ``request_id``, lowest first."""
+        start = self._version_key(model, after) if after else ""
+        out = []
+        for n in self._scan_live(model, start)[0]:
+            if below is not None and n >= below:
+                break
+            try:
+                version = self.get_version(model, n)
+            except errors.NotFound:  # deleted since the listing
+                continue
+            if version.request_id == request_id:
+                out.append(version)
+        return out
+
+    def _requested(self, model: str, request_id: str) -> list[Version]:
+        """The live versions made for ``request_id``: the recorded one, else those found after its claim."""
         key = self._request_key(model, request_id)
         try:
             record = loads(self.store.read(key), key)
         except errors.NotFound:
-            return None
-        if record.get("request_id") != request_id:
-            return None
-        try:
-            return self.get_version(model, int(record["version"]))
-        except errors.NotFound:
-            return None
+            record = None
+        if record is not None:
+            if record.get("request_id") != request_id:
+                return []
+            try:
+                return [self.get_version(model, int(record["version"]))]
+            except errors.NotFound:
+                return []
+        floor = self._claim_floor(model, request_id)
+        if floor is None:  # never claimed: no attempt got as far as allocating a number
+            return []
+        return self._request_versions(model, request_id, floor)
+
+    def _settle_request(self, model: str, request_id: str | None, version: Version, floor: int) -> Version:
+        """After publishing ``version``: keep the lowest live twin for ``request_id`` and record it."""
+        if request_id is None:
+            return version
+        # Every number below ours was taken before ours was created, so a twin that got a lower
+        # one is visible here; the twin with the higher number withdraws.
+        twins = self._request_versions(model, request_id, floor, below=version.number)
+        if twins:
+            self._withdraw_duplicate(model, version, twins[0].number, request_id)
+            return self._record_request(model, request_id, twins[0])
+        return self._record_request(model, request_id, version)
+
+    def _withdraw_duplicate(self, model: str, version: Version, winner: int, request_id: str) -> None:
+        self._tombstone(model, version.number, version.author, f"duplicate of version {winner} (request {request_id})")
+        log.info(
+            "duplicate version withdrawn",
+            extra={"event": "version_duplicate_withdrawn", "model": model, "version": version.number, "kept": winner},
+        )
+
+    def find_version_by_request_id(self, model: str, request_id: str) -> Version | None:
+        """The live version an earlier mutation with ``request_id`` created, or None.
+
+        Found by its record, or (when the writer was killed before recording it) by the request
+        id its manifest carries, among the versions created after the request's claim.
+        """
+        model = check_model_name(model)
+        request_id = check_request_id(request_id)
+        found = self._requested(model, request_id)
+        return found[0] if found else None
 
     def get_version(self, model: str, number: int) -> Version:
         """Version ``number`` of ``model``; NOT_FOUND (VERSION_NOT_FOUND) if absent or deleted."""

@@ -3,13 +3,15 @@
 - ``StatsKey``: every input that changes a statistic (upstream weights fingerprint, layer,
   statistic kind, sample count, seed range, truncation, extra parameters), rendered
   deterministically by ``canonical()`` and hashed by ``digest()``.
-- ``StatsCache``: the interface; ``get_or_compute(key, compute)`` returns cached bytes or runs
-  ``compute`` once (single-flight) and stores its result.
+- ``StatsCache``: the interface; ``get_or_compute(key, compute, on_wait)`` returns cached bytes or
+  runs ``compute`` once (single-flight) and stores its result; ``on_wait`` hears that a caller is
+  waiting on another's computation.
 - ``LocalStatsCache(max_bytes)``: an in-process LRU with single-flight across threads (the
   embedded default).
 - ``RedisStatsCache(url, namespace, ttl_s, ...)``: shared by replicas and clients; single-flight
-  across processes with a ``SET NX PX`` lock that the holder keeps alive while it computes (a
-  holder that dies stops renewing it, and a waiter takes over). When Redis is unreachable it logs
+  across processes with a ``SET NX PX`` lock: a short lease (``LOCK_LEASE_S``) that the holder
+  renews while it computes, so a holder that dies blocks the others for at most one lease before
+  a waiter takes over. When Redis is unreachable it logs
   one warning, computes, and tries Redis again on later calls.
 - ``open_stats_cache(uri)``: ``redis://...`` / ``rediss://...`` or ``memory://`` (default;
   ``$RULEWRIGHT_STATS_CACHE``).
@@ -37,6 +39,12 @@ from .errors import Reason
 log = logging.getLogger(__name__)
 
 KEY_FORMAT = 1
+# The Redis lock's lease. Short, because a holder killed mid-computation (a crashed server)
+# blocks every waiter until it lapses; its heartbeat renews it every third of the lease, which
+# tolerates two missed renewals (a stalled process) before another caller starts computing too.
+LOCK_LEASE_S = 5.0
+# How often a waiter hears ``on_wait`` again while it waits.
+WAIT_NOTICE_S = 1.0
 
 
 def render_seeds(seeds: Sequence[int]) -> str:
@@ -102,6 +110,7 @@ class StatsKey:
 
 
 Compute = Callable[[], bytes]
+OnWait = Callable[[], None]
 
 
 def _check_value(value: Any) -> bytes:
@@ -122,13 +131,15 @@ class StatsCache(abc.ABC):
         """Store ``value`` under ``key``."""
 
     @abc.abstractmethod
-    def get_or_compute(self, key: StatsKey, compute: Compute) -> bytes:
+    def get_or_compute(self, key: StatsKey, compute: Compute, on_wait: OnWait | None = None) -> bytes:
         """The cached bytes, else ``compute()``'s result, stored; concurrent callers compute it once.
 
         Args:
             key: every input that changes the statistic.
             compute: returns the statistic's bytes; its exceptions reach the caller (and the
                 callers waiting on the same key in this process).
+            on_wait: called when this caller starts waiting on another caller's computation and
+                about every ``WAIT_NOTICE_S`` while it waits (for progress reports).
         """
 
     def close(self) -> None:
@@ -149,7 +160,7 @@ class _SingleFlight:
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
 
-    def run(self, key: str, fn: Compute) -> bytes:
+    def run(self, key: str, fn: Compute, on_wait: OnWait | None = None) -> bytes:
         """``fn()`` for the first caller of ``key``; later concurrent callers get its result (or exception)."""
         with self._lock:
             flight = self._flights.get(key)
@@ -157,7 +168,11 @@ class _SingleFlight:
             if leader:
                 flight = self._flights[key] = _Flight()
         if not leader:
-            flight.done.wait()
+            while True:
+                if on_wait is not None:
+                    on_wait()
+                if flight.done.wait(WAIT_NOTICE_S):
+                    break
             if flight.error is not None:
                 raise flight.error
             return flight.value
@@ -205,7 +220,7 @@ class LocalStatsCache(StatsCache):
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= len(evicted)
 
-    def get_or_compute(self, key: StatsKey, compute: Compute) -> bytes:
+    def get_or_compute(self, key: StatsKey, compute: Compute, on_wait: OnWait | None = None) -> bytes:
         """Hit, or one thread computes while the others wait."""
         value = self.get(key)
         if value is not None:
@@ -219,7 +234,7 @@ class LocalStatsCache(StatsCache):
             self.put(key, result)
             return result
 
-        return self._flight.run(key.digest(), lead)
+        return self._flight.run(key.digest(), lead, on_wait)
 
     def __len__(self) -> int:
         """Statistics held."""
@@ -239,9 +254,9 @@ class RedisStatsCache(StatsCache):
     Protocol per key: GET the value; on a miss try ``SET lock token NX PX lock_ttl``. The winner
     computes (renewing the lock every third of its TTL from a heartbeat thread), SETs the value
     with the cache TTL, and deletes the lock if it is still its own. Losers poll for the value
-    with a growing interval; if the lock vanishes without a value (the holder died or its
-    compute failed) they race for the lock again. Threads of one process share one flight, so a
-    process sends one set of requests per key.
+    with a growing interval (calling ``on_wait``); if the lock vanishes without a value (its
+    holder died and the lease lapsed, or its compute failed) they race for the lock again.
+    Threads of one process share one flight, so a process sends one set of requests per key.
 
     Redis errors never reach the caller: the first one logs a structured warning, the statistic
     is computed locally, and Redis is tried again after ``retry_after_s`` (no permanent switch-off).
@@ -252,7 +267,7 @@ class RedisStatsCache(StatsCache):
         url: str = "redis://127.0.0.1:6379/0",  # redis:// or rediss:// (TLS) URL
         namespace: str = "rulewright",          # key prefix, so deployments can share a Redis
         ttl_s: float = 7 * 24 * 3600,           # how long a cached statistic lives
-        lock_ttl_s: float = 30.0,               # how long a dead holder blocks the others
+        lock_ttl_s: float = LOCK_LEASE_S,       # the lock's lease: how long a dead holder blocks the others
         wait_timeout_s: float = 900.0,          # a waiter gives up and computes itself after this
         retry_after_s: float = 1.0,             # after a Redis failure, skip Redis this long
         socket_timeout_s: float = 5.0,          # per Redis command (values are up to a few MB)
@@ -347,11 +362,11 @@ class RedisStatsCache(StatsCache):
             return
         self._ok()
 
-    def get_or_compute(self, key: StatsKey, compute: Compute) -> bytes:
+    def get_or_compute(self, key: StatsKey, compute: Compute, on_wait: OnWait | None = None) -> bytes:
         """Hit, or compute once across every process sharing this Redis (see the class docstring)."""
-        return self._flight.run(key.digest(), lambda: self._get_or_compute(key, compute))
+        return self._flight.run(key.digest(), lambda: self._get_or_compute(key, compute, on_wait), on_wait)
 
-    def _get_or_compute(self, key: StatsKey, compute: Compute) -> bytes:
+    def _get_or_compute(self, key: StatsKey, compute: Compute, on_wait: OnWait | None = None) -> bytes:
         if not self._usable():
             return _check_value(compute())
         vkey = self._value_key(key)
@@ -360,7 +375,7 @@ class RedisStatsCache(StatsCache):
         # Only Redis calls sit inside the try: an OSError raised by ``compute`` itself must reach
         # the caller, not be mistaken for Redis trouble and computed again.
         try:
-            value, leader = self._acquire(vkey, lkey, token, time.monotonic() + self.wait_timeout_s)
+            value, leader = self._acquire(vkey, lkey, token, time.monotonic() + self.wait_timeout_s, on_wait)
         except self._redis_errors as exc:
             self._failed(exc, "lookup")
             return _check_value(compute())
@@ -375,7 +390,9 @@ class RedisStatsCache(StatsCache):
         )
         return _check_value(compute())
 
-    def _acquire(self, vkey: str, lkey: str, token: str, deadline: float) -> tuple[bytes | None, bool]:
+    def _acquire(
+        self, vkey: str, lkey: str, token: str, deadline: float, on_wait: OnWait | None = None
+    ) -> tuple[bytes | None, bool]:
         """(value, False) on a hit, (None, True) once we hold the lock, (None, False) at the deadline."""
         while True:
             value = self._r.get(vkey)
@@ -383,16 +400,20 @@ class RedisStatsCache(StatsCache):
                 return value, False
             if self._r.set(lkey, token, nx=True, px=self.lock_ttl_ms):
                 return None, True
-            value = self._wait(vkey, lkey, deadline)
+            value = self._wait(vkey, lkey, deadline, on_wait)
             if value is not None:
                 return value, False
             if time.monotonic() >= deadline:
                 return None, False
 
-    def _wait(self, vkey: str, lkey: str, deadline: float) -> bytes | None:
+    def _wait(self, vkey: str, lkey: str, deadline: float, on_wait: OnWait | None = None) -> bytes | None:
         """Poll until the value appears (returned) or the lock is gone or the deadline passes (None)."""
         delay = 0.005
+        notice = 0.0
         while time.monotonic() < deadline:
+            if on_wait is not None and time.monotonic() >= notice:
+                on_wait()
+                notice = time.monotonic() + WAIT_NOTICE_S
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
             pipe = self._r.pipeline(transaction=False)

@@ -183,10 +183,16 @@ class Domain:
     # ---- models and versions -----------------------------------------------------------------
 
     def bootstrap(self, name: str, path: str | Path, alias: str = "production", author: str = "rulewright") -> Version:
-        """Import ``path`` as model ``name`` (version 1, alias ``alias``) unless it exists; idempotent."""
+        """Import ``path`` as model ``name`` (version 1, alias ``alias``) unless it exists; idempotent.
+
+        An import killed midway (the model without its version 1) is finished with the same
+        request id, so a crash during the first start never keeps the server from starting.
+        """
         try:
-            self.registry.get_model(name)
+            pending = self.registry.import_pending(name)
         except NotFound:
+            pending = True
+        if pending:
             data = Path(path).read_bytes()
             state = read_state_dict(data)
             arch = detect_architecture(state)
@@ -301,8 +307,10 @@ class Domain:
                    should_stop: StopCheck | None = None) -> SecondMoment:
         """C at ``layer`` for ``version`` through the shared cache (computed once on a miss).
 
-        ``progress`` gets ``{"stage": "statistics", "done", "total"}`` per batch of a computation;
-        ``should_stop`` cancels it (``Cancelled``; nothing is cached).
+        ``progress`` gets ``{"stage": "statistics", "done", "total"}`` per batch of a computation,
+        and ``{"stage": "statistics", "done": 0, "total", "waiting": True}`` about once a second
+        while another request computes it; ``should_stop`` cancels it (``Cancelled``; nothing is
+        cached).
         """
         return self._cached_stat(version, layer, KEY_MOMENT, samples, seed_start, truncation, progress,
                                  should_stop).stat
@@ -373,9 +381,15 @@ class Domain:
                 raise Cancelled(f"{kind} statistics cancelled; nothing was cached") from None
             return stat.to_bytes()
 
+        def waiting() -> None:
+            # Another request (maybe another replica) is computing this statistic: say so, so a
+            # client does not mistake the wait (at most a lock lease if that holder died) for a hang.
+            if progress is not None:
+                progress({"stage": "statistics", "done": 0, "total": samples, "waiting": True})
+
         while True:
             try:
-                data = self.stats_cache.get_or_compute(key, compute)
+                data = self.stats_cache.get_or_compute(key, compute, on_wait=waiting)
                 break
             except Cancelled:
                 if ran["stopped"] or stopped():

@@ -10,7 +10,7 @@ from rulewright.registry.errors import Reason
 
 from .conftest import store_spec
 from .test_registry import faces
-from .workers import create_versions, move_alias
+from .workers import create_same_request, create_versions, move_alias
 
 # spawn, not fork: the test process may hold torch's thread pools and a boto3 connection pool.
 CTX = multiprocessing.get_context("spawn")
@@ -65,3 +65,12 @@ def test_two_writers_racing_to_move_an_alias_one_wins(store):
     assert registry.get_alias("faces", "production").version == 2 + winner
     history = registry.alias_history("faces", "production").items
     assert [(e.from_version, e.to_version) for e in history] == [(None, 1), (1, 2 + winner)]
+
+
+def test_four_twins_with_one_request_id_at_once_leave_one_live_version(store):
+    registry = faces(Registry(store))
+    spec = store_spec(store)
+    results = _run(create_same_request, lambda i, b, q: (spec, "faces", 1, "req-twins", i, b, q), WORKERS)
+    live = [v.number for v in registry.list_versions("faces", page_size=1000).items if v.request_id == "req-twins"]
+    assert len(live) == 1 and {n for _, n in results} == set(live)  # every twin was told the one kept
+    assert registry.find_version_by_request_id("faces", "req-twins").number == live[0]

@@ -265,3 +265,34 @@ def test_redis_stopped_mid_test_then_back(redis_server, redis_url, caplog):
     assert after.calls == 1 and cache.available  # the cache is used again
     assert redis.Redis.from_url(redis_url).exists(f"rulewright:stats:{key(3).digest()}")
     assert any(getattr(r, "event", "") == "stats_cache_recovered" for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind", ["local", "redis-thread", "redis-process"])
+def test_a_caller_waiting_on_another_computation_hears_on_wait(redis_url, kind):
+    """Waiters are told they wait (for progress events), whether the computation runs in another
+    thread (single-flight) or in another process sharing Redis (the lock)."""
+    cache = LocalStatsCache() if kind == "local" else RedisStatsCache(redis_url)
+    waiter = RedisStatsCache(redis_url) if kind == "redis-process" else cache  # its own flights: the lock path
+    slow, never, heard = Counter(b"slow", delay_s=1.5), Counter(b"never"), []
+    t = threading.Thread(target=lambda: cache.get_or_compute(key(), slow))
+    t.start()
+    for _ in range(200):  # until the computation has begun (at most 2 s)
+        if slow.calls:
+            break
+        time.sleep(0.01)
+    assert waiter.get_or_compute(key(), never, on_wait=lambda: heard.append(1)) == b"slow"
+    t.join(timeout=30)
+    assert slow.calls == 1 and never.calls == 0 and heard
+
+
+def test_the_redis_lock_lease_is_short_by_default(redis_url):
+    """A crashed holder blocks the others for one lease; the default is a few seconds, renewed while computing."""
+    cache = open_stats_cache(redis_url)
+    r, seen = redis.Redis.from_url(redis_url), []
+
+    def compute() -> bytes:
+        seen.extend(r.pttl(k) for k in r.scan_iter(match="rulewright:stats:*:lock"))
+        return b"C"
+
+    assert cache.get_or_compute(key(), compute) == b"C"
+    assert len(seen) == 1 and 0 < seen[0] <= 10_000

@@ -85,3 +85,83 @@ def redis_hold_lock_and_die(url: str, digest_seed: str, started_path: str) -> No
         return b""
 
     cache.get_or_compute(key, compute)
+
+
+def crash_after(store, point: str) -> None:
+    """Make this process SIGKILL itself right after the write ``point`` names lands in ``store``.
+
+    ``point`` is ``blob`` (any blob upload) or a regular expression searched in document keys
+    (``/requests/[0-9a-f]{64}\\.claim\\.json$``, ``/versions/\\d{10}\\.json$``, ``model\\.json$``).
+    """
+    import re
+
+    real_create, real_put_blob = store.create, store.put_blob
+
+    def create(key: str, data: bytes) -> None:
+        real_create(key, data)
+        if point != "blob" and re.search(point, key):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def put_blob(data):
+        ref = real_put_blob(data)
+        if point == "blob":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return ref
+
+    store.create, store.put_blob = create, put_blob
+
+
+def rewrite_killed_at(spec, model: str, parent: int, delta: bytes, request_id: str, point: str) -> None:
+    """Create a version for ``request_id`` and die by SIGKILL right after the write ``point``."""
+    registry = _registry(spec)
+    crash_after(registry.store, point)
+    registry.create_version(model, parent=parent, delta=delta, spec={"request": request_id}, request_id=request_id)
+
+
+def import_killed_at(spec, model: str, weights: bytes, request_id: str, point: str) -> None:
+    """Import ``weights`` as ``model`` for ``request_id`` and die by SIGKILL right after ``point``."""
+    registry = _registry(spec)
+    crash_after(registry.store, point)
+    registry.import_model(model, arch="dcgan", config={}, weights=weights, request_id=request_id)
+
+
+def bootstrap_killed_at(spec, name: str, path: str, point: str) -> None:
+    """Run the server's first-start import of ``path`` as ``name`` and die by SIGKILL right after ``point``."""
+    from rulewright.registry.stats_cache import LocalStatsCache
+    from rulewright.service.domain import Domain
+
+    registry = _registry(spec)
+    crash_after(registry.store, point)
+    Domain(registry, LocalStatsCache(), device="cpu", dynamic_batching=False).bootstrap(name, path)
+
+
+def rewrite_killed_in_statistics(spec, redis_url: str, model: str, edit: dict, request_id: str, pttl_path: str) -> None:
+    """Run a Rewrite as a server would (default Redis cache) and die by SIGKILL while computing C.
+
+    Right before dying it writes the milliseconds left on the statistics lock it holds to ``pttl_path``.
+    """
+    import redis
+
+    from rulewright.registry.stats_cache import open_stats_cache
+    from rulewright.service.domain import Domain
+
+    domain = Domain(_registry(spec), open_stats_cache(redis_url), device="cpu", dynamic_batching=False)
+    client = redis.Redis.from_url(redis_url)
+
+    def progress(event: dict) -> None:
+        if event.get("stage") == "statistics" and event.get("done", 0) > 0:  # inside the computation
+            [lock] = list(client.scan_iter(match="rulewright:stats:*:lock"))
+            with open(pttl_path, "w") as f:
+                f.write(str(client.pttl(lock)))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    domain.rewrite(f"{model}/1", edit, request_id=request_id, progress=progress)
+
+
+def create_same_request(spec, model: str, parent: int, request_id: str, worker: int, barrier, results) -> None:
+    """Create a version for ``request_id`` at the same moment as the other workers (twin retries)."""
+    registry = _registry(spec)
+    registry.get_version(model, parent)  # warm the connection so the twins start together
+    barrier.wait()
+    v = registry.create_version(model, parent=parent, delta=b"the twins' edit", spec={}, request_id=request_id)
+    results.put((worker, v.number))
