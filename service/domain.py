@@ -132,6 +132,7 @@ class Domain:
         max_batch: int = 16,              # most images in one forward pass
         batch_delay_ms: float = 2.0,      # how long a Sample waits for others to share its forward pass
         dynamic_batching: bool = True,    # False: each Sample runs its own forward passes
+        limits=None,                      # server.limits.Limits: per-request caps; None: the defaults
     ):
         configure_determinism()
         self.registry = registry
@@ -146,6 +147,11 @@ class Domain:
         self._lock = threading.Lock()
         self._fingerprints: dict[tuple[str, int, str | None], str] = {}   # (model, number, layer) → sha256
         self.metrics = None               # server.metrics.Metrics once a server binds one: batches, cache lookups
+        if limits is None:
+            from .server.limits import Limits
+
+            limits = Limits()
+        self.limits = limits
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.max_batch = max_batch
@@ -154,9 +160,12 @@ class Domain:
     @classmethod
     def from_config(cls, config) -> "Domain":
         """The domain a ``server.config.ServeConfig`` describes: its registry, cache, device and limits."""
+        from .server.limits import Limits
+
         kw = dict(device=config.device, max_resident=config.max_resident,
                   memory_budget_bytes=int(config.memory_budget_mb * 2**20) or None, max_batch=config.max_batch,
-                  batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching)
+                  batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching,
+                  limits=Limits.from_config(config))
         if not config.registry_uri:
             return cls.open(config.data_dir, config.stats_cache, **kw)
         registry = Registry.open(config.registry_uri)
@@ -267,15 +276,21 @@ class Domain:
 
     def sample(self, ref: str, seeds: Sequence[int] | None = None, z: torch.Tensor | None = None,
                truncation: float = 1.0, layer: str | None = None,
-               interventions: Sequence[dissect.Intervention] = ()) -> tuple[Version, torch.Tensor]:
-        """(version, (N, H, W, 3) uint8 images) for seeds or raw latents, with optional unit interventions."""
+               interventions: Sequence[dissect.Intervention] = (), should_stop: StopCheck | None = None,
+               field: str = "seeds") -> tuple[Version, torch.Tensor]:
+        """(version, (N, H, W, 3) uint8 images) for seeds or raw latents, with optional unit interventions.
+
+        The count and the reply's size are checked against ``limits`` before any work;
+        ``should_stop()`` true ends the work with ``Cancelled`` (a batched request leaves its batch).
+        """
         version = self.resolve(ref)
         res = self.generator(version)
         model = res.model
         if (seeds is None) == (z is None):
-            from .engine.errors import InvalidArgument
-
             raise InvalidArgument("seeds", "give exactly one of seeds or latents")
+        from .server.limits import check_images
+
+        check_images(self.limits, len(seeds) if z is None else z.shape[0], field, model.resolution)
         if z is None:
             z = latents(seeds, model.z_dim)
         check_latents(z, model.z_dim)
@@ -284,10 +299,17 @@ class Domain:
                                                        list(interventions), truncation=truncation, z=z)
         elif self.batcher is not None:
             model.check_truncation(truncation)     # here, not in the batch: a bad one fails only its caller
-            images = self.batcher.submit((version.model, version.number, float(truncation)), model, z, truncation)
+            images = self.batcher.submit((version.model, version.number, float(truncation)), model, z, truncation,
+                                         should_stop=should_stop)
         else:
-            self._observe_batch(z.shape[0])
-            images = sample(model, z=z, truncation=truncation, batch_size=self.max_batch)
+            parts = []
+            for start in range(0, z.shape[0], self.max_batch):   # a pass at a time, so a cancel stops between them
+                if should_stop is not None and should_stop():
+                    raise Cancelled("sampling cancelled: the client went away or its deadline passed")
+                chunk = z[start:start + self.max_batch]
+                self._observe_batch(chunk.shape[0])
+                parts.append(sample(model, z=chunk, truncation=truncation, batch_size=self.max_batch))
+            images = torch.cat(parts)
         return version, to_uint8(images)
 
     def list_layers(self, ref: str) -> tuple[Version, list, str]:

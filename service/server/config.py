@@ -83,6 +83,12 @@ SETTINGS = (
     Setting("max_message_mb", float, 64.0, "largest gRPC request or response in MiB"),
     Setting("max_workers", int, 16, "RPCs served at once"),
     Setting("grace_s", float, 10.0, "seconds in-flight RPCs get to finish after SIGTERM or SIGINT"),
+    Setting("max_images", int, 64, "most images one Sample, OIP ModelInfer or Rewrite preview may ask for"),
+    Setting("max_search_seeds", int, 10000, "most candidate seeds one SearchContext may rank"),
+    Setting("max_regions", int, 64, "most regions in one Dissect, SearchContext or edit spec"),
+    Setting("max_stats_samples", int, 100000, "most samples a statistic (ComputeStatistics, Dissect thresholds, "
+                                              "search and edit stats) may be computed over"),
+    Setting("max_mask_pixels", int, 4194304, "largest mask (width x height) a request may carry"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -149,7 +155,8 @@ def resolve(args: argparse.Namespace | None = None, environ: dict | None = None)
 
 
 def _check(c: "ServeConfig") -> None:
-    for name in ("max_batch", "max_resident", "max_workers"):
+    for name in ("max_batch", "max_resident", "max_workers", "max_images", "max_search_seeds", "max_regions",
+                 "max_stats_samples", "max_mask_pixels"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
     for name in ("batch_delay_ms", "memory_budget_mb", "grace_s", "max_import_mb", "max_message_mb"):

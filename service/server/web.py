@@ -62,6 +62,7 @@ from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, re
 from . import convert
 from .auth import AuthInterceptor, check_auth_config, is_loopback
 from .errors import PermissionDenied, to_status
+from .limits import check_count, check_dissect, check_region_json, check_search, check_spec
 from .web_jobs import CANCELLED, FAILED, Jobs, TooManyJobs
 
 log = logging.getLogger(__name__)
@@ -740,12 +741,16 @@ class _Handler(BaseHTTPRequestHandler):
             raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
         model, number, ref = _ref(body)
         context = body.get("context")
+        limits = self.app.domain.limits
         if not isinstance(context, list) or not context:
             raise InvalidArgument("context", "give a list of at least one region")
+        check_count(len(context), limits.max_regions, "context", "regions", "max_regions")
+        for i, r in enumerate(context):
+            check_region_json(limits, r, f"context[{i}]")
         regions = [Region.from_spec(r, f"context[{i}]") for i, r in enumerate(context)]
         request = gen.SearchContextRequest(model=ref, layer=_str(body, "layer"), rank=_int(body, "rank", 1, 1, 1 << 20),
                                            top=_int(body, "top", 16, 1, 1000), stats=_stats(body, "stats"),
-                                           seeds=_int_list(body, "seeds"))
+                                           seeds=_int_list(body, "seeds", limits.max_search_seeds))
         if body.get("seed_range") is not None:
             span = body["seed_range"]
             if (not isinstance(span, list) or len(span) != 2
@@ -757,6 +762,7 @@ class _Handler(BaseHTTPRequestHandler):
         for key in ("quantile", "truncation", "ridge"):
             if (value := _float(body, key)) is not None:
                 setattr(request, key, value)
+        check_search(limits, request)
         args = convert.search_args(request)
         args["context"] = regions
         domain = self.app.domain
@@ -777,6 +783,7 @@ class _Handler(BaseHTTPRequestHandler):
         model, number, ref = _ref(body)
         if body.get("region") is None:
             raise InvalidArgument("region", "is required (seed and mask or box)")
+        check_region_json(self.app.domain.limits, body["region"], "region")
         region = Region.from_spec(body["region"], "region")
         rank_by = _str(body, "rank_by", "iou")
         if rank_by not in ("iou", "contrast"):
@@ -788,6 +795,7 @@ class _Handler(BaseHTTPRequestHandler):
         for key in ("quantile", "truncation"):
             if (value := _float(body, key)) is not None:
                 setattr(request, key, value)
+        check_dissect(self.app.domain.limits, request)
         args = convert.dissect_args(request)
         args["regions"] = [region]
         domain = self.app.domain
@@ -816,8 +824,9 @@ class _Handler(BaseHTTPRequestHandler):
         spec = body["spec"]
         request_id = _str(body, "request_id", limit=128) or None
         dry_run = _bool(body, "dry_run")
-        preview_seeds = _int_list(body, "preview_seeds", MAX_PREVIEW_SEEDS)
         domain = self.app.domain
+        preview_seeds = _int_list(body, "preview_seeds", min(MAX_PREVIEW_SEEDS, domain.limits.max_images))
+        check_spec(domain.limits, spec)
         parent = domain.resolve(ref)
         # The check Domain.rewrite starts with, here too, so bad specs answer 400 rather than a failed job.
         with _renamed(_spec_field):
