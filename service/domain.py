@@ -27,13 +27,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from rulewright.registry.errors import NotFound
+from rulewright.registry.errors import NotFound, Unavailable
 from rulewright.registry.manifests import Version
 from rulewright.registry.registry import Registry
 from rulewright.registry.statistics import KEY_MOMENT
@@ -60,6 +61,7 @@ Progress = Callable[[dict], None]
 StopCheck = Callable[[], bool]
 VALUE_QUANTILE = "value_quantile"
 STATISTICS = (KEY_MOMENT, VALUE_QUANTILE)
+_NUMBERED = re.compile(r"^([^/@]+)/([0-9]+)$")     # model/N: a version by number
 
 
 @dataclasses.dataclass
@@ -168,7 +170,8 @@ class Domain:
                   limits=Limits.from_config(config))
         if not config.registry_uri:
             return cls.open(config.data_dir, config.stats_cache, **kw)
-        registry = Registry.open(config.registry_uri)
+        registry = Registry.open(config.registry_uri, s3=_s3_config(config) if config.registry_uri.startswith("s3://")
+                                 else None)
         if config.create_bucket and hasattr(registry.store, "ensure_bucket"):
             registry.store.ensure_bucket()
         return cls(registry, open_stats_cache(config.stats_cache), **kw)
@@ -209,8 +212,20 @@ class Domain:
         return self.registry.resolve(f"{name}@{alias}")
 
     def resolve(self, ref: str) -> Version:
-        """One immutable version for a reference (registry errors pass through)."""
-        return self.registry.resolve(ref)
+        """One immutable version for a reference (registry errors pass through).
+
+        A version named by number that is resident keeps serving while the store is unreachable
+        (versions are immutable); aliases and "newest" need the store and stay UNAVAILABLE.
+        """
+        try:
+            return self.registry.resolve(ref)
+        except Unavailable:
+            m = _NUMBERED.match(ref) if isinstance(ref, str) else None
+            with self._lock:
+                hit = self._resident.get((m.group(1), int(m.group(2)))) if m else None
+            if hit is None:
+                raise
+            return hit.version
 
     def generator(self, version: Version) -> Resident:
         """The resident generator of ``version`` (loaded on first use, least recently used evicted)."""
@@ -529,6 +544,15 @@ class Domain:
         return self.registry.import_model(name, arch=detected, config=_json_metrics(derived), weights=data,
                                           author=author, description=description, spec=spec, metrics=metrics,
                                           request_id=request_id)
+
+
+def _s3_config(config):
+    """``RULEWRIGHT_S3_*`` (endpoint, keys, TLS) with the store timeouts the settings give."""
+    from rulewright.registry.s3store import S3Config
+
+    return dataclasses.replace(S3Config.from_env(), connect_timeout_s=config.s3_connect_timeout_s,
+                               read_timeout_s=config.s3_read_timeout_s, max_attempts=config.s3_max_attempts,
+                               call_timeout_s=config.store_timeout_s)
 
 
 def _json_metrics(metrics: dict) -> dict:
