@@ -65,6 +65,9 @@ ERROR_TABLE: list[tuple[type[BaseException] | tuple[type[BaseException], ...], g
     ((RegistryError, AuthError), None, None, None),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", DOMAIN),
     (Cancelled, grpc.StatusCode.CANCELLED, "CANCELLED", DOMAIN),
+    # A request stream gRPC broke off (the client cancelled, or a message was over max_message_mb):
+    # the client already has its status; this only names it in the log, without a traceback.
+    (grpc.RpcError, grpc.StatusCode.CANCELLED, "STREAM_BROKEN", DOMAIN),
     (LookupError, grpc.StatusCode.NOT_FOUND, "NOT_FOUND", DOMAIN),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", DOMAIN),
     (Exception, grpc.StatusCode.INTERNAL, "INTERNAL", DOMAIN),

@@ -2,7 +2,8 @@
 
 - ``create_web_server(domain, address, tokens=..., serving=..., tls=...) -> WebServer``: a started
   ``ThreadingHTTPServer`` on its own port (port 0: a free one); ``WebServer.shutdown()`` stops it
-  and cancels its running jobs. Like ``create_server``, it refuses a non-loopback address
+  and cancels its running jobs. At most ``max_connections`` connections at once (each holds a
+  thread; more get 503 and are closed), and a connection idle ``idle_timeout_s`` is closed. Like ``create_server``, it refuses a non-loopback address
   without tokens (``auth.check_auth_config``).
 - Every endpoint calls the same ``Domain`` (and ``convert`` helpers) as the gRPC servicers;
   request JSON is checked here, then handed over exactly as a servicer would hand it.
@@ -72,6 +73,13 @@ NOT_BUILT = "the editor is not built: run make web\n"
 MAX_BODY_BYTES = 1 << 20           # largest JSON request body (a mask is a few KiB of zlib+base64)
 MAX_PREVIEW_SEEDS = 16
 SSE_KEEPALIVE_S = 15.0             # a comment line this often keeps proxies from closing an idle stream
+MAX_CONNECTIONS = 64               # open connections (each holds a thread); more are refused with 503
+IDLE_TIMEOUT_S = 15.0              # a connection that sends nothing (or half a request) this long is closed
+_BUSY_BODY = json.dumps({"error": {"code": "RESOURCE_EXHAUSTED", "message": "too many open connections; retry",
+                                   "reason": "TOO_MANY_CONNECTIONS", "domain": "rulewright.dev", "metadata": {},
+                                   "field_violations": []}}).encode()
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
 _GEN = "/rulewright.v1.GeneratorService/"
 _REG = "/rulewright.v1.RegistryService/"
 _MISSING_TOKEN = "missing bearer token (header 'Authorization: Bearer <token>' or ?token=)"
@@ -467,11 +475,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "rulewright"
     sys_version = ""
-    timeout = 60                              # idle and slow clients are dropped
+    timeout = IDLE_TIMEOUT_S                  # idle and slow clients are dropped (the server's setting wins)
 
     # -- plumbing
 
     def setup(self):
+        self.timeout = self.server.idle_timeout_s
         super().setup()
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()     # here, on this request's thread, not the accept loop
@@ -480,8 +489,10 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (bad request line, header too long) as JSON errors."""
-        body = {"error": {"code": "INVALID_ARGUMENT" if code < 500 else "INTERNAL",
+        """http.server's own refusals (bad request line, header too long, unknown method) as JSON errors."""
+        name = {501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 408: "DEADLINE_EXCEEDED"}.get(
+            code, "INVALID_ARGUMENT" if code < 500 else "INTERNAL")
+        body = {"error": {"code": name,
                           "message": message or self.responses.get(code, ("",))[0], "reason": "BAD_HTTP_REQUEST",
                           "domain": "rulewright.dev", "metadata": {}, "field_violations": []}}
         self.close_connection = True
@@ -511,6 +522,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self):
         self._dispatch("HEAD")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")             # no endpoint takes it: 405 with the methods it does take
 
     def _dispatch(self, method: str) -> None:
         started = time.perf_counter()
@@ -613,6 +627,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(data, parse_constant=_refuse_constant)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidArgument("body", f"not valid JSON: {exc}") from None
+        except RecursionError:                # the parser recurses per level: 1 MiB of '[' is too deep for it
+            raise InvalidArgument("body", "JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise InvalidArgument("body", f"must be a JSON object, got {type(body).__name__}")
         return body
@@ -909,8 +925,46 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them: more are answered 503 and closed."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128          # listen backlog (socketserver's 5 stalls a burst of connects in SYN retries)
+    max_connections = MAX_CONNECTIONS
+    idle_timeout_s = IDLE_TIMEOUT_S
+    tls = False
+
+    def server_activate(self):
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request) -> None:
+        """Over the cap: a short 503 (plaintext only; a TLS client just sees the close), never blocking
+        the accept loop."""
+        if not self.tls:
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
+        self.shutdown_request(request)
+        log.warning("web connection refused", extra={"event": "web_busy", "max_connections": self.max_connections})
 
     def handle_error(self, request, client_address):
         # TLS handshakes that fail and clients that vanish mid-answer are routine: one debug line, no traceback
@@ -930,13 +984,16 @@ class WebServer:
     """
 
     def __init__(self, domain, address: str = "127.0.0.1:0", tokens=None, static_dir: Path | str | None = None,
-                 serving: Callable[[], bool] | None = None, tls: ssl.SSLContext | None = None, **options: Any):
+                 serving: Callable[[], bool] | None = None, tls: ssl.SSLContext | None = None,
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S, **options: Any):
         check_auth_config(address, tokens)
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"web address must be host:port, got {address!r}")
         host = host.strip("[]") or "0.0.0.0"
-        cls = _Server6 if ":" in host else _Server
+        base = _Server6 if ":" in host else _Server
+        cls = type(base.__name__, (base,), {"max_connections": max_connections, "idle_timeout_s": idle_timeout_s,
+                                            "tls": tls is not None})
         try:
             self.httpd = cls((host, int(port)), _Handler)
         except OSError as exc:
