@@ -466,10 +466,12 @@ class Domain:
 
     def search(self, ref: str, layer: str | None, context: Sequence[Region], seeds: Sequence[int], rank: int = 1,
                top: int = 16, q: float = 0.999, truncation: float = 1.0, ridge: float = 1e-4,
-               samples: int | None = None, seed_start: int = 0) -> tuple[Version, list[Match], float]:
+               samples: int | None = None, seed_start: int = 0,
+               should_stop: StopCheck | None = None) -> tuple[Version, list[Match], float]:
         """(version, best matches, highlight threshold) for context regions (layer None: the default).
 
-        ``samples`` and ``seed_start`` choose the samples C is computed over (a cached statistic).
+        ``samples`` and ``seed_start`` choose the samples C is computed over (a cached statistic);
+        ``should_stop()`` true stops that computation (``Cancelled``).
         """
         version = self.resolve(ref)
         res = self.generator(version)
@@ -480,7 +482,7 @@ class Domain:
             raise InvalidArgument("quantile", f"must lie strictly between 0 and 1, got {q}")
         if rank < 1:
             raise InvalidArgument("rank", f"must be positive, got {rank}")
-        moment = self.statistics(version, layer, samples, seed_start, truncation=truncation)
+        moment = self.statistics(version, layer, samples, seed_start, truncation=truncation, should_stop=should_stop)
         private = res.hookable()
         d = direction_for(private, layer, moment.moment(), list(context), rank, ridge=ridge, truncation=truncation)
         threshold = response_threshold(private, layer, d, range(200), q, truncation)
@@ -488,12 +490,14 @@ class Domain:
 
     def dissect(self, ref: str, layer: str | None, regions: Sequence[Region], by: str = "iou", top: int = 0,
                 samples: int | None = None, seed_start: int = 0, q: float = dissect.DEFAULT_QUANTILE,
-                truncation: float = 1.0, include_maps: bool = False) -> DissectResult:
+                truncation: float = 1.0, include_maps: bool = False,
+                should_stop: StopCheck | None = None) -> DissectResult:
         """Units of ``layer`` (None: the default) ranked against ``regions``, best first.
 
         Thresholds are each unit's ``q``-quantile over ``samples`` untruncated samples from
         ``seed_start`` (the cached VALUE_QUANTILE statistic); ``truncation`` applies to the regions'
-        samples. ``top`` 0 returns every unit.
+        samples. ``top`` 0 returns every unit. ``should_stop()`` true stops the thresholds'
+        computation (``Cancelled``).
         """
         version = self.resolve(ref)
         res = self.generator(version)
@@ -502,7 +506,7 @@ class Domain:
             raise InvalidArgument("top", f"must not be negative, got {top}")
         if not 0 < q < 1:
             raise InvalidArgument("quantile", f"must lie strictly between 0 and 1, got {q}")
-        quantiles = self._cached_stat(version, layer, VALUE_QUANTILE, samples, seed_start, 1.0, None, None).stat
+        quantiles = self._cached_stat(version, layer, VALUE_QUANTILE, samples, seed_start, 1.0, None, should_stop).stat
         private = res.hookable()     # unit maps hook it
         ranked = dissect.rank_units(private, layer, list(regions), quantiles, by=by, truncation=truncation,
                                     q=q)

@@ -76,7 +76,8 @@ class WorkLimiter(grpc.ServerInterceptor):
             return handler
         if handler.response_streaming:
             attr = "stream_stream" if handler.request_streaming else "unary_stream"
-            make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
+            make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                    else grpc.unary_stream_rpc_method_handler)
             behavior = getattr(handler, attr)
 
             def wrapped(request_or_iterator, context):
@@ -87,7 +88,8 @@ class WorkLimiter(grpc.ServerInterceptor):
                     self._leave()
         else:
             attr = "stream_unary" if handler.request_streaming else "unary_unary"
-            make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+            make = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
+                    else grpc.unary_unary_rpc_method_handler)
             behavior = getattr(handler, attr)
 
             def wrapped(request_or_iterator, context):

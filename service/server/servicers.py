@@ -84,13 +84,15 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
     @rpc()
     def Dissect(self, request, context):
         check_dissect(self.domain.limits, request)
-        return convert.dissect_pb(self.domain.dissect(request.model, **convert.dissect_args(request)))
+        return convert.dissect_pb(self.domain.dissect(request.model, **convert.dissect_args(request),
+                                                      should_stop=lambda: not context.is_active()))
 
     @rpc()
     def SearchContext(self, request, context):
         check_search(self.domain.limits, request)
         args = convert.search_args(request)
-        version, matches, threshold = self.domain.search(request.model, **args)
+        version, matches, threshold = self.domain.search(request.model, **args,
+                                                         should_stop=lambda: not context.is_active())
         layer = args["layer"] or self.domain.generator(version).model.default_layer()
         return convert.search_pb(version, layer, matches, threshold, request.include_maps)
 

@@ -3,8 +3,9 @@
 - ``create_web_server(domain, address, tokens=..., serving=..., tls=...) -> WebServer``: a started
   ``ThreadingHTTPServer`` on its own port (port 0: a free one); ``WebServer.shutdown()`` stops it
   and cancels its running jobs. At most ``max_connections`` connections at once (each holds a
-  thread; more get 503 and are closed), and a connection idle ``idle_timeout_s`` is closed. Like ``create_server``, it refuses a non-loopback address
-  without tokens (``auth.check_auth_config``).
+  thread; more get 503 and are closed), and a connection idle ``idle_timeout_s`` is closed.
+  Like ``create_server``, it refuses a non-loopback address without tokens
+  (``auth.check_auth_config``).
 - Every endpoint calls the same ``Domain`` (and ``convert`` helpers) as the gRPC servicers;
   request JSON is checked here, then handed over exactly as a servicer would hand it.
 - Auth: the same tokens and roles as gRPC; each endpoint carries the gRPC method whose role it
