@@ -12,9 +12,10 @@ Every call is bounded: botocore's connect and read timeouts and a bounded number
 (``S3Config``), and on top of them ``call_timeout_s`` for the whole call and whatever is left of
 the caller's deadline (``call_deadline``, which the gRPC servicers set from the RPC's deadline):
 the call runs on a small thread pool and the caller stops waiting when its time is up
-(``STORE_UNAVAILABLE``). After such a failure the store counts as *down*: calls fail at once
-while one call at a time (a caller's, or ``probe()``) tries the server, and the first success
-brings it back (``available()``), so a hung server cannot hold every request thread.
+(``STORE_UNAVAILABLE``). After such a failure the store counts as *down*: calls fail at once,
+except ``probe()`` (the server's store watch calls it every few seconds) and, when nothing has
+tried for ``RETRY_S``, one caller; the first success brings it back (``available()``), so a hung
+server cannot hold every request thread.
 
 Why boto3 and not the ``minio`` client: the registry's correctness rests on *real* conditional
 creates (``If-None-Match: *``): version numbers and alias history entries are allocated by them.
@@ -103,7 +104,7 @@ class S3Config:
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 5.0     # per socket read: a stalled response fails the attempt
     max_attempts: int = 2  # botocore retries of throttling, 5xx, timeouts and dropped connections
-    call_timeout_s: float = 10.0    # one call, retries included; a caller's deadline may shorten it
+    call_timeout_s: float = 5.0     # one call, retries included; a caller's deadline may shorten it
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "S3Config":
@@ -134,6 +135,8 @@ class S3Config:
 class S3Store(BlobStore):
     """Blobs and documents in ``bucket`` under ``prefix``, through boto3 (see the module docstring)."""
 
+    RETRY_S = 5.0     # while down, a caller tries the server itself at most this often (probes always may)
+
     def __init__(self, bucket: str, prefix: str = "", config: S3Config | None = None):
         import boto3
         from botocore.config import Config
@@ -159,6 +162,7 @@ class S3Store(BlobStore):
         self._down_since: float | None = None       # monotonic time of the failure that took it down
         self._down_reason = ""
         self._trial = threading.Lock()              # held by the one call that tries a down server
+        self._last_try = 0.0                        # monotonic time a try of the down server last ended
         secure = (self.config.endpoint_url() or "https://").startswith("https://")
         self._client = boto3.session.Session().client(
             "s3",
@@ -184,17 +188,20 @@ class S3Store(BlobStore):
         """One cheap call (HEAD the bucket) that may bring a down store back; whether it answered."""
         try:
             with call_deadline(timeout_s):
-                self._call(self._client.head_bucket, Bucket=self.bucket)
+                self._call(self._client.head_bucket, Bucket=self.bucket, always_try=True)
         except Exception:  # noqa: BLE001 -- a refusal (403, 404) is an answer; _call marked a silence down
             pass
         return self.available()
 
-    def _call(self, fn: Callable[..., Any], *args: Any, whole_call_bound: bool = True, **kw: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any, whole_call_bound: bool = True, always_try: bool = False,
+              **kw: Any) -> Any:
         """``fn(*args, **kw)`` on the pool, waited for at most ``call_timeout_s`` and the caller's deadline.
 
         ``whole_call_bound`` False (large uploads) leaves only the caller's deadline and botocore's
-        own timeouts. Raises ``Unavailable`` when the time is up or the store is down; botocore's
-        exceptions pass through for ``_translate``.
+        own timeouts. While the store is down a call fails at once, unless no call has tried the
+        server for ``RETRY_S`` (or ``always_try``: a probe) and no other is trying it now. Raises
+        ``Unavailable`` when the time is up or the store is down; botocore's exceptions pass
+        through for ``_translate``.
         """
         from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
         from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -203,17 +210,21 @@ class S3Store(BlobStore):
         deadline = _DEADLINE.get()
         if deadline is not None:
             left = deadline - time.monotonic()
+            left -= min(0.5, 0.1 * left)            # give up a moment early: the caller can still answer UNAVAILABLE
             budget = left if budget is None else min(budget, left)
         if budget is not None and budget <= 0:
             raise errors.Unavailable(Reason.STORE_UNAVAILABLE, "no time left for an S3 call before the deadline")
         trial = False
         if self._down_since is not None:
-            trial = self._trial.acquire(blocking=False)
+            if always_try or time.monotonic() - self._last_try >= self.RETRY_S:
+                trial = self._trial.acquire(blocking=False)
             if not trial:
                 raise errors.Unavailable(
                     Reason.STORE_UNAVAILABLE,
                     f"S3 has been unreachable for {time.monotonic() - self._down_since:.0f} s ({self._down_reason})",
                 )
+        if trial:
+            self._last_try = time.monotonic()
         try:
             future = self._pool.submit(fn, *args, **kw)
             try:
@@ -233,6 +244,7 @@ class S3Store(BlobStore):
             return result
         finally:
             if trial:
+                self._last_try = time.monotonic()   # from its end: a caller after a failed try fails fast
                 self._trial.release()
 
     def _mark_up(self) -> None:
@@ -245,6 +257,7 @@ class S3Store(BlobStore):
             log.warning("S3 unreachable", extra={"event": "store_down", "store": self.uri, "reason": reason})
             self._down_since = time.monotonic()
         self._down_reason = reason
+        self._last_try = time.monotonic()
 
     # ---- helpers -----------------------------------------------------------------------------
 

@@ -89,7 +89,7 @@ SETTINGS = (
     Setting("max_stats_samples", int, 100000, "most samples a statistic (ComputeStatistics, Dissect thresholds, "
                                               "search and edit stats) may be computed over"),
     Setting("max_mask_pixels", int, 4194304, "largest mask (width x height) a request may carry"),
-    Setting("store_timeout_s", float, 10.0, "longest one registry store call may take, retries included (and no "
+    Setting("store_timeout_s", float, 5.0, "longest one registry store call may take, retries included (and no "
                                             "longer than the RPC's deadline); then UNAVAILABLE"),
     Setting("s3_connect_timeout_s", float, 2.0, "seconds to connect to the S3 server"),
     Setting("s3_read_timeout_s", float, 5.0, "seconds an S3 response may stall before the attempt fails"),
