@@ -81,7 +81,10 @@ def call_deadline(seconds: float | None):
     try:
         yield
     finally:
-        _DEADLINE.reset(token)
+        try:
+            _DEADLINE.reset(token)
+        except ValueError:        # a streaming RPC's generator closed from another thread's context
+            pass
 
 
 def _truthy(text: str | None, default: bool) -> bool:

@@ -10,10 +10,11 @@
   NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or SIGINT goes
   NOT_SERVING and stops with a grace period. TLS, metrics, S3 and Redis as configured; the HTTP
   side (``web.py``: the editor and its JSON API) where ``web_address(config)`` says.
-- ``WorkLimiter``: a server interceptor that lets at most ``max_workers`` RPCs work at once on a
-  pool with ``RESERVED_WORKERS`` more threads, so health checks and OIP liveness/readiness never
-  wait behind work; more work is refused (RESOURCE_EXHAUSTED), and during a drain (after
-  SIGTERM) new work is refused with UNAVAILABLE while health answers NOT_SERVING.
+- ``WorkLimiter``: a server interceptor that lets at most ``max_workers`` RPCs work at once and as
+  many more wait for a slot, on a pool with ``RESERVED_WORKERS`` more threads, so health checks
+  and OIP liveness/readiness never wait behind work; more work is refused (RESOURCE_EXHAUSTED),
+  and during a drain (after SIGTERM) new work is refused with UNAVAILABLE while health answers
+  NOT_SERVING.
 - ``StoreWatch``: probes a store that can be probed (S3) every few seconds; while it is
   unreachable ``rulewright.v1.RegistryService`` is NOT_SERVING in health and OIP ``ServerReady``
   is false, while the server as a whole stays SERVING (resident versions still serve, and a
@@ -62,11 +63,14 @@ STORE_PROBE_S = 2.0               # how often StoreWatch asks the store
 
 
 class WorkLimiter(grpc.ServerInterceptor):
-    """At most ``limit`` work RPCs at once (the rest of the pool answers probes); refuses work while draining."""
+    """At most ``limit`` work RPCs at once and ``queue`` more waiting for a slot (until their deadline);
+    beyond that RESOURCE_EXHAUSTED. The rest of the pool answers probes. Refuses work while draining."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, queue: int | None = None):
         self.limit = limit
+        self.queue = limit if queue is None else queue     # work RPCs that may wait for a slot
         self.busy = 0
+        self.waiting = 0
         self.draining = False
         self._cond = threading.Condition()
 
@@ -105,9 +109,20 @@ class WorkLimiter(grpc.ServerInterceptor):
         with self._cond:
             if self.draining:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry (another replica)")
-            if self.busy >= self.limit:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"the server is busy: {self.limit} RPCs in progress (server setting max_workers)")
+            if self.busy >= self.limit and self.waiting >= self.queue:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is busy: {self.limit} RPCs in progress "
+                              f"and {self.waiting} waiting (server setting max_workers)")
+            self.waiting += 1
+            try:
+                while self.busy >= self.limit:        # a bounded queue, in arrival order of wake-ups
+                    if self.draining:
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+                    left = context.time_remaining()
+                    if left <= 0 or not context.is_active():
+                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed waiting for a worker")
+                    self._cond.wait(min(0.1, left))
+            finally:
+                self.waiting -= 1
             self.busy += 1
 
     def _leave(self) -> None:
@@ -193,8 +208,9 @@ def create_server(
                     + ([AuthInterceptor(tokens)] if tokens else []))
     if metrics is not None:
         metrics.bind(domain)
-    # More threads than work may use: the rest answer health and OIP readiness however busy the server is.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers + RESERVED_WORKERS,
+    # Threads for the work, for as many waiting for a slot, and a few that answer health and OIP
+    # readiness however busy the server is.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * max_workers + RESERVED_WORKERS,
                                                     thread_name_prefix="rpc"),
                          interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),

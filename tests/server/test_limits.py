@@ -107,3 +107,34 @@ def test_a_sample_whose_deadline_passes_leaves_its_batch(server, channel, domain
     after = stub.Sample(gen.SampleRequest(model="tiny/1", seeds=[2, 3]), timeout=30)
     assert len(after.images) == 2
     assert 7 not in sizes and 8 not in sizes and 9 not in sizes, sizes      # no pass ever drew the 7 seeds
+
+
+def test_health_answers_while_every_worker_is_busy(domain, monkeypatch):
+    """Two work threads held inside sampling, two more calls waiting, more refused at once: health
+    and OIP readiness still answer, from threads work cannot take."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    release = threading.Event()
+    real = batching.sample
+    monkeypatch.setattr(batching, "sample", lambda model, z, **kw: (release.wait(20), real(model, z=z, **kw))[1])
+    server, port = create_server(domain, max_workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = gen_grpc.GeneratorServiceStub(ch)
+            calls = [stub.Sample.future(gen.SampleRequest(model="tiny/1", seeds=[i]), timeout=30) for i in range(6)]
+            deadline = time.monotonic() + 10
+            refused = []
+            while len(refused) < 2 and time.monotonic() < deadline:
+                refused = [c for c in calls if c.done()]
+                time.sleep(0.05)
+            assert len(refused) == 2 and all(c.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                             for c in refused)
+            check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            ready = oip_grpc.GRPCInferenceServiceStub(ch).ServerReady(oip.ServerReadyRequest(), timeout=2)
+            assert ready.ready
+            release.set()
+            assert all(len(c.result().images) == 1 for c in calls if c not in refused)      # the waiting ones too
+    finally:
+        release.set()
+        server.stop(0).wait()
