@@ -3,7 +3,9 @@
 - ``Domain(registry, stats_cache, device, max_resident)``: one per server process.
 - ``Domain.open(data_dir)``: the embedded default (filesystem registry, in-process cache).
 - ``bootstrap(name, path)``: import a model as version 1 with alias ``production`` if absent.
-- ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``.
+- ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``;
+  a resident version named by number resolves even while the store is unreachable.
+- ``limits`` (``server.limits.Limits``): per-request caps; ``sample`` checks its images against them.
 - ``generator(version)``: the version's generator, resident in an LRU bounded by a count and a
   memory budget; versions share every tensor their edits leave alone (on the CPU and on the
   device), and shared tensors count once against the budget.
@@ -51,6 +53,7 @@ from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, dete
 from .engine.regions import Region
 from .engine.rewrite import rewrite as engine_rewrite
 from .batching import SampleBatcher
+from .server.limits import Limits, check_images
 from .engine.sampling import check_latents, latents, sample, to_uint8
 from .engine.search import Match, direction_for, response_threshold, search
 from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
@@ -149,11 +152,7 @@ class Domain:
         self._lock = threading.Lock()
         self._fingerprints: dict[tuple[str, int, str | None], str] = {}   # (model, number, layer) → sha256
         self.metrics = None               # server.metrics.Metrics once a server binds one: batches, cache lookups
-        if limits is None:
-            from .server.limits import Limits
-
-            limits = Limits()
-        self.limits = limits
+        self.limits = limits if limits is not None else Limits()
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.max_batch = max_batch
@@ -162,8 +161,6 @@ class Domain:
     @classmethod
     def from_config(cls, config) -> "Domain":
         """The domain a ``server.config.ServeConfig`` describes: its registry, cache, device and limits."""
-        from .server.limits import Limits
-
         kw = dict(device=config.device, max_resident=config.max_resident,
                   memory_budget_bytes=int(config.memory_budget_mb * 2**20) or None, max_batch=config.max_batch,
                   batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching,
@@ -303,8 +300,6 @@ class Domain:
         model = res.model
         if (seeds is None) == (z is None):
             raise InvalidArgument("seeds", "give exactly one of seeds or latents")
-        from .server.limits import check_images
-
         check_images(self.limits, len(seeds) if z is None else z.shape[0], field, model.resolution)
         if z is None:
             z = latents(seeds, model.z_dim)
