@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 # Above this size a blob goes up in parts (S3 refuses single PUTs over 5 GB; parts also retry
 # separately). Manifests and deltas are far below it; only large base weights use it.
 _MULTIPART_THRESHOLD = 256 << 20
+# Uploads up to this size (deltas, kilobytes) are bounded like every other call; larger ones (base
+# weights) only by the caller's deadline and botocore's timeouts, since their time grows with size.
+_BOUNDED_UPLOAD = 1 << 20
 # AWS answers 409 ConditionalRequestConflict while another conditional write to the same key is
 # in flight; the outcome is then decided by retrying.
 _CONFLICT_RETRIES = 6
@@ -338,7 +341,8 @@ class S3Store(BlobStore):
         key = self._blob_key(ref.sha256)
         try:
             if isinstance(body, bytes) or ref.size <= _MULTIPART_THRESHOLD:
-                self._call(self._client.put_object, Bucket=self.bucket, Key=key, Body=body, whole_call_bound=False)
+                self._call(self._client.put_object, Bucket=self.bucket, Key=key, Body=body,
+                           whole_call_bound=ref.size <= _BOUNDED_UPLOAD)
             else:
                 from boto3.s3.transfer import TransferConfig
 
