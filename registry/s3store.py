@@ -8,6 +8,15 @@
   ``ensure_bucket()`` creates the bucket (deployment setup and tests; the store never does it
   implicitly, so a typo in a bucket name fails loudly instead of writing somewhere new).
 
+Every call is bounded: botocore's connect and read timeouts and a bounded number of attempts
+(``S3Config``), and on top of them ``call_timeout_s`` for the whole call and whatever is left of
+the caller's deadline (``call_deadline``, which the gRPC servicers set from the RPC's deadline):
+the call runs on a small thread pool and the caller stops waiting when its time is up
+(``STORE_UNAVAILABLE``). After such a failure the store counts as *down*: calls fail at once,
+except ``probe()`` (the server's store watch calls it every few seconds) and, when nothing has
+tried for ``RETRY_S``, one caller; the first success brings it back (``available()``), so a hung
+server cannot hold every request thread.
+
 Why boto3 and not the ``minio`` client: the registry's correctness rests on *real* conditional
 creates (``If-None-Match: *``): version numbers and alias history entries are allocated by them.
 ``minio.Minio.put_object`` cannot send that header: it turns unknown headers into
@@ -20,11 +29,15 @@ content). Against MinIO it needs path-style addressing (the default here) and Si
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
+import threading
 import time
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from . import errors
 from .blobstore import CHUNK, BlobInfo, BlobRef, BlobStore, check_key, check_sha256
@@ -35,6 +48,9 @@ log = logging.getLogger(__name__)
 # Above this size a blob goes up in parts (S3 refuses single PUTs over 5 GB; parts also retry
 # separately). Manifests and deltas are far below it; only large base weights use it.
 _MULTIPART_THRESHOLD = 256 << 20
+# Uploads up to this size (deltas, kilobytes) are bounded like every other call; larger ones (base
+# weights) only by the caller's deadline and botocore's timeouts, since their time grows with size.
+_BOUNDED_UPLOAD = 1 << 20
 # AWS answers 409 ConditionalRequestConflict while another conditional write to the same key is
 # in flight; the outcome is then decided by retrying.
 _CONFLICT_RETRIES = 6
@@ -56,6 +72,24 @@ _MISCONFIGURED_CODES = {
 }
 
 
+# When (time.monotonic()) the current caller stops waiting for store calls; None: no deadline.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("rulewright_store_deadline", default=None)
+_POOL_THREADS = 16         # concurrent S3 calls per store; a hung server holds at most these (and only briefly)
+
+
+@contextlib.contextmanager
+def call_deadline(seconds: float | None):
+    """Store calls made inside (on this thread) give up once ``seconds`` have passed (None: no bound)."""
+    token = _DEADLINE.set(None if seconds is None else time.monotonic() + max(seconds, 0.0))
+    try:
+        yield
+    finally:
+        try:
+            _DEADLINE.reset(token)
+        except ValueError:        # a streaming RPC's generator closed from another thread's context
+            pass
+
+
 def _truthy(text: str | None, default: bool) -> bool:
     if text is None or text == "":
         return default
@@ -73,9 +107,10 @@ class S3Config:
     secure: bool = True             # https for an endpoint given without a scheme
     ca_bundle: str | None = None    # PEM file to verify the server with (private CAs)
     addressing_style: str = "path"  # "path" for MinIO and most self-hosted servers; "virtual" for AWS
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-    max_attempts: int = 4  # botocore retries of throttling, 5xx and dropped connections
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 5.0     # per socket read: a stalled response fails the attempt
+    max_attempts: int = 2  # botocore retries of throttling, 5xx, timeouts and dropped connections
+    call_timeout_s: float = 5.0     # one call, retries included; a caller's deadline may shorten it
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "S3Config":
@@ -106,6 +141,8 @@ class S3Config:
 class S3Store(BlobStore):
     """Blobs and documents in ``bucket`` under ``prefix``, through boto3 (see the module docstring)."""
 
+    RETRY_S = 5.0     # while down, a caller tries the server itself at most this often (probes always may)
+
     def __init__(self, bucket: str, prefix: str = "", config: S3Config | None = None):
         import boto3
         from botocore.config import Config
@@ -127,6 +164,11 @@ class S3Store(BlobStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
+        self._pool = concurrent.futures.ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="s3")
+        self._down_since: float | None = None       # monotonic time of the failure that took it down
+        self._down_reason = ""
+        self._trial = threading.Lock()              # held by the one call that tries a down server
+        self._last_try = 0.0                        # monotonic time a try of the down server last ended
         secure = (self.config.endpoint_url() or "https://").startswith("https://")
         self._client = boto3.session.Session().client(
             "s3",
@@ -141,6 +183,87 @@ class S3Store(BlobStore):
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri!r}, {self.config!r})"
+
+    # ---- bounded calls -----------------------------------------------------------------------
+
+    def available(self) -> bool:
+        """False from a call that timed out or could not connect until the next one that succeeds."""
+        return self._down_since is None
+
+    def probe(self, timeout_s: float = 2.0) -> bool:
+        """One cheap call (HEAD the bucket) that may bring a down store back; whether it answered."""
+        try:
+            with call_deadline(timeout_s):
+                self._call(self._client.head_bucket, Bucket=self.bucket, always_try=True)
+        except Exception:  # noqa: BLE001 -- a refusal (403, 404) is an answer; _call marked a silence down
+            pass
+        return self.available()
+
+    def _call(self, fn: Callable[..., Any], *args: Any, whole_call_bound: bool = True, always_try: bool = False,
+              **kw: Any) -> Any:
+        """``fn(*args, **kw)`` on the pool, waited for at most ``call_timeout_s`` and the caller's deadline.
+
+        ``whole_call_bound`` False (large uploads) leaves only the caller's deadline and botocore's
+        own timeouts. While the store is down a call fails at once, unless no call has tried the
+        server for ``RETRY_S`` (or ``always_try``: a probe) and no other is trying it now. Raises
+        ``Unavailable`` when the time is up or the store is down; botocore's exceptions pass
+        through for ``_translate``.
+        """
+        from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        budget = self.config.call_timeout_s if whole_call_bound else None
+        deadline = _DEADLINE.get()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            left -= min(0.5, 0.1 * left)            # give up a moment early: the caller can still answer UNAVAILABLE
+            budget = left if budget is None else min(budget, left)
+        if budget is not None and budget <= 0:
+            raise errors.Unavailable(Reason.STORE_UNAVAILABLE, "no time left for an S3 call before the deadline")
+        trial = False
+        if self._down_since is not None:
+            if always_try or time.monotonic() - self._last_try >= self.RETRY_S:
+                trial = self._trial.acquire(blocking=False)
+            if not trial:
+                raise errors.Unavailable(
+                    Reason.STORE_UNAVAILABLE,
+                    f"S3 has been unreachable for {time.monotonic() - self._down_since:.0f} s ({self._down_reason})",
+                )
+        if trial:
+            self._last_try = time.monotonic()
+        try:
+            future = self._pool.submit(fn, *args, **kw)
+            try:
+                result = future.result(timeout=budget)
+            except concurrent.futures.TimeoutError:
+                self._mark_down(f"no answer within {budget:.1f} s")
+                raise errors.Unavailable(
+                    Reason.STORE_UNAVAILABLE, f"S3 did not answer within {budget:.1f} s", timeout_s=f"{budget:.1f}"
+                ) from None
+            except (BotoConnectionError, ReadTimeoutError, ConnectionClosedError) as exc:   # no answer
+                self._mark_down(type(exc).__name__)
+                raise
+            except ClientError:               # an answer, if a refusal: the server is there
+                self._mark_up()
+                raise
+            self._mark_up()
+            return result
+        finally:
+            if trial:
+                self._last_try = time.monotonic()   # from its end: a caller after a failed try fails fast
+                self._trial.release()
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            log.warning("S3 reachable again", extra={"event": "store_up", "store": self.uri})
+        self._down_since = None
+
+    def _mark_down(self, reason: str) -> None:
+        if self._down_since is None:
+            log.warning("S3 unreachable", extra={"event": "store_down", "store": self.uri, "reason": reason})
+            self._down_since = time.monotonic()
+        self._down_reason = reason
+        self._last_try = time.monotonic()
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -189,7 +312,7 @@ class S3Store(BlobStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self._call(self._client.head_bucket, Bucket=self.bucket)
             return
         except ClientError as exc:
             if self._code(exc) not in ("404", "NoSuchBucket", "NotFound"):
@@ -200,7 +323,7 @@ class S3Store(BlobStore):
             kwargs = {}
             if self.config.region and self.config.region != "us-east-1":
                 kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.config.region}
-            self._client.create_bucket(Bucket=self.bucket, **kwargs)
+            self._call(self._client.create_bucket, Bucket=self.bucket, **kwargs)
         except ClientError as exc:
             if self._code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise self._translate(exc, f"create bucket {self.bucket}") from exc
@@ -218,13 +341,13 @@ class S3Store(BlobStore):
         key = self._blob_key(ref.sha256)
         try:
             if isinstance(body, bytes) or ref.size <= _MULTIPART_THRESHOLD:
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=body)
+                self._call(self._client.put_object, Bucket=self.bucket, Key=key, Body=body,
+                           whole_call_bound=ref.size <= _BOUNDED_UPLOAD)
             else:
                 from boto3.s3.transfer import TransferConfig
 
-                self._client.upload_fileobj(
-                    body, self.bucket, key, Config=TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD)
-                )
+                self._call(self._client.upload_fileobj, body, self.bucket, key, whole_call_bound=False,
+                           Config=TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD))
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, f"write blob {ref.sha256}") from exc
 
@@ -232,7 +355,7 @@ class S3Store(BlobStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            body = self._client.get_object(Bucket=self.bucket, Key=self._blob_key(sha256))["Body"]
+            body = self._call(self._client.get_object, Bucket=self.bucket, Key=self._blob_key(sha256))["Body"]
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, f"read blob {sha256}", Reason.BLOB_NOT_FOUND, sha256=sha256) from exc
         return self._stream(body, sha256)
@@ -255,7 +378,7 @@ class S3Store(BlobStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            head = self._client.head_object(Bucket=self.bucket, Key=self._blob_key(check_sha256(sha256)))
+            head = self._call(self._client.head_object, Bucket=self.bucket, Key=self._blob_key(check_sha256(sha256)))
         except (ClientError, BotoCoreError) as exc:
             err = self._translate(exc, f"check blob {sha256}", Reason.BLOB_NOT_FOUND)
             if isinstance(err, errors.NotFound):
@@ -268,7 +391,7 @@ class S3Store(BlobStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=self._blob_key(check_sha256(sha256)))
+            self._call(self._client.delete_object, Bucket=self.bucket, Key=self._blob_key(check_sha256(sha256)))
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, f"delete blob {sha256}") from exc
 
@@ -288,14 +411,15 @@ class S3Store(BlobStore):
             kwargs["StartAfter"] = start_after
         if delimiter:
             kwargs["Delimiter"] = delimiter
-        try:
-            for page in self._client.get_paginator("list_objects_v2").paginate(**kwargs):
-                if delimiter:
-                    yield from page.get("CommonPrefixes", [])
-                else:
-                    yield from page.get("Contents", [])
-        except (ClientError, BotoCoreError) as exc:
-            raise self._translate(exc, f"list {prefix}") from exc
+        while True:     # page by page, each page one bounded call (a paginator's calls would not be)
+            try:
+                page = self._call(self._client.list_objects_v2, **kwargs)
+            except (ClientError, BotoCoreError) as exc:
+                raise self._translate(exc, f"list {prefix}") from exc
+            yield from page.get("CommonPrefixes" if delimiter else "Contents", [])
+            if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     # ---- documents ---------------------------------------------------------------------------
 
@@ -306,7 +430,7 @@ class S3Store(BlobStore):
         full = self._doc_key(key)
         for attempt in range(_CONFLICT_RETRIES):
             try:
-                self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), IfNoneMatch="*")
+                self._call(self._client.put_object, Bucket=self.bucket, Key=full, Body=bytes(data), IfNoneMatch="*")
                 return
             except ClientError as exc:
                 code = self._code(exc)
@@ -329,7 +453,7 @@ class S3Store(BlobStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            return self._call(lambda: self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read())
         except (ClientError, BotoCoreError):
             return None
 
@@ -338,7 +462,8 @@ class S3Store(BlobStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self._client.get_object(Bucket=self.bucket, Key=self._doc_key(key))["Body"].read()
+            full = self._doc_key(key)
+            return self._call(lambda: self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read())
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, f"read {key}", key=key) from exc
 
@@ -347,7 +472,7 @@ class S3Store(BlobStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=self._doc_key(key))
+            self._call(self._client.delete_object, Bucket=self.bucket, Key=self._doc_key(key))
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, f"delete {key}") from exc
 
@@ -395,7 +520,7 @@ class S3Store(BlobStore):
         if not sep or not key.startswith(self._base):
             raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, f"not an upload name: {name!r}")
         try:
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            self._call(self._client.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id)
         except (ClientError, BotoCoreError) as exc:
             err = self._translate(exc, f"abort upload {name}")
             if not isinstance(err, errors.NotFound):
@@ -403,6 +528,7 @@ class S3Store(BlobStore):
 
     def close(self) -> None:
         """Close the client's connection pool."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
         close = getattr(self._client, "close", None)
         if close is not None:
             close()

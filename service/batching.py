@@ -5,6 +5,9 @@
   coalesced in arrival order up to ``max_batch`` images; the first waits at most ``max_delay_s``
   for company, and requests that arrive while a batch runs join the next one without waiting.
 - ``BatcherClosed``: ``submit`` after ``close``.
+- ``submit(..., should_stop)``: a caller whose client went away (cancelled, deadline passed)
+  leaves the queue at once (``Cancelled``); if its batch already runs, the caller stops waiting
+  and its images are dropped.
 
 Images do not depend on the company they are batched with: ``sampling.sample`` pads every
 forward pass to a fixed bucket size, so any composition gives the same bits.
@@ -20,6 +23,7 @@ from typing import Callable, Hashable
 
 import torch
 
+from .engine.errors import Cancelled
 from .engine.generators.base import Generator
 from .engine.sampling import sample
 
@@ -43,6 +47,8 @@ class _Job:
 class SampleBatcher:
     """Coalesces concurrent sampling of one (version, truncation) into shared forward passes."""
 
+    POLL_S = 0.05                         # how often a waiting caller checks whether its client left
+
     def __init__(
         self,
         max_batch: int = 16,              # most images in one forward pass
@@ -62,15 +68,27 @@ class SampleBatcher:
         self._worker = threading.Thread(target=self._run, name="sample-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, key: Hashable, model: Generator, z: torch.Tensor, truncation: float = 1.0) -> torch.Tensor:
-        """(N, 3, R, R) images in [-1, 1] for latents ``z``, computed in a batch shared with others of ``key``."""
+    def submit(self, key: Hashable, model: Generator, z: torch.Tensor, truncation: float = 1.0,
+               should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """(N, 3, R, R) images in [-1, 1] for latents ``z``, computed in a batch shared with others of ``key``.
+
+        ``should_stop()`` true (the client cancelled or its deadline passed): ``Cancelled``, and
+        the request leaves the queue if its batch has not started.
+        """
         job = _Job(key, model, z, truncation, time.monotonic())
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the server is shutting down")
             self._pending.append(job)
             self._cond.notify()
-        job.done.wait()
+        while not job.done.wait(None if should_stop is None else self.POLL_S):
+            if should_stop():
+                with self._cond:
+                    try:
+                        self._pending.remove(job)      # not taken yet: its batch goes on without it
+                    except ValueError:
+                        pass                           # running: its images are dropped
+                raise Cancelled("sampling cancelled: the client went away or its deadline passed")
         if job.error is not None:
             raise job.error
         assert job.images is not None

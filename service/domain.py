@@ -3,7 +3,9 @@
 - ``Domain(registry, stats_cache, device, max_resident)``: one per server process.
 - ``Domain.open(data_dir)``: the embedded default (filesystem registry, in-process cache).
 - ``bootstrap(name, path)``: import a model as version 1 with alias ``production`` if absent.
-- ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``.
+- ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``;
+  a resident version named by number resolves even while the store is unreachable.
+- ``limits`` (``server.limits.Limits``): per-request caps; ``sample`` checks its images against them.
 - ``generator(version)``: the version's generator, resident in an LRU bounded by a count and a
   memory budget; versions share every tensor their edits leave alone (on the CPU and on the
   device), and shared tensors count once against the budget.
@@ -27,13 +29,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from rulewright.registry.errors import NotFound
+from rulewright.registry.errors import NotFound, Unavailable
 from rulewright.registry.manifests import Version
 from rulewright.registry.registry import Registry
 from rulewright.registry.statistics import KEY_MOMENT
@@ -50,6 +53,7 @@ from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, dete
 from .engine.regions import Region
 from .engine.rewrite import rewrite as engine_rewrite
 from .batching import SampleBatcher
+from .server.limits import Limits, check_images
 from .engine.sampling import check_latents, latents, sample, to_uint8
 from .engine.search import Match, direction_for, response_threshold, search
 from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
@@ -60,6 +64,7 @@ Progress = Callable[[dict], None]
 StopCheck = Callable[[], bool]
 VALUE_QUANTILE = "value_quantile"
 STATISTICS = (KEY_MOMENT, VALUE_QUANTILE)
+_NUMBERED = re.compile(r"^([^/@]+)/([0-9]+)$")     # model/N: a version by number
 
 
 @dataclasses.dataclass
@@ -132,6 +137,7 @@ class Domain:
         max_batch: int = 16,              # most images in one forward pass
         batch_delay_ms: float = 2.0,      # how long a Sample waits for others to share its forward pass
         dynamic_batching: bool = True,    # False: each Sample runs its own forward passes
+        limits=None,                      # server.limits.Limits: per-request caps; None: the defaults
     ):
         configure_determinism()
         self.registry = registry
@@ -146,6 +152,7 @@ class Domain:
         self._lock = threading.Lock()
         self._fingerprints: dict[tuple[str, int, str | None], str] = {}   # (model, number, layer) → sha256
         self.metrics = None               # server.metrics.Metrics once a server binds one: batches, cache lookups
+        self.limits = limits if limits is not None else Limits()
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.max_batch = max_batch
@@ -156,10 +163,12 @@ class Domain:
         """The domain a ``server.config.ServeConfig`` describes: its registry, cache, device and limits."""
         kw = dict(device=config.device, max_resident=config.max_resident,
                   memory_budget_bytes=int(config.memory_budget_mb * 2**20) or None, max_batch=config.max_batch,
-                  batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching)
+                  batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching,
+                  limits=Limits.from_config(config))
         if not config.registry_uri:
             return cls.open(config.data_dir, config.stats_cache, **kw)
-        registry = Registry.open(config.registry_uri)
+        registry = Registry.open(config.registry_uri, s3=_s3_config(config) if config.registry_uri.startswith("s3://")
+                                 else None)
         if config.create_bucket and hasattr(registry.store, "ensure_bucket"):
             registry.store.ensure_bucket()
         return cls(registry, open_stats_cache(config.stats_cache), **kw)
@@ -206,8 +215,20 @@ class Domain:
         return self.registry.resolve(f"{name}@{alias}")
 
     def resolve(self, ref: str) -> Version:
-        """One immutable version for a reference (registry errors pass through)."""
-        return self.registry.resolve(ref)
+        """One immutable version for a reference (registry errors pass through).
+
+        A version named by number that is resident keeps serving while the store is unreachable
+        (versions are immutable); aliases and "newest" need the store and stay UNAVAILABLE.
+        """
+        try:
+            return self.registry.resolve(ref)
+        except Unavailable:
+            m = _NUMBERED.match(ref) if isinstance(ref, str) else None
+            with self._lock:
+                hit = self._resident.get((m.group(1), int(m.group(2)))) if m else None
+            if hit is None:
+                raise
+            return hit.version
 
     def generator(self, version: Version) -> Resident:
         """The resident generator of ``version`` (loaded on first use, least recently used evicted)."""
@@ -273,15 +294,19 @@ class Domain:
 
     def sample(self, ref: str, seeds: Sequence[int] | None = None, z: torch.Tensor | None = None,
                truncation: float = 1.0, layer: str | None = None,
-               interventions: Sequence[dissect.Intervention] = ()) -> tuple[Version, torch.Tensor]:
-        """(version, (N, H, W, 3) uint8 images) for seeds or raw latents, with optional unit interventions."""
+               interventions: Sequence[dissect.Intervention] = (), should_stop: StopCheck | None = None,
+               field: str = "seeds") -> tuple[Version, torch.Tensor]:
+        """(version, (N, H, W, 3) uint8 images) for seeds or raw latents, with optional unit interventions.
+
+        The count and the reply's size are checked against ``limits`` before any work;
+        ``should_stop()`` true ends the work with ``Cancelled`` (a batched request leaves its batch).
+        """
         version = self.resolve(ref)
         res = self.generator(version)
         model = res.model
         if (seeds is None) == (z is None):
-            from .engine.errors import InvalidArgument
-
             raise InvalidArgument("seeds", "give exactly one of seeds or latents")
+        check_images(self.limits, len(seeds) if z is None else z.shape[0], field, model.resolution)
         if z is None:
             z = latents(seeds, model.z_dim)
         check_latents(z, model.z_dim)
@@ -290,10 +315,17 @@ class Domain:
                                                        list(interventions), truncation=truncation, z=z)
         elif self.batcher is not None:
             model.check_truncation(truncation)     # here, not in the batch: a bad one fails only its caller
-            images = self.batcher.submit((version.model, version.number, float(truncation)), model, z, truncation)
+            images = self.batcher.submit((version.model, version.number, float(truncation)), model, z, truncation,
+                                         should_stop=should_stop)
         else:
-            self._observe_batch(z.shape[0])
-            images = sample(model, z=z, truncation=truncation, batch_size=self.max_batch)
+            parts = []
+            for start in range(0, z.shape[0], self.max_batch):   # a pass at a time, so a cancel stops between them
+                if should_stop is not None and should_stop():
+                    raise Cancelled("sampling cancelled: the client went away or its deadline passed")
+                chunk = z[start:start + self.max_batch]
+                self._observe_batch(chunk.shape[0])
+                parts.append(sample(model, z=chunk, truncation=truncation, batch_size=self.max_batch))
+            images = torch.cat(parts)
         return version, to_uint8(images)
 
     def list_layers(self, ref: str) -> tuple[Version, list, str]:
@@ -443,10 +475,12 @@ class Domain:
 
     def search(self, ref: str, layer: str | None, context: Sequence[Region], seeds: Sequence[int], rank: int = 1,
                top: int = 16, q: float = 0.999, truncation: float = 1.0, ridge: float = 1e-4,
-               samples: int | None = None, seed_start: int = 0) -> tuple[Version, list[Match], float]:
+               samples: int | None = None, seed_start: int = 0,
+               should_stop: StopCheck | None = None) -> tuple[Version, list[Match], float]:
         """(version, best matches, highlight threshold) for context regions (layer None: the default).
 
-        ``samples`` and ``seed_start`` choose the samples C is computed over (a cached statistic).
+        ``samples`` and ``seed_start`` choose the samples C is computed over (a cached statistic);
+        ``should_stop()`` true stops that computation (``Cancelled``).
         """
         version = self.resolve(ref)
         res = self.generator(version)
@@ -457,7 +491,7 @@ class Domain:
             raise InvalidArgument("quantile", f"must lie strictly between 0 and 1, got {q}")
         if rank < 1:
             raise InvalidArgument("rank", f"must be positive, got {rank}")
-        moment = self.statistics(version, layer, samples, seed_start, truncation=truncation)
+        moment = self.statistics(version, layer, samples, seed_start, truncation=truncation, should_stop=should_stop)
         private = res.hookable()
         d = direction_for(private, layer, moment.moment(), list(context), rank, ridge=ridge, truncation=truncation)
         threshold = response_threshold(private, layer, d, range(200), q, truncation)
@@ -465,12 +499,14 @@ class Domain:
 
     def dissect(self, ref: str, layer: str | None, regions: Sequence[Region], by: str = "iou", top: int = 0,
                 samples: int | None = None, seed_start: int = 0, q: float = dissect.DEFAULT_QUANTILE,
-                truncation: float = 1.0, include_maps: bool = False) -> DissectResult:
+                truncation: float = 1.0, include_maps: bool = False,
+                should_stop: StopCheck | None = None) -> DissectResult:
         """Units of ``layer`` (None: the default) ranked against ``regions``, best first.
 
         Thresholds are each unit's ``q``-quantile over ``samples`` untruncated samples from
         ``seed_start`` (the cached VALUE_QUANTILE statistic); ``truncation`` applies to the regions'
-        samples. ``top`` 0 returns every unit.
+        samples. ``top`` 0 returns every unit. ``should_stop()`` true stops the thresholds'
+        computation (``Cancelled``).
         """
         version = self.resolve(ref)
         res = self.generator(version)
@@ -479,7 +515,7 @@ class Domain:
             raise InvalidArgument("top", f"must not be negative, got {top}")
         if not 0 < q < 1:
             raise InvalidArgument("quantile", f"must lie strictly between 0 and 1, got {q}")
-        quantiles = self._cached_stat(version, layer, VALUE_QUANTILE, samples, seed_start, 1.0, None, None).stat
+        quantiles = self._cached_stat(version, layer, VALUE_QUANTILE, samples, seed_start, 1.0, None, should_stop).stat
         private = res.hookable()     # unit maps hook it
         ranked = dissect.rank_units(private, layer, list(regions), quantiles, by=by, truncation=truncation,
                                     q=q)
@@ -521,6 +557,15 @@ class Domain:
         return self.registry.import_model(name, arch=detected, config=_json_metrics(derived), weights=data,
                                           author=author, description=description, spec=spec, metrics=metrics,
                                           request_id=request_id)
+
+
+def _s3_config(config):
+    """``RULEWRIGHT_S3_*`` (endpoint, keys, TLS) with the store timeouts the settings give."""
+    from rulewright.registry.s3store import S3Config
+
+    return dataclasses.replace(S3Config.from_env(), connect_timeout_s=config.s3_connect_timeout_s,
+                               read_timeout_s=config.s3_read_timeout_s, max_attempts=config.s3_max_attempts,
+                               call_timeout_s=config.store_timeout_s)
 
 
 def _json_metrics(metrics: dict) -> dict:

@@ -1,2 +1,3 @@
 """The gRPC server: ``app`` (construction, health, shutdown, logs), ``servicers`` (thin, over the
-domain layer), ``errors`` (the one exception → status table), ``convert`` (protos ↔ domain)."""
+domain layer), ``errors`` (the one exception → status table), ``convert`` (protos ↔ domain),
+``limits`` (per-request caps)."""

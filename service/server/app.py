@@ -10,6 +10,15 @@
   NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or SIGINT goes
   NOT_SERVING and stops with a grace period. TLS, metrics, S3 and Redis as configured; the HTTP
   side (``web.py``: the editor and its JSON API) where ``web_address(config)`` says.
+- ``WorkLimiter``: a server interceptor that lets at most ``max_workers`` RPCs work at once and as
+  many more wait for a slot, on a pool with ``RESERVED_WORKERS`` more threads, so health checks
+  and OIP liveness/readiness never wait behind work; more work is refused (RESOURCE_EXHAUSTED),
+  and during a drain (after SIGTERM) new work is refused with UNAVAILABLE while health answers
+  NOT_SERVING.
+- ``StoreWatch``: probes a store that can be probed (S3) every few seconds; while it is
+  unreachable ``rulewright.v1.RegistryService`` is NOT_SERVING in health and OIP ``ServerReady``
+  is false, while the server as a whole stays SERVING (resident versions still serve, and a
+  liveness probe must not restart every replica over a store outage).
 - ``JsonFormatter`` / ``configure_logging()``: one JSON object per log line.
 """
 
@@ -21,6 +30,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -42,6 +52,128 @@ MAX_MESSAGE_BYTES = 64 << 20      # requests and responses (a 64-image PNG album
 GRACE_S = 10.0                    # in-flight RPCs get this long on shutdown
 SERVICES = (gen.DESCRIPTOR.services_by_name["GeneratorService"].full_name,
             reg.DESCRIPTOR.services_by_name["RegistryService"].full_name, OIP_SERVICE)
+
+
+RESERVED_WORKERS = 4              # pool threads only probes and discovery use (see WorkLimiter)
+# Methods that never count as work: health, reflection, OIP liveness and readiness.
+UNLIMITED_PREFIXES = (f"/{health.SERVICE_NAME}/", "/grpc.reflection.", f"/{OIP_SERVICE}/ServerLive",
+                      f"/{OIP_SERVICE}/ServerReady")
+REGISTRY_SERVICE = SERVICES[1]
+STORE_PROBE_S = 2.0               # how often StoreWatch asks the store
+
+
+class WorkLimiter(grpc.ServerInterceptor):
+    """At most ``limit`` work RPCs at once and ``queue`` more waiting for a slot (until their deadline);
+    beyond that RESOURCE_EXHAUSTED. The rest of the pool answers probes. Refuses work while draining."""
+
+    def __init__(self, limit: int, queue: int | None = None):
+        self.limit = limit
+        self.queue = limit if queue is None else queue     # work RPCs that may wait for a slot
+        self.busy = 0
+        self.waiting = 0
+        self.draining = False
+        self._cond = threading.Condition()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(UNLIMITED_PREFIXES):
+            return handler
+        if handler.response_streaming:
+            attr = "stream_stream" if handler.request_streaming else "unary_stream"
+            make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                    else grpc.unary_stream_rpc_method_handler)
+            behavior = getattr(handler, attr)
+
+            def wrapped(request_or_iterator, context):
+                self._enter(context)
+                try:
+                    yield from behavior(request_or_iterator, context)
+                finally:
+                    self._leave()
+        else:
+            attr = "stream_unary" if handler.request_streaming else "unary_unary"
+            make = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+            behavior = getattr(handler, attr)
+
+            def wrapped(request_or_iterator, context):
+                self._enter(context)
+                try:
+                    return behavior(request_or_iterator, context)
+                finally:
+                    self._leave()
+        return make(wrapped, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+    def _enter(self, context) -> None:
+        with self._cond:
+            if self.draining:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry (another replica)")
+            if self.busy >= self.limit and self.waiting >= self.queue:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is busy: {self.limit} RPCs in progress "
+                              f"and {self.waiting} waiting (server setting max_workers)")
+            self.waiting += 1
+            try:
+                while self.busy >= self.limit:        # a bounded queue, in arrival order of wake-ups
+                    if self.draining:
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+                    left = context.time_remaining()
+                    if left <= 0 or not context.is_active():
+                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed waiting for a worker")
+                    self._cond.wait(min(0.1, left))
+            finally:
+                self.waiting -= 1
+            self.busy += 1
+
+    def _leave(self) -> None:
+        with self._cond:
+            self.busy -= 1
+            self._cond.notify_all()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new work and wait up to ``timeout_s`` for the work in progress; whether it all finished."""
+        with self._cond:
+            self.draining = True
+            return self._cond.wait_for(lambda: self.busy == 0, timeout=timeout_s)
+
+
+class StoreWatch:
+    """Probes the domain's store (if it can be probed) every ``period_s``; ``available`` is the last answer.
+
+    While the store is unreachable, health marks the RegistryService NOT_SERVING (only while the
+    server as a whole is SERVING, so startup and shutdown keep their own status).
+    """
+
+    def __init__(self, domain, health_servicer: health.HealthServicer, period_s: float = STORE_PROBE_S):
+        self.store = domain.registry.store
+        self.health = health_servicer
+        self.period_s = period_s
+        self.available = True
+        self._stop = threading.Event()
+        self._thread = None
+        if hasattr(self.store, "probe"):
+            self._thread = threading.Thread(target=self._run, name="store-watch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                available = bool(self.store.probe(timeout_s=min(self.period_s, 2.0)))
+            except Exception:  # noqa: BLE001 -- a failing probe reads as unreachable
+                available = False
+            if available != self.available:
+                log.warning("store " + ("reachable" if available else "unreachable"),
+                            extra={"event": "store_health", "available": available, "store": self.store.uri})
+            self.available = available
+            if _serving(self.health):
+                self.health.set(REGISTRY_SERVICE, health_pb2.HealthCheckResponse.SERVING if available
+                                else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def stop(self) -> None:
+        """Stop probing."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 def set_health(servicer: health.HealthServicer, serving: bool) -> None:
@@ -70,11 +202,16 @@ def create_server(
 ) -> tuple[grpc.Server, int]:
     """A started server with GeneratorService, RegistryService, the OIP service, health and reflection."""
     check_auth_config(address, tokens)
-    # Metrics outermost, so refused calls (UNAUTHENTICATED, PERMISSION_DENIED) are counted too.
-    interceptors = ([metrics.interceptor()] if metrics is not None else []) + ([AuthInterceptor(tokens)] if tokens else [])
+    # Metrics outermost, so refused calls (UNAUTHENTICATED, PERMISSION_DENIED, busy) are counted too.
+    limiter = WorkLimiter(max_workers)
+    interceptors = (([metrics.interceptor()] if metrics is not None else []) + [limiter]
+                    + ([AuthInterceptor(tokens)] if tokens else []))
     if metrics is not None:
         metrics.bind(domain)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+    # Threads for the work, for as many waiting for a slot, and a few that answer health and OIP
+    # readiness however busy the server is.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * max_workers + RESERVED_WORKERS,
+                                                    thread_name_prefix="rpc"),
                          interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -87,10 +224,13 @@ def create_server(
         health_servicer = health.HealthServicer()
         set_health(health_servicer, bool(domain.registry.list_models(page_size=1).items))
     server.health_servicer = health_servicer
+    server.limiter = limiter
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    # OIP ServerReady reports the overall health status, so both probes agree during startup and shutdown
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(domain, lambda: _serving(health_servicer)),
-                                                        server)
+    watch = server.store_watch = StoreWatch(domain, health_servicer)
+    # OIP ServerReady follows the overall health status (both probes agree during startup and shutdown)
+    # and the store: a replica that cannot reach its registry is not ready.
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(domain, lambda: _serving(health_servicer) and watch.available), server)
     reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -99,6 +239,13 @@ def create_server(
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
+    stop = server.stop
+
+    def stop_all(grace):
+        """grpc.Server.stop, and the store watch with it."""
+        watch.stop()
+        return stop(grace)
+    server.stop = stop_all
     return server, port
 
 
@@ -130,6 +277,9 @@ def serve(config, on_ready=None) -> int:
     web_at = web_address(config)
     if web_at:
         check_auth_config(web_at, tokens)                  # the HTTP side obeys the same rule
+    if config.metrics_address:
+        # /metrics has no auth of its own: without tokens (a loopback-only server) it stays on loopback too
+        check_auth_config(config.metrics_address, tokens)
     credentials = server_credentials(TlsFiles(config.tls_cert or None, config.tls_key or None,
                                               config.tls_client_ca or None))
     stop = threading.Event()
@@ -173,10 +323,12 @@ def serve(config, on_ready=None) -> int:
     finally:
         if server is not None:
             log.info("shutting down", extra={"event": "shutdown", "grace_s": config.grace_s})
-            health_servicer.enter_graceful_shutdown()
+            health_servicer.enter_graceful_shutdown()         # NOT_SERVING, answered until the drain ends
             if web is not None:
                 web.shutdown()                                # running editor jobs are cancelled: they create nothing
-            server.stop(config.grace_s).wait()
+            started = time.monotonic()
+            server.limiter.drain(config.grace_s)              # new work: UNAVAILABLE; health still answers
+            server.stop(max(config.grace_s - (time.monotonic() - started), 0.0)).wait()
         if domain is not None:
             domain.close()
         if metrics_http is not None:
@@ -197,7 +349,8 @@ def _start_web(domain, config, address: str, tokens, health_servicer):
 
     tls = ssl_context(config.tls_cert or None, config.tls_key or None, config.tls_client_ca or None)
     try:
-        web = create_web_server(domain, address, tokens=tokens, serving=lambda: _serving(health_servicer), tls=tls)
+        web = create_web_server(domain, address, tokens=tokens, serving=lambda: _serving(health_servicer), tls=tls,
+                                max_connections=config.web_max_connections, idle_timeout_s=config.web_idle_timeout_s)
     except OSError as exc:
         if config.web_address != "auto":
             raise

@@ -83,6 +83,20 @@ SETTINGS = (
     Setting("max_message_mb", float, 64.0, "largest gRPC request or response in MiB"),
     Setting("max_workers", int, 16, "RPCs served at once"),
     Setting("grace_s", float, 10.0, "seconds in-flight RPCs get to finish after SIGTERM or SIGINT"),
+    Setting("max_images", int, 64, "most images one Sample, OIP ModelInfer or Rewrite preview may ask for"),
+    Setting("max_search_seeds", int, 10000, "most candidate seeds one SearchContext may rank"),
+    Setting("max_regions", int, 64, "most regions in one Dissect, SearchContext or edit spec"),
+    Setting("max_stats_samples", int, 100000, "most samples a statistic (ComputeStatistics, Dissect thresholds, "
+                                              "search and edit stats) may be computed over"),
+    Setting("max_mask_pixels", int, 4194304, "largest mask (width x height) a request may carry"),
+    Setting("store_timeout_s", float, 5.0, "longest one registry store call may take, retries included (and no "
+                                            "longer than the RPC's deadline); then UNAVAILABLE"),
+    Setting("s3_connect_timeout_s", float, 2.0, "seconds to connect to the S3 server"),
+    Setting("s3_read_timeout_s", float, 5.0, "seconds an S3 response may stall before the attempt fails"),
+    Setting("s3_max_attempts", int, 2, "attempts per S3 call (botocore retries of 5xx, throttling, timeouts)"),
+    Setting("web_max_connections", int, 64, "most open connections on the HTTP side; more are refused with 503"),
+    Setting("web_idle_timeout_s", float, 15.0, "seconds an HTTP connection may sit idle or half-sent before it is "
+                                               "closed"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -149,7 +163,8 @@ def resolve(args: argparse.Namespace | None = None, environ: dict | None = None)
 
 
 def _check(c: "ServeConfig") -> None:
-    for name in ("max_batch", "max_resident", "max_workers"):
+    for name in ("max_batch", "max_resident", "max_workers", "max_images", "max_search_seeds", "max_regions",
+                 "max_stats_samples", "max_mask_pixels", "s3_max_attempts", "web_max_connections"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
     for name in ("batch_delay_ms", "memory_budget_mb", "grace_s", "max_import_mb", "max_message_mb"):
@@ -158,6 +173,9 @@ def _check(c: "ServeConfig") -> None:
     for name in ("batch_delay_ms", "memory_budget_mb", "grace_s"):
         if not getattr(c, name) >= 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(c, name)}")
+    for name in ("store_timeout_s", "s3_connect_timeout_s", "s3_read_timeout_s", "web_idle_timeout_s"):
+        if not (math.isfinite(getattr(c, name)) and getattr(c, name) > 0):
+            raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(c, name)}")
     for name in ("max_import_mb", "max_message_mb"):
         if not getattr(c, name) > 0:
             raise ConfigError(f"{name} must be positive, got {getattr(c, name)}")

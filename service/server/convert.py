@@ -161,7 +161,13 @@ def _mask(msg: images_pb2.Mask, field: str) -> torch.Tensor:
         pixels = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.width)
     elif msg.encoding == images_pb2.Mask.ENCODING_PNG:
         try:
-            pixels = np.asarray(PILImage.open(io.BytesIO(msg.data)).convert("L"))
+            image = PILImage.open(io.BytesIO(msg.data))
+            if image.size != (msg.width, msg.height):      # before decoding: a small PNG can declare a huge image
+                raise InvalidArgument(f"{field}.data", f"PNG is {image.size[0]}x{image.size[1]}, width x height "
+                                      f"says {msg.width}x{msg.height}")
+            pixels = np.asarray(image.convert("L"))
+        except InvalidArgument:
+            raise
         except Exception as exc:  # noqa: BLE001 -- any decoder failure is bad input
             raise InvalidArgument(f"{field}.data", f"not a readable PNG ({exc})") from None
         if pixels.shape != (msg.height, msg.width):
@@ -206,16 +212,24 @@ def image_format(value: int, field: str = "image_format") -> int:
     return value
 
 
-def check_rewrite_request(request: gen.RewriteRequest) -> None:
-    """RewriteRequest's own fields (preview_seeds, preview_format), checked before the job starts.
+def check_rewrite_request(request: gen.RewriteRequest, limits=None) -> None:
+    """RewriteRequest's own fields (preview_seeds, preview_format) and its caps (``limits.check_rewrite``),
+    checked before the job starts.
 
-    Their errors travel registry-style (the field in ErrorInfo metadata, as the model reference's
-    do), because the Rewrite servicer prefixes every engine field with ``spec.``.
+    Errors of the request's own fields travel registry-style (the field in ErrorInfo metadata, as
+    the model reference's do), because the Rewrite servicer prefixes every engine field with
+    ``spec.``; the spec's own fields are handed back relative to ``spec``.
     """
+    from .limits import check_rewrite
+
     try:
         seeds(request.preview_seeds, "preview_seeds")
         image_format(request.preview_format, "preview_format")
+        if limits is not None:
+            check_rewrite(limits, request)
     except InvalidArgument as exc:
+        if exc.field.startswith("spec."):
+            raise InvalidArgument(exc.field.removeprefix("spec."), exc.description) from None
         err = RequestInvalid(Reason.INVALID_ARGUMENT, exc.description, field=exc.field)
         err.domain = "rulewright.dev"
         raise err from None
@@ -403,8 +417,6 @@ def search_args(request: gen.SearchContextRequest) -> dict:
         r = request.seed_range
         if r.count < 1 or r.start < 0:
             raise InvalidArgument("seed_range", f"needs start >= 0 and count >= 1, got {r.start}, {r.count}")
-        if r.count > 1_000_000:
-            raise InvalidArgument("seed_range.count", f"at most 1,000,000 candidates, got {r.count}")
         seeds = range(r.start, r.start + r.count)
     else:
         seeds = list(request.seeds)

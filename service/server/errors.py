@@ -6,7 +6,8 @@
 - ``to_status(exc, fields)``: the ``google.rpc.Status`` for an exception (ErrorInfo always;
   BadRequest for INVALID_ARGUMENT; PreconditionFailure for FAILED_PRECONDITION).
 - ``rpc(fields=..., prefix=...)``: decorator for unary and server-streaming methods; turns any
-  exception into an abort with ``grpc-status-details-bin`` and logs one line per call.
+  exception into an abort with ``grpc-status-details-bin`` and logs one line per call; store
+  calls the method makes end with the RPC's deadline (``s3store.call_deadline``).
 
 Engine fields are named as the engine spells them (``paste[1].mask``); ``prefix`` and ``fields``
 rename them as the request does (``spec.paste[1].mask``, ``z`` → ``latents``). Registry fields
@@ -27,6 +28,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from rulewright.registry.errors import RegistryError
+from rulewright.registry.s3store import call_deadline
 from rulewright.service.engine.errors import Cancelled, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ ERROR_TABLE: list[tuple[type[BaseException] | tuple[type[BaseException], ...], g
     ((RegistryError, AuthError), None, None, None),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", DOMAIN),
     (Cancelled, grpc.StatusCode.CANCELLED, "CANCELLED", DOMAIN),
+    # A request stream gRPC broke off (the client cancelled, or a message was over max_message_mb):
+    # the client already has its status; this only names it in the log, without a traceback.
+    (grpc.RpcError, grpc.StatusCode.CANCELLED, "STREAM_BROKEN", DOMAIN),
     (LookupError, grpc.StatusCode.NOT_FOUND, "NOT_FOUND", DOMAIN),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", DOMAIN),
     (Exception, grpc.StatusCode.INTERNAL, "INTERNAL", DOMAIN),
@@ -131,6 +136,15 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str, field
     context.abort_with_status(rpc_status.to_status(status))
 
 
+def _remaining(context) -> float | None:
+    """Seconds left before the RPC's deadline (None: none, or a context that cannot say)."""
+    try:
+        left = context.time_remaining()
+    except Exception:  # noqa: BLE001 -- stand-in contexts in tests
+        return None
+    return float(left) if isinstance(left, (int, float)) else None
+
+
 def rpc(fields: Mapping[str, str] | None = None, prefix: str = "") -> Callable:
     """Decorator: map every exception of a servicer method through ``ERROR_TABLE``; log each call."""
 
@@ -146,7 +160,8 @@ def rpc(fields: Mapping[str, str] | None = None, prefix: str = "") -> Callable:
             def stream(self, request, context):
                 started = time.perf_counter()
                 try:
-                    yield from fn(self, request, context)
+                    with call_deadline(_remaining(context)):
+                        yield from fn(self, request, context)
                 except Exception as exc:  # noqa: BLE001 -- every error becomes a status
                     done(started, classify(exc)[0].name)
                     _abort(context, exc, method, fields, prefix)
@@ -158,7 +173,8 @@ def rpc(fields: Mapping[str, str] | None = None, prefix: str = "") -> Callable:
         def unary(self, request, context):
             started = time.perf_counter()
             try:
-                response = fn(self, request, context)
+                with call_deadline(_remaining(context)):     # store calls end with the RPC's deadline
+                    response = fn(self, request, context)
             except Exception as exc:  # noqa: BLE001 -- every error becomes a status
                 done(started, classify(exc)[0].name)
                 _abort(context, exc, method, fields, prefix)

@@ -40,6 +40,7 @@ from rulewright.v1 import generator_service_pb2 as gen
 
 from . import convert
 from .errors import rpc
+from .limits import check_images
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_ALIAS = "production"        # what an empty model_version means, when the model has it
@@ -227,6 +228,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         for i, out in enumerate(request.outputs):
             if out.name != OUTPUT:
                 raise InvalidArgument(f"outputs[{i}].name", f"unknown output {out.name!r}; outputs: {OUTPUT}")
+        for i, t in enumerate(request.inputs):          # before any tensor is built
+            if t.name in ("seed", "z") and t.shape:
+                check_images(self.domain.limits, t.shape[0], f"inputs[{i}].shape")
         inputs = _inputs(request)
         if ("seed" in inputs) == ("z" in inputs):
             raise InvalidArgument("inputs", "give exactly one of the inputs 'seed' and 'z'")
@@ -237,7 +241,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         truncation = _truncation(*inputs["truncation"], model) if "truncation" in inputs else 1.0
         # the resolved number, not the request's alias: a move of the alias cannot change what is drawn
         version, images = self.domain.sample(f"{version.model}/{version.number}", seeds=seeds, z=z,
-                                             truncation=truncation)
+                                             truncation=truncation, should_stop=lambda: not context.is_active(),
+                                             field=f"inputs[{inputs['seed' if seeds else 'z'][0]}].shape")
         pixels = images.cpu().numpy()
         return oip.ModelInferResponse(
             model_name=version.model, model_version=str(version.number), id=request.id,

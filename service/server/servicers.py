@@ -22,6 +22,7 @@ from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc
 from . import convert
 from .auth import current_principal
 from .errors import rpc
+from .limits import check_dissect, check_sample, check_search, check_statistics
 
 _DONE = object()
 NAME_FIELDS = {"model": "name", "version": "name", "alias": "name"}   # registry fields → `name`
@@ -68,29 +69,36 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
 
     @rpc(fields={"z": "latents"})
     def Sample(self, request, context):
+        check_sample(self.domain.limits, request)
         seeds = convert.seeds(request.seeds)
         fmt = convert.image_format(request.image_format)
         z = convert.latents_tensor(request.latents) if request.HasField("latents") else None
         layer, interventions = convert.interventions(request.interventions)
         truncation = convert.sample_truncation(self.domain, request)
         version, images = self.domain.sample(request.model, seeds=seeds, z=z, truncation=truncation, layer=layer,
-                                             interventions=interventions)
+                                             interventions=interventions, should_stop=lambda: not context.is_active(),
+                                             field="seeds" if z is None else "latents.count")
         return gen.SampleResponse(version=convert.version_name(version),
                                   images=convert.images_pb(images, fmt, seeds))
 
     @rpc()
     def Dissect(self, request, context):
-        return convert.dissect_pb(self.domain.dissect(request.model, **convert.dissect_args(request)))
+        check_dissect(self.domain.limits, request)
+        return convert.dissect_pb(self.domain.dissect(request.model, **convert.dissect_args(request),
+                                                      should_stop=lambda: not context.is_active()))
 
     @rpc()
     def SearchContext(self, request, context):
+        check_search(self.domain.limits, request)
         args = convert.search_args(request)
-        version, matches, threshold = self.domain.search(request.model, **args)
+        version, matches, threshold = self.domain.search(request.model, **args,
+                                                         should_stop=lambda: not context.is_active())
         layer = args["layer"] or self.domain.generator(version).model.default_layer()
         return convert.search_pb(version, layer, matches, threshold, request.include_maps)
 
     @rpc()
     def ComputeStatistics(self, request, context):
+        check_statistics(self.domain.limits, request)
         args = convert.statistics_args(request)
 
         def work(emit, should_stop):
@@ -101,7 +109,7 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
 
     @rpc(prefix="spec.")
     def Rewrite(self, request, context):
-        convert.check_rewrite_request(request)
+        convert.check_rewrite_request(request, self.domain.limits)
         events: queue.Queue = queue.Queue()
         spec = convert.edit_spec(request.spec)
         stop = threading.Event()

@@ -2,8 +2,10 @@
 
 - ``create_web_server(domain, address, tokens=..., serving=..., tls=...) -> WebServer``: a started
   ``ThreadingHTTPServer`` on its own port (port 0: a free one); ``WebServer.shutdown()`` stops it
-  and cancels its running jobs. Like ``create_server``, it refuses a non-loopback address
-  without tokens (``auth.check_auth_config``).
+  and cancels its running jobs. At most ``max_connections`` connections at once (each holds a
+  thread; more get 503 and are closed), and a connection idle ``idle_timeout_s`` is closed.
+  Like ``create_server``, it refuses a non-loopback address without tokens
+  (``auth.check_auth_config``).
 - Every endpoint calls the same ``Domain`` (and ``convert`` helpers) as the gRPC servicers;
   request JSON is checked here, then handed over exactly as a servicer would hand it.
 - Auth: the same tokens and roles as gRPC; each endpoint carries the gRPC method whose role it
@@ -62,6 +64,7 @@ from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, re
 from . import convert
 from .auth import AuthInterceptor, check_auth_config, is_loopback
 from .errors import PermissionDenied, to_status
+from .limits import check_count, check_dissect, check_region_json, check_search, check_spec
 from .web_jobs import CANCELLED, FAILED, Jobs, TooManyJobs
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,13 @@ NOT_BUILT = "the editor is not built: run make web\n"
 MAX_BODY_BYTES = 1 << 20           # largest JSON request body (a mask is a few KiB of zlib+base64)
 MAX_PREVIEW_SEEDS = 16
 SSE_KEEPALIVE_S = 15.0             # a comment line this often keeps proxies from closing an idle stream
+MAX_CONNECTIONS = 64               # open connections (each holds a thread); more are refused with 503
+IDLE_TIMEOUT_S = 15.0              # a connection that sends nothing (or half a request) this long is closed
+_BUSY_BODY = json.dumps({"error": {"code": "RESOURCE_EXHAUSTED", "message": "too many open connections; retry",
+                                   "reason": "TOO_MANY_CONNECTIONS", "domain": "rulewright.dev", "metadata": {},
+                                   "field_violations": []}}).encode()
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
 _GEN = "/rulewright.v1.GeneratorService/"
 _REG = "/rulewright.v1.RegistryService/"
 _MISSING_TOKEN = "missing bearer token (header 'Authorization: Bearer <token>' or ?token=)"
@@ -466,11 +476,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "rulewright"
     sys_version = ""
-    timeout = 60                              # idle and slow clients are dropped
+    timeout = IDLE_TIMEOUT_S                  # idle and slow clients are dropped (the server's setting wins)
 
     # -- plumbing
 
     def setup(self):
+        self.timeout = self.server.idle_timeout_s
         super().setup()
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()     # here, on this request's thread, not the accept loop
@@ -479,8 +490,10 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (bad request line, header too long) as JSON errors."""
-        body = {"error": {"code": "INVALID_ARGUMENT" if code < 500 else "INTERNAL",
+        """http.server's own refusals (bad request line, header too long, unknown method) as JSON errors."""
+        name = {501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 408: "DEADLINE_EXCEEDED"}.get(
+            code, "INVALID_ARGUMENT" if code < 500 else "INTERNAL")
+        body = {"error": {"code": name,
                           "message": message or self.responses.get(code, ("",))[0], "reason": "BAD_HTTP_REQUEST",
                           "domain": "rulewright.dev", "metadata": {}, "field_violations": []}}
         self.close_connection = True
@@ -510,6 +523,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self):
         self._dispatch("HEAD")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")             # no endpoint takes it: 405 with the methods it does take
 
     def _dispatch(self, method: str) -> None:
         started = time.perf_counter()
@@ -612,6 +628,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(data, parse_constant=_refuse_constant)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidArgument("body", f"not valid JSON: {exc}") from None
+        except RecursionError:                # the parser recurses per level: 1 MiB of '[' is too deep for it
+            raise InvalidArgument("body", "JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise InvalidArgument("body", f"must be a JSON object, got {type(body).__name__}")
         return body
@@ -740,12 +758,16 @@ class _Handler(BaseHTTPRequestHandler):
             raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
         model, number, ref = _ref(body)
         context = body.get("context")
+        limits = self.app.domain.limits
         if not isinstance(context, list) or not context:
             raise InvalidArgument("context", "give a list of at least one region")
+        check_count(len(context), limits.max_regions, "context", "regions", "max_regions")
+        for i, r in enumerate(context):
+            check_region_json(limits, r, f"context[{i}]")
         regions = [Region.from_spec(r, f"context[{i}]") for i, r in enumerate(context)]
         request = gen.SearchContextRequest(model=ref, layer=_str(body, "layer"), rank=_int(body, "rank", 1, 1, 1 << 20),
                                            top=_int(body, "top", 16, 1, 1000), stats=_stats(body, "stats"),
-                                           seeds=_int_list(body, "seeds"))
+                                           seeds=_int_list(body, "seeds", limits.max_search_seeds))
         if body.get("seed_range") is not None:
             span = body["seed_range"]
             if (not isinstance(span, list) or len(span) != 2
@@ -757,6 +779,7 @@ class _Handler(BaseHTTPRequestHandler):
         for key in ("quantile", "truncation", "ridge"):
             if (value := _float(body, key)) is not None:
                 setattr(request, key, value)
+        check_search(limits, request)
         args = convert.search_args(request)
         args["context"] = regions
         domain = self.app.domain
@@ -777,6 +800,7 @@ class _Handler(BaseHTTPRequestHandler):
         model, number, ref = _ref(body)
         if body.get("region") is None:
             raise InvalidArgument("region", "is required (seed and mask or box)")
+        check_region_json(self.app.domain.limits, body["region"], "region")
         region = Region.from_spec(body["region"], "region")
         rank_by = _str(body, "rank_by", "iou")
         if rank_by not in ("iou", "contrast"):
@@ -788,6 +812,7 @@ class _Handler(BaseHTTPRequestHandler):
         for key in ("quantile", "truncation"):
             if (value := _float(body, key)) is not None:
                 setattr(request, key, value)
+        check_dissect(self.app.domain.limits, request)
         args = convert.dissect_args(request)
         args["regions"] = [region]
         domain = self.app.domain
@@ -816,8 +841,9 @@ class _Handler(BaseHTTPRequestHandler):
         spec = body["spec"]
         request_id = _str(body, "request_id", limit=128) or None
         dry_run = _bool(body, "dry_run")
-        preview_seeds = _int_list(body, "preview_seeds", MAX_PREVIEW_SEEDS)
         domain = self.app.domain
+        preview_seeds = _int_list(body, "preview_seeds", min(MAX_PREVIEW_SEEDS, domain.limits.max_images))
+        check_spec(domain.limits, spec)
         parent = domain.resolve(ref)
         # The check Domain.rewrite starts with, here too, so bad specs answer 400 rather than a failed job.
         with _renamed(_spec_field):
@@ -900,8 +926,46 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them: more are answered 503 and closed."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128          # listen backlog (socketserver's 5 stalls a burst of connects in SYN retries)
+    max_connections = MAX_CONNECTIONS
+    idle_timeout_s = IDLE_TIMEOUT_S
+    tls = False
+
+    def server_activate(self):
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request) -> None:
+        """Over the cap: a short 503 (plaintext only; a TLS client just sees the close), never blocking
+        the accept loop."""
+        if not self.tls:
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
+        self.shutdown_request(request)
+        log.warning("web connection refused", extra={"event": "web_busy", "max_connections": self.max_connections})
 
     def handle_error(self, request, client_address):
         # TLS handshakes that fail and clients that vanish mid-answer are routine: one debug line, no traceback
@@ -921,13 +985,16 @@ class WebServer:
     """
 
     def __init__(self, domain, address: str = "127.0.0.1:0", tokens=None, static_dir: Path | str | None = None,
-                 serving: Callable[[], bool] | None = None, tls: ssl.SSLContext | None = None, **options: Any):
+                 serving: Callable[[], bool] | None = None, tls: ssl.SSLContext | None = None,
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S, **options: Any):
         check_auth_config(address, tokens)
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"web address must be host:port, got {address!r}")
         host = host.strip("[]") or "0.0.0.0"
-        cls = _Server6 if ":" in host else _Server
+        base = _Server6 if ":" in host else _Server
+        cls = type(base.__name__, (base,), {"max_connections": max_connections, "idle_timeout_s": idle_timeout_s,
+                                            "tls": tls is not None})
         try:
             self.httpd = cls((host, int(port)), _Handler)
         except OSError as exc:

@@ -37,8 +37,9 @@ def domain(request, tmp_path):
     d.close()
 
 
-def s3_redis_domain(tmp_path, moto_server, redis_url):
-    """A Domain from a ServeConfig naming a fresh S3 bucket and Redis, with ``tiny`` bootstrapped."""
+def s3_redis_domain(tmp_path, moto_server, redis_url, **settings: str):
+    """A Domain from a ServeConfig naming a fresh S3 bucket and Redis, with ``tiny`` bootstrapped;
+    ``settings`` are more ``RULEWRIGHT_*`` values by setting name (``store_timeout_s="1"``)."""
     from safetensors.torch import save_file
 
     from rulewright.service.domain import Domain
@@ -48,7 +49,8 @@ def s3_redis_domain(tmp_path, moto_server, redis_url):
     cfg = moto_server.config()
     config = resolve(environ={"RULEWRIGHT_REGISTRY_URI": f"s3://test-{uuid.uuid4().hex[:12]}/registry",
                               "RULEWRIGHT_CREATE_BUCKET": "true", "RULEWRIGHT_STATS_CACHE": redis_url,
-                              "RULEWRIGHT_DEVICE": "cpu", "RULEWRIGHT_MAX_RESIDENT": "4"})
+                              "RULEWRIGHT_DEVICE": "cpu", "RULEWRIGHT_MAX_RESIDENT": "4",
+                              **{f"RULEWRIGHT_{k.upper()}": v for k, v in settings.items()}})
     with pytest.MonkeyPatch.context() as env:        # the store reads RULEWRIGHT_S3_* once, when opened
         for name, value in {"ENDPOINT": cfg.endpoint, "ACCESS_KEY": cfg.access_key, "SECRET_KEY": cfg.secret_key,
                             "SECURE": "false"}.items():

@@ -32,6 +32,7 @@ ROWS = [
      "registry.rulewright.dev"),
     (InvalidArgument("seeds", "bad seed"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "rulewright.dev"),
     (Cancelled("stopped"), grpc.StatusCode.CANCELLED, "CANCELLED", "rulewright.dev"),
+    (grpc.RpcError(), grpc.StatusCode.CANCELLED, "STREAM_BROKEN", "rulewright.dev"),
     (LookupError("no layer 'x'"), grpc.StatusCode.NOT_FOUND, "NOT_FOUND", "rulewright.dev"),
     (ValueError("bad"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "rulewright.dev"),
     (RuntimeError("secret detail"), grpc.StatusCode.INTERNAL, "INTERNAL", "rulewright.dev"),
