@@ -171,3 +171,30 @@ def test_context_factors_fix_each_layers_input_factor(small):
     model, C = small
     edit = rewrite(model, _spec(steps=10, factors="context", layers=["main.3", "main.6"]), moment=C)
     assert sorted(d.weight_key for d in edit.deltas) == ["main.3.weight", "main.6.weight"]
+
+
+def test_low_rank_side_paths_render_what_the_replaced_weights_render(small):
+    from rulewright.service.engine import nethook
+    from rulewright.service.engine.rewrite import LowRankPaths, _dense, render_with
+
+    model, _ = small
+    g = torch.Generator().manual_seed(3)
+    parts, weights = [], {}
+    for info in model.layer_infos():
+        layer = model.layer(info.name)
+        assert LowRankPaths.supports(layer)
+        w = layer.weight
+        d = torch.randn(w.shape[layer.in_axis], 2, generator=g)
+        shape = list(w.shape)
+        shape[layer.in_axis] = 2
+        lam = 0.05 * torch.randn(shape, generator=g)
+        parts.append((layer.modules[0], d, lam))
+        name = [n for n, p in model.named_parameters() if p is w][0]
+        weights[name] = w + _dense(lam, d, layer.in_axis)
+    z = latents([1, 2, 3], 16)
+    with torch.no_grad():
+        with LowRankPaths(parts):
+            side = model(z)
+        replaced = render_with(model, weights, z)
+    assert torch.allclose(side, replaced, atol=1e-5), (side - replaced).abs().max()
+    assert nethook.hook_count(model) == 0                        # the hooks left with the context
