@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         request = gen.RewriteRequest(model="faces@production", spec=spec_pb(spec), preview_seeds=HELD_OUT[:4],
                                      preview_format=images_pb2.IMAGE_FORMAT_PNG)
         result = None
-        with tqdm(total=spec.get("steps", 100), desc=f"rewrite ({Path(args.edit).stem})", unit="step") as bar:
+        with tqdm(total=spec.get("steps", 50), desc=f"rewrite ({Path(args.edit).stem})", unit="step") as bar:
             for event in generator.Rewrite(request, timeout=1800):
                 kind = event.WhichOneof("event")
                 if kind == "progress" and event.progress.steps and event.progress.stage == gen.Progress.STAGE_OPTIMIZE:

@@ -112,8 +112,9 @@ def test_strength_scales_the_delta_exactly_and_zero_is_the_parent_bit_for_bit(sm
     state = dict(model.public_parameters())
     out = apply_to_state_dict(state, zero.deltas)
     assert all(out[k] is state[k] for k in state)              # nothing even copied
+    assert all(d.scale == 0.6 for d in edit.deltas)            # the multilayer default
     half = with_strength(edit.deltas, 0.5)
-    for a, b in zip(edit.deltas, half):
+    for a, b in zip(with_strength(edit.deltas, 1.0), half):
         assert torch.allclose(b.dense(), 0.5 * a.dense(), atol=1e-7)
     assert not torch.equal(render_edited(model, [edit], z), parent)
 
@@ -136,7 +137,7 @@ def test_strength_round_trips_through_the_delta_blob():
 def test_strength_in_the_spec_is_recorded_and_applied(small):
     model, C = small
     spec = _spec(steps=15, found=[])
-    full = rewrite(model, spec, moment=C)
+    full = rewrite(model, {**spec, "strength": 1.0}, moment=C)
     weak = rewrite(model, {**spec, "strength": 0.3}, moment=C)
     assert weak.spec["strength"] == 0.3 and all(d.scale == 0.3 for d in weak.deltas)
     for a, b in zip(full.deltas, weak.deltas):
@@ -149,7 +150,7 @@ def test_specs_of_the_first_release_replay_as_the_one_layer_edit(small):
     legacy.pop("search")
     spec = EditSpec.from_json(legacy, model)
     assert spec.method == "single" and spec.solver == "adam" and spec.search["targets"] == 0
-    assert spec.keep["weight"] == 16.0 and spec.lr == 0.05
+    assert spec.keep["weight"] == 16.0 and spec.lr == 0.05 and spec.strength == 1.0
 
 
 @pytest.mark.parametrize("change,field", [

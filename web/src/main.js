@@ -1054,7 +1054,7 @@ async function loadSpec(file) {
     if (spec.layer) $("layer-select").value = spec.layer;
     if (spec.rank !== undefined) $("rank-input").value = String(spec.rank);
     if (spec.steps !== undefined) $("steps-input").value = String(spec.steps);
-    $("strength-input").value = String(spec.strength ?? 1);
+    $("strength-input").value = String(spec.strength ?? 0.6);
     const { model, layer, rank, steps, strength: _s, copy: _c, paste: _p, context: _x, ...extras } = spec;
     state.specExtras = extras;
     state.work = copy ? copy.seed : null;

@@ -313,10 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="low-rank deltas on every layer (default), or the paper's one-layer edit")
     p.add_argument("--layer", help="layer to edit (single) or to search the context at (default: the model's default)")
     p.add_argument("--rank", type=int, help="rank of the update per layer (default: 4 multilayer, 8 single)")
-    p.add_argument("--steps", type=int, help="optimization steps (default: the spec's, else 100 multilayer, 2001 single)")
+    p.add_argument("--steps", type=int, help="optimization steps (default: the spec's, else 50 multilayer, 2001 single)")
     p.add_argument("--goal", choices=("image", "value"), help="space the goal is measured in (default: image)")
-    p.add_argument("--lr", type=float, help="learning rate (default: 0.001 multilayer, 0.05 single)")
-    p.add_argument("--strength", type=float, help="scale of the edit, recorded with the version (default: 1; 0 = none)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.002 multilayer, 0.05 single)")
+    p.add_argument("--strength", type=float, help="scale of the fitted edit, recorded with the version (default: 0.6 multilayer, 1 single; 0 = none)")
     p.add_argument("--search-targets", type=int,
                    help="extra paste targets found by context search (default: 16 multilayer, 0 single)")
     p.add_argument("--description", help="free text recorded with the spec")
