@@ -86,6 +86,18 @@ class Report:
         return d
 
 
+def _read_manifest(store: BlobStore, key: str, kind, report: Report):
+    """``kind.from_dict`` of the manifest at ``key``; None if it vanished during the scan or is
+    unreadable (then reported)."""
+    try:
+        return kind.from_dict(loads(store.read(key), key), key)
+    except errors.NotFound:  # deleted during the scan
+        return None
+    except errors.DataLoss as exc:
+        report.problems.append(Problem("unreadable_manifest", key, exc.message))
+        return None
+
+
 def _live_manifest_keys(store: BlobStore) -> tuple[list[str], list[str], list[str]]:
     """(live version manifests, deletion markers, model.json keys of models without a version 1)."""
     manifests, dead, markers, models, firsts = [], set(), [], {}, set()
@@ -118,14 +130,9 @@ def scan(store: BlobStore, verify: bool = True, grace_s: float = DEFAULT_GRACE_S
     keys, markers, pending = _live_manifest_keys(store)
     live: dict[tuple[str, int], Version] = {}
     for key in keys:
-        try:
-            version = Version.from_dict(loads(store.read(key), key), key)
-        except errors.NotFound:  # deleted during the scan
-            continue
-        except errors.DataLoss as exc:
-            report.problems.append(Problem("unreadable_manifest", key, exc.message))
-            continue
-        live[(version.model, version.number)] = version
+        version = _read_manifest(store, key, Version, report)
+        if version is not None:
+            live[(version.model, version.number)] = version
     report.manifests = len(live)
     referenced: set[str] = set()
     verified: dict[str, str] = {}
@@ -148,12 +155,8 @@ def scan(store: BlobStore, verify: bool = True, grace_s: float = DEFAULT_GRACE_S
                         Problem("corrupt_blob", key, f"{role} blob: {verified[ref.sha256]}", ref.sha256)
                     )
     for key in pending:
-        try:
-            model = Model.from_dict(loads(store.read(key), key), key)
-        except errors.NotFound:  # deleted during the scan
-            continue
-        except errors.DataLoss as exc:
-            report.problems.append(Problem("unreadable_manifest", key, exc.message))
+        model = _read_manifest(store, key, Model, report)
+        if model is None:
             continue
         if store.list_keys(f"models/{model.name}/versions/0000000001.json"):
             continue  # version 1 landed during the scan

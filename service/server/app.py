@@ -42,6 +42,7 @@ from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_gr
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
 from .auth import AuthInterceptor, check_auth_config, is_loopback
+from .metrics import rewrap
 from .oip import SERVICE_NAME as OIP_SERVICE, InferenceServicer
 from .servicers import MAX_IMPORT_BYTES, GeneratorServicer, RegistryServicer
 
@@ -78,32 +79,24 @@ class WorkLimiter(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNLIMITED_PREFIXES):
             return handler
-        if handler.response_streaming:
-            attr = "stream_stream" if handler.request_streaming else "unary_stream"
-            make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                    else grpc.unary_stream_rpc_method_handler)
-            behavior = getattr(handler, attr)
+        def wrap(behavior, streaming: bool):
+            if streaming:
+                def limited_stream(request_or_iterator, context):
+                    self._enter(context)
+                    try:
+                        yield from behavior(request_or_iterator, context)
+                    finally:
+                        self._leave()
+                return limited_stream
 
-            def wrapped(request_or_iterator, context):
-                self._enter(context)
-                try:
-                    yield from behavior(request_or_iterator, context)
-                finally:
-                    self._leave()
-        else:
-            attr = "stream_unary" if handler.request_streaming else "unary_unary"
-            make = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
-                    else grpc.unary_unary_rpc_method_handler)
-            behavior = getattr(handler, attr)
-
-            def wrapped(request_or_iterator, context):
+            def limited(request_or_iterator, context):
                 self._enter(context)
                 try:
                     return behavior(request_or_iterator, context)
                 finally:
                     self._leave()
-        return make(wrapped, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+            return limited
+        return rewrap(handler, wrap)
 
     def _enter(self, context) -> None:
         with self._cond:

@@ -73,23 +73,14 @@ class _Interceptor(grpc.ServerInterceptor):
             return handler
         rpc = rpc_label(handler_call_details.method)
         record = self.metrics._record
-        if handler.response_streaming:
-            attr = "stream_stream" if handler.request_streaming else "unary_stream"
-            make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                    else grpc.unary_stream_rpc_method_handler)
-            behavior = getattr(handler, attr)
+        def wrap(behavior, streaming: bool):
+            if streaming:
+                def timed_stream(request_or_iterator, context):
+                    started = time.perf_counter()    # here, not at the first next(): the call has begun
+                    return _timed_stream(behavior(request_or_iterator, context), context, rpc, started, record)
+                return timed_stream
 
-            def streaming(request_or_iterator, context):
-                started = time.perf_counter()    # here, not at the first next(): the call has begun
-                return _timed_stream(behavior(request_or_iterator, context), context, rpc, started, record)
-            wrapped = streaming
-        else:
-            attr = "stream_unary" if handler.request_streaming else "unary_unary"
-            make = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
-                    else grpc.unary_unary_rpc_method_handler)
-            behavior = getattr(handler, attr)
-
-            def unary(request_or_iterator, context):
+            def timed(request_or_iterator, context):
                 started = time.perf_counter()
                 failed = False
                 try:
@@ -99,9 +90,21 @@ class _Interceptor(grpc.ServerInterceptor):
                     raise
                 finally:
                     record(rpc, _code_name(context, failed, False), started)
-            wrapped = unary
-        return make(wrapped, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+            return timed
+        return rewrap(handler, wrap)
+
+
+def rewrap(handler, wrap):
+    """A copy of a gRPC method handler whose behaviour is ``wrap(behaviour, response_streaming)``
+    (what every interceptor here does, whatever the handler's four streaming shapes)."""
+    if handler.response_streaming:
+        attr = "stream_stream" if handler.request_streaming else "unary_stream"
+        make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
+    else:
+        attr = "stream_unary" if handler.request_streaming else "unary_unary"
+        make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    return make(wrap(getattr(handler, attr), handler.response_streaming),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
 def _timed_stream(responses, context, rpc: str, started: float, record):
