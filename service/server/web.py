@@ -863,7 +863,8 @@ class _Handler(BaseHTTPRequestHandler):
             out = {"model": parent.model, "parent": result.parent.number,
                    "version": result.version.number if result.version is not None else None,
                    "dry_run": result.version is None, "replayed": result.replayed,
-                   "metrics": _json_metrics(result.edit.metrics or {})}
+                   "metrics": _json_metrics(result.edit.metrics or {}),
+                   "found": (result.edit.spec or {}).get("found")}
             if result.previews is not None:
                 out["previews"] = [{"seed": s, "url": renders.put(data)}
                                    for s, data in zip(preview_seeds, png(result.previews))]

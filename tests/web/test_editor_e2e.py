@@ -291,6 +291,11 @@ def test_editor_end_to_end(page, domain):
     assert any(0 < v < 100 for v in run["seen"]), run["seen"]
     assert run["loss"].startswith("loss ")
     shot("rewrite-done")
+    # the targets its context search found, in a tray the user can prune before the next rewrite
+    assert tid(page, "found-count").inner_text() == "(16)"
+    tid(page, "found-remove-0").click()
+    assert tid(page, "found-count").inner_text() == "(15)"
+    assert page.locator("[data-testid^=found-item-]").count() == 15
 
     # 7. the new version in the panel: lineage, author, spec summary
     v2 = tid(page, "version-2")

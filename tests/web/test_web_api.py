@@ -601,3 +601,16 @@ def test_editor_requests_are_counted_in_the_metrics(web):
     assert samples[("rulewright_http_requests_total", (("route", "image"), ("status", "200")))] == 1
     assert samples[("rulewright_http_requests_total", (("route", "image"), ("status", "404")))] == 1
     assert samples[("rulewright_http_request_duration_seconds_count", (("route", "image"),))] == 2
+
+
+def test_a_rewrite_result_lists_the_found_targets_and_a_pruned_list_is_used_as_given(web):
+    base, domain = web
+    spec = {"layer": "main.6", "steps": 5, "stats": {"samples": 64}, "copy": {"seed": 1, "box": [4, 4, 28, 28]},
+            "paste": [{"seed": 2, "box": [4, 4, 28, 28]}], "search": {"targets": 3, "candidates": 30}}
+    _, stream = run_job(base, spec)
+    found = stream[-1][2]["found"]
+    assert stream[-1][1] == "result" and len(found) == 3 and all(set(f) == {"seed", "box"} for f in found)
+    assert domain.registry.get_version("tiny", 2).spec["found"] == found
+    _, stream = run_job(base, {**spec, "found": found[1:]})
+    assert stream[-1][2]["found"] == found[1:]
+    assert domain.registry.get_version("tiny", 3).spec["found"] == found[1:]

@@ -43,6 +43,7 @@ const state = {
   context: [],            // [{seed, box|mask}]
   tool: "brush",
   specExtras: {},         // fields of a loaded spec the page has no control for (kept as they are)
+  found: null,            // targets found by the last rewrite's search (spec "found"); null: search anew
   ablation: null,         // {layer, units: [..]}
   dissect: null,          // {layer, seed, units}
   job: null,              // {id, source, cancelUrl}
@@ -778,6 +779,15 @@ function renderTrays() {
     el("span", { text: `seed ${c.seed}`, class: "clickable", onclick: () => setWork(c.seed) }),
     el("button", { class: "remove", "data-testid": `context-remove-${i}`, title: "Remove", onclick: () => { state.context.splice(i, 1); invalidateMatches(); renderTrays(); renderAlbum(); } }, "×")))
     : [el("span", { class: "muted small", text: "none: the pasted regions are the context" })]));
+  const foundTray = $("found-tray");
+  const found = state.found || [];
+  $("found-count").textContent = state.found ? `(${found.length})` : "";
+  foundTray.replaceChildren(...(found.length ? found.map((f, i) => el("div", { class: "item", "data-testid": `found-item-${i}` },
+    f.box ? regionThumb({ seed: f.seed, box: f.box.slice() }, [255, 190, 40], `found-thumb-${i}`)
+      : el("img", { class: "thumb", src: imageUrl(f.seed, state.version, false), alt: `seed ${f.seed}` }),
+    el("span", { text: `seed ${f.seed}`, class: "clickable", onclick: () => setWork(f.seed) }),
+    el("button", { class: "remove", "data-testid": `found-remove-${i}`, title: "Leave this target out of the next rewrite", onclick: () => { state.found.splice(i, 1); renderTrays(); } }, "×")))
+    : [el("span", { class: "muted small", text: state.found ? "none: the next rewrite uses your pastes only" : "the next rewrite searches for more targets" })]));
 }
 
 function clearEdit() {
@@ -789,6 +799,7 @@ function clearEdit() {
   state.ablation = null;
   state.dissect = null;
   state.specExtras = {};
+  state.found = null;
   $("dissect-units").replaceChildren();
   renderTrays();
 }
@@ -828,6 +839,8 @@ async function buildSpec() {
   };
   if (state.context.length) spec.context = await Promise.all(state.context.map((c) => M.regionToSpec(c, R)));
   else delete spec.context;
+  if (state.found) spec.found = state.found.map((f) => ({ ...f }));
+  else delete spec.found;
   return spec;
 }
 
@@ -900,6 +913,8 @@ function followJob(job, parent) {
     const r = parse(ev);
     finish();
     setProgress(1, `done: v${r.version} from v${r.parent ?? parent}`);
+    state.found = Array.isArray(r.found) ? r.found : null;
+    renderTrays();
     act("Loading the new version", async () => {
       await loadVersions();
       await selectVersion(r.version);
@@ -1055,7 +1070,8 @@ async function loadSpec(file) {
     if (spec.rank !== undefined) $("rank-input").value = String(spec.rank);
     if (spec.steps !== undefined) $("steps-input").value = String(spec.steps);
     $("strength-input").value = String(spec.strength ?? 0.6);
-    const { model, layer, rank, steps, strength: _s, copy: _c, paste: _p, context: _x, ...extras } = spec;
+    const { model, layer, rank, steps, strength: _s, found, copy: _c, paste: _p, context: _x, ...extras } = spec;
+    state.found = Array.isArray(found) ? found : null;
     state.specExtras = extras;
     state.work = copy ? copy.seed : null;
     updateRankLimit();
@@ -1110,6 +1126,7 @@ function wire() {
   $("btn-dissect").addEventListener("click", doDissect);
   $("btn-ablate").addEventListener("click", doAblate);
   $("btn-rewrite").addEventListener("click", startRewrite);
+  $("btn-found-reset").addEventListener("click", () => { state.found = null; renderTrays(); });
   $("btn-cancel").addEventListener("click", cancelRewrite);
   $("btn-refresh").addEventListener("click", () => act("Refreshing versions", async () => { await loadVersions(); renderAlbum(); }));
   $("alias-name").addEventListener("change", renderVersions);
