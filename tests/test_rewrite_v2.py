@@ -199,3 +199,16 @@ def test_low_rank_side_paths_render_what_the_replaced_weights_render(small):
         replaced = render_with(model, weights, z)
     assert torch.allclose(side, replaced, atol=1e-5), (side - replaced).abs().max()
     assert nethook.hook_count(model) == 0                        # the hooks left with the context
+
+
+def test_erase_finds_more_samples_to_erase_and_keeps_the_users_units(small):
+    model, C = small
+    b = [4, 4, 28, 28]
+    spec = {"op": "erase", "layer": "main.6", "steps": 5, "stats": {"samples": 64}, "erase": {"units": 3},
+            "context": [{"seed": 2, "box": b}, {"seed": 5, "box": b}],
+            "search": {"targets": 2, "candidates": 20, "seed_start": 1000}}
+    edit = rewrite(model, spec, moment=C)
+    assert [r["box"] for r in edit.spec["found"]] == [b, b]
+    alone = rewrite(model, {**spec, "found": []}, moment=C)
+    assert edit.metrics["erased_units"] == alone.metrics["erased_units"]
+    assert edit.metrics["found_targets"] == 2 and alone.metrics["found_targets"] == 0

@@ -48,8 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "keep": {"weight": None, "pool_start": 1_000_000, "pool_size": 256, "per_step": 4, "seed": 0},
     "stats": {"samples": 1000, "seed_start": 0},
     "erase": {"units": 8},
-    # Extra paste targets found by context search: the candidates whose keys in a paste box
-    # respond most to the context direction get the copy pasted there too. Rewrite only.
+    # Extra targets found by context search: the candidates whose keys in a paste box respond most
+    # to the context direction get the copy pasted there too (erase: are erased there too).
     "search": {"targets": None, "candidates": 600, "seed_start": 2_000_000},
 }
 
@@ -215,8 +215,8 @@ class EditSpec:
                 region.validate(res, f"{key}[{i}]")
         # A spec that lists its found targets (a recorded one, or a pruned list) is replayed as is.
         found = regions["found"] if spec.get("found") is not None else None
-        if s["op"] != "rewrite" and found:
-            raise InvalidArgument("found", "found targets belong to op rewrite")
+        if s["op"] == "zero" and found:
+            raise InvalidArgument("found", "op zero has no targets to add")
         if s["op"] == "rewrite":
             if regions["copy"] is None:
                 raise InvalidArgument("copy", "a rewrite needs a copy region (seed + mask or box)")

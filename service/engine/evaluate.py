@@ -30,7 +30,7 @@ def paste_geometry(model, spec: EditSpec) -> dict:
     """Shifted copy alpha (value grid), the source values, and the image box of paste target 0
     (op erase: the first context region's alpha and box, and the erased units)."""
     if spec.op == "erase":
-        goal = build_goal(model, spec)
+        goal = build_goal(model, dataclasses.replace(spec, found=[]))     # the user's units
         hv = goal.value.shape[-1]
         return {"alpha_value": spec.context[0].at(hv, model.resolution), "units": goal.info["units"],
                 "image_box": goal.image_box[0].cpu()}

@@ -234,24 +234,27 @@ def value_mean_square(model: Generator, layer: str, seeds: Sequence[int], trunca
 
 def _erase_goal(model: Generator, spec: EditSpec, device: torch.device) -> Goal:
     res, t = model.resolution, spec.truncation
-    z = latents([r.seed for r in spec.context], model.z_dim).to(device)
+    regions = list(spec.context) + list(spec.found or [])    # found: more samples where the rule holds
+    n_user = len(spec.context)
+    z = latents([r.seed for r in regions], model.z_dim).to(device)
     key, extras, value = _capture(model, spec.layer, z, t)
     image = _render(model, z, t)
     hv, hk = value.shape[-1], key.shape[-1]
-    alpha_v = torch.stack([r.at(hv, res) for r in spec.context]).to(device)
+    alpha_v = torch.stack([r.at(hv, res) for r in regions]).to(device)
     seeds = range(spec.stats["seed_start"], spec.stats["seed_start"] + min(spec.stats["samples"], 256))
     energy = value_mean_square(model, spec.layer, seeds, t)
-    inside = (value.pow(2) * alpha_v[:, None]).sum(dim=(0, 2, 3)) / alpha_v.sum().clamp_min(1e-12)
+    # The units to switch off are the user's context's: found samples only get the same units erased.
+    inside = (value[:n_user].pow(2) * alpha_v[:n_user, None]).sum(dim=(0, 2, 3)) / alpha_v[:n_user].sum().clamp_min(1e-12)
     units = torch.argsort(inside / energy.clamp_min(1e-12), descending=True)[: spec.erase["units"]]
     goal_value = value.clone()
     goal_value[:, units] = value[:, units] * (1 - alpha_v[:, None])
     with torch.no_grad():
         goal_image = nethook.values_to_image(model, spec.layer, z, goal_value, t)
     value_box = torch.stack([_box_mask(a) for a in alpha_v])
-    image_box = torch.stack([_box_mask(r.alpha(res)) for r in spec.context]).to(device)
+    image_box = torch.stack([_box_mask(r.alpha(res)) for r in regions]).to(device)
     key_box = F.adaptive_max_pool2d(image_box[:, None], hk)[:, 0] if hk < res else image_box.clone()
     ctx = _context_keys(model, spec.layer, spec.context, t, device)
-    return Goal([r.seed for r in spec.context], z, key, extras, value, goal_value, value_box, image, goal_image,
+    return Goal([r.seed for r in regions], z, key, extras, value, goal_value, value_box, image, goal_image,
                 image_box, key_box, ctx, {"units": units.tolist(), "context": list(spec.context)})
 
 
@@ -610,21 +613,23 @@ def delta_weights(model: Generator, deltas: Sequence[LowRankDelta]) -> Weights:
 
 
 def find_targets(model: Generator, spec: EditSpec, C: torch.Tensor, goal: Goal) -> list[Region]:
-    """Extra paste targets: the candidate samples whose keys under a paste box respond most to the
+    """Extra targets: the candidate samples whose keys under a paste box respond most to the
     context direction, each with the copy pasted at that box (one of the user's paste regions).
+    For op erase the same with the context regions: more samples to erase the rule from.
 
     ``goal`` is the goal of the user's own targets (its key boxes say where each paste lands).
     Candidates are seeds ``search.seed_start ..`` (+ ``search.candidates``), minus the edit's own.
     """
     n, count, start = spec.search["targets"], spec.search["candidates"], spec.search["seed_start"]
-    if n == 0 or spec.op != "rewrite":
+    if n == 0 or spec.op not in ("rewrite", "erase"):
         return []
+    user = spec.paste if spec.op == "rewrite" else spec.context
     device = goal.z.device
     direction = context_direction(C, goal.context_keys, min(spec.rank, goal.context_keys.shape[0]), spec.ridge)
     direction = direction.to(device)
-    own = {r.seed for r in spec.paste} | {spec.copy.seed}
+    own = {r.seed for r in user} | ({spec.copy.seed} if spec.copy is not None else set())
     seeds = [s for s in range(start, start + count) if s not in own]
-    boxes = goal.key_box[: len(spec.paste)]                                  # (P, Hk, Wk)
+    boxes = goal.key_box[: len(user)]                                        # (P, Hk, Wk)
     area = boxes.sum(dim=(1, 2)).clamp_min(1e-12)
     scores, which = [], []
     for i in range(0, len(seeds), 64):
@@ -636,7 +641,7 @@ def find_targets(model: Generator, spec: EditSpec, C: torch.Tensor, goal: Goal) 
         which.append(idx.cpu())
     scores, which = torch.cat(scores), torch.cat(which)
     order = sorted(range(len(seeds)), key=lambda j: (-float(scores[j]), seeds[j]))[:n]
-    return [dataclasses.replace(spec.paste[int(which[j])], seed=seeds[j]) for j in order]
+    return [dataclasses.replace(user[int(which[j])], seed=seeds[j]) for j in order]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,7 +693,7 @@ def rewrite(
     else:
         if spec.found is None:
             found = []
-            if spec.op == "rewrite" and spec.search["targets"] > 0:
+            if spec.op in ("rewrite", "erase") and spec.search["targets"] > 0:
                 found = find_targets(model, spec, C, build_goal(model, dataclasses.replace(spec, found=[])))
                 if progress is not None:
                     progress({"stage": "search", "found": [r.seed for r in found]})
