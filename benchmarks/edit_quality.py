@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-weights", default="1,4,16", help="--pareto: keep weights of full-rank + keep")
     p.add_argument("--finetune-sweep", default="25,50,100,250,500", help="--pareto: fine-tune-all step counts")
     p.add_argument("--finetune-found-sweep", default="100,250", help="--pareto: step counts with ours' found targets")
+    p.add_argument("--replot", default=None, help="--pareto: redraw the plot and tables from a JSON it wrote")
     p.add_argument("--speed-edit", default="glasses", help="--pareto: the edit timed against the first release's "
                    "default (single layer, Adam, 2,001 steps); empty to skip")
     args = p.parse_args(argv)
@@ -180,6 +181,12 @@ def run_pareto(model, args) -> int:
     """--pareto: curves for every shipped edit, the matched-side-effect table, and the speed ratio."""
     from benchmarks import pareto
 
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())
+        pareto.report(results)
+        pareto.plot(results, Path(args.plot))
+        print(f"\nplot: {args.plot}")
+        return 0
     names = [n for n in args.edits.split(",") if n]
     paths = [Path("examples/edits") / f"{n}.json" for n in names] or sorted(Path("examples/edits").glob("*.json"))
     args.methods = [m for m in args.methods.split(",") if m]
@@ -210,6 +217,7 @@ def speed(model, path: Path, seeds: list[int], pareto) -> None:
     C = key_moment(model, default.layer, range(s["seed_start"], s["seed_start"] + s["samples"])).moment()
     held = pareto.Heldout(model, dataclasses.replace(default, found=[]), seeds, C)
     rows = {}
+    # The editor sends the engine's defaults (rank 4, 50 steps, strength 0.6): "default" is its rewrite too.
     for name, spec in (("first release (adam)", pareto._spec(base, model, **FIRST_RELEASE)), ("default", default)):
         started = time.perf_counter()
         edit = rewrite(model, spec, moment=C)

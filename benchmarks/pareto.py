@@ -34,7 +34,7 @@ from rulewright.service.engine.rewrite import (_box_mask, _capture, build_goal, 
 from rulewright.service.engine.sampling import latents
 from rulewright.service.engine.stats import key_moment
 
-STRENGTHS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+STRENGTHS = (0.25, 0.5, 0.6, 0.75, 1.0, 1.5, 2.0, 3.0)     # 0.6: the default
 
 
 class Heldout:
@@ -177,6 +177,8 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    methods = sorted({m for r in results.values() for m in r["curves"]})
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}     # one colour per method in every panel
     n = len(results)
     cols = min(3, n)
     rows = (n + cols - 1) // cols
@@ -184,7 +186,8 @@ def plot(results: dict, out: Path) -> None:
     for ax, (edit, result) in zip(axes.flat, results.items()):
         for method, points in result["curves"].items():
             pts = sorted([(0.0, 0.0)] + [(p["side_effect"], 100 * p["efficacy"]) for p in points])
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=method)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=method,
+                    color=colors[method])
         ref = reference_side(result)
         if ref is not None:
             ax.axvline(ref, color="grey", linestyle="--", linewidth=0.8)
@@ -195,7 +198,9 @@ def plot(results: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", markersize=3, label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower right", fontsize=8, title="method (dashed: fine-tune's default side "
+               "effect; dotted: half of it)", title_fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
