@@ -557,8 +557,15 @@ def layer_directions(model: Generator, spec: EditSpec, moments: dict, regions: S
     return out
 
 
+def orthonormalize(direction: torch.Tensor, lam: torch.Tensor, in_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, Λ·Rᵀ) for D = QR: the same ΔW = Λ ×_in Dᵀ with an orthonormal direction."""
+    q, r = torch.linalg.qr(direction)
+    return q, (lam.movedim(in_axis, -1) @ r.T).movedim(-1, in_axis).contiguous()
+
+
 def solve_multilayer(objective: Objective, spec: EditSpec, directions: dict[str, torch.Tensor] | None = None,
-                     progress: Progress | None = None, should_stop: StopCheck | None = None) -> list[LowRankDelta]:
+                     progress: Progress | None = None, should_stop: StopCheck | None = None,
+                     side_paths: bool = True) -> list[LowRankDelta]:
     """Low-rank deltas ΔW_L = Λ_L ×_in D_Lᵀ on every edited layer, fitted together by Adam.
 
     Λ starts at zero (the unedited model) and D at a seeded random orthonormal basis, as LoRA
@@ -584,7 +591,7 @@ def solve_multilayer(objective: Objective, spec: EditSpec, directions: dict[str,
     def candidate() -> Weights:
         return {pname: w0 + _dense(lam, d, layer.in_axis) for layer, pname, w0, d, lam in parts}
 
-    if all(LowRankPaths.supports(layer) for layer, *_ in parts):
+    if side_paths and all(LowRankPaths.supports(layer) for layer, *_ in parts):
         paths = LowRankPaths([(layer.modules[0], d, lam) for layer, _, _, d, lam in parts])
         candidate = lambda: paths                      # noqa: E731  (same images, less work)
 
@@ -592,8 +599,7 @@ def solve_multilayer(objective: Objective, spec: EditSpec, directions: dict[str,
     best_adam(params, lambda: objective.loss(candidate()), spec.steps, spec.lr, "constant", progress, should_stop)
     deltas = []
     for layer, _, _, d, lam in parts:
-        q, r = torch.linalg.qr(d.detach())
-        lam_q = (lam.detach().movedim(layer.in_axis, -1) @ r.T).movedim(-1, layer.in_axis).contiguous()
+        q, lam_q = orthonormalize(d.detach(), lam.detach(), layer.in_axis)
         deltas.append(LowRankDelta(layer.weight_key, layer.in_axis, q.cpu(), lam_q.cpu(), spec.strength))
     return deltas
 
