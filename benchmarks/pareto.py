@@ -192,6 +192,8 @@ def plot(results: dict, out: Path) -> None:
         if ref is not None:
             ax.axvline(ref, color="grey", linestyle="--", linewidth=0.8)
             ax.axvline(ref / 2, color="grey", linestyle=":", linewidth=0.8)
+            ax.set_xlim(0, 2 * ref)                # the region the comparison is about
+            ax.set_ylim(0, None)
         ax.set_title(edit)
         ax.set_xlabel("side effect (mean |Δpixel| outside the box)")
         ax.set_ylabel("efficacy (% of gap closed)")
