@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Torch first and pinned: the CPU build lies on this disk; a plain requirement would pull a CUDA build.
+# Torch first and pinned to the CPU build; a plain requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 export RULEWRIGHT_CACHE_DIR ?= $(CURDIR)/.cache/rulewright
 

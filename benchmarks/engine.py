@@ -2,8 +2,8 @@
 
 Prints images/s when sampling at batch 1, 16 and 64; keys/s for the key statistics at the default
 layer (forward pass + accumulation); and the FLOP rate of the accumulation (KᵀK in float32, summed
-in float64) as a ratio to a plain ``torch.mm`` of the same shapes measured in the same run
-(goal: at least 0.5). Every figure is the median of several timed repeats after a warm-up.
+in float64) as a ratio to a plain ``torch.mm`` of the same shapes measured in the same run.
+Every figure is the median of several timed repeats after a warm-up.
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ def run(device_name: str = "auto", stats_samples: int = 256, stats_batch: int = 
         "stat_gflops": flops / acc_s / 1e9,
         "mm_gflops": flops / mm_s / 1e9,
         "ratio_to_mm": (flops / acc_s) / (flops / mm_s),
-        "goal": 0.5,
     }
     return results
 
@@ -103,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  sampling {key.replace('_', ' ')}: {value:10.1f}")
     print(f"  statistics at {r['layer']}: {r['statistics_keys_per_s']:,.0f} keys/s (forward + accumulation)")
     acc = r["accumulation"]
-    verdict = "meets" if acc["ratio_to_mm"] >= acc["goal"] else "BELOW"
     print(f"  accumulation KᵀK ({acc['rows']}×{acc['dim']}): {acc['stat_gflops']:.1f} GFLOP/s vs torch.mm "
-          f"{acc['mm_gflops']:.1f} GFLOP/s → ratio {acc['ratio_to_mm']:.2f} ({verdict} goal {acc['goal']})")
+          f"{acc['mm_gflops']:.1f} GFLOP/s → ratio {acc['ratio_to_mm']:.2f}")
     return 0
 
 

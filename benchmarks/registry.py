@@ -3,8 +3,7 @@
 Prints, each figure the median of several repeats, every ratio against a baseline measured in
 the same run:
 
-- the bytes a rank-1 edit version adds (its delta blob + its manifest) against the full weights
-  (goal: at most 1%);
+- the bytes a rank-1 edit version adds (its delta blob + its manifest) against the full weights;
 - the time to materialize an edited version from the store (base blob read and verified, loaded,
   delta applied) against loading the full weights from the store (the same read without the
   delta), and the time to apply the edit to a resident base (what the resident-version LRU pays);
@@ -42,7 +41,6 @@ from tests.backends import RedisServer
 
 LAYER = "main.6"
 SAMPLES = 1000
-SIZE_GOAL = 0.01
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -126,7 +124,6 @@ def run(repeats: int = 5) -> dict:
             "edit_version": edit_bytes,
             "full_weights": full_bytes,
             "ratio": edit_bytes / full_bytes,
-            "goal": SIZE_GOAL,
             "direction_shape": list(delta.direction.shape),
             "lambda_shape": list(delta.lam.shape),
         }
@@ -187,14 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r))
         return 0
     s, m, st = r["size"], r["materialize"], r["statistics"]
-    verdict = "meets" if s["ratio"] <= s["goal"] else "MISSES"
     print(
         f"registry benchmark: {r['model']}, rank-1 edit at {r['layer']} (torch {r['torch']}, {r['threads']} threads, "
         f"medians of {r['repeats']} or more repeats)"
     )
     print(
         f"  edit version: {s['edit_version']:,} bytes (delta {s['delta_blob']:,} + manifest {s['manifest']:,}) vs full "
-        f"weights {s['full_weights']:,} bytes → {100 * s['ratio']:.3f}% ({verdict} goal ≤ {100 * s['goal']:.0f}%)"
+        f"weights {s['full_weights']:,} bytes → {100 * s['ratio']:.3f}%"
     )
     print(
         f"  materialize edited version: {1000 * m['edited_version_s']:.1f} ms vs loading full weights "
