@@ -5,7 +5,7 @@
 - ``bootstrap(name, path)``: import a model as version 1 with alias ``production`` if absent.
 - ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``;
   a resident version named by number resolves even while the store is unreachable.
-- ``limits`` (``server.limits.Limits``): per-request caps; ``sample`` checks its images against them.
+- ``limits`` (``limits.Limits``): per-request caps; ``sample`` checks its images against them.
 - ``generator(version)``: the version's generator, resident in an LRU bounded by a count and a
   memory budget; versions share every tensor their edits leave alone (on the CPU and on the
   device), and shared tensors count once against the budget.
@@ -53,7 +53,7 @@ from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, dete
 from .engine.regions import Region
 from .engine.rewrite import rewrite as engine_rewrite
 from .batching import SampleBatcher
-from .server.limits import Limits, check_images
+from .limits import Limits, check_images
 from .engine.sampling import check_latents, latents, sample, to_uint8
 from .engine.search import Match, direction_for, response_threshold, search
 from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
@@ -137,7 +137,7 @@ class Domain:
         max_batch: int = 16,              # most images in one forward pass
         batch_delay_ms: float = 2.0,      # how long a Sample waits for others to share its forward pass
         dynamic_batching: bool = True,    # False: each Sample runs its own forward passes
-        limits=None,                      # server.limits.Limits: per-request caps; None: the defaults
+        limits=None,                      # limits.Limits: per-request caps; None: the defaults
     ):
         configure_determinism()
         self.registry = registry

@@ -1,12 +1,10 @@
 """Per-request caps, checked before any work, shared by the gRPC servicers, OIP and the HTTP side.
 
-- ``Limits``: the caps (settings ``max_images``, ``max_search_seeds``, ``max_regions``,
-  ``max_stats_samples``, ``max_mask_pixels``, ``max_message_mb``); ``Limits.from_config(config)``.
+- ``Limits``, ``check_count`` and ``check_images`` come from ``service/limits.py`` (the domain
+  checks images too) and are re-exported here.
 - ``check_sample``, ``check_dissect``, ``check_search``, ``check_statistics``, ``check_rewrite``:
   a request message against the caps; ``check_masks`` walks any message for masks;
   ``check_spec`` checks an edit spec in its JSON form (the HTTP side's, and gRPC's once converted).
-- ``check_images(limits, n, field, resolution)``: a count of images, and the size of the reply
-  they make (raw RGB8, the larger encoding) against the message limit.
 
 Every refusal is an engine ``InvalidArgument`` (INVALID_ARGUMENT with a BadRequest field
 violation through the one error table) whose description names the setting, so a client sees
@@ -16,7 +14,6 @@ which knob an operator would turn. Nothing here imports torch.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import math
 import zlib
 from typing import Any, Iterator
@@ -27,44 +24,7 @@ from rulewright.service.engine.errors import InvalidArgument
 from rulewright.v1 import images_pb2
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """Caps on one request; defaults are the settings' defaults."""
-
-    max_images: int = 64                  # images per Sample, OIP ModelInfer, Rewrite preview
-    max_search_seeds: int = 10_000        # candidate seeds per SearchContext
-    max_regions: int = 64                 # regions per Dissect, SearchContext, edit spec
-    max_stats_samples: int = 100_000      # samples a statistic may be computed over
-    max_mask_pixels: int = 1 << 22        # width x height of one mask
-    max_message_bytes: int = 64 << 20     # the gRPC message limit a reply must fit
-
-    @classmethod
-    def from_config(cls, config) -> "Limits":
-        """The caps a ``config.ServeConfig`` sets."""
-        return cls(max_images=config.max_images, max_search_seeds=config.max_search_seeds,
-                   max_regions=config.max_regions, max_stats_samples=config.max_stats_samples,
-                   max_mask_pixels=config.max_mask_pixels, max_message_bytes=int(config.max_message_mb * 2**20))
-
-
-def _over(field: str, what: str, limit: int, setting: str, got: int) -> InvalidArgument:
-    return InvalidArgument(field, f"at most {limit:,} {what} per request (server setting {setting}), got {got:,}")
-
-
-def check_count(n: int, limit: int, field: str, what: str, setting: str) -> None:
-    """``n`` things of a request against a cap."""
-    if n > limit:
-        raise _over(field, what, limit, setting, n)
-
-
-def check_images(limits: Limits, n: int, field: str, resolution: int | None = None) -> None:
-    """``n`` images: at most ``max_images``, and (with ``resolution``) a reply that fits one message."""
-    check_count(n, limits.max_images, field, "images", "max_images")
-    if resolution is not None:
-        size = n * resolution * resolution * 3
-        if size > limits.max_message_bytes * 0.95:        # headroom for framing and other fields
-            raise InvalidArgument(field, f"{n:,} images of {resolution}x{resolution} make a reply of about "
-                                  f"{size / 2**20:.0f} MiB, over the message limit of "
-                                  f"{limits.max_message_bytes / 2**20:.0f} MiB (server setting max_message_mb)")
+from ..limits import Limits, _over, check_count, check_images  # noqa: F401  (re-exported for the transports)
 
 
 def _walk(msg: Message, path: str) -> Iterator[tuple[str, Message]]:
