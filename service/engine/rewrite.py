@@ -707,7 +707,7 @@ def rewrite(
         goal = build_goal(model, spec)
         objective = Objective(model, spec, goal)
         w0 = layer.weight.detach()
-        before = objective.report(w0)
+        before = objective.report({} if spec.method == "multilayer" else w0)   # same keys as after
         if spec.method == "multilayer":
             directions = None
             if spec.factors == "context":
