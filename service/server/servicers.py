@@ -176,7 +176,7 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
     def ListVersions(self, request, context):
         page = self.registry.list_versions(convert.parse_model(request.parent, "parent"), request.page_size,
                                            request.page_token)
-        return reg.ListVersionsResponse(versions=[convert.version_pb(self.registry, v) for v in page.items],
+        return reg.ListVersionsResponse(versions=convert.version_pbs(self.registry, page.items),
                                         next_page_token=page.next_page_token)
 
     @rpc(fields=NAME_FIELDS)
