@@ -115,10 +115,9 @@ def model_pb(registry: Registry, model) -> resources_pb2.Model:
         aliases=[alias_pb(a) for a in registry.list_aliases(model.name)], latest_version=latest)
 
 
-def version_pbs(registry: Registry, versions) -> list[resources_pb2.Version]:
-    """Versions as messages, lineages included. Versions are immutable and name their parent, so
-    one parent map serves the whole list: only ancestors outside it are read from the store
-    (not each version's whole chain again)."""
+def lineages(registry: Registry, versions) -> list[list[int]]:
+    """The lineage (root first) of each version. Versions are immutable and name their parent, so
+    one parent map serves the whole list: only ancestors outside it are read from the store, once."""
     parents: dict[tuple[str, int], int | None] = {(v.model, v.number): v.parent for v in versions}
 
     def lineage(model: str, number: int) -> list[int]:
@@ -133,15 +132,20 @@ def version_pbs(registry: Registry, versions) -> list[resources_pb2.Version]:
             current = parents[(model, current)]
         return chain[::-1]
 
+    return [lineage(v.model, v.number) for v in versions]
+
+
+def version_pbs(registry: Registry, versions) -> list[resources_pb2.Version]:
+    """Versions as messages, lineages included (see ``lineages``)."""
     out = []
-    for v in versions:
+    for v, chain in zip(versions, lineages(registry, versions)):
         kind = {"import": resources_pb2.Version.KIND_IMPORT, "edit": resources_pb2.Version.KIND_EDIT}[v.kind]
         out.append(resources_pb2.Version(
             name=version_name(v), number=v.number, parent_version=v.parent or 0, kind=kind,
             spec_json=json.dumps(v.spec or {}, sort_keys=True), metrics=_struct(v.metrics), author=v.author,
             create_time=_time(v.created_at),
             blobs=[resources_pb2.Blob(role=r, sha256=b.sha256, size_bytes=b.size) for r, b in sorted(v.blobs.items())],
-            lineage=lineage(v.model, v.number), request_id=v.request_id or ""))
+            lineage=chain, request_id=v.request_id or ""))
     return out
 
 

@@ -440,16 +440,6 @@ def _pages(fetch) -> list:
             return items
 
 
-def _lineage(versions: dict[int, Any], v, registry) -> list[int]:
-    chain, current = [], v
-    while current is not None:
-        chain.append(current.number)
-        if current.parent is None:
-            return chain[::-1]
-        current = versions.get(current.parent)
-    return [x.number for x in registry.get_lineage(v.model, v.number)]
-
-
 def _version_json(v, lineage: list[int]) -> dict:
     return {"number": v.number, "parent": v.parent, "lineage": lineage, "kind": v.kind, "author": v.author,
             "created": _time(v.created_at), "spec": v.spec or {}, "metrics": _json_metrics(v.metrics or {})}
@@ -678,8 +668,8 @@ class _Handler(BaseHTTPRequestHandler):
     def h_versions(self, model: str) -> None:
         registry = self.app.domain.registry
         versions = _pages(lambda size, token: registry.list_versions(model, size, token))
-        by_number = {v.number: v for v in versions}
-        self._json(200, {"versions": [_version_json(v, _lineage(by_number, v, registry)) for v in versions],
+        chains = convert.lineages(registry, versions)
+        self._json(200, {"versions": [_version_json(v, chain) for v, chain in zip(versions, chains)],
                          "aliases": [self.app.alias_json(a) for a in registry.list_aliases(model)]})
 
     def h_set_alias(self, model: str, alias: str) -> None:
