@@ -8,7 +8,6 @@
 - ``manifests``: ``Model``, ``Version``, ``AliasEntry``, ``AliasState``, ``Page``.
 - ``stats_cache``: ``StatsKey``, ``LocalStatsCache``, ``RedisStatsCache``, ``open_stats_cache``.
 - ``weights`` (torch): ``materialize``, ``Materializer``, ``export_bytes`` / ``export_to_file``.
-- ``statistics`` (torch): ``cached_key_moment``.
 - ``gc``: ``scan`` and ``collect``; ``python -m rulewright.registry check|gc --store URI``.
 
 Importing this package, ``registry``, ``manifests``, ``blobstore``, the stores and

@@ -39,7 +39,6 @@ import torch
 from rulewright.registry.errors import NotFound, Unavailable
 from rulewright.registry.manifests import Version
 from rulewright.registry.registry import Registry
-from rulewright.registry.statistics import KEY_MOMENT
 from rulewright.registry.stats_cache import StatsCache, StatsKey, open_stats_cache
 from rulewright.registry.weights import Materializer
 
@@ -54,6 +53,7 @@ from .engine.regions import Region
 from .engine.rewrite import rewrite as engine_rewrite
 from .batching import SampleBatcher
 from .limits import Limits, check_images
+from .statistics import KEY_MOMENT, VALUE_QUANTILE, stat_key
 from .engine.sampling import check_latents, latents, sample, to_uint8
 from .engine.search import Match, direction_for, response_threshold, search
 from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
 StopCheck = Callable[[], bool]
-VALUE_QUANTILE = "value_quantile"
 STATISTICS = (KEY_MOMENT, VALUE_QUANTILE)
 _NUMBERED = re.compile(r"^([^/@]+)/([0-9]+)$")     # model/N: a version by number
 
@@ -360,8 +359,7 @@ class Domain:
         # Keys depend only on the weights upstream of the layer; values on the layer's own weight
         # too, so their key hashes every weight (conservative, shared less across versions).
         scope = layer if kind == KEY_MOMENT else None
-        return StatsKey.create(self._fingerprint(version, model, scope), layer, kind, seeds, truncation,
-                               arch=model.arch)
+        return stat_key(self._fingerprint(version, model, scope), layer, kind, seeds, truncation, model.arch)
 
     def _fingerprint(self, version: Version, model: Generator, layer: str | None) -> str:
         """The weights' fingerprint for a statistic, hashed once per (version, layer): it costs ~10 ms."""

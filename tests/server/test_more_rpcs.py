@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from safetensors.torch import save
 
-from rulewright.registry.statistics import moment_key
+from rulewright.service.statistics import moment_key
 from rulewright.service import domain as domain_module
 from rulewright.service.engine import dissect
 from rulewright.service.engine.regions import Region

@@ -1,5 +1,8 @@
-"""Key statistics through the statistics cache: the torch side of ``stats_cache``.
+"""Statistics through the statistics cache: one place that names a cached statistic.
 
+- ``KEY_MOMENT``, ``VALUE_QUANTILE``: the kinds of statistic the service caches.
+- ``stat_key(fingerprint, layer, kind, seeds, truncation, arch)``: the ``StatsKey`` of a statistic
+  of weights with that fingerprint (what the domain and ``moment_key`` both use).
 - ``moment_key(model, layer, seeds, truncation)``: the ``StatsKey`` of C = E[k kᵀ] at a layer,
   named by the fingerprint of the weights upstream of it (so versions whose edits lie downstream
   share the entry).
@@ -11,17 +14,24 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rulewright.service.engine.generators.base import Generator
-from rulewright.service.engine.stats import SecondMoment, key_moment, load_stat
+from rulewright.registry.stats_cache import StatsCache, StatsKey
 
-from .stats_cache import StatsCache, StatsKey
+from .engine.generators.base import Generator
+from .engine.stats import SecondMoment, key_moment, load_stat
 
 KEY_MOMENT = "key_moment"
+VALUE_QUANTILE = "value_quantile"
+
+
+def stat_key(fingerprint: str, layer: str, kind: str, seeds: Sequence[int], truncation: float, arch: str) -> StatsKey:
+    """The cache key of a ``kind`` statistic at ``layer`` of weights with ``fingerprint``."""
+    return StatsKey.create(fingerprint, layer, kind, seeds, truncation, arch=arch)
 
 
 def moment_key(model: Generator, layer: str, seeds: Sequence[int], truncation: float = 1.0) -> StatsKey:
-    """The cache key of ``key_moment(model, layer, seeds, truncation)``."""
-    return StatsKey.create(model.upstream_fingerprint(layer), layer, KEY_MOMENT, seeds, truncation, arch=model.arch)
+    """The cache key of ``key_moment(model, layer, seeds, truncation)``: keys depend only on the
+    weights upstream of the layer."""
+    return stat_key(model.upstream_fingerprint(layer), layer, KEY_MOMENT, seeds, truncation, model.arch)
 
 
 def cached_key_moment(
