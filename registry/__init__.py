@@ -7,11 +7,10 @@
 - ``errors``: ``RegistryError`` with a closed set of ``Code`` and stable ``Reason`` values.
 - ``manifests``: ``Model``, ``Version``, ``AliasEntry``, ``AliasState``, ``Page``.
 - ``stats_cache``: ``StatsKey``, ``LocalStatsCache``, ``RedisStatsCache``, ``open_stats_cache``.
-- ``weights`` (torch): ``materialize``, ``Materializer``, ``export_bytes`` / ``export_to_file``.
 - ``gc``: ``scan`` and ``collect``; ``python -m rulewright.registry check|gc --store URI``.
 
-Importing this package, ``registry``, ``manifests``, ``blobstore``, the stores and
-``stats_cache`` never imports torch: clients use them.
+Nothing here imports torch: versions are materialized into weights on the service side
+(``rulewright.service.weights``).
 """
 
 from .blobstore import BlobInfo, BlobRef, BlobStore, default_store_uri, open_store

@@ -40,7 +40,7 @@ from rulewright.registry.errors import NotFound, Unavailable
 from rulewright.registry.manifests import Version
 from rulewright.registry.registry import Registry
 from rulewright.registry.stats_cache import StatsCache, StatsKey, open_stats_cache
-from rulewright.registry.weights import Materializer
+from rulewright.service.weights import Materializer
 
 from .engine import delta as delta_codec
 from .engine import dissect

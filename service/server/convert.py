@@ -31,7 +31,7 @@ from PIL import Image as PILImage
 
 from rulewright.registry.errors import InvalidArgument as RequestInvalid, NotFound, Reason, RegistryError
 from rulewright.registry.registry import Registry
-from rulewright.registry.weights import export_bytes
+from rulewright.service.weights import export_bytes
 from rulewright.service.domain import (KEY_MOMENT, VALUE_QUANTILE, DissectResult, RewriteResult, StatisticResult,
                                        _json_metrics)
 from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention

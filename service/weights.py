@@ -7,7 +7,8 @@
 - ``export_bytes`` / ``export_to_file`` / ``iter_export``: one safetensors file with the
   version's identity in its metadata; ``load_generator`` reads it back.
 
-This module (and ``statistics``) are the registry's only torch users: clients never import them.
+It lives beside the domain, not in the registry, so that the registry (and the clients that use
+it) never import torch.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from rulewright.service.engine.delta import apply_to_state_dict, from_bytes
+from rulewright.registry import errors
+from rulewright.registry.errors import Reason
+from rulewright.registry.manifests import Version
+from rulewright.registry.registry import Registry
 
-from . import errors
-from .errors import Reason
-from .manifests import Version
-from .registry import Registry
+from .engine.delta import apply_to_state_dict, from_bytes
 
 log = logging.getLogger(__name__)
 
