@@ -38,7 +38,7 @@ import uuid
 from pathlib import Path
 
 from rulewright.registry import Registry
-from rulewright.registry.blobstore import open_store
+from rulewright.registry.stores import open_store
 from rulewright.registry.gc import scan
 from rulewright.registry.s3store import S3Store
 from tests.backends import MotoServer, RedisServer, moto_command

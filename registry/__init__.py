@@ -2,7 +2,7 @@
 
 - ``Registry`` (``registry``): models, immutable numbered versions, aliases with compare-and-set
   and an append-only history; ``Registry.open(uri)``.
-- ``open_store(uri)`` (``blobstore``): ``BlobStore`` backends by scheme, ``FileStore``
+- ``open_store(uri)`` (``stores``): ``BlobStore`` backends by scheme, ``FileStore``
   (``file://``, the default) and ``S3Store`` (``s3://``, configured by ``S3Config``).
 - ``errors``: ``RegistryError`` with a closed set of ``Code`` and stable ``Reason`` values.
 - ``manifests``: ``Model``, ``Version``, ``AliasEntry``, ``AliasState``, ``Page``.
@@ -13,7 +13,8 @@ Nothing here imports torch: versions are materialized into weights on the servic
 (``rulewright.service.weights``).
 """
 
-from .blobstore import BlobInfo, BlobRef, BlobStore, default_store_uri, open_store
+from .blobstore import BlobInfo, BlobRef, BlobStore, default_store_uri
+from .stores import open_store
 from .errors import Code, Reason, RegistryError
 from .manifests import AliasEntry, AliasState, Model, Page, Version
 from .registry import ANY, Registry

@@ -20,7 +20,8 @@ import re
 import sys
 
 from . import errors
-from .blobstore import default_store_uri, open_store
+from .blobstore import default_store_uri
+from .stores import open_store
 from .gc import DEFAULT_GRACE_S, Report, collect, scan
 from .s3store import S3Config
 

@@ -4,8 +4,7 @@
   verified on every read) and small named **documents** (manifests, alias entries) whose only
   mutation is a conditional create, so concurrent writers can never overwrite each other.
 - ``BlobRef(sha256, size)``: what a manifest records of a blob; ``BlobInfo`` adds the blob's age.
-- ``open_store(uri)``: ``file:///path`` (or a bare path) → ``FileStore``; ``s3://bucket/prefix`` →
-  ``S3Store`` configured from ``S3Config`` or the ``RULEWRIGHT_S3_*`` environment.
+- ``open_store(uri)`` lives in ``stores`` (it knows the backends; this module knows none).
 - ``default_store_uri()``: ``$RULEWRIGHT_REGISTRY_URI``, else a folder in the local cache.
 - ``sha256_hex(data)``, ``check_sha256(text)``: hashing and digest validation helpers.
 
@@ -21,13 +20,11 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, Union
 
 from . import errors
 from .errors import Reason
 
-if TYPE_CHECKING:
-    from .s3store import S3Config
 
 BlobSource = Union[bytes, bytearray, memoryview, BinaryIO]
 
@@ -238,34 +235,3 @@ def default_store_uri() -> str:
         return uri
     cache = os.environ.get("RULEWRIGHT_CACHE_DIR") or str(Path.home() / ".cache" / "rulewright")
     return Path(cache, "registry").resolve().as_uri()
-
-
-def open_store(uri: str | os.PathLike | None = None, s3: "S3Config | None" = None) -> BlobStore:
-    """The store a URI names: ``file:///abs/path`` or a bare path, or ``s3://bucket[/prefix]``.
-
-    Args:
-        uri: the store; None means ``default_store_uri()``.
-        s3: endpoint, credentials, region and TLS for ``s3://``; None reads ``RULEWRIGHT_S3_*``.
-    """
-    text = os.fspath(uri) if uri is not None else default_store_uri()
-    if text.startswith("s3://"):
-        from .s3store import S3Config, S3Store  # boto3 is imported only when S3 is used
-
-        bucket, _, prefix = text[len("s3://") :].partition("/")
-        return S3Store(bucket, prefix.strip("/"), s3 or S3Config.from_env())
-    if text.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        parsed = urlparse(text)
-        if parsed.netloc not in ("", "localhost"):
-            raise errors.InvalidArgument(Reason.INVALID_STORE_URI, f"file URI must name a local path: {text}", uri=text)
-        path = unquote(parsed.path)
-    elif "://" in text:
-        raise errors.InvalidArgument(
-            Reason.INVALID_STORE_URI, f"unknown store scheme in {text!r}; use file:// or s3://", uri=text
-        )
-    else:
-        path = text
-    from .filestore import FileStore
-
-    return FileStore(path)

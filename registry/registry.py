@@ -53,7 +53,8 @@ import uuid
 from typing import Any, Callable
 
 from . import errors
-from .blobstore import BlobSource, BlobStore, open_store
+from .blobstore import BlobSource, BlobStore
+from .stores import open_store
 from .errors import Reason
 from .manifests import (
     AliasEntry,

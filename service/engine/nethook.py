@@ -15,12 +15,13 @@ with another pass on the same model object; callers that serve requests serializ
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from .generators.base import Generator
+if TYPE_CHECKING:      # annotations only: generators/base uses Trace, so no import cycle at run time
+    from .generators.base import Generator
 
 
 class StopForward(Exception):

@@ -9,7 +9,8 @@ import os
 import pytest
 
 from rulewright.registry import errors
-from rulewright.registry.blobstore import BlobRef, open_store
+from rulewright.registry.blobstore import BlobRef
+from rulewright.registry.stores import open_store
 from rulewright.registry.errors import Reason
 from rulewright.registry.filestore import FileStore
 from rulewright.registry.s3store import S3Config, S3Store

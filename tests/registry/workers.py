@@ -7,7 +7,7 @@ import signal
 import time
 
 from rulewright.registry import Registry, RegistryError
-from rulewright.registry.blobstore import open_store
+from rulewright.registry.stores import open_store
 
 
 def _registry(spec) -> Registry:

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..nethook import Trace
+
 
 class StateDictMismatch(ValueError):
     """A state dict does not fit an architecture (becomes INVALID_ARGUMENT over the API)."""
@@ -190,8 +192,6 @@ class Generator(nn.Module, abc.ABC):
     def layer_infos(self) -> list[LayerInfo]:
         """Shapes of every rewritable layer, measured once by tracing one latent."""
         if self._layer_infos is None:
-            from ..nethook import Trace  # local: nethook imports this module
-
             infos = []
             param = next(self.parameters())
             z = torch.zeros(1, self.z_dim, device=param.device, dtype=param.dtype)
@@ -220,8 +220,6 @@ class Generator(nn.Module, abc.ABC):
         contributes only what its children did. Edits to any other parameter leave the keys, and
         so the statistics C of this layer, unchanged.
         """
-        from ..nethook import Trace  # local: nethook imports this module
-
         ran: list[nn.Module] = []
         param = next(self.parameters())
         z = torch.zeros(1, self.z_dim, device=param.device, dtype=param.dtype)
