@@ -254,7 +254,8 @@ class Generator(nn.Module, abc.ABC):
         return _fingerprint(f"{self.arch}:all", sorted(self.state_dict().items()))
 
     def train(self, mode: bool = True) -> "Generator":
-        """Stay in eval mode: BatchNorm statistics over a few edit images are garbage (DESIGN.md)."""
+        """Stay in eval mode: batch statistics over the few images of an edit are garbage, and eval-mode
+        BatchNorm is affine, so it belongs to the value."""
         return super().train(False)
 
     def extra_repr(self) -> str:
