@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
               f"both: {out / 'before_after.png'}")
 
         _, etag = production(registry)
-        registry.SetAlias(reg.SetAliasRequest(name="models/faces/aliases/production", version=old_version, etag=etag,
-                                              reason="demo: roll back"), timeout=30)
+        registry.RollbackAlias(reg.RollbackAliasRequest(name="models/faces/aliases/production", etag=etag,
+                                                        reason="demo: roll back"), timeout=30)
         rolled, _, rolled_png = sample(generator, "faces@production", HELD_OUT)
         same = rolled_png == before_png
         print(f"rolled production back to {rolled}: {'the original pixels, exactly' if same else 'PIXELS DIFFER'}")

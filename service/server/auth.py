@@ -2,8 +2,8 @@
 
 - Roles, weakest first: ``reader`` (ListLayers, Sample, Dissect, SearchContext; registry List*,
   Get*, ExportVersion, ListAliasHistory), ``editor`` (+ Rewrite, ComputeStatistics), ``admin``
-  (+ ImportModel, DeleteModel, DeleteVersion, SetAlias). The Open Inference Protocol's
-  ModelReady, ServerMetadata, ModelMetadata and ModelInfer need a reader. ``grpc.health.v1``,
+  (+ ImportModel, DeleteModel, DeleteVersion, SetAlias, RollbackAlias). The Open Inference
+  Protocol's ModelReady, ServerMetadata, ModelMetadata and ModelInfer need a reader. ``grpc.health.v1``,
   reflection and OIP ServerLive and ServerReady (the OIP's health probes, which say no more than
   ``grpc.health.v1`` does) need no token; any other method of our services not listed needs an
   admin (deny by default).
@@ -47,7 +47,8 @@ METHOD_ROLES: dict[str, str] = {
     **{_GEN + m: "editor" for m in ("Rewrite", "ComputeStatistics")},
     **{_REG + m: "reader" for m in ("ListModels", "GetModel", "ListVersions", "GetVersion", "ExportVersion",
                                     "ListAliasHistory")},
-    **{_REG + m: "admin" for m in ("ImportModel", "DeleteModel", "DeleteVersion", "SetAlias")},
+    **{_REG + m: "admin" for m in ("ImportModel", "DeleteModel", "DeleteVersion", "SetAlias",
+                                   "RollbackAlias")},
     **{_OIP + m: "reader" for m in ("ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")},
 }
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",

@@ -6,6 +6,7 @@
   ``check_rewrite_request``, ``images_pb``, ``edit_spec``, ``progress_pb``,
   ``rewrite_result_pb``, ``export_stream``, ``regions``, ``dissect_args``, ``dissect_pb``,
   ``search_args``, ``search_pb``, ``statistics_args``, ``statistics_result_pb``.
+- Aliases: ``move_alias`` (SetAlias), ``rollback_alias`` (RollbackAlias).
 - Import: ``import_upload`` (the client stream: metadata, then chunks, checked for size and
   sha256; ``ImportTooLarge`` → RESOURCE_EXHAUSTED), ``import_args``, ``import_pb``.
 
@@ -400,6 +401,14 @@ def move_alias(registry: Registry, model: str, alias: str, request: reg.SetAlias
     if request.version == 0:
         return registry.delete_alias(model, alias, reason=request.reason, author=author, **kw)
     return registry.set_alias(model, alias, request.version, reason=request.reason, author=author, **kw)
+
+
+def rollback_alias(registry: Registry, model: str, alias: str, request: reg.RollbackAliasRequest,
+                   author: str = "anonymous"):
+    """RollbackAlias: move the alias back to where its latest move came from."""
+    # An empty etag is "no expectation stated": the registry then compares and sets on the state
+    # it reads, so a move in between is still never undone blindly.
+    return registry.rollback_alias(model, alias, etag=request.etag or None, reason=request.reason, author=author)
 
 
 # ---- dissection, search, statistics ----------------------------------------------------------

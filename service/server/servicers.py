@@ -5,7 +5,7 @@
   through a queue; the client's cancellation or deadline stops it).
 - ``RegistryServicer``: ListModels, GetModel, ImportModel (client streaming, at most
   ``max_import_bytes``), DeleteModel, ListVersions, GetVersion, DeleteVersion, ExportVersion,
-  SetAlias, ListAliasHistory.
+  SetAlias, RollbackAlias, ListAliasHistory.
 
 Errors go through
 ``errors.rpc``; conversions live in ``convert`` (this module imports no torch, S3 or Redis).
@@ -197,6 +197,11 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
     def SetAlias(self, request, context):
         model, alias = convert.parse_alias(request.name)
         return convert.alias_pb(convert.move_alias(self.registry, model, alias, request, current_principal()))
+
+    @rpc(fields=NAME_FIELDS)
+    def RollbackAlias(self, request, context):
+        model, alias = convert.parse_alias(request.name)
+        return convert.alias_pb(convert.rollback_alias(self.registry, model, alias, request, current_principal()))
 
     @rpc(fields={"model": "parent", "alias": "parent"})
     def ListAliasHistory(self, request, context):

@@ -370,7 +370,7 @@ ROUTES = (
     _route("GET", _J + r"/events", "events", _GEN + "Rewrite"),
     _route("POST", _J + r"/cancel", "cancel", _GEN + "Rewrite"),
     _route("PUT", _M + r"/aliases/(?P<alias>[^/]+)", "set_alias", _REG + "SetAlias"),
-    _route("POST", _M + r"/aliases/(?P<alias>[^/]+)/rollback", "rollback", _REG + "SetAlias"),
+    _route("POST", _M + r"/aliases/(?P<alias>[^/]+)/rollback", "rollback", _REG + "RollbackAlias"),
 )
 
 
@@ -696,9 +696,9 @@ class _Handler(BaseHTTPRequestHandler):
         unknown = set(body) - {"etag", "reason"}
         if unknown:
             raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
-        state = self.app.domain.registry.rollback_alias(model, alias, etag=_str(body, "etag") or None,
-                                                        author=self.principal,
-                                                        reason=_str(body, "reason", limit=1000))
+        request = reg.RollbackAliasRequest(name=f"models/{model}/aliases/{alias}", etag=_str(body, "etag"),
+                                           reason=_str(body, "reason", limit=1000))
+        state = convert.rollback_alias(self.app.domain.registry, model, alias, request, self.principal)
         self._json(200, self.app.alias_json(state))
 
     # -- generator

@@ -30,6 +30,7 @@ REGISTRY_RPCS = {
     "DeleteVersion": (False, False),
     "ExportVersion": (False, True),
     "SetAlias": (False, False),
+    "RollbackAlias": (False, False),
     "ListAliasHistory": (False, False),
 }
 

@@ -219,15 +219,28 @@ def test_set_alias_compare_and_set_history_and_rollback(client):
     assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION and info.value.reason == "NO_EARLIER_VERSION"
 
 
-def test_rollback_refuses_if_the_alias_moved_meanwhile(client, live, monkeypatch):
-    _, result = run(client.rewrite("tiny", TINY_SPEC))
-    client.set_alias("tiny", "production", 2)
-    stale = client.alias_history("tiny", "production")
+def test_rollback_refuses_if_the_alias_moved_meanwhile(client):
+    run(client.rewrite("tiny", TINY_SPEC))
+    seen = client.set_alias("tiny", "production", 2)
     client.set_alias("tiny", "production", 1, reason="someone else")
-    monkeypatch.setattr(client, "alias_history", lambda *a, **k: stale)   # read before the other move
     with pytest.raises(RulewrightError) as info:
-        client.rollback("tiny")
-    assert info.value.code is grpc.StatusCode.ABORTED        # the etag no longer holds: nothing undone blindly
+        client.rollback("tiny", etag=seen.etag)               # the state this caller saw is gone
+    assert info.value.code is grpc.StatusCode.ABORTED and info.value.reason == "ALIAS_CONFLICT"
+    assert client.alias("tiny", "production").version == 1    # nothing undone blindly
+    assert [m.reason for m in client.alias_history("tiny")][-1] == "someone else"
+
+
+def test_rollback_is_one_rollback_alias_call_pinned_to_the_state_read(client, monkeypatch):
+    run(client.rewrite("tiny", TINY_SPEC))
+    client.set_alias("tiny", "production", 2)
+    calls = []
+    send = client._unary
+    monkeypatch.setattr(client, "_unary", lambda method, *a, **k: calls.append((method, a[1])) or send(method, *a, **k))
+    back = client.rollback("tiny", reason="bad edit")
+    assert [m for m, _ in calls] == ["GetModel", "RollbackAlias"]       # no history read, no SetAlias
+    sent = calls[-1][1]
+    assert (sent.name, sent.reason) == ("models/tiny/aliases/production", "bad edit") and sent.etag
+    assert back.version == 1 and client.alias_history("tiny")[-1].reason == "bad edit"
 
 
 def test_export_writes_verified_weights(client, tmp_path):

@@ -16,7 +16,7 @@ from rulewright.service.server.app import JsonFormatter, create_server
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
-from .conftest import error_info
+from .conftest import SPEC, error_info
 from .test_generator import spec_pb
 
 READER, EDITOR, ADMIN = "rd-7f3a9c0e51", "ed-0b6d2e8f44", "ad-9e1c5a7b23"
@@ -114,6 +114,25 @@ def test_admin_set_alias_records_the_principal(secured):
     moves = registry.ListAliasHistory(reg.ListAliasHistoryRequest(parent=name), metadata=bearer(READER)).moves
     assert [(m.to_version, m.author, m.reason) for m in moves] == [(1, "carol", "try")]
     assert generator.Sample(SAMPLE, timeout=30, metadata=bearer(ADMIN)).images   # admin includes reader
+
+
+def test_rollback_alias_needs_the_role_set_alias_needs_and_records_the_principal(domain, secured):
+    generator, registry, _ = secured
+    assert auth.METHOD_ROLES["/rulewright.v1.RegistryService/RollbackAlias"] == \
+        auth.METHOD_ROLES["/rulewright.v1.RegistryService/SetAlias"] == "admin"
+    domain.rewrite("tiny/1", SPEC)
+    name = "models/tiny/aliases/production"
+    registry.SetAlias(reg.SetAliasRequest(name=name, version=2, expected_version=1), timeout=30,
+                      metadata=bearer(ADMIN))
+    for token in (READER, EDITOR):
+        err = fail(registry.RollbackAlias, reg.RollbackAliasRequest(name=name), timeout=30, metadata=bearer(token))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(err).reason == "ROLE_INSUFFICIENT" and error_info(err).metadata["required_role"] == "admin"
+    back = registry.RollbackAlias(reg.RollbackAliasRequest(name=name, reason="bad edit"), timeout=30,
+                                  metadata=bearer(ADMIN))
+    assert back.version == 1
+    moves = registry.ListAliasHistory(reg.ListAliasHistoryRequest(parent=name), metadata=bearer(READER)).moves
+    assert [(m.from_version, m.to_version, m.author, m.reason) for m in moves][-1] == (2, 1, "carol", "bad edit")
 
 
 def test_health_needs_no_token(secured):

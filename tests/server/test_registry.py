@@ -65,6 +65,51 @@ def test_set_alias_compare_and_set_history_and_rollback(registry, generator, thr
     assert new.version == 2
 
 
+def test_rollback_alias_moves_back_then_forward_recording_author_and_reason(registry, three_versions):
+    name = "models/tiny/aliases/production"
+    shipped = registry.SetAlias(reg.SetAliasRequest(name=name, version=3, expected_version=1, reason="ship"),
+                                timeout=30)
+    back = registry.RollbackAlias(reg.RollbackAliasRequest(name=name, etag=shipped.etag, reason="caps broke faces"),
+                                  timeout=30)
+    assert (back.name, back.version) == (name, 1) and back.etag != shipped.etag
+    assert registry.GetModel(reg.GetModelRequest(name="models/tiny"), timeout=30).aliases[0].version == 1
+    forward = registry.RollbackAlias(reg.RollbackAliasRequest(name=name), timeout=30)   # like `cd -`
+    assert forward.version == 3
+    moves = registry.ListAliasHistory(reg.ListAliasHistoryRequest(parent=name), timeout=30).moves
+    assert [(m.from_version, m.to_version, m.author, m.reason) for m in moves][1:] == [
+        (1, 3, "anonymous", "ship"), (3, 1, "anonymous", "caps broke faces"),
+        (1, 3, "anonymous", "rollback to version 3")]
+
+
+def test_rollback_alias_with_a_stale_etag_is_aborted_and_moves_nothing(registry, three_versions):
+    name = "models/tiny/aliases/production"
+    first = registry.SetAlias(reg.SetAliasRequest(name=name, version=2, expected_version=1), timeout=30)
+    registry.SetAlias(reg.SetAliasRequest(name=name, version=3, etag=first.etag, reason="someone else"), timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        registry.RollbackAlias(reg.RollbackAliasRequest(name=name, etag=first.etag), timeout=30)
+    info = error_info(err.value)
+    assert err.value.code() == grpc.StatusCode.ABORTED and info.reason == "ALIAS_CONFLICT"
+    assert info.metadata["current_version"] == "3"
+    moves = registry.ListAliasHistory(reg.ListAliasHistoryRequest(parent=name), timeout=30).moves
+    assert [m.to_version for m in moves] == [1, 2, 3]          # the other writer's move was not undone
+
+
+def test_rollback_alias_needs_an_earlier_version_and_a_well_formed_name(registry):
+    name = "models/tiny/aliases/production"                     # only ever moved from nowhere to 1
+    with pytest.raises(grpc.RpcError) as err:
+        registry.RollbackAlias(reg.RollbackAliasRequest(name=name), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(err.value).reason == "NO_EARLIER_VERSION" and "no earlier version" in err.value.details()
+    assert detail(err.value, error_details_pb2.PreconditionFailure).violations[0].type == "NO_EARLIER_VERSION"
+    with pytest.raises(grpc.RpcError) as err:
+        registry.RollbackAlias(reg.RollbackAliasRequest(name="models/tiny/aliases/never"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and error_info(err.value).reason == "ALIAS_NOT_FOUND"
+    with pytest.raises(grpc.RpcError) as err:
+        registry.RollbackAlias(reg.RollbackAliasRequest(name="tiny/production"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert detail(err.value, error_details_pb2.BadRequest).field_violations[0].field == "name"
+
+
 def test_delete_version_needs_no_alias_and_no_children(registry, three_versions):
     with pytest.raises(grpc.RpcError) as err:
         registry.DeleteVersion(reg.DeleteVersionRequest(name="models/tiny/versions/2"), timeout=30)

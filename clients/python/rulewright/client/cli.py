@@ -232,7 +232,8 @@ def cmd_alias_history(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
     before = client.alias(args.model, args.alias)
-    moved = client.rollback(args.model, args.alias, reason=args.reason)
+    # The etag just read: what is printed as "before" is exactly the state rolled back.
+    moved = client.rollback(args.model, args.alias, reason=args.reason, etag=before.etag)
     print(f"{args.alias}: {before.version} -> {moved.version}")
     return 0
 

@@ -364,20 +364,24 @@ class Client:
             "ListAliasHistory", self._reg.ListAliasHistory,
             reg.ListAliasHistoryRequest(parent=f"models/{_model_name(model)}/aliases/{alias}"), "moves", timeout)]
 
-    def rollback(self, model: str, alias: str = "production", *, reason: str = "",
+    def rollback(self, model: str, alias: str = "production", *, reason: str = "", etag: str | None = None,
                  timeout: float | None = None) -> Alias:
-        """Move ``alias`` back to where its latest move came from, by compare-and-set on the
-        state that move created (so a concurrent move makes this fail with ABORTED instead of
-        being undone blindly). Rolling back twice moves it forward again, like ``cd -``.
-        FAILED_PRECONDITION (``NO_EARLIER_VERSION``) when there is nothing to go back to."""
-        moves = self.alias_history(model, alias, timeout=timeout)
-        if not moves or not moves[-1].from_version or not moves[-1].to_version:
-            raise RulewrightError(grpc.StatusCode.FAILED_PRECONDITION,
-                                  f"alias {alias!r} of {_model_name(model)!r} has no earlier version to roll back to",
-                                  "NO_EARLIER_VERSION")
-        last = moves[-1]
-        return self.set_alias(model, alias, last.from_version, etag=last.etag,
-                              reason=reason or f"rollback to version {last.from_version}", timeout=timeout)
+        """Move ``alias`` back to where its latest move came from (server-side RollbackAlias).
+
+        Compare-and-set on ``etag`` (from ``Alias.etag``), else on the state read just before, so
+        a concurrent move makes this fail with ABORTED (``ALIAS_CONFLICT``) instead of being undone
+        blindly. Rolling back twice moves it forward again, like ``cd -``. FAILED_PRECONDITION
+        (``NO_EARLIER_VERSION``) when there is nothing to go back to; NOT_FOUND
+        (``ALIAS_NOT_FOUND``) for an alias that was never set.
+        """
+        if etag is None:
+            # Pinning the state makes a retry after UNAVAILABLE safe: had the first attempt
+            # landed, the retry is ABORTED rather than rolling back a second time (forward again).
+            current = self.aliases(model, timeout=timeout).get(alias)
+            etag = current.etag if current is not None else None
+        request = reg.RollbackAliasRequest(name=f"models/{_model_name(model)}/aliases/{alias}", etag=etag or "",
+                                           reason=reason)
+        return Alias.from_pb(self._unary("RollbackAlias", self._reg.RollbackAlias, request, timeout))
 
     def export(self, model: str, version: int, path: str | os.PathLike, *, timeout: float | None = None) -> Export:
         """Download version ``version``'s materialized weights (one safetensors file) to
