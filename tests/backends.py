@@ -110,3 +110,13 @@ def moto_command() -> list[str] | None:
     except ImportError:
         return None
     return [sys.executable, "-m", "tests.registry.serial_moto_server"]
+
+
+def start_moto() -> MotoServer:
+    """A running moto S3 server; when moto is absent, ``missing`` fails the test under CI (skips elsewhere)."""
+    from tests.support import missing
+
+    command = moto_command()
+    if command is None:
+        missing("moto_server (pip install 'moto[server]')")
+    return MotoServer(command)

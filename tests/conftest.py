@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backends import MotoServer, RedisServer, moto_command
+from tests.backends import RedisServer, start_moto
 from tests.support import missing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,10 +63,7 @@ def redis_url(redis_server) -> str:
 @pytest.fixture(scope="session")
 def moto_server():
     """A running ``moto_server`` for the whole session; each test uses its own bucket."""
-    command = moto_command()
-    if command is None:
-        missing("moto_server (pip install 'moto[server]')")
-    server = MotoServer(command)
+    server = start_moto()
     yield server
     server.stop()
 

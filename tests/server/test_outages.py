@@ -18,8 +18,7 @@ from rulewright.inference import grpc_predict_v2_pb2 as oip, grpc_predict_v2_pb2
 from rulewright.service.server.app import create_server
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
-from tests.backends import MotoServer, moto_command
-from tests.support import missing
+from tests.backends import start_moto
 
 from .conftest import s3_redis_domain
 
@@ -31,10 +30,7 @@ MARGIN_S = 1.5
 
 @pytest.fixture
 def own_moto():
-    command = moto_command()
-    if command is None:
-        missing("moto_server (pip install 'moto[server]')")
-    server = MotoServer(command)
+    server = start_moto()             # its own: this test pauses it
     yield server
     server.proc.send_signal(signal.SIGCONT)
     server.stop()
