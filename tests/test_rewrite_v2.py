@@ -158,6 +158,7 @@ def test_specs_of_the_first_release_replay_as_the_one_layer_edit(small):
     ({"strength": 11}, "strength"), ({"layers": ["main.6", "main.6"]}, "layers"), ({"layers": ["zz"]}, "layers[0]"),
     ({"search": {"targets": -1}}, "search.targets"), ({"goal": "value", "method": "multilayer"}, "goal"),
     ({"found": [{"seed": 3}]}, "found[0]"),
+    ({"found": [{"seed": 3, "box": [0, 0, 4, 4]}] * 257}, "found"),
 ])
 def test_bad_new_fields_name_the_field(small, change, field):
     from rulewright.service.engine.errors import InvalidArgument

@@ -215,6 +215,8 @@ class EditSpec:
                 region.validate(res, f"{key}[{i}]")
         # A spec that lists its found targets (a recorded one, or a pruned list) is replayed as is.
         found = regions["found"] if spec.get("found") is not None else None
+        if found is not None and len(found) > 256:
+            raise InvalidArgument("found", f"at most 256 found targets, got {len(found)}")
         if s["op"] == "zero" and found:
             raise InvalidArgument("found", "op zero has no targets to add")
         if s["op"] == "rewrite":

@@ -736,7 +736,8 @@ def rewrite(
         after = objective.report(candidate)
         metrics = {"goal": spec.goal, "method": spec.method, "before": before, "after": after,
                    "goal_loss_before": before[f"{spec.goal}_loss"], "goal_loss_after": after[f"{spec.goal}_loss"],
-                   "targets": len(spec.paste), "found_targets": len(spec.found or [])}
+                   "targets": len(spec.paste if spec.op == "rewrite" else spec.context),
+                   "found_targets": len(spec.found or [])}
         if spec.op == "erase":
             metrics["erased_units"] = goal.info["units"]
     metrics["seconds"] = time.perf_counter() - started

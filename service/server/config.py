@@ -84,7 +84,7 @@ SETTINGS = (
     Setting("max_workers", int, 16, "RPCs served at once"),
     Setting("grace_s", float, 10.0, "seconds in-flight RPCs get to finish after SIGTERM or SIGINT"),
     Setting("max_images", int, 64, "most images one Sample, OIP ModelInfer or Rewrite preview may ask for"),
-    Setting("max_search_seeds", int, 10000, "most candidate seeds one SearchContext may rank"),
+    Setting("max_search_seeds", int, 10000, "most candidate seeds one SearchContext (or an edit's target search) may rank"),
     Setting("max_regions", int, 64, "most regions in one Dissect, SearchContext or edit spec"),
     Setting("max_stats_samples", int, 100000, "most samples a statistic (ComputeStatistics, Dissect thresholds, "
                                               "search and edit stats) may be computed over"),

@@ -56,6 +56,16 @@ def _samples(limits: Limits, samples: int, field: str) -> None:
     check_count(samples, limits.max_stats_samples, field, "statistics samples", "max_stats_samples")
 
 
+def _search(limits: Limits, targets: Any, candidates: Any, field: str) -> None:
+    """A rewrite's context search: its targets become regions of the edit, its candidates are
+    ranked like SearchContext's seeds."""
+    if isinstance(targets, int) and not isinstance(targets, bool):
+        check_count(targets, limits.max_regions, f"{field}.targets", "found targets", "max_regions")
+    if isinstance(candidates, int) and not isinstance(candidates, bool):
+        check_count(candidates, limits.max_search_seeds, f"{field}.candidates", "candidate seeds",
+                    "max_search_seeds")
+
+
 def check_sample(limits: Limits, request) -> None:
     """SampleRequest: images and masks."""
     n = request.latents.count if request.HasField("latents") else len(request.seeds)
@@ -90,9 +100,11 @@ def check_rewrite(limits: Limits, request) -> None:
     """RewriteRequest: preview images, the spec's regions, statistics samples and masks."""
     check_images(limits, len(request.preview_seeds), "preview_seeds")
     spec = request.spec
-    n = int(spec.HasField("copy")) + len(spec.paste) + len(spec.context)
-    check_count(n, limits.max_regions, "spec.paste", "regions (copy, paste and context)", "max_regions")
+    n = int(spec.HasField("copy")) + len(spec.paste) + len(spec.context) + len(spec.found)
+    check_count(n, limits.max_regions, "spec.paste", "regions (copy, paste, context and found)", "max_regions")
     _samples(limits, spec.stats.samples, "spec.stats.samples")
+    _search(limits, spec.search.targets if spec.search.HasField("targets") else None, spec.search.candidates,
+            "spec.search")
     check_masks(limits, request)
 
 
@@ -103,15 +115,18 @@ def check_spec(limits: Limits, spec: Any, prefix: str = "spec") -> None:
     regions: list[tuple[str, Any]] = []
     if spec.get("copy") is not None:
         regions.append((f"{prefix}.copy", spec["copy"]))
-    for key in ("paste", "context"):
+    for key in ("paste", "context", "found"):
         items = spec.get(key)
         if isinstance(items, list):
             regions += [(f"{prefix}.{key}[{i}]", r) for i, r in enumerate(items)]
-    check_count(len(regions), limits.max_regions, f"{prefix}.paste", "regions (copy, paste and context)",
+    check_count(len(regions), limits.max_regions, f"{prefix}.paste", "regions (copy, paste, context and found)",
                 "max_regions")
     stats = spec.get("stats")
     if isinstance(stats, dict) and isinstance(stats.get("samples"), int):
         _samples(limits, stats["samples"], f"{prefix}.stats.samples")
+    search = spec.get("search")
+    if isinstance(search, dict):
+        _search(limits, search.get("targets"), search.get("candidates"), f"{prefix}.search")
     for field, region in regions:
         check_region_json(limits, region, field)
 

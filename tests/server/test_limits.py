@@ -138,3 +138,18 @@ def test_health_answers_while_every_worker_is_busy(domain, monkeypatch):
     finally:
         release.set()
         server.stop(0).wait()
+
+
+def test_a_rewrites_target_search_and_found_list_are_bounded(generator):
+    spec = spec_pb()
+    spec.search.candidates = 10**6
+    field, why = refused(generator.Rewrite, gen.RewriteRequest(model="tiny", spec=spec, dry_run=True))
+    assert field == "spec.search.candidates" and "max_search_seeds" in why
+    spec = spec_pb()
+    spec.search.targets = 200
+    field, why = refused(generator.Rewrite, gen.RewriteRequest(model="tiny", spec=spec, dry_run=True))
+    assert field == "spec.search.targets" and "max_regions" in why
+    spec = spec_pb()
+    spec.found.extend(images_pb2.Region(seed=1000 + i, box=BOX) for i in range(70))
+    field, why = refused(generator.Rewrite, gen.RewriteRequest(model="tiny", spec=spec, dry_run=True))
+    assert field == "spec.paste" and "max_regions" in why and "found" in why

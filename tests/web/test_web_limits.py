@@ -33,6 +33,13 @@ def test_oversized_requests_are_refused_naming_field_and_setting(web):
     r = request(base, "POST", "/api/dissect", {"model": "tiny", "version": 1, "region": {"seed": 0, "box": BOX},
                                                "thresholds": {"samples": 10**7}})
     assert r.status == 400 and "max_stats_samples" in r.violations()["thresholds.samples"]
+    spec = {"copy": {"seed": 1, "box": BOX}, "paste": [{"seed": 2, "box": BOX}]}
+    r = request(base, "POST", "/api/rewrites", {"model": "tiny", "version": 1,
+                                                "spec": {**spec, "search": {"candidates": 10**6}}})
+    assert r.status == 400 and "max_search_seeds" in r.violations()["spec.search.candidates"]
+    r = request(base, "POST", "/api/rewrites", {"model": "tiny", "version": 1,
+                                                "spec": {**spec, "found": [{"seed": i, "box": BOX} for i in range(70)]}})
+    assert r.status == 400 and "max_regions" in r.violations()["spec.paste"]
     assert request(base, "GET", "/api/models/tiny/versions/1/images/3.png").status == 200     # still serving
 
 
