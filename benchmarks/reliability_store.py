@@ -226,6 +226,8 @@ def statistics_recovery(backends: Backends, backend: str, faces_path: Path, redi
     """Kill a Rewrite while it holds the statistics lock; time its retry's wait on that lock."""
     from rulewright.registry.stats_cache import LOCK_LEASE_S, open_stats_cache
     from rulewright.service.domain import Domain
+    from rulewright.service.engine.progress import Progress
+    from rulewright.service.requests import RewriteRequest
 
     store, spec = backends.new(backend)
     scenario = "retry after a crash in statistics"
@@ -242,14 +244,14 @@ def statistics_recovery(backends: Backends, backend: str, faces_path: Path, redi
         marks: dict[str, float] = {}
         waits = 0
 
-        def progress(event: dict) -> None:
+        def progress(event) -> None:
             nonlocal waits
-            if event.get("waiting"):
+            if event.waiting:
                 waits += 1
-            elif event.get("stage") == "statistics" and event.get("done", 0) > 0:
+            elif event.stage == "statistics" and event.done > 0:
                 marks.setdefault("computing", time.perf_counter())
 
-        result = domain.rewrite("faces/1", STATS_EDIT, request_id="req-stats", progress=progress)
+        result = domain.rewrite(RewriteRequest("faces/1", STATS_EDIT, request_id="req-stats"), Progress(progress))
         total = time.perf_counter() - start
         live = [v.number for v in domain.registry.list_versions("faces").items if v.request_id == "req-stats"]
     finally:

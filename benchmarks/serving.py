@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from rulewright.service.domain import Domain  # noqa: E402
 from rulewright.service.importers.faces import import_faces  # noqa: E402
+from rulewright.service.requests import SampleRequest  # noqa: E402
 from rulewright.service.server import convert  # noqa: E402
 from rulewright.service.server.app import create_server  # noqa: E402
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc, images_pb2  # noqa: E402
@@ -120,7 +121,7 @@ def grpc_vs_inprocess(served: Served, batch: int, seconds: float, warmup: int = 
 
     def in_process() -> int:
         seeds = fresh_seeds(batch)
-        _, images = served.domain.sample(MODEL, seeds=seeds)
+        images = served.domain.sample(SampleRequest(MODEL, seeds=seeds)).images
         return len(convert.images_pb(images, PNG, seeds))
 
     def timed(fn) -> float:

@@ -1,9 +1,10 @@
 """The registry's one exception hierarchy: a closed set of codes and stable UPPER_SNAKE reasons.
 
-- ``Code``: the canonical codes a registry error can carry; names match ``grpc.StatusCode`` so the
-  API layer maps them with one table.
+- ``Code``: the canonical codes (``rulewright.service.errors``, the one error base); names match
+  ``grpc.StatusCode`` so the API layer maps them with one table.
 - ``Reason``: every reason the registry raises, each bound to exactly one ``Code`` (``REASON_CODES``).
-- ``RegistryError``: base class; ``.code``, ``.reason``, ``.domain``, ``.metadata`` (string pairs for
+- ``RegistryError``: base class (an ``Error``); ``.code``, ``.reason`` (a ``Reason``), ``.domain``,
+  ``.field`` (the request field at fault, also in ``.metadata``), ``.metadata`` (string pairs for
   ``google.rpc.ErrorInfo``) and the human message.
 - One subclass per code: ``NotFound``, ``AlreadyExists``, ``FailedPrecondition``, ``Aborted``,
   ``DataLoss``, ``Unavailable``, ``InvalidArgument``, ``Internal``.
@@ -17,20 +18,11 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+# The one error base (and its codes) every layer shares; it imports nothing, so the registry
+# still loads without torch or the server.
+from rulewright.service.errors import Code, Error
+
 DOMAIN = "registry.rulewright.dev"
-
-
-class Code(str, enum.Enum):
-    """Canonical codes (a subset of gRPC's) that registry errors carry."""
-
-    NOT_FOUND = "NOT_FOUND"
-    ALREADY_EXISTS = "ALREADY_EXISTS"
-    FAILED_PRECONDITION = "FAILED_PRECONDITION"
-    ABORTED = "ABORTED"
-    DATA_LOSS = "DATA_LOSS"
-    UNAVAILABLE = "UNAVAILABLE"
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    INTERNAL = "INTERNAL"
 
 
 class Reason(str, enum.Enum):
@@ -102,22 +94,22 @@ REASON_CODES: dict[Reason, Code] = {
 }
 
 
-class RegistryError(Exception):
+class RegistryError(Error):
     """A registry failure with a canonical ``code``, a stable ``reason`` and string ``metadata``."""
 
     code: Code = Code.INTERNAL
+    domain = DOMAIN
 
     def __init__(self, reason: Reason, message: str, **metadata: Any):
         expected = REASON_CODES[reason]
         if expected is not self.code:
             # A programming error in the registry, never a user's: fail loudly where it is raised.
             raise TypeError(f"reason {reason.value} belongs to {expected.value}, not {type(self).__name__}")
-        self.reason = reason
-        self.domain = DOMAIN
-        self.message = message
-        # ErrorInfo.metadata is map<string, string>: render values once, here.
-        self.metadata = {k: "" if v is None else str(v) for k, v in metadata.items()}
-        super().__init__(message)
+        field = metadata.pop("field", None)
+        super().__init__(message, field=str(field or ""), **metadata)
+        if field is not None:
+            self.metadata["field"] = str(field)
+        self.reason = reason                # the enum (a str): registry code compares reasons by identity
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.reason.value}: {self.message})"

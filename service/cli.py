@@ -80,13 +80,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from .engine.progress import Progress
     from .engine.stats import key_moment
 
     model = _load(args)
     layer = args.layer or model.default_layer()
     with tqdm(total=args.samples, unit="sample", desc=f"C at {layer}", file=sys.stderr) as bar:
         stat = key_moment(model, layer, range(args.samples), batch_size=args.batch_size,
-                          progress=lambda done, total: bar.update(done - bar.n))
+                          progress=Progress(lambda e: bar.update(e.done - bar.n)))
     eig = torch.linalg.eigvalsh(stat.moment())
     print(json.dumps({"layer": layer, "keys": stat.count, "dim": stat.dim,
                       "condition_number": float(eig[-1] / eig[0].clamp_min(1e-300))}))

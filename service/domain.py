@@ -5,17 +5,23 @@
 - ``bootstrap(name, path)``: import a model as version 1 with alias ``production`` if absent.
 - ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``;
   a resident version named by number resolves even while the store is unreachable.
-- ``limits`` (``limits.Limits``): per-request caps; ``sample`` checks its images against them.
+- ``limits`` (``limits.Limits``): per-request caps.
 - ``generator(version)``: the version's generator, resident in an LRU bounded by a count and a
   memory budget; versions share every tensor their edits leave alone (on the CPU and on the
   device), and shared tensors count once against the budget.
-- ``sample`` runs through a ``SampleBatcher`` (dynamic batching) unless it is turned off;
-  ``close()`` stops it.
-- ``sample``, ``list_layers``, ``statistics`` (through the statistics cache), ``rewrite``
-  (creates a version; ``dry_run`` and ``request_id`` honoured; cancellation creates nothing),
-  ``dissect`` and ``search``.
-- ``compute_statistic``: a key moment or value quantiles through the cache, with progress and
-  cancellation (a cancelled computation caches nothing); reports whether it was a hit.
+- The work every transport calls takes one typed request (``requests``) and returns its typed
+  result; the request is checked against ``limits`` first, before any work:
+  ``sample(SampleRequest)`` (through a ``SampleBatcher``, dynamic batching, unless it is turned
+  off; ``close()`` stops it), ``list_layers(ref)``, ``search(SearchRequest)``,
+  ``dissect(DissectRequest)``, ``compute_statistic(StatisticsRequest)`` (a key moment or value
+  quantiles through the cache; reports whether it was a hit) and ``rewrite(RewriteRequest)``
+  (creates a version; ``dry_run`` and ``request_id`` honoured; cancellation creates nothing).
+- Long work takes a ``Progress`` (``engine.progress``): events out, cancellation in; a
+  cancelled statistic caches nothing.
+- ``statistics``: C for a layer through the cache (what rewrites and searches use);
+  ``check_edit``: an edit spec checked against a model, as ``rewrite`` checks it.
+- ``set_alias(AliasRequest)``, ``rollback_alias``, ``export``: the registry work every
+  transport shares (compare-and-set alias moves; a version's whole weights).
 - ``import_model``: safetensors bytes checked against their declared architecture and config,
   then registered as a new model's version 1.
 
@@ -27,42 +33,42 @@ tensors (``hookable``), so its hooks never reach the samples other requests draw
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from rulewright.registry.errors import NotFound, Unavailable
-from rulewright.registry.manifests import Version
+from rulewright.registry.manifests import AliasState, Version
 from rulewright.registry.registry import Registry
-from rulewright.registry.stats_cache import StatsCache, StatsKey, open_stats_cache
-from rulewright.service.weights import Materializer
+from rulewright.registry.stats_cache import StatsCache, open_stats_cache
+from rulewright.service.weights import Materializer, export_bytes
 
 from .engine import delta as delta_codec
 from .engine import dissect
 from .engine.device import configure_determinism, select_device
-from .engine.errors import Cancelled, InvalidArgument
+from .engine.errors import InvalidArgument
 from .engine.edit import Edit, EditSpec, render_edited
+from .engine.progress import Progress
 from .engine.generators.base import Generator
 from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
-from .engine.regions import Region
 from .engine.rewrite import rewrite as engine_rewrite
 from .batching import SampleBatcher
 from .limits import Limits, check_images
-from .statistics import KEY_MOMENT, VALUE_QUANTILE, stat_key
+from .requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, RewriteRequest, RewriteResult, SampleRequest,
+                       SampleResult, SearchRequest, SearchResult, StatisticResult, StatisticsRequest)
+from .statistics import KEY_MOMENT, VALUE_QUANTILE, Statistics
 from .engine.sampling import check_latents, latents, sample, to_uint8
-from .engine.search import Match, direction_for, response_threshold, search
-from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
+from .engine.search import direction_for, response_threshold, search
+from .engine.stats import SecondMoment
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[dict], None]
-StopCheck = Callable[[], bool]
-STATISTICS = (KEY_MOMENT, VALUE_QUANTILE)
 _NUMBERED = re.compile(r"^([^/@]+)/([0-9]+)$")     # model/N: a version by number
 
 
@@ -82,44 +88,6 @@ class Resident:
         private = type(self.model).from_state_dict(self.model.public_state_dict(), share=True)
         private._layer_infos = self.model.layer_infos()     # traced once, before the version was shared
         return private
-
-
-@dataclasses.dataclass
-class RewriteResult:
-    """What a Rewrite produced: the new version (None for a dry run), the edit, preview images."""
-
-    parent: Version
-    version: Version | None
-    edit: Edit
-    previews: torch.Tensor | None      # (N, H, W, 3) uint8 for the requested preview seeds
-    replayed: bool = False             # a retried request id: the earlier version, nothing new
-
-
-@dataclasses.dataclass
-class StatisticResult:
-    """A statistic now in the cache: where it lives, whether it was there already, and its value."""
-
-    version: Version
-    layer: str
-    kind: str                          # KEY_MOMENT or VALUE_QUANTILE
-    samples: int
-    seed_start: int
-    truncation: float
-    cached: bool                       # a hit: nothing was computed by this call
-    key: StatsKey
-    size_bytes: int
-    stat: Stat
-
-
-@dataclasses.dataclass
-class DissectResult:
-    """Units of a layer ranked against regions, with their thresholds and optional maps."""
-
-    version: Version
-    layer: str
-    units: list                        # dissect.UnitScore, best first (``top`` of them)
-    thresholds: torch.Tensor           # (units,) every unit's threshold
-    maps: list                         # (unit, seed, (H, W) tensor) for the returned units, if asked
 
 
 class Domain:
@@ -149,7 +117,7 @@ class Domain:
         self._resident: "collections.OrderedDict[tuple[str, int], Resident]" = collections.OrderedDict()
         self._on_device: dict[int, torch.Tensor] = {}    # CPU storage pointer → its device copy
         self._lock = threading.Lock()
-        self._fingerprints: dict[tuple[str, int, str | None], str] = {}   # (model, number, layer) → sha256
+        self.stats = Statistics(stats_cache, self._observe_stats)
         self.metrics = None               # server.metrics.Metrics once a server binds one: batches, cache lookups
         self.limits = limits if limits is not None else Limits()
         if max_batch < 1:
@@ -176,6 +144,10 @@ class Domain:
         """Finish queued samples and stop the batcher (the server calls this after it stops)."""
         if self.batcher is not None:
             self.batcher.close()
+
+    def _observe_stats(self, kind: str, hit: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_stats_cache(kind, hit=hit)
 
     def _observe_batch(self, n: int) -> None:
         if self.metrics is not None:
@@ -291,239 +263,197 @@ class Domain:
 
     # ---- generator work ----------------------------------------------------------------------
 
-    def sample(self, ref: str, seeds: Sequence[int] | None = None, z: torch.Tensor | None = None,
-               truncation: float = 1.0, layer: str | None = None,
-               interventions: Sequence[dissect.Intervention] = (), should_stop: StopCheck | None = None,
-               field: str = "seeds") -> tuple[Version, torch.Tensor]:
-        """(version, (N, H, W, 3) uint8 images) for seeds or raw latents, with optional unit interventions.
+    def _resident_for(self, ref: str) -> Resident:
+        return self.generator(self.resolve(ref))
 
-        The count and the reply's size are checked against ``limits`` before any work;
-        ``should_stop()`` true ends the work with ``Cancelled`` (a batched request leaves its batch).
+    @staticmethod
+    def _truncation(model: Generator, truncation: float) -> None:
+        try:
+            model.check_truncation(truncation)
+        except ValueError as exc:               # the architecture's own limit (no truncation trick)
+            raise InvalidArgument("truncation", str(exc)) from None
+
+    def sample(self, request: SampleRequest, progress: Progress | None = None) -> SampleResult:
+        """Images for seeds or raw latents, with optional unit interventions.
+
+        Checked against ``limits`` before any work (the reply's size too, once the resolution
+        is known); a stopped ``progress`` ends the work with ``Cancelled`` (a batched request
+        leaves its batch).
         """
-        version = self.resolve(ref)
-        res = self.generator(version)
-        model = res.model
-        if (seeds is None) == (z is None):
-            raise InvalidArgument("seeds", "give exactly one of seeds or latents")
-        check_images(self.limits, len(seeds) if z is None else z.shape[0], field, model.resolution)
-        if z is None:
-            z = latents(seeds, model.z_dim)
+        request.check(self.limits)
+        progress = progress or Progress()
+        res = self._resident_for(request.model)
+        version, model = res.version, res.model
+        check_images(self.limits, request.count, request.count_field, model.resolution)
+        self._truncation(model, request.truncation)
+        z = latents(list(request.seeds), model.z_dim) if request.latents is None else request.latents
         check_latents(z, model.z_dim)
-        if interventions:
-            images = dissect.sample_with_interventions(res.hookable(), None, layer or model.default_layer(),
-                                                       list(interventions), truncation=truncation, z=z)
+        truncation = request.truncation
+        if request.interventions:
+            images = dissect.sample_with_interventions(res.hookable(), None, request.layer or model.default_layer(),
+                                                       list(request.interventions), truncation=truncation, z=z)
         elif self.batcher is not None:
-            model.check_truncation(truncation)     # here, not in the batch: a bad one fails only its caller
             images = self.batcher.submit((version.model, version.number, float(truncation)), model, z, truncation,
-                                         should_stop=should_stop)
+                                         should_stop=progress.stopped)
         else:
             parts = []
             for start in range(0, z.shape[0], self.max_batch):   # a pass at a time, so a cancel stops between them
-                if should_stop is not None and should_stop():
-                    raise Cancelled("sampling cancelled: the client went away or its deadline passed")
+                progress.check("sampling")
                 chunk = z[start:start + self.max_batch]
                 self._observe_batch(chunk.shape[0])
                 parts.append(sample(model, z=chunk, truncation=truncation, batch_size=self.max_batch))
             images = torch.cat(parts)
-        return version, to_uint8(images)
+        return SampleResult(version, to_uint8(images))
 
-    def list_layers(self, ref: str) -> tuple[Version, list, str]:
-        """(version, layer infos, default layer)."""
-        version = self.resolve(ref)
-        model = self.generator(version).model
-        return version, model.layer_infos(), model.default_layer()
+    def list_layers(self, ref: str) -> LayersResult:
+        """A version's rewritable layers, its default layer and the shape of its images and latents."""
+        res = self._resident_for(ref)
+        model = res.model
+        return LayersResult(res.version, model.layer_infos(), model.default_layer(), model.resolution, model.z_dim,
+                            model.arch)
 
     def statistics(self, version: Version, layer: str, samples: int | None = None, seed_start: int = 0,
-                   truncation: float = 1.0, progress: Progress | None = None,
-                   should_stop: StopCheck | None = None) -> SecondMoment:
+                   truncation: float = 1.0, progress: Progress | None = None) -> SecondMoment:
         """C at ``layer`` for ``version`` through the shared cache (computed once on a miss).
 
-        ``progress`` gets ``{"stage": "statistics", "done", "total"}`` per batch of a computation,
-        and ``{"stage": "statistics", "done": 0, "total", "waiting": True}`` about once a second
-        while another request computes it; ``should_stop`` cancels it (``Cancelled``; nothing is
-        cached).
+        ``progress`` gets a ``statistics`` event per batch of a computation, and ``waiting``
+        ones about once a second while another request computes it; stopping it cancels the
+        computation (``Cancelled``; nothing is cached).
         """
-        return self._cached_stat(version, layer, KEY_MOMENT, samples, seed_start, truncation, progress,
-                                 should_stop).stat
+        return self._cached_stat(version, layer, KEY_MOMENT, samples, seed_start, truncation, progress).stat
 
-    def compute_statistic(self, ref: str, layer: str | None = None, kind: str = KEY_MOMENT,
-                          samples: int | None = None, seed_start: int = 0, truncation: float = 1.0,
-                          progress: Progress | None = None, should_stop: StopCheck | None = None) -> StatisticResult:
-        """A statistic of ``ref`` at ``layer`` (default layer if None) in the cache, computed on a miss."""
-        version = self.resolve(ref)
-        layer = layer or self.generator(version).model.default_layer()
-        return self._cached_stat(version, layer, kind, samples, seed_start, truncation, progress, should_stop)
-
-    def _stat_key(self, version: Version, model: Generator, layer: str, kind: str, seeds: range,
-                  truncation: float) -> StatsKey:
-        # Keys depend only on the weights upstream of the layer; values on the layer's own weight
-        # too, so their key hashes every weight (conservative, shared less across versions).
-        scope = layer if kind == KEY_MOMENT else None
-        return stat_key(self._fingerprint(version, model, scope), layer, kind, seeds, truncation, model.arch)
-
-    def _fingerprint(self, version: Version, model: Generator, layer: str | None) -> str:
-        """The weights' fingerprint for a statistic, hashed once per (version, layer): it costs ~10 ms."""
-        key = (version.model, version.number, layer)
-        with self._lock:
-            hit = self._fingerprints.get(key)
-        if hit is None:
-            hit = model.upstream_fingerprint(layer) if layer is not None else model.weights_fingerprint()
-            with self._lock:
-                self._fingerprints[key] = hit
-        return hit
+    def compute_statistic(self, request: StatisticsRequest, progress: Progress | None = None) -> StatisticResult:
+        """A statistic of a version at a layer (the default layer if None) in the cache, computed on a miss."""
+        request.check(self.limits)
+        res = self._resident_for(request.model)
+        self._truncation(res.model, request.truncation)
+        layer = request.layer or res.model.default_layer()
+        return self._cached_stat(res.version, layer, request.kind, request.samples, request.seed_start,
+                                 request.truncation, progress)
 
     def _cached_stat(self, version: Version, layer: str, kind: str, samples: int | None, seed_start: int,
-                     truncation: float, progress: Progress | None, should_stop: StopCheck | None) -> StatisticResult:
-        if kind not in STATISTICS:
-            raise InvalidArgument("statistic", f"must be one of {', '.join(STATISTICS)}, got {kind!r}")
+                     truncation: float, progress: Progress | None) -> StatisticResult:
         samples = samples or self.stats_samples
-        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= 10_000_000:
-            raise InvalidArgument("stats.samples", f"must lie in 1..10,000,000, got {samples!r}")
-        if seed_start < 0:
-            raise InvalidArgument("stats.seed_start", f"must not be negative, got {seed_start}")
         res = self.generator(version)
-        model = res.model
-        model.layer(layer)
-        seeds = range(seed_start, seed_start + samples)
-        key = self._stat_key(version, model, layer, kind, seeds, truncation)
-        ran = {"computed": False, "stopped": False}
+        res.model.layer(layer)
+        found = self.stats.get(res.model, layer, kind, range(seed_start, seed_start + samples), truncation, progress,
+                               memo=(version.model, version.number), private=res.hookable)
+        return StatisticResult(version, layer, kind, samples, seed_start, float(truncation), found.cached, found.key,
+                               found.size_bytes, found.stat)
 
-        def stopped() -> bool:
-            if should_stop is not None and should_stop():
-                ran["stopped"] = True
-            return ran["stopped"]
+    def rewrite(self, request: RewriteRequest, progress: Progress | None = None) -> RewriteResult:
+        """Run an edit on a version and store it as a new version (unless ``dry_run``).
 
-        def report(done: int, total: int) -> None:
-            if progress is not None:
-                progress({"stage": "statistics", "done": done, "total": total})
-            if kind != KEY_MOMENT and stopped():    # value_quantiles has no should_stop of its own
-                raise InterruptedError("statistics cancelled")
-
-        def compute() -> bytes:
-            ran["computed"] = True
-            try:
-                if kind == KEY_MOMENT:
-                    stat = key_moment(res.hookable(), layer, seeds, truncation, progress=report,
-                                      should_stop=stopped)
-                else:
-                    stat = value_quantiles(res.hookable(), layer, seeds, truncation, progress=report)
-            except InterruptedError:
-                raise Cancelled(f"{kind} statistics cancelled; nothing was cached") from None
-            return stat.to_bytes()
-
-        def waiting() -> None:
-            # Another request (maybe another replica) is computing this statistic: say so, so a
-            # client does not mistake the wait (at most a lock lease if that holder died) for a hang.
-            if progress is not None:
-                progress({"stage": "statistics", "done": 0, "total": samples, "waiting": True})
-
-        while True:
-            try:
-                data = self.stats_cache.get_or_compute(key, compute, on_wait=waiting)
-                break
-            except Cancelled:
-                if ran["stopped"] or stopped():
-                    raise
-                ran["computed"] = False    # another caller's computation was cancelled: take over
-        if self.metrics is not None:
-            self.metrics.observe_stats_cache(kind, hit=not ran["computed"])
-        stat = load_stat(data)
-        expected = SecondMoment if kind == KEY_MOMENT else Quantile
-        if not isinstance(stat, expected):
-            raise TypeError(f"cache entry {key.canonical()} holds a {type(stat).__name__}")
-        return StatisticResult(version, layer, kind, samples, seed_start, float(truncation), not ran["computed"], key,
-                               len(data), stat)
-
-    def rewrite(self, ref: str, spec: dict, author: str = "anonymous", request_id: str | None = None,
-                dry_run: bool = False, preview_seeds: Sequence[int] = (), progress: Progress | None = None,
-                should_stop: StopCheck | None = None) -> RewriteResult:
-        """Run an edit on ``ref`` and store it as a new version (unless ``dry_run``).
-
-        A ``request_id`` already used returns the earlier version without recomputing; a
-        cancellation (``should_stop``) or any error creates nothing.
+        A ``request_id`` already used returns the earlier version without recomputing; stopping
+        ``progress`` (a cancellation) or any error creates nothing.
         """
-        parent = self.resolve(ref)
-        if request_id and not dry_run:
-            prior = self.registry.find_version_by_request_id(parent.model, request_id)
+        request.check(self.limits)
+        progress = progress or Progress()
+        parent = self.resolve(request.model)
+        if request.request_id and not request.dry_run:
+            prior = self.registry.find_version_by_request_id(parent.model, request.request_id)
             if prior is not None:
                 return RewriteResult(parent, prior, Edit("", [], prior.spec or {}, prior.metrics or {}), None, True)
         res = self.generator(parent)
         model = res.model
-        checked = EditSpec.from_json(spec, model)
-        if progress:
-            progress({"stage": "statistics", "done": 0, "total": checked.stats["samples"]})
+        checked = self.check_edit(request.spec, model)
+        progress.report("statistics", 0, checked.stats["samples"])
         moment = self.statistics(parent, checked.layer, checked.stats["samples"], checked.stats["seed_start"],
-                                 checked.truncation, progress=progress, should_stop=should_stop)
+                                 checked.truncation, progress=progress)
         private = res.hookable()        # the engine hooks it while it gathers keys and values
-        edit = engine_rewrite(private, checked, moment=moment, progress=progress, should_stop=should_stop)
+        with _fields_within("spec"):
+            edit = engine_rewrite(private, checked, moment=moment, progress=progress)
         previews = None
-        if preview_seeds:
-            z = latents(preview_seeds, model.z_dim).to(next(model.parameters()).device)
+        if request.preview_seeds:
+            z = latents(list(request.preview_seeds), model.z_dim).to(next(model.parameters()).device)
             previews = to_uint8(render_edited(private, [edit], z, checked.truncation).cpu())
-        if dry_run:
+        if request.dry_run:
             return RewriteResult(parent, None, edit, previews)
-        if should_stop is not None and should_stop():
-            from .engine.errors import Cancelled
-
-            raise Cancelled("rewrite cancelled before the version was stored")
+        progress.check("rewrite (before the version was stored)")
         version = self.registry.create_version(
             parent.model, parent=parent.number, delta=delta_codec.to_bytes(edit.deltas), spec=edit.spec,
-            metrics=_json_metrics(edit.metrics), author=author, request_id=request_id)
+            metrics=_json_metrics(edit.metrics), author=request.author, request_id=request.request_id)
         return RewriteResult(parent, version, edit, previews)
 
-    def search(self, ref: str, layer: str | None, context: Sequence[Region], seeds: Sequence[int], rank: int = 1,
-               top: int = 16, q: float = 0.999, truncation: float = 1.0, ridge: float = 1e-4,
-               samples: int | None = None, seed_start: int = 0,
-               should_stop: StopCheck | None = None) -> tuple[Version, list[Match], float]:
-        """(version, best matches, highlight threshold) for context regions (layer None: the default).
+    def check_edit(self, spec: dict, model: Generator | str) -> EditSpec:
+        """An edit spec checked against a model (a generator or a reference); errors name ``spec.<field>``."""
+        if isinstance(model, str):
+            model = self._resident_for(model).model
+        with _fields_within("spec"):
+            return EditSpec.from_json(spec, model)
 
-        ``samples`` and ``seed_start`` choose the samples C is computed over (a cached statistic);
-        ``should_stop()`` true stops that computation (``Cancelled``).
+    def search(self, request: SearchRequest, progress: Progress | None = None) -> SearchResult:
+        """The best matches for context regions, and the threshold that highlights them.
+
+        ``samples`` and ``seed_start`` choose the samples C is computed over (a cached
+        statistic); stopping ``progress`` stops that computation (``Cancelled``).
         """
-        version = self.resolve(ref)
-        res = self.generator(version)
-        layer = layer or res.model.default_layer()
-        if not context:
-            raise InvalidArgument("context", "give at least one region")
-        if not 0 < q < 1:
-            raise InvalidArgument("quantile", f"must lie strictly between 0 and 1, got {q}")
-        if rank < 1:
-            raise InvalidArgument("rank", f"must be positive, got {rank}")
-        moment = self.statistics(version, layer, samples, seed_start, truncation=truncation, should_stop=should_stop)
+        request.check(self.limits)
+        res = self._resident_for(request.model)
+        self._truncation(res.model, request.truncation)
+        layer = request.layer or res.model.default_layer()
+        moment = self.statistics(res.version, layer, request.samples, request.seed_start,
+                                 truncation=request.truncation, progress=progress)
         private = res.hookable()
-        d = direction_for(private, layer, moment.moment(), list(context), rank, ridge=ridge, truncation=truncation)
-        threshold = response_threshold(private, layer, d, range(200), q, truncation)
-        return version, search(private, layer, d, seeds, top, threshold, truncation), threshold
+        d = direction_for(private, layer, moment.moment(), list(request.context), request.rank, ridge=request.ridge,
+                          truncation=request.truncation)
+        threshold = response_threshold(private, layer, d, range(200), request.quantile, request.truncation)
+        matches = search(private, layer, d, request.seeds, request.top, threshold, request.truncation)
+        return SearchResult(res.version, layer, matches, threshold, res.model.resolution)
 
-    def dissect(self, ref: str, layer: str | None, regions: Sequence[Region], by: str = "iou", top: int = 0,
-                samples: int | None = None, seed_start: int = 0, q: float = dissect.DEFAULT_QUANTILE,
-                truncation: float = 1.0, include_maps: bool = False,
-                should_stop: StopCheck | None = None) -> DissectResult:
-        """Units of ``layer`` (None: the default) ranked against ``regions``, best first.
+    def dissect(self, request: DissectRequest, progress: Progress | None = None) -> DissectResult:
+        """Units of a layer (None: the default) ranked against regions, best first.
 
-        Thresholds are each unit's ``q``-quantile over ``samples`` untruncated samples from
-        ``seed_start`` (the cached VALUE_QUANTILE statistic); ``truncation`` applies to the regions'
-        samples. ``top`` 0 returns every unit. ``should_stop()`` true stops the thresholds'
-        computation (``Cancelled``).
+        Thresholds are each unit's ``quantile`` over ``samples`` untruncated samples from
+        ``seed_start`` (the cached VALUE_QUANTILE statistic); ``truncation`` applies to the
+        regions' samples. ``top`` 0 returns every unit. Stopping ``progress`` stops the
+        thresholds' computation (``Cancelled``).
         """
-        version = self.resolve(ref)
-        res = self.generator(version)
-        layer = layer or res.model.default_layer()
-        if top < 0:
-            raise InvalidArgument("top", f"must not be negative, got {top}")
-        if not 0 < q < 1:
-            raise InvalidArgument("quantile", f"must lie strictly between 0 and 1, got {q}")
-        quantiles = self._cached_stat(version, layer, VALUE_QUANTILE, samples, seed_start, 1.0, None, should_stop).stat
+        request.check(self.limits)
+        res = self._resident_for(request.model)
+        self._truncation(res.model, request.truncation)
+        layer = request.layer or res.model.default_layer()
+        quantiles = self._cached_stat(res.version, layer, VALUE_QUANTILE, request.samples, request.seed_start, 1.0,
+                                      progress).stat
         private = res.hookable()     # unit maps hook it
-        ranked = dissect.rank_units(private, layer, list(regions), quantiles, by=by, truncation=truncation,
-                                    q=q)
-        ranked = ranked[:top] if top else ranked
+        regions = list(request.regions)
+        ranked = dissect.rank_units(private, layer, regions, quantiles, by=request.rank_by,
+                                    truncation=request.truncation, q=request.quantile)
+        ranked = ranked[:request.top] if request.top else ranked
         maps = []
-        if include_maps and ranked:
+        if request.include_maps and ranked:
             seeds = list(dict.fromkeys(r.seed for r in regions))
-            values = dissect.unit_maps(private, layer, seeds=seeds, truncation=truncation)
+            values = dissect.unit_maps(private, layer, seeds=seeds, truncation=request.truncation)
             maps = [(u.unit, seed, values[i, u.unit]) for i, seed in enumerate(seeds) for u in ranked]
-        return DissectResult(version, layer, ranked, quantiles.quantile(float(q)), maps)
+        return DissectResult(res.version, layer, ranked, quantiles.quantile(float(request.quantile)), maps,
+                             res.model.resolution)
+
+    # ---- registry work the transports share -------------------------------------------------
+
+    def set_alias(self, request: AliasRequest) -> AliasState:
+        """Point an alias at a version (version 0 unsets it) if it is still where the caller saw it."""
+        request.check()
+        kw: dict[str, Any] = ({"etag": request.etag} if request.etag is not None
+                              else {"expected_version": request.expected_version or None})
+        if request.version == 0:
+            return self.registry.delete_alias(request.model, request.alias, reason=request.reason,
+                                              author=request.author, **kw)
+        return self.registry.set_alias(request.model, request.alias, request.version, reason=request.reason,
+                                       author=request.author, **kw)
+
+    def rollback_alias(self, model: str, alias: str, etag: str | None = None, reason: str = "",
+                       author: str = "anonymous") -> AliasState:
+        """Move an alias back to where its latest move came from (only from state ``etag``, if given).
+
+        Without an etag the registry compares and sets on the state it reads, so a move in
+        between is still never undone blindly.
+        """
+        return self.registry.rollback_alias(model, alias, etag=etag or None, reason=reason, author=author)
+
+    def export(self, model: str, number: int) -> tuple[Version, bytes]:
+        """A version and its whole weights as one safetensors file."""
+        version = self.registry.get_version(model, number)
+        return version, export_bytes(self.registry, model, number)
 
     def import_model(self, name: str, arch: str, config: dict | None, data: bytes, author: str = "anonymous",
                      description: str = "", spec: dict | None = None, metrics: dict | None = None,
@@ -555,6 +485,17 @@ class Domain:
         return self.registry.import_model(name, arch=detected, config=_json_metrics(derived), weights=data,
                                           author=author, description=description, spec=spec, metrics=metrics,
                                           request_id=request_id)
+
+
+@contextlib.contextmanager
+def _fields_within(parent: str):
+    """The engine names a spec's fields relative to the spec; requests hold it as ``parent``."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        if exc.field == parent or exc.field.startswith(parent + "."):
+            raise
+        raise InvalidArgument(f"{parent}.{exc.field}", exc.description) from None
 
 
 def _s3_config(config):

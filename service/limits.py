@@ -12,7 +12,11 @@ Every refusal is an engine ``InvalidArgument`` whose description names the setti
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import math
+import zlib
+from typing import Any
 
 from .engine.errors import InvalidArgument
 
@@ -55,3 +59,62 @@ def check_images(limits: Limits, n: int, field: str, resolution: int | None = No
             raise InvalidArgument(field, f"{n:,} images of {resolution}x{resolution} make a reply of about "
                                   f"{size / 2**20:.0f} MiB, over the message limit of "
                                   f"{limits.max_message_bytes / 2**20:.0f} MiB (server setting max_message_mb)")
+
+
+def check_samples(limits: Limits, samples: int, field: str) -> None:
+    """Samples a statistic is computed over, against ``max_stats_samples``."""
+    check_count(samples, limits.max_stats_samples, field, "statistics samples", "max_stats_samples")
+
+
+def check_search_spec(limits: Limits, targets: Any, candidates: Any, field: str) -> None:
+    """A rewrite's context search: its targets become regions of the edit, its candidates are
+    ranked like SearchContext's seeds."""
+    if isinstance(targets, int) and not isinstance(targets, bool):
+        check_count(targets, limits.max_regions, f"{field}.targets", "found targets", "max_regions")
+    if isinstance(candidates, int) and not isinstance(candidates, bool):
+        check_count(candidates, limits.max_search_seeds, f"{field}.candidates", "candidate seeds",
+                    "max_search_seeds")
+
+
+def check_spec(limits: Limits, spec: Any, prefix: str = "spec") -> None:
+    """An edit spec in its JSON form: regions, statistics samples and the declared size of each mask."""
+    if not isinstance(spec, dict):
+        return                                   # the engine's own check names the problem
+    regions: list[tuple[str, Any]] = []
+    if spec.get("copy") is not None:
+        regions.append((f"{prefix}.copy", spec["copy"]))
+    for key in ("paste", "context", "found"):
+        items = spec.get(key)
+        if isinstance(items, list):
+            regions += [(f"{prefix}.{key}[{i}]", r) for i, r in enumerate(items)]
+    check_count(len(regions), limits.max_regions, f"{prefix}.paste", "regions (copy, paste, context and found)",
+                "max_regions")
+    stats = spec.get("stats")
+    if isinstance(stats, dict) and isinstance(stats.get("samples"), int):
+        check_samples(limits, stats["samples"], f"{prefix}.stats.samples")
+    search = spec.get("search")
+    if isinstance(search, dict):
+        check_search_spec(limits, search.get("targets"), search.get("candidates"), f"{prefix}.search")
+    for field, region in regions:
+        check_region_json(limits, region, field)
+
+
+def check_region_json(limits: Limits, region: Any, field: str) -> None:
+    """A JSON region's mask: its declared size at most ``max_mask_pixels`` (before it is inflated)."""
+    mask = region.get("mask") if isinstance(region, dict) else None
+    size = mask.get("size") if isinstance(mask, dict) else None
+    if not (isinstance(size, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+        return                                   # malformed: the engine's decoder names it
+    pixels = math.prod(size)
+    if pixels > limits.max_mask_pixels:
+        raise InvalidArgument(f"{field}.mask", f"a mask of {'x'.join(map(str, size))} is over "
+                              f"{limits.max_mask_pixels:,} pixels (server setting max_mask_pixels)")
+    # A small body can inflate to gigabytes: inflate at most one byte past the declared size first.
+    try:
+        data = base64.b64decode(mask.get("data") or "", validate=True)
+        inflated = zlib.decompressobj().decompress(data, max(pixels, 0) + 1)
+    except (TypeError, ValueError, zlib.error):
+        return                                   # malformed: the engine's decoder names it
+    if len(inflated) > pixels:
+        raise InvalidArgument(f"{field}.mask", f"inflates to more than the {'x'.join(map(str, size))} its size "
+                              "declares")

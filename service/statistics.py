@@ -1,23 +1,32 @@
-"""Statistics through the statistics cache: one place that names a cached statistic.
+"""Statistics through the statistics cache: the one component that names, computes and shares them.
 
+- ``Statistics(cache)``: what the domain asks for any statistic. ``get(...)`` names it (``key``,
+  with the weights' fingerprint memoized per version), returns it from the cache or computes it
+  once across every caller and replica (the cache's single flight), reports progress (and
+  ``waiting`` while another caller computes it), and stops when its ``Progress`` says so; a
+  cancelled computation caches nothing, and a waiter whose computing peer was cancelled takes
+  over.
 - ``KEY_MOMENT``, ``VALUE_QUANTILE``: the kinds of statistic the service caches.
 - ``stat_key(fingerprint, layer, kind, seeds, truncation, arch)``: the ``StatsKey`` of a statistic
   of weights with that fingerprint (what the domain and ``moment_key`` both use).
 - ``moment_key(model, layer, seeds, truncation)``: the ``StatsKey`` of C = E[k kᵀ] at a layer,
   named by the fingerprint of the weights upstream of it (so versions whose edits lie downstream
   share the entry).
-- ``cached_key_moment(cache, model, layer, seeds, ...)``: that statistic from the cache, computed
-  with ``key_moment`` on a miss.
+- ``cached_key_moment(cache, model, layer, seeds, ...)``: that statistic through a ``Statistics``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import threading
+from typing import Callable, Hashable, Sequence
 
 from rulewright.registry.stats_cache import StatsCache, StatsKey
 
+from .engine.errors import Cancelled
 from .engine.generators.base import Generator
-from .engine.stats import SecondMoment, key_moment, load_stat
+from .engine.progress import Progress
+from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
 
 KEY_MOMENT = "key_moment"
 VALUE_QUANTILE = "value_quantile"
@@ -34,6 +43,91 @@ def moment_key(model: Generator, layer: str, seeds: Sequence[int], truncation: f
     return stat_key(model.upstream_fingerprint(layer), layer, KEY_MOMENT, seeds, truncation, model.arch)
 
 
+@dataclasses.dataclass
+class Cached:
+    """A statistic as the cache holds it: its key, value, size, and whether it was there already."""
+
+    key: StatsKey
+    stat: Stat
+    size_bytes: int
+    cached: bool                          # a hit: this call computed nothing
+
+
+class Statistics:
+    """Statistics of generators through one cache: named, computed once, shared, cancellable."""
+
+    def __init__(self, cache: StatsCache, observe: Callable[[str, bool], None] | None = None):
+        self.cache = cache
+        self.observe = observe            # (kind, hit) per lookup, for metrics
+        self._fingerprints: dict[tuple[Hashable, str | None], str] = {}
+        self._lock = threading.Lock()
+
+    def fingerprint(self, model: Generator, layer: str | None, memo: Hashable | None = None) -> str:
+        """The weights' fingerprint a statistic depends on (upstream of ``layer``; None: every weight).
+
+        Hashing costs ~10 ms, so it is kept per ``memo`` (a version's identity; immutable weights).
+        """
+        key = (memo, layer)
+        with self._lock:
+            hit = self._fingerprints.get(key) if memo is not None else None
+        if hit is None:
+            hit = model.upstream_fingerprint(layer) if layer is not None else model.weights_fingerprint()
+            if memo is not None:
+                with self._lock:
+                    self._fingerprints[key] = hit
+        return hit
+
+    def key(self, model: Generator, layer: str, kind: str, seeds: Sequence[int], truncation: float,
+            memo: Hashable | None = None) -> StatsKey:
+        """The cache key of a statistic of ``model``."""
+        # Keys depend only on the weights upstream of the layer; values on the layer's own weight
+        # too, so their key hashes every weight (conservative, shared less across versions).
+        scope = layer if kind == KEY_MOMENT else None
+        return stat_key(self.fingerprint(model, scope, memo), layer, kind, seeds, truncation, model.arch)
+
+    def get(self, model: Generator, layer: str, kind: str, seeds: range, truncation: float = 1.0,
+            progress: Progress | None = None, memo: Hashable | None = None,
+            private: Callable[[], Generator] | None = None, batch_size: int = 32) -> Cached:
+        """A statistic from the cache, computed on a miss (on ``private()``, a module the computation
+        may hook; ``model`` itself otherwise)."""
+        progress = progress or Progress()
+        key = self.key(model, layer, kind, seeds, truncation, memo)
+        ran = {"computed": False, "stopped": False}
+
+        def stopped() -> bool:
+            if progress.stopped():
+                ran["stopped"] = True
+            return ran["stopped"]
+
+        def compute() -> bytes:
+            ran["computed"] = True
+            target = private() if private is not None else model
+            mine = Progress(progress.on_event, stopped)
+            compute_stat = key_moment if kind == KEY_MOMENT else value_quantiles
+            return compute_stat(target, layer, seeds, truncation, batch_size=batch_size, progress=mine).to_bytes()
+
+        def waiting() -> None:
+            # Another request (maybe another replica) is computing this statistic: say so, so a
+            # client does not mistake the wait (at most a lock lease if that holder died) for a hang.
+            progress.report("statistics", 0, len(seeds), waiting=True)
+
+        while True:
+            try:
+                data = self.cache.get_or_compute(key, compute, on_wait=waiting)
+                break
+            except Cancelled:
+                if ran["stopped"] or stopped():
+                    raise Cancelled(f"{kind} statistics cancelled; nothing was cached") from None
+                ran["computed"] = False    # another caller's computation was cancelled: take over
+        if self.observe is not None:
+            self.observe(kind, not ran["computed"])
+        stat = load_stat(data)
+        expected = SecondMoment if kind == KEY_MOMENT else Quantile
+        if not isinstance(stat, expected):
+            raise TypeError(f"cache entry {key.canonical()} holds a {type(stat).__name__}")
+        return Cached(key, stat, len(data), not ran["computed"])
+
+
 def cached_key_moment(
     cache: StatsCache,
     model: Generator,
@@ -43,13 +137,4 @@ def cached_key_moment(
     batch_size: int = 32,  # samples per forward pass on a miss (does not change the result)
 ) -> SecondMoment:
     """C at ``layer`` over ``seeds`` from ``cache``; computed once across the cache's users on a miss."""
-    seeds = list(seeds)
-    key = moment_key(model, layer, seeds, truncation)
-
-    def compute() -> bytes:
-        return key_moment(model, layer, seeds, truncation, batch_size=batch_size).to_bytes()
-
-    stat = load_stat(cache.get_or_compute(key, compute))
-    if not isinstance(stat, SecondMoment):
-        raise TypeError(f"cache entry {key.canonical()} holds a {type(stat).__name__}")
-    return stat
+    return Statistics(cache).get(model, layer, KEY_MOMENT, list(seeds), truncation, batch_size=batch_size).stat

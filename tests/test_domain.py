@@ -7,7 +7,9 @@ import torch
 
 from rulewright.service.engine.edit import render_edited
 from rulewright.service.engine.errors import Cancelled
+from rulewright.service.engine.progress import Progress
 from rulewright.service.engine.sampling import latents, to_uint8
+from rulewright.service.requests import RewriteRequest, SampleRequest
 from tests.builders import TINY_SPEC, tiny_domain
 
 SPEC = TINY_SPEC
@@ -25,30 +27,31 @@ def test_bootstrap_is_idempotent_and_sets_production(domain, tmp_path):
 
 
 def test_sample_echoes_the_version_and_is_deterministic(domain):
-    version, a = domain.sample("tiny@production", seeds=[3, 4])
-    _, b = domain.sample("tiny/1", seeds=[3, 4])
+    first = domain.sample(SampleRequest("tiny@production", seeds=[3, 4]))
+    version, a = first.version, first.images
+    b = domain.sample(SampleRequest("tiny/1", seeds=[3, 4])).images
     assert version.number == 1 and a.dtype == torch.uint8 and a.shape == (2, 32, 32, 3)
     assert torch.equal(a, b)
 
 
 def test_rewrite_creates_a_child_version_that_samples_differently(domain):
     events = []
-    result = domain.rewrite("tiny@production", SPEC, author="alice", preview_seeds=[5], progress=events.append)
+    result = domain.rewrite(RewriteRequest("tiny@production", SPEC, author="alice", preview_seeds=[5]), Progress(events.append))
     v2 = result.version
     assert (v2.number, v2.parent, v2.kind, v2.author) == (2, 1, "edit", "alice")
     assert v2.spec["layer"] == "main.6" and v2.metrics["goal_loss_after"] < v2.metrics["goal_loss_before"]
-    _, base = domain.sample("tiny/1", seeds=[5])
-    _, edited = domain.sample("tiny/2", seeds=[5])
+    base = domain.sample(SampleRequest("tiny/1", seeds=[5])).images
+    edited = domain.sample(SampleRequest("tiny/2", seeds=[5])).images
     assert not torch.equal(base, edited)
     assert torch.equal(result.previews, edited)
     model1 = domain.generator(domain.resolve("tiny/1")).model
     expected = to_uint8(render_edited(model1, [result.edit], latents([5], 16)))
     assert (expected.int() - edited.int()).abs().max() <= 1
-    assert any(e["stage"] == "optimize" for e in events)
+    assert any(e.stage == "optimize" for e in events)
 
 
 def test_versions_share_unedited_tensors(domain):
-    domain.rewrite("tiny/1", SPEC)
+    domain.rewrite(RewriteRequest("tiny/1", SPEC))
     m1 = domain.generator(domain.resolve("tiny/1")).model
     m2 = domain.generator(domain.resolve("tiny/2")).model
     assert m1.main[3].weight.data_ptr() == m2.main[3].weight.data_ptr()      # untouched: shared
@@ -56,38 +59,38 @@ def test_versions_share_unedited_tensors(domain):
 
 
 def test_request_id_replay_dry_run_and_cancel_create_nothing_new(domain):
-    first = domain.rewrite("tiny/1", SPEC, request_id="req-1")
-    again = domain.rewrite("tiny/1", SPEC, request_id="req-1")
+    first = domain.rewrite(RewriteRequest("tiny/1", SPEC, request_id="req-1"))
+    again = domain.rewrite(RewriteRequest("tiny/1", SPEC, request_id="req-1"))
     assert again.replayed and again.version.number == first.version.number == 2
-    dry = domain.rewrite("tiny/1", SPEC, dry_run=True, preview_seeds=[1])
+    dry = domain.rewrite(RewriteRequest("tiny/1", SPEC, dry_run=True, preview_seeds=[1]))
     assert dry.version is None and dry.previews.shape == (1, 32, 32, 3)
     with pytest.raises(Cancelled):
-        domain.rewrite("tiny/1", SPEC, should_stop=lambda: True)
+        domain.rewrite(RewriteRequest("tiny/1", SPEC), Progress(None, lambda: True))
     assert [v.number for v in domain.registry.list_versions("tiny").items] == [1, 2]
 
 
 def test_lru_keeps_at_most_max_resident(domain):
-    domain.rewrite("tiny/1", SPEC)
-    domain.rewrite("tiny/2", SPEC)
+    domain.rewrite(RewriteRequest("tiny/1", SPEC))
+    domain.rewrite(RewriteRequest("tiny/2", SPEC))
     for ref in ("tiny/1", "tiny/2", "tiny/3"):
-        domain.sample(ref, seeds=[0])
+        domain.sample(SampleRequest(ref, seeds=[0]))
     assert domain.resident_versions() == [("tiny", 2), ("tiny", 3)]
 
 
 def test_memory_budget_evicts_least_recently_used_counting_shared_tensors_once(domain):
-    domain.rewrite("tiny/1", SPEC)
-    domain.rewrite("tiny/2", SPEC)
+    domain.rewrite(RewriteRequest("tiny/1", SPEC))
+    domain.rewrite(RewriteRequest("tiny/2", SPEC))
     one = domain.resident_bytes()
     domain.max_resident, domain.memory_budget_bytes = 10, None
     for ref in ("tiny/1", "tiny/2", "tiny/3"):
-        domain.sample(ref, seeds=[0])
+        domain.sample(SampleRequest(ref, seeds=[0]))
     three = domain.resident_bytes()
     edited = three - one
     assert 0 < edited < one      # versions 2 and 3 add only their edited tensors
     domain.memory_budget_bytes = one + edited // 2 + 1    # room for version 1 and one edit, not two
-    domain.sample("tiny/1", seeds=[0])                    # most recent; 2 is now the oldest
-    domain.rewrite("tiny/3", SPEC)
-    domain.sample("tiny/4", seeds=[0])
+    domain.sample(SampleRequest("tiny/1", seeds=[0]))                    # most recent; 2 is now the oldest
+    domain.rewrite(RewriteRequest("tiny/3", SPEC))
+    domain.sample(SampleRequest("tiny/4", seeds=[0]))
     assert ("tiny", 4) in domain.resident_versions() and ("tiny", 2) not in domain.resident_versions()
     assert domain.resident_bytes() <= domain.memory_budget_bytes
 
@@ -98,14 +101,14 @@ def test_dynamic_batching_coalesces_concurrent_samples_without_changing_pixels(d
     sizes = []
     domain.metrics = type("M", (), {"observe_batch": lambda self, n: sizes.append(n),
                                     "observe_stats_cache": lambda self, kind, hit: None})()
-    alone = {s: domain.sample("tiny", seeds=[s])[1][0] for s in range(12)}
+    alone = {s: domain.sample(SampleRequest("tiny", seeds=[s])).images[0] for s in range(12)}
     sizes.clear()
     domain.batcher.max_delay_s = 0.2         # long enough that all twelve threads arrive first
     out, barrier = {}, threading.Barrier(12)
 
     def one(s):
         barrier.wait()
-        out[s] = domain.sample("tiny", seeds=[s])[1][0]
+        out[s] = domain.sample(SampleRequest("tiny", seeds=[s])).images[0]
     threads = [threading.Thread(target=one, args=(s,)) for s in range(12)]
     [t.start() for t in threads]
     [t.join() for t in threads]

@@ -12,6 +12,7 @@ from rulewright.service.engine.edit import EditSpec, apply_edit, apply_lineage, 
 from rulewright.service.engine.errors import Cancelled, InvalidArgument
 from rulewright.service.engine.generators.dcgan import DCGANGenerator
 from rulewright.service.engine.generators.progan import ProGANGenerator
+from rulewright.service.engine.progress import Progress
 from rulewright.service.engine.rewrite import context_direction, rewrite
 from rulewright.service.engine.sampling import latents, sample
 from tests.builders import TinyGenerator, dcgan_state, progan_state
@@ -94,10 +95,10 @@ def test_optimization_lowers_the_goal_loss_tenfold(kind):
                      paste=[{"seed": 2, "box": [x, x, x + res // 8, x + res // 8]}],
                      context=[{"seed": 2, "box": [0, 0, res // 2, res // 2]}])
     events = []
-    edit = rewrite(model, spec, progress=events.append)
+    edit = rewrite(model, spec, progress=Progress(events.append))
     assert edit.metrics["goal_loss_after"] * 10 <= edit.metrics["goal_loss_before"], edit.metrics
-    steps = [e["step"] for e in events if e["stage"] == "optimize"]
-    assert steps[0] == 1 and steps[-1] == 400 and events[-1]["stage"] == "done"
+    steps = [e.done for e in events if e.stage == "optimize"]
+    assert steps[0] == 1 and steps[-1] == 400 and events[-1].stage == "done"
 
 
 def test_keys_orthogonal_to_d_in_the_c_metric_see_no_change():
@@ -218,7 +219,7 @@ def test_cancellation_stops_promptly_and_changes_nothing():
         return len(calls) > 5
 
     with pytest.raises(Cancelled):
-        rewrite(model, _box_spec(layer, res, steps=10_000), should_stop=stop)
+        rewrite(model, _box_spec(layer, res, steps=10_000), progress=Progress(None, stop))
     assert len(calls) == 6
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

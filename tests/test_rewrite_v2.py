@@ -11,6 +11,7 @@ import torch
 from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict, from_bytes, to_bytes, with_strength
 from rulewright.service.engine.edit import EditSpec, apply_edit, render_edited
 from rulewright.service.engine.generators.dcgan import DCGANGenerator
+from rulewright.service.engine.progress import Progress
 from rulewright.service.engine.rewrite import _capture, context_direction, build_goal, rewrite
 from rulewright.service.engine.sampling import latents
 from rulewright.service.engine.stats import key_moment
@@ -46,12 +47,12 @@ def test_multilayer_is_the_default_and_edits_every_layer(small):
 def test_found_targets_are_recorded_and_a_replay_is_exact(small):
     model, C = small
     events = []
-    first = rewrite(model, _spec(steps=10), moment=C, progress=events.append)
+    first = rewrite(model, _spec(steps=10), moment=C, progress=Progress(events.append))
     found = first.spec["found"]
     seeds = [r["seed"] for r in found]
     assert len(seeds) == 3 and len(set(seeds)) == 3
     assert all(1000 <= s < 1040 and s not in (1, 2, 5) for s in seeds)
-    assert [e for e in events if e["stage"] == "search"][0]["found"] == seeds
+    assert [e for e in events if e.stage == "search"][0].info["found"] == seeds
     again = rewrite(model, first.spec, moment=C)               # the recorded spec skips the search
     assert again.spec == first.spec
     for a, b in zip(first.deltas, again.deltas):

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from rulewright.service.engine import nethook
+from rulewright.service.engine.errors import Cancelled
 from rulewright.service.engine.generators.dcgan import DCGANGenerator
+from rulewright.service.engine.progress import Progress
 from rulewright.service.engine.sampling import latents
 from rulewright.service.engine.stats import Quantile, SecondMoment, key_moment, load_stat, value_quantiles
 from tests.builders import dcgan_state
@@ -45,9 +47,10 @@ def test_merging_partials_equals_the_whole():
 def test_key_moment_over_seed_ranges_merges_into_the_whole():
     model = DCGANGenerator.from_state_dict(dcgan_state(z_dim=16, widths=(32, 16, 8, 3)))
     seen = []
-    whole = key_moment(model, "main.6", range(12), batch_size=5, progress=lambda d, t: seen.append((d, t)))
+    whole = key_moment(model, "main.6", range(12), batch_size=5,
+                       progress=Progress(lambda e: seen.append((e.stage, e.done, e.total))))
     part = key_moment(model, "main.6", range(7), batch_size=5).merge(key_moment(model, "main.6", range(7, 12)))
-    assert seen == [(5, 12), (10, 12), (12, 12)]
+    assert seen == [("statistics", 5, 12), ("statistics", 10, 12), ("statistics", 12, 12)]
     assert whole.count == 12 * 8 * 8 and whole.dim == 16
     assert torch.allclose(part.moment(), whole.moment(), rtol=1e-5, atol=1e-9)
     keys = nethook.latents_to_keys(model, "main.6", latents(range(12), 16)).key.double()
@@ -56,10 +59,19 @@ def test_key_moment_over_seed_ranges_merges_into_the_whole():
     assert nethook.hook_count(model) == 0
 
 
-def test_key_moment_can_be_cancelled():
+def test_key_moment_and_value_quantiles_can_be_cancelled_between_batches():
     model = DCGANGenerator.from_state_dict(dcgan_state())
-    with pytest.raises(InterruptedError):
-        key_moment(model, "main.6", range(10), batch_size=2, should_stop=lambda: True)
+    polls = []
+
+    def stop_on_second() -> bool:
+        polls.append(1)
+        return len(polls) > 1
+
+    with pytest.raises(Cancelled):
+        key_moment(model, "main.6", range(10), batch_size=2, progress=Progress(None, stop_on_second))
+    assert len(polls) == 2                     # one batch ran, the second never started
+    with pytest.raises(Cancelled):
+        value_quantiles(model, "main.6", range(10), batch_size=2, progress=Progress(None, lambda: True))
 
 
 def test_second_moment_round_trips_through_safetensors_bytes():

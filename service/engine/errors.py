@@ -4,19 +4,27 @@
   with a BadRequest field violation over the API). ``field`` is a dotted path into the edit spec
   (``paste[1].mask``, ``rank``).
 - ``Cancelled``: a long job stopped because its caller asked (→ CANCELLED).
+
+Both derive from ``rulewright.service.errors.Error``, the one base every layer's errors share.
 """
 
 from __future__ import annotations
 
+from rulewright.service.errors import Code, Error
 
-class InvalidArgument(ValueError):
+
+class InvalidArgument(Error, ValueError):
     """A request field is malformed; ``field`` names it, the message says what is wrong."""
 
+    code = Code.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
     def __init__(self, field: str, message: str):
-        self.field = field
-        self.description = message
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}", field=field, description=message)
 
 
-class Cancelled(Exception):
+class Cancelled(Error):
     """The caller cancelled a running job; nothing was applied or stored."""
+
+    code = Code.CANCELLED
+    reason = "CANCELLED"

@@ -1,6 +1,6 @@
 """Rewrite a rule, erase a rule, zero a direction — and the baselines they are measured against.
 
-- ``rewrite(model, spec, moment=None, progress=None, should_stop=None) -> Edit``: run an edit spec
+- ``rewrite(model, spec, moment=None, progress=None) -> Edit``: run an edit spec
   (op ``rewrite``: copy → paste → context; op ``erase``; op ``zero``). Never modifies ``model``.
 - ``context_direction(C, keys, rank, ridge)``: D, the whitened top-``rank`` directions of keys.
 - ``build_goal(model, spec)``: the targets (keys, goal values, goal images, boxes) of a spec.
@@ -26,14 +26,13 @@ from torch.func import functional_call
 from . import nethook
 from .delta import LowRankDelta
 from .edit import Edit, EditSpec
-from .errors import Cancelled, InvalidArgument
+from .errors import InvalidArgument
 from .generators.base import Generator, LayerSpec
+from .progress import Progress
 from .regions import Region, bbox
 from .sampling import latents
 from .stats import SecondMoment, key_moment
 
-Progress = Callable[[dict], None]
-StopCheck = Callable[[], bool]
 
 PROGRESS_EVERY = 10     # optimization steps between progress events
 
@@ -365,26 +364,26 @@ class Objective:
 
 
 def _cosine_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int, lr: float,
-                 progress: Progress | None, should_stop: StopCheck | None, stage: str = "optimize") -> float:
+                 progress: Progress | None, stage: str = "optimize") -> float:
+    progress = progress or Progress()
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     loss_value = float("nan")
     for step in range(steps):
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"{stage} cancelled at step {step}")
+        progress.check(f"{stage} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
         opt.step()
         sched.step()
         loss_value = loss.item()
-        if progress is not None and (step % PROGRESS_EVERY == 0 or step == steps - 1):
-            progress({"stage": stage, "step": step + 1, "steps": steps, "loss": loss_value})
+        if step % PROGRESS_EVERY == 0 or step == steps - 1:
+            progress.report(stage, step + 1, steps, loss_value)
     return loss_value
 
 
 def best_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int, lr: float,
-              schedule: str = "cosine", progress: Progress | None = None, should_stop: StopCheck | None = None,
+              schedule: str = "cosine", progress: Progress | None = None,
               stage: str = "optimize") -> tuple[float, float, int]:
     """Adam that hands back its best iterate: ``params`` end at the lowest loss seen.
 
@@ -392,6 +391,7 @@ def best_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], s
     (no edit, when the factors start at zero) is a candidate, and a short or diverging run can
     never return anything worse than it. Returns (best loss, starting loss, best step).
     """
+    progress = progress or Progress()
     opt = torch.optim.Adam(params, lr=lr)
     factor = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if schedule == "cosine" else (lambda s: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -406,8 +406,7 @@ def best_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], s
                 keep.copy_(p.detach())
 
     for step in range(steps):
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"{stage} cancelled at step {step}")
+        progress.check(f"{stage} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
         value = loss.item()
@@ -417,8 +416,8 @@ def best_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], s
         loss.backward()
         opt.step()
         sched.step()
-        if progress is not None and (step % PROGRESS_EVERY == 0 or step == steps - 1):
-            progress({"stage": stage, "step": step + 1, "steps": steps, "loss": value, "best_loss": best})
+        if step % PROGRESS_EVERY == 0 or step == steps - 1:
+            progress.report(stage, step + 1, steps, value, best_loss=best)
     with torch.no_grad():
         consider(loss_fn().item(), steps)      # the last update, which no step measured yet
         for keep, p in zip(saved, params):
@@ -451,7 +450,7 @@ def _reparam(goal: Goal, direction: torch.Tensor) -> torch.Tensor:
 
 
 def solve_optimize(objective: Objective, direction: torch.Tensor, spec: EditSpec,
-                   progress: Progress | None = None, should_stop: StopCheck | None = None) -> torch.Tensor:
+                   progress: Progress | None = None) -> torch.Tensor:
     """Λ (orthonormal-D basis) by Adam on the constrained update, cosine-decayed; the best iterate."""
     layer = objective.layer
     w0 = layer.weight.detach()
@@ -459,7 +458,7 @@ def solve_optimize(objective: Objective, direction: torch.Tensor, spec: EditSpec
     d_work = direction.to(w0.device) @ t
     lam = torch.zeros(_lam_shape(w0, layer.in_axis, direction.shape[1]), device=w0.device, requires_grad=True)
     best_adam([lam], lambda: objective.loss(w0 + _dense(lam, d_work, layer.in_axis)), spec.steps, spec.lr,
-              "cosine", progress, should_stop)
+              "cosine", progress)
     # Back to the orthonormal basis: Λ_orth[..., r] = Σ_r' T[r, r'] Λ[..., r'].
     return (lam.detach().movedim(layer.in_axis, -1) @ t.T).movedim(-1, layer.in_axis).contiguous()
 
@@ -564,8 +563,7 @@ def orthonormalize(direction: torch.Tensor, lam: torch.Tensor, in_axis: int) -> 
 
 
 def solve_multilayer(objective: Objective, spec: EditSpec, directions: dict[str, torch.Tensor] | None = None,
-                     progress: Progress | None = None, should_stop: StopCheck | None = None,
-                     side_paths: bool = True) -> list[LowRankDelta]:
+                     progress: Progress | None = None, side_paths: bool = True) -> list[LowRankDelta]:
     """Low-rank deltas ΔW_L = Λ_L ×_in D_Lᵀ on every edited layer, fitted together by Adam.
 
     Λ starts at zero (the unedited model) and D at a seeded random orthonormal basis, as LoRA
@@ -596,7 +594,7 @@ def solve_multilayer(objective: Objective, spec: EditSpec, directions: dict[str,
         candidate = lambda: paths                      # noqa: E731  (same images, less work)
 
     params = [lam for *_, lam in parts] + ([d for *_, d, _ in parts] if directions is None else [])
-    best_adam(params, lambda: objective.loss(candidate()), spec.steps, spec.lr, "constant", progress, should_stop)
+    best_adam(params, lambda: objective.loss(candidate()), spec.steps, spec.lr, "constant", progress)
     deltas = []
     for layer, _, _, d, lam in parts:
         q, lam_q = orthonormalize(d.detach(), lam.detach(), layer.in_axis)
@@ -654,23 +652,17 @@ def find_targets(model: Generator, spec: EditSpec, C: torch.Tensor, goal: Goal) 
 # Entry points
 
 
-def _statistics(model: Generator, spec: EditSpec, progress: Progress | None,
-                should_stop: StopCheck | None) -> SecondMoment:
+def _statistics(model: Generator, spec: EditSpec, progress: Progress | None) -> SecondMoment:
     s = spec.stats
-    cb = (lambda done, total: progress({"stage": "statistics", "done": done, "total": total})) if progress else None
-    try:
-        return key_moment(model, spec.layer, range(s["seed_start"], s["seed_start"] + s["samples"]),
-                          truncation=spec.truncation, progress=cb, should_stop=should_stop)
-    except InterruptedError as exc:
-        raise Cancelled(str(exc)) from exc
+    return key_moment(model, spec.layer, range(s["seed_start"], s["seed_start"] + s["samples"]),
+                      truncation=spec.truncation, progress=progress)
 
 
 def rewrite(
     model: Generator,
     spec: dict | EditSpec,                  # an edit spec (JSON form) or a validated EditSpec
     moment: SecondMoment | torch.Tensor | None = None,   # C for spec.layer; None computes it from spec.stats
-    progress: Progress | None = None,       # called with event dicts (stage, step, loss, ...)
-    should_stop: StopCheck | None = None,   # polled between steps; True raises Cancelled
+    progress: Progress | None = None,       # events (statistics, search, optimize, done); stops between steps
     moments: dict | None = None,            # {layer: C} for factors "context" (missing ones are computed)
 ) -> Edit:
     """Run an edit spec and return the edit; the model's weights are never modified.
@@ -679,10 +671,11 @@ def rewrite(
     it reproduces the edit exactly.
     """
     started = time.perf_counter()
+    progress = progress or Progress()
     spec = spec if isinstance(spec, EditSpec) else EditSpec.from_json(spec, model)
     layer = model.layer(spec.layer)
     if moment is None:
-        moment = _statistics(model, spec, progress, should_stop)
+        moment = _statistics(model, spec, progress)
     C = moment.moment() if isinstance(moment, SecondMoment) else moment
     if C.shape != (layer.weight.shape[layer.in_axis],) * 2:
         raise InvalidArgument("statistics", f"C is {tuple(C.shape)}, layer {spec.layer} keys have "
@@ -701,8 +694,7 @@ def rewrite(
             found = []
             if spec.op in ("rewrite", "erase") and spec.search["targets"] > 0:
                 found = find_targets(model, spec, C, build_goal(model, dataclasses.replace(spec, found=[])))
-                if progress is not None:
-                    progress({"stage": "search", "found": [r.seed for r in found]})
+                progress.report("search", len(found), len(found), found=[r.seed for r in found])
             spec = dataclasses.replace(spec, found=found)
         goal = build_goal(model, spec)
         objective = Objective(model, spec, goal)
@@ -717,17 +709,17 @@ def rewrite(
                     if name not in moments:
                         s = spec.stats
                         moments[name] = key_moment(model, name, range(s["seed_start"], s["seed_start"] + s["samples"]),
-                                                   truncation=spec.truncation, should_stop=should_stop)
+                                                   truncation=spec.truncation, progress=Progress(None, progress.should_stop))
                     if isinstance(moments[name], SecondMoment):
                         moments[name] = moments[name].moment()
                 directions = layer_directions(model, spec, moments, goal.info["context"], device)
-            deltas = solve_multilayer(objective, spec, directions, progress, should_stop)
+            deltas = solve_multilayer(objective, spec, directions, progress)
         else:
             direction = context_direction(C, goal.context_keys, spec.rank, spec.ridge).to(device)
             if spec.solver == "closed_form":
                 lam = solve_closed_form(objective, direction)
             else:
-                lam = solve_optimize(objective, direction, spec, progress, should_stop)
+                lam = solve_optimize(objective, direction, spec, progress)
             deltas = [LowRankDelta(layer.weight_key, layer.in_axis, direction.detach().cpu(), lam.detach().cpu(),
                                    spec.strength)]
         candidate = delta_weights(model, deltas)
@@ -741,8 +733,7 @@ def rewrite(
         if spec.op == "erase":
             metrics["erased_units"] = goal.info["units"]
     metrics["seconds"] = time.perf_counter() - started
-    if progress is not None:
-        progress({"stage": "done", "metrics": metrics})
+    progress.report("done", 1, 1, metrics=metrics)
     return Edit(layer=spec.layer, deltas=deltas, spec=spec.to_json(), metrics=metrics)
 
 
@@ -760,7 +751,7 @@ def full_rank_update(model: Generator, spec: dict | EditSpec, lr: float = 1e-3,
     delta = torch.zeros_like(w0, requires_grad=True)
     started = time.perf_counter()
     before = objective.report(w0)
-    _cosine_adam([delta], lambda: objective.loss(w0 + delta), spec.steps, lr, progress, None, "full_rank")
+    _cosine_adam([delta], lambda: objective.loss(w0 + delta), spec.steps, lr, progress, "full_rank")
     after = objective.report(w0 + delta.detach())
     return ({objective.layer.weight_key: (w0 + delta.detach())},
             {"before": before, "after": after, "seconds": time.perf_counter() - started})
@@ -780,7 +771,7 @@ def finetune_all(model: Generator, spec: dict | EditSpec, steps: int = 500, lr: 
     params = list(tuned.parameters())
     started = time.perf_counter()
     _cosine_adam(params, lambda: (tuned(goal.z, spec.truncation) - goal.goal_image).abs().mean(),
-                 steps, lr, progress, None, "finetune")
+                 steps, lr, progress, "finetune")
     for p in tuned.parameters():
         p.requires_grad_(False)
     return tuned, {"seconds": time.perf_counter() - started}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import json
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -23,13 +23,13 @@ from safetensors.torch import save as st_save
 
 from .generators.base import Generator
 from .nethook import latents_to_keys, latents_to_values
+from .progress import Progress
 from .sampling import check_seeds, latents
 
 # Most rows summed in the batch dtype (float32) before the float64 add: bounds the float32
 # rounding of each partial sum while keeping the per-batch work one fused multiply-add.
 _CHUNK_ROWS = 65536
 
-Progress = Callable[[int, int], None]   # (items done, items total)
 
 
 class Stat(abc.ABC):
@@ -281,10 +281,10 @@ def key_moment(
     seeds: Sequence[int],                 # the samples; disjoint ranges merge into the whole
     truncation: float = 1.0,
     batch_size: int = 32,                 # samples per forward pass
-    progress: Progress | None = None,     # called with (samples done, samples total)
-    should_stop: Callable[[], bool] | None = None,  # cancellation: checked between batches
+    progress: Progress | None = None,     # "statistics" events per batch; checked between batches
 ) -> SecondMoment:
     """The second moment of ``layer``'s keys over every location of every seed's sample."""
+    progress = progress or Progress()
     seeds = check_seeds(seeds)
     model.check_truncation(truncation)
     stat: SecondMoment | None = None
@@ -292,16 +292,14 @@ def key_moment(
     done = 0
     with torch.no_grad():
         for chunk in _batches(seeds, batch_size):
-            if should_stop is not None and should_stop():
-                raise InterruptedError("statistics cancelled")
+            progress.check("key statistics")
             keys = latents_to_keys(model, layer, latents(chunk, model.z_dim).to(device), truncation).key
             rows = _flatten(keys)
             if stat is None:
                 stat = SecondMoment(rows.shape[1])
             stat.add(rows)
             done += len(chunk)
-            if progress is not None:
-                progress(done, len(seeds))
+            progress.report("statistics", done, len(seeds))
     if stat is None:
         raise ValueError("seeds must not be empty")
     return stat
@@ -314,9 +312,10 @@ def value_quantiles(
     truncation: float = 1.0,
     batch_size: int = 32,
     capacity: int = 4096,                 # sketch size per level (accuracy vs memory)
-    progress: Progress | None = None,
+    progress: Progress | None = None,     # "statistics" events per batch; checked between batches
 ) -> Quantile:
     """Per-unit quantiles of ``layer``'s values over every location of every seed's sample."""
+    progress = progress or Progress()
     seeds = check_seeds(seeds)
     model.check_truncation(truncation)
     stat: Quantile | None = None
@@ -324,14 +323,14 @@ def value_quantiles(
     done = 0
     with torch.no_grad():
         for chunk in _batches(seeds, batch_size):
+            progress.check("value statistics")
             values = latents_to_values(model, layer, latents(chunk, model.z_dim).to(device), truncation)
             rows = _flatten(values)
             if stat is None:
                 stat = Quantile(rows.shape[1], capacity)
             stat.add(rows)
             done += len(chunk)
-            if progress is not None:
-                progress(done, len(seeds))
+            progress.report("statistics", done, len(seeds))
     if stat is None:
         raise ValueError("seeds must not be empty")
     return stat

@@ -2,16 +2,17 @@
 
 - Names: ``model_name``, ``version_name``, ``parse_model``, ``parse_version``, ``parse_alias``.
 - Resources: ``model_pb``, ``version_pb``, ``alias_pb``, ``alias_move_pb``, ``layer_pb``.
-- Generator: ``latents_tensor``, ``interventions``, ``seeds``, ``image_format``, ``sample_truncation``,
-  ``check_rewrite_request``, ``images_pb``, ``edit_spec``, ``progress_pb``,
-  ``rewrite_result_pb``, ``export_stream``, ``regions``, ``dissect_args``, ``dissect_pb``,
-  ``search_args``, ``search_pb``, ``statistics_args``, ``statistics_result_pb``.
-- Aliases: ``move_alias`` (SetAlias), ``rollback_alias`` (RollbackAlias).
+- Requests: ``sample_request``, ``search_request``, ``dissect_request``, ``statistics_request``,
+  ``rewrite_request``: a message as the domain's typed request (``service/requests.py``), which
+  the domain checks; only what the wire format itself can get wrong is refused here.
+- Generator: ``latents_tensor``, ``interventions``, ``seeds``, ``image_format``, ``images_pb``,
+  ``edit_spec``, ``progress_stage``, ``progress_pb``, ``layers_pb``, ``rewrite_result_pb``,
+  ``export_stream``, ``regions``, ``dissect_pb``, ``search_pb``, ``statistics_result_pb``.
+- Aliases: ``alias_request`` (SetAlias).
 - Import: ``import_upload`` (the client stream: metadata, then chunks, checked for size and
   sha256; ``ImportTooLarge`` → RESOURCE_EXHAUSTED), ``import_args``, ``import_pb``.
 
-Conversion errors are engine ``InvalidArgument``s naming the field as the request spells it
-(for a spec: relative to ``spec``, which the Rewrite servicer's decorator prefixes).
+Conversion errors are engine ``InvalidArgument``s naming the field as the request spells it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import hashlib
 import io
 import json
 import re
-import enum
 import zlib
 from typing import Iterable, Iterator, Sequence
 
@@ -30,14 +30,18 @@ import torch
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from PIL import Image as PILImage
 
-from rulewright.registry.errors import InvalidArgument as RequestInvalid, NotFound, Reason, RegistryError
+from rulewright.registry.errors import NotFound
 from rulewright.registry.registry import Registry
-from rulewright.service.weights import export_bytes
-from rulewright.service.domain import (KEY_MOMENT, VALUE_QUANTILE, DissectResult, RewriteResult, StatisticResult,
-                                       _json_metrics)
+from rulewright.service.domain import KEY_MOMENT, VALUE_QUANTILE, _json_metrics
 from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention
 from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.errors import Code, Error
+from rulewright.service.limits import check_images
+from rulewright.service.engine.progress import Event
 from rulewright.service.engine.regions import Region
+from rulewright.service.requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, RewriteRequest, RewriteResult,
+                                         SampleRequest, SearchRequest, SearchResult, StatisticResult,
+                                         StatisticsRequest)
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
 from rulewright.v1 import resources_pb2
 
@@ -161,13 +165,17 @@ def layer_pb(info) -> gen.LayerInfo:
                          weight_key=info.weight_key)
 
 
-def export_stream(registry: Registry, name: str) -> Iterator[reg.ExportVersionResponse]:
-    """Metadata, then the safetensors file in chunks."""
-    model, number = parse_version(name)
-    version = registry.get_version(model, number)
-    data = export_bytes(registry, model, number)
+def layers_pb(result: LayersResult) -> gen.ListLayersResponse:
+    """ListLayers' answer for a version's layers."""
+    return gen.ListLayersResponse(version=version_name(result.version), layers=map(layer_pb, result.layers),
+                                  default_layer=result.default_layer, image_resolution=result.resolution,
+                                  z_dim=result.z_dim)
+
+
+def export_stream(version, data: bytes) -> Iterator[reg.ExportVersionResponse]:
+    """Metadata (``version`` as a message), then the safetensors file in chunks."""
     yield reg.ExportVersionResponse(metadata=reg.ExportMetadata(
-        version=version_pb(registry, version), size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        version=version, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
     for i in range(0, len(data), EXPORT_CHUNK):
         yield reg.ExportVersionResponse(chunk=data[i:i + EXPORT_CHUNK])
 
@@ -242,44 +250,21 @@ def image_format(value: int, field: str = "image_format") -> int:
     return value
 
 
-def check_rewrite_request(request: gen.RewriteRequest, limits=None) -> None:
-    """RewriteRequest's own fields (preview_seeds, preview_format) and its caps (``limits.check_rewrite``),
-    checked before the job starts.
+def _opt(msg, name: str, default: float) -> float:
+    return getattr(msg, name) if msg.HasField(name) else default
 
-    Errors of the request's own fields travel registry-style (the field in ErrorInfo metadata, as
-    the model reference's do), because the Rewrite servicer prefixes every engine field with
-    ``spec.``; the spec's own fields are handed back relative to ``spec``.
+
+def sample_request(request: gen.SampleRequest, limits) -> SampleRequest:
+    """A SampleRequest message as the domain's request (truncation absent: 1).
+
+    The count is checked first: latents' values are only read once their count is allowed.
     """
-    from .limits import check_rewrite
-
-    try:
-        seeds(request.preview_seeds, "preview_seeds")
-        image_format(request.preview_format, "preview_format")
-        if limits is not None:
-            check_rewrite(limits, request)
-    except InvalidArgument as exc:
-        if exc.field.startswith("spec."):
-            raise InvalidArgument(exc.field.removeprefix("spec."), exc.description) from None
-        err = RequestInvalid(Reason.INVALID_ARGUMENT, exc.description, field=exc.field)
-        err.domain = "rulewright.dev"
-        raise err from None
-
-
-def sample_truncation(domain, request: gen.SampleRequest) -> float:
-    """SampleRequest.truncation (absent: 1), checked against the model's architecture before sampling."""
-    if not request.HasField("truncation"):
-        return 1.0
-    t = request.truncation
-    if not 0.0 <= t <= 1.0:                     # NaN included
-        raise InvalidArgument("truncation", f"must lie in [0, 1], got {t}")
-    if t != 1.0:
-        try:
-            domain.generator(domain.resolve(request.model)).model.check_truncation(t)
-        except InvalidArgument:
-            raise
-        except ValueError as exc:               # the engine's plain check (dissect and edit wrap it; sample does not)
-            raise InvalidArgument("truncation", str(exc)) from None
-    return t
+    if request.HasField("latents"):
+        check_images(limits, request.latents.count, "latents.count")
+    z = latents_tensor(request.latents) if request.HasField("latents") else None
+    layer, units = interventions(request.interventions)
+    return SampleRequest(request.model, seeds=list(request.seeds) or None, latents=z,
+                         truncation=_opt(request, "truncation", 1.0), layer=layer, interventions=units)
 
 
 def images_pb(images: torch.Tensor, fmt: int, seeds: Sequence[int] | None = None) -> list[images_pb2.Image]:
@@ -313,12 +298,12 @@ def _region(msg: images_pb2.Region, field: str) -> dict:
     return out
 
 
-def edit_spec(msg: edit_pb2.EditSpec) -> dict:
+def edit_spec(msg: edit_pb2.EditSpec, field: str = "spec") -> dict:
     """The engine's JSON spec for a proto EditSpec: zero and absent fields left to the defaults."""
     S = edit_pb2.EditSpec
     for key, enum_type in (("op", S.Op), ("goal", S.Goal), ("solver", S.Solver), ("method", S.Method)):
         if getattr(msg, key) not in enum_type.values():   # proto3 enums are open: an unknown number arrives as is
-            raise InvalidArgument(key, f"unknown {enum_type.DESCRIPTOR.name} value {getattr(msg, key)}")
+            raise InvalidArgument(f"{field}.{key}", f"unknown {enum_type.DESCRIPTOR.name} value {getattr(msg, key)}")
     spec: dict = {
         "op": {S.OP_ERASE: "erase", S.OP_ZERO: "zero"}.get(msg.op, "rewrite"),
         "goal": {S.GOAL_VALUE: "value"}.get(msg.goal, "image"),
@@ -337,7 +322,7 @@ def edit_spec(msg: edit_pb2.EditSpec) -> dict:
     if search:
         spec["search"] = search
     if msg.found or msg.found_given:
-        spec["found"] = [_region(r, f"found[{i}]") for i, r in enumerate(msg.found)]
+        spec["found"] = [_region(r, f"{field}.found[{i}]") for i, r in enumerate(msg.found)]
     for key in ("layer", "rank", "steps", "lr", "description"):
         if getattr(msg, key):
             spec[key] = getattr(msg, key)
@@ -351,27 +336,42 @@ def edit_spec(msg: edit_pb2.EditSpec) -> dict:
         if value:
             spec[key] = value
     if msg.HasField("copy"):
-        spec["copy"] = _region(msg.copy, "copy")
+        spec["copy"] = _region(msg.copy, f"{field}.copy")
     for key in ("paste", "context"):
         if getattr(msg, key):
-            spec[key] = [_region(r, f"{key}[{i}]") for i, r in enumerate(getattr(msg, key))]
+            spec[key] = [_region(r, f"{field}.{key}[{i}]") for i, r in enumerate(getattr(msg, key))]
     return spec
 
 
-_STAGES = {"statistics": gen.Progress.STAGE_STATISTICS, "optimize": gen.Progress.STAGE_OPTIMIZE,
-           "full_rank": gen.Progress.STAGE_OPTIMIZE, "finetune": gen.Progress.STAGE_OPTIMIZE,
-           "preview": gen.Progress.STAGE_PREVIEW, "commit": gen.Progress.STAGE_COMMIT}
+def rewrite_request(request: gen.RewriteRequest, author: str, limits) -> RewriteRequest:
+    """A RewriteRequest message as the domain's request, its masks and regions counted before decoding."""
+    from .limits import check_rewrite
+
+    check_rewrite(limits, request)
+    image_format(request.preview_format, "preview_format")
+    return RewriteRequest(request.model, edit_spec(request.spec), author=author,
+                          request_id=request.request_id or None, dry_run=request.dry_run,
+                          preview_seeds=list(request.preview_seeds))
 
 
-def progress_pb(event: dict) -> gen.Progress | None:
-    """A domain progress event as a Progress message; None for events the API does not stream."""
-    stage = _STAGES.get(event.get("stage"))
+# The stages the API streams (every transport): engine stage → API stage; others are not streamed.
+_STAGES = {"statistics": "statistics", "optimize": "optimize", "full_rank": "optimize", "finetune": "optimize",
+           "preview": "preview", "commit": "commit"}
+
+
+def progress_stage(event: Event) -> str | None:
+    """The API's name for an event's stage (``statistics``, ``optimize``, ...); None: not streamed."""
+    return _STAGES.get(event.stage)
+
+
+def progress_pb(event: Event) -> gen.Progress | None:
+    """A progress event as a Progress message; None for events the API does not stream."""
+    stage = progress_stage(event)
     if stage is None:
         return None
-    msg = gen.Progress(stage=stage, step=int(event.get("step", event.get("done", 0))),
-                       steps=int(event.get("steps", event.get("total", 0))))
-    if event.get("loss") is not None:
-        msg.loss = float(event["loss"])
+    msg = gen.Progress(stage=gen.Progress.Stage.Value(f"STAGE_{stage.upper()}"), step=event.done, steps=event.total)
+    if event.loss is not None:
+        msg.loss = event.loss
     return msg
 
 
@@ -389,26 +389,14 @@ def empty():
     return empty_pb2.Empty()
 
 
-def move_alias(registry: Registry, model: str, alias: str, request: reg.SetAliasRequest,
-               author: str = "anonymous"):
-    """SetAlias: point (or, for version 0, unset) the alias under the request's expectation."""
+def alias_request(request: reg.SetAliasRequest, model: str, alias: str, author: str) -> AliasRequest:
+    """A SetAliasRequest as the domain's request (version 0 unsets the alias)."""
     which = request.WhichOneof("expectation")
     if which is None:
         raise InvalidArgument("expectation", "state expected_version (0 for a new alias) or etag")
-    kw = {"etag": request.etag} if which == "etag" else {"expected_version": request.expected_version or None}
-    if request.version < 0:
-        raise InvalidArgument("version", f"must be 0 (unset) or a version number, got {request.version}")
-    if request.version == 0:
-        return registry.delete_alias(model, alias, reason=request.reason, author=author, **kw)
-    return registry.set_alias(model, alias, request.version, reason=request.reason, author=author, **kw)
-
-
-def rollback_alias(registry: Registry, model: str, alias: str, request: reg.RollbackAliasRequest,
-                   author: str = "anonymous"):
-    """RollbackAlias: move the alias back to where its latest move came from."""
-    # An empty etag is "no expectation stated": the registry then compares and sets on the state
-    # it reads, so a move in between is still never undone blindly.
-    return registry.rollback_alias(model, alias, etag=request.etag or None, reason=request.reason, author=author)
+    return AliasRequest(model, alias, request.version, expected_version=request.expected_version
+                        if which == "expected_version" else None, etag=request.etag if which == "etag" else None,
+                        reason=request.reason, author=author)
 
 
 # ---- dissection, search, statistics ----------------------------------------------------------
@@ -424,17 +412,13 @@ def regions(items: Sequence[images_pb2.Region], field: str) -> list[Region]:
     return out
 
 
-def _opt(msg, name: str, default: float) -> float:
-    return getattr(msg, name) if msg.HasField(name) else default
-
-
-def dissect_args(request: gen.DissectRequest) -> dict:
-    """Keyword arguments of ``Domain.dissect`` for a DissectRequest (the model apart)."""
-    return {"layer": request.layer or None, "regions": regions(request.regions, "regions"),
-            "by": "contrast" if request.rank_by == gen.DissectRequest.RANK_BY_CONTRAST else "iou",
-            "top": request.top, "samples": request.thresholds.samples or None,
-            "seed_start": request.thresholds.seed_start, "q": _opt(request, "quantile", DEFAULT_QUANTILE),
-            "truncation": _opt(request, "truncation", 1.0), "include_maps": request.include_maps}
+def dissect_request(request: gen.DissectRequest) -> DissectRequest:
+    """A DissectRequest message as the domain's request (zero and absent fields: the defaults)."""
+    return DissectRequest(request.model, regions(request.regions, "regions"), layer=request.layer or None,
+                          rank_by="contrast" if request.rank_by == gen.DissectRequest.RANK_BY_CONTRAST else "iou",
+                          top=request.top, samples=request.thresholds.samples or None,
+                          seed_start=request.thresholds.seed_start, quantile=_opt(request, "quantile", DEFAULT_QUANTILE),
+                          truncation=_opt(request, "truncation", 1.0), include_maps=request.include_maps)
 
 
 def dissect_pb(result: DissectResult) -> gen.DissectResponse:
@@ -447,44 +431,44 @@ def dissect_pb(result: DissectResult) -> gen.DissectResponse:
               for unit, seed, m in result.maps])
 
 
-def search_args(request: gen.SearchContextRequest) -> dict:
-    """Keyword arguments of ``Domain.search`` for a SearchContextRequest (the model apart)."""
+def search_request(request: gen.SearchContextRequest) -> SearchRequest:
+    """A SearchContextRequest message as the domain's request (zero and absent fields: the defaults)."""
     if bool(request.seeds) == request.HasField("seed_range"):
         raise InvalidArgument("seeds", "give exactly one of seeds and seed_range")
     if request.HasField("seed_range"):
         r = request.seed_range
         if r.count < 1 or r.start < 0:
             raise InvalidArgument("seed_range", f"needs start >= 0 and count >= 1, got {r.start}, {r.count}")
-        seeds = range(r.start, r.start + r.count)
+        seeds: range | list[int] = range(r.start, r.start + r.count)
     else:
         seeds = list(request.seeds)
-    if request.top < 0:
-        raise InvalidArgument("top", f"must not be negative, got {request.top}")
-    return {"layer": request.layer or None, "context": regions(request.context, "context"), "seeds": seeds,
-            "rank": request.rank or 1, "top": request.top or 16, "q": _opt(request, "quantile", 0.999),
-            "truncation": _opt(request, "truncation", 1.0), "ridge": _opt(request, "ridge", 1e-4),
-            "samples": request.stats.samples or None, "seed_start": request.stats.seed_start}
+    return SearchRequest(request.model, regions(request.context, "context"), seeds, layer=request.layer or None,
+                         rank=request.rank or 1, top=request.top or 16, quantile=_opt(request, "quantile", 0.999),
+                         truncation=_opt(request, "truncation", 1.0), ridge=_opt(request, "ridge", 1e-4),
+                         samples=request.stats.samples or None, seed_start=request.stats.seed_start)
 
 
-def search_pb(version, layer: str, matches, threshold: float, include_maps: bool) -> gen.SearchContextResponse:
-    return gen.SearchContextResponse(version=version_name(version), layer=layer, threshold=threshold, matches=[
+def search_pb(result: SearchResult, include_maps: bool) -> gen.SearchContextResponse:
+    """SearchContext's answer; the response maps only when asked for."""
+    return gen.SearchContextResponse(version=version_name(result.version), layer=result.layer,
+                                     threshold=result.threshold, matches=[
         gen.ContextMatch(seed=m.seed, score=m.score, above=m.above, width=m.response.shape[1],
                          height=m.response.shape[0],
                          response=m.response.reshape(-1).tolist() if include_maps else ())
-        for m in matches])
+        for m in result.matches])
 
 
 _STATISTICS = {gen.STATISTIC_UNSPECIFIED: KEY_MOMENT, gen.STATISTIC_KEY_MOMENT: KEY_MOMENT,
                gen.STATISTIC_VALUE_QUANTILES: VALUE_QUANTILE}
 
 
-def statistics_args(request: gen.ComputeStatisticsRequest) -> dict:
-    """Keyword arguments of ``Domain.compute_statistic`` for a request (the model apart)."""
+def statistics_request(request: gen.ComputeStatisticsRequest) -> StatisticsRequest:
+    """A ComputeStatisticsRequest message as the domain's request (zero and absent fields: the defaults)."""
     if request.statistic not in _STATISTICS:
         raise InvalidArgument("statistic", f"unknown statistic {request.statistic}")
-    return {"layer": request.layer or None, "kind": _STATISTICS[request.statistic],
-            "samples": request.stats.samples or None, "seed_start": request.stats.seed_start,
-            "truncation": _opt(request, "truncation", 1.0)}
+    return StatisticsRequest(request.model, layer=request.layer or None, kind=_STATISTICS[request.statistic],
+                             samples=request.stats.samples or None, seed_start=request.stats.seed_start,
+                             truncation=_opt(request, "truncation", 1.0))
 
 
 def statistics_result_pb(result: StatisticResult) -> gen.StatisticsResult:
@@ -497,29 +481,14 @@ def statistics_result_pb(result: StatisticResult) -> gen.StatisticsResult:
 
 # ---- import ----------------------------------------------------------------------------------
 
-class _Code(str, enum.Enum):
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+class ImportTooLarge(Error):
+    """An upload over the server's size limit (→ RESOURCE_EXHAUSTED, reason IMPORT_TOO_LARGE)."""
 
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "IMPORT_TOO_LARGE"
 
-class _Reason(str, enum.Enum):
-    IMPORT_TOO_LARGE = "IMPORT_TOO_LARGE"
-
-
-class ImportTooLarge(RegistryError):
-    """An upload over the server's size limit (→ RESOURCE_EXHAUSTED, reason IMPORT_TOO_LARGE).
-
-    A registry-style error so the one error table maps it with its own code; the registry's
-    codes have no RESOURCE_EXHAUSTED, so it sets its fields itself.
-    """
-
-    code = _Code.RESOURCE_EXHAUSTED
-
-    def __init__(self, message: str, **metadata):
-        Exception.__init__(self, message)
-        self.reason = _Reason.IMPORT_TOO_LARGE
-        self.domain = "rulewright.dev"
-        self.message = message
-        self.metadata = {k: str(v) for k, v in metadata.items()}
+    def __init__(self, message: str, field: str = "", **metadata):
+        super().__init__(message, field=field, **metadata)
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -1,21 +1,25 @@
 """One table from exception to gRPC status, and the one decorator every servicer method wears.
 
-- ``ERROR_TABLE``: ordered (exception type, gRPC code, ErrorInfo reason, ErrorInfo domain); the
-  first row whose type matches wins. Registry errors and auth errors (``Unauthenticated``,
-  ``PermissionDenied``, raised by ``auth.AuthInterceptor``) carry their own code and reason.
+- Every error raised on purpose is a ``rulewright.service.errors.Error`` and carries its own
+  code, reason, domain and field. ``ERROR_TABLE`` holds the rest: a request stream gRPC broke
+  off, and the plain ``ValueError``/``LookupError`` the engine's math helpers raise for bad
+  input; anything else is INTERNAL (a bug; its message stays in the log).
+- ``Unauthenticated``, ``PermissionDenied``: raised by ``auth.AuthInterceptor``.
 - ``to_status(exc, fields)``: the ``google.rpc.Status`` for an exception (ErrorInfo always;
   BadRequest for INVALID_ARGUMENT; PreconditionFailure for FAILED_PRECONDITION).
-- ``rpc(fields=..., prefix=...)``: decorator for unary and server-streaming methods; turns any
-  exception into an abort with ``grpc-status-details-bin`` and logs one line per call; store
-  calls the method makes end with the RPC's deadline (``s3store.call_deadline``).
+- ``rpc(fields=...)``: decorator for unary and server-streaming methods; turns any exception into
+  an abort with ``grpc-status-details-bin`` and logs one line per call; store calls the method
+  makes end with the RPC's deadline (``s3store.call_deadline``).
+- ``renamed(names)``: a context that renames error fields where a transport spells them
+  differently from the domain.
 
-Engine fields are named as the engine spells them (``paste[1].mask``); ``prefix`` and ``fields``
-rename them as the request does (``spec.paste[1].mask``, ``z`` → ``latents``). Registry fields
-(ErrorInfo metadata ``field``) are already request-level; only ``fields`` renames them.
+Fields are named as the domain's requests spell them (``spec.paste[1].mask``, ``latents.count``);
+``fields`` renames a first segment as an RPC's request does (``model`` → ``name``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -27,9 +31,9 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from rulewright.registry.errors import RegistryError
 from rulewright.registry.s3store import call_deadline
-from rulewright.service.engine.errors import Cancelled, InvalidArgument
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.errors import Code, Error
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +41,13 @@ DOMAIN = "rulewright.dev"
 GENERIC_INTERNAL = "internal error; see the server log"
 
 
-class AuthError(Exception):
+class AuthError(Error):
     """A call the auth interceptor refuses; it carries its own code, ``reason`` and ``metadata``."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
-    domain = DOMAIN
+    code = Code.UNAUTHENTICATED
 
     def __init__(self, reason: str, message: str, metadata: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.reason = reason                 # TOKEN_MISSING, TOKEN_INVALID, ROLE_INSUFFICIENT
-        self.metadata = dict(metadata or {})
+        super().__init__(message, reason=reason, **dict(metadata or {}))   # TOKEN_MISSING, TOKEN_INVALID, ...
 
 
 class Unauthenticated(AuthError):
@@ -56,42 +57,51 @@ class Unauthenticated(AuthError):
 class PermissionDenied(AuthError):
     """A valid token whose role is too weak for the method: PERMISSION_DENIED."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = Code.PERMISSION_DENIED
 
 
-# (exception type(s), code, reason, domain); None: taken from the exception (registry and auth errors).
-ERROR_TABLE: list[tuple[type[BaseException] | tuple[type[BaseException], ...], grpc.StatusCode | None, str | None,
-                        str | None]] = [
-    ((RegistryError, AuthError), None, None, None),
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", DOMAIN),
-    (Cancelled, grpc.StatusCode.CANCELLED, "CANCELLED", DOMAIN),
+# (exception type, code, reason) for what is not an ``Error``; the first row whose type matches wins.
+ERROR_TABLE: list[tuple[type[BaseException], grpc.StatusCode, str]] = [
     # A request stream gRPC broke off (the client cancelled, or a message was over max_message_mb):
     # the client already has its status; this only names it in the log, without a traceback.
-    (grpc.RpcError, grpc.StatusCode.CANCELLED, "STREAM_BROKEN", DOMAIN),
-    (LookupError, grpc.StatusCode.NOT_FOUND, "NOT_FOUND", DOMAIN),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", DOMAIN),
-    (Exception, grpc.StatusCode.INTERNAL, "INTERNAL", DOMAIN),
+    (grpc.RpcError, grpc.StatusCode.CANCELLED, "STREAM_BROKEN"),
+    (LookupError, grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
 ]
 
 
 def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
-    """(code, reason, domain) for ``exc``: the first matching row of ``ERROR_TABLE``."""
-    for kind, code, reason, domain in ERROR_TABLE:
+    """(code, reason, domain) for ``exc``: its own for an ``Error``, else the first matching table row."""
+    if isinstance(exc, Error):
+        return grpc.StatusCode[exc.code.value], str(getattr(exc.reason, "value", exc.reason)), exc.domain
+    for kind, code, reason in ERROR_TABLE:
         if isinstance(exc, kind):
-            if code is None and isinstance(exc, RegistryError):
-                return grpc.StatusCode[exc.code.value], exc.reason.value, exc.domain
-            if code is None:
-                return exc.code, exc.reason, exc.domain
-            return code, reason, domain
+            return code, reason, DOMAIN
     return grpc.StatusCode.INTERNAL, "INTERNAL", DOMAIN
 
 
-def request_field(field: str, fields: Mapping[str, str] | None = None, prefix: str = "") -> str:
-    """``field`` as the request spells it: its first segment renamed by ``fields``, then prefixed."""
+def request_field(field: str, fields: Mapping[str, str] | None = None) -> str:
+    """``field`` as the request spells it: its first segment renamed by ``fields``."""
     head, sep, rest = field.partition(".")
     base, bracket, index = head.partition("[")
     base = (fields or {}).get(base, base)
-    return prefix + base + bracket + index + sep + rest
+    return base + bracket + index + sep + rest
+
+
+@contextlib.contextmanager
+def renamed(names: Mapping[str, str]):
+    """Fields of ``InvalidArgument`` errors renamed where a transport spells them differently.
+
+    ``names`` maps a field the domain names (``seeds``, ``regions[0]``) to the transport's; a
+    field under it (``regions[0].mask``) keeps its tail.
+    """
+    try:
+        yield
+    except InvalidArgument as exc:
+        for old, new in names.items():
+            if exc.field == old or exc.field.startswith((old + ".", old + "[")):
+                raise InvalidArgument(new + exc.field[len(old):], exc.description) from None
+        raise
 
 
 def _pack(*messages) -> list[any_pb2.Any]:
@@ -103,18 +113,13 @@ def _pack(*messages) -> list[any_pb2.Any]:
     return out
 
 
-def to_status(exc: BaseException, fields: Mapping[str, str] | None = None, prefix: str = "") -> status_pb2.Status:
+def to_status(exc: BaseException, fields: Mapping[str, str] | None = None) -> status_pb2.Status:
     """The google.rpc.Status for ``exc`` (message generic for INTERNAL)."""
     code, reason, domain = classify(exc)
     metadata = dict(getattr(exc, "metadata", {}) or {})
     message = str(exc) if code is not grpc.StatusCode.INTERNAL else GENERIC_INTERNAL
     details = []
-    if getattr(exc, "field", None):          # an engine field, relative to what the RPC hands the engine
-        field = request_field(exc.field, fields, prefix)
-    elif metadata.get("field"):               # a registry field, already named as the request does
-        field = request_field(metadata["field"], fields)
-    else:
-        field = ""
+    field = request_field(exc.field, fields) if isinstance(exc, Error) and exc.field else ""
     if field:
         metadata["field"] = field
     details.append(error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata))
@@ -129,8 +134,8 @@ def to_status(exc: BaseException, fields: Mapping[str, str] | None = None, prefi
     return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=_pack(*details))
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException, method: str, fields, prefix) -> None:
-    status = to_status(exc, fields, prefix)
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str, fields) -> None:
+    status = to_status(exc, fields)
     if status.code == code_pb2.INTERNAL:
         log.error("unhandled error", exc_info=exc, extra={"event": "rpc_internal_error", "method": method})
     context.abort_with_status(rpc_status.to_status(status))
@@ -145,7 +150,7 @@ def _remaining(context) -> float | None:
     return float(left) if isinstance(left, (int, float)) else None
 
 
-def rpc(fields: Mapping[str, str] | None = None, prefix: str = "") -> Callable:
+def rpc(fields: Mapping[str, str] | None = None) -> Callable:
     """Decorator: map every exception of a servicer method through ``ERROR_TABLE``; log each call."""
 
     def wrap(fn: Callable) -> Callable:
@@ -164,7 +169,7 @@ def rpc(fields: Mapping[str, str] | None = None, prefix: str = "") -> Callable:
                         yield from fn(self, request, context)
                 except Exception as exc:  # noqa: BLE001 -- every error becomes a status
                     done(started, classify(exc)[0].name)
-                    _abort(context, exc, method, fields, prefix)
+                    _abort(context, exc, method, fields)
                 else:
                     done(started, "OK")
             return stream
@@ -177,7 +182,7 @@ def rpc(fields: Mapping[str, str] | None = None, prefix: str = "") -> Callable:
                     response = fn(self, request, context)
             except Exception as exc:  # noqa: BLE001 -- every error becomes a status
                 done(started, classify(exc)[0].name)
-                _abort(context, exc, method, fields, prefix)
+                _abort(context, exc, method, fields)
             done(started, "OK")
             return response
         return unary

@@ -36,11 +36,13 @@ import numpy as np
 from rulewright.inference import grpc_predict_v2_pb2 as oip, grpc_predict_v2_pb2_grpc as oip_grpc
 from rulewright.registry.errors import NotFound, Reason
 from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.progress import Progress
+from rulewright.service.requests import SampleRequest
 from rulewright.v1 import generator_service_pb2 as gen
 
 from . import convert
-from .errors import rpc
-from .limits import check_images
+from .errors import renamed, rpc
+from rulewright.service.limits import check_images
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_ALIAS = "production"        # what an empty model_version means, when the model has it
@@ -153,18 +155,12 @@ def _latents(i: int, values: np.ndarray, z_dim: int):
     return convert.latents_tensor(gen.Latents(count=values.shape[0], dim=z_dim, values=values.reshape(-1).tolist()))
 
 
-def _truncation(i: int, values: np.ndarray, model) -> float:
+def _truncation(i: int, values: np.ndarray) -> float:
+    """The one truncation value (its range and the architecture's own limit are the domain's to check)."""
     if values.size != 1:
         raise InvalidArgument(f"inputs[{i}].shape", f"input 'truncation' must hold one value, got shape "
                               f"{list(values.shape)}")
-    t = float(values.reshape(-1)[0])
-    if not 0.0 <= t <= 1.0:                  # NaN included
-        raise InvalidArgument(f"inputs[{i}]", f"input 'truncation' must lie in [0, 1], got {t}")
-    try:
-        model.check_truncation(t)
-    except ValueError as exc:                # an architecture without the truncation trick
-        raise InvalidArgument(f"inputs[{i}]", f"input 'truncation': {exc}") from None
-    return t
+    return float(values.reshape(-1)[0])
 
 
 def _tensor_metadata(name: str, datatype: str, shape) -> oip.ModelMetadataResponse.TensorMetadata:
@@ -208,17 +204,17 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def ModelMetadata(self, request, context):
         """Live versions, platform, and the input and output tensors of the named version."""
         version = resolve(self.domain, request.name, request.version, "version")
-        model = self.domain.generator(version).model
+        shape = self.domain.list_layers(f"{version.model}/{version.number}")
         numbers, token = [], ""
         while True:
             page = self.domain.registry.list_versions(version.model, page_token=token)
             numbers += [str(v.number) for v in page.items]
             if not (token := page.next_page_token):
                 break
-        side = model.resolution
+        side = shape.resolution
         return oip.ModelMetadataResponse(
-            name=version.model, versions=numbers, platform=f"rulewright_{model.arch}",
-            inputs=[_tensor_metadata("seed", "INT64", [-1]), _tensor_metadata("z", "FP32", [-1, model.z_dim]),
+            name=version.model, versions=numbers, platform=f"rulewright_{shape.arch}",
+            inputs=[_tensor_metadata("seed", "INT64", [-1]), _tensor_metadata("z", "FP32", [-1, shape.z_dim]),
                     _tensor_metadata("truncation", "FP32", [1])],
             outputs=[_tensor_metadata(OUTPUT, "UINT8", [-1, side, side, 3])])
 
@@ -235,15 +231,19 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         if ("seed" in inputs) == ("z" in inputs):
             raise InvalidArgument("inputs", "give exactly one of the inputs 'seed' and 'z'")
         version = resolve(self.domain, request.model_name, request.model_version)
-        model = self.domain.generator(version).model
-        seeds = _seeds(*inputs["seed"]) if "seed" in inputs else None
-        z = _latents(*inputs["z"], model.z_dim) if "z" in inputs else None
-        truncation = _truncation(*inputs["truncation"], model) if "truncation" in inputs else 1.0
         # the resolved number, not the request's alias: a move of the alias cannot change what is drawn
-        version, images = self.domain.sample(f"{version.model}/{version.number}", seeds=seeds, z=z,
-                                             truncation=truncation, should_stop=lambda: not context.is_active(),
-                                             field=f"inputs[{inputs['seed' if seeds else 'z'][0]}].shape")
-        pixels = images.cpu().numpy()
+        ref = f"{version.model}/{version.number}"
+        seeds = _seeds(*inputs["seed"]) if "seed" in inputs else None
+        z = _latents(*inputs["z"], self.domain.list_layers(ref).z_dim) if "z" in inputs else None
+        truncation = _truncation(*inputs["truncation"]) if "truncation" in inputs else 1.0
+        count = f"inputs[{inputs['seed' if seeds else 'z'][0]}].shape"
+        names = {"seeds": count, "latents.count": count}
+        if "truncation" in inputs:
+            names["truncation"] = f"inputs[{inputs['truncation'][0]}]"
+        with renamed(names):
+            result = self.domain.sample(SampleRequest(ref, seeds=seeds, latents=z, truncation=truncation),
+                                        Progress(None, lambda: not context.is_active()))
+        version, pixels = result.version, result.images.cpu().numpy()
         return oip.ModelInferResponse(
             model_name=version.model, model_version=str(version.number), id=request.id,
             outputs=[oip.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="UINT8", shape=pixels.shape)],

@@ -16,28 +16,37 @@ from __future__ import annotations
 import queue
 import threading
 
+from rulewright.service.engine.progress import Progress
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
 from . import convert
 from .auth import current_principal
-from .errors import rpc
-from .limits import check_dissect, check_sample, check_search, check_statistics
+from .errors import renamed, rpc
+from .limits import check_dissect, check_search
 
 _DONE = object()
 NAME_FIELDS = {"model": "name", "version": "name", "alias": "name"}   # registry fields → `name`
 MAX_IMPORT_BYTES = 2 << 30                                             # ImportModel's default limit
 
 
+def _stopping(context) -> Progress:
+    """Progress for unary work: no events, stopped once the client cancels or its deadline passes."""
+    return Progress(None, lambda: not context.is_active())
+
+
 def _streamed(workers: set, context, work):
-    """Messages from ``work(emit, should_stop)`` run on a worker thread, as they come; its error last."""
+    """Messages from ``work(emit, progress)`` run on a worker thread, as they come; its error last.
+
+    ``progress`` stops once the client cancels, its deadline passes or the server shuts down.
+    """
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
     context.add_callback(stop.set)
 
     def run():
         try:
-            work(events.put, lambda: stop.is_set() or not context.is_active())
+            work(events.put, Progress(None, lambda: stop.is_set() or not context.is_active()))
         except BaseException as exc:  # noqa: BLE001 -- handed to the RPC thread, which maps it
             events.put(exc)
         finally:
@@ -54,93 +63,62 @@ def _streamed(workers: set, context, work):
 
 
 class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
-    """GeneratorService over a ``Domain``."""
+    """GeneratorService over a ``Domain``: each method maps its message to a typed request and back."""
 
     def __init__(self, domain):
         self.domain = domain
-        self.workers: set[threading.Thread] = set()   # running Rewrite jobs (tests and shutdown join them)
+        self.workers: set[threading.Thread] = set()   # running streamed jobs (tests and shutdown join them)
 
     @rpc()
     def ListLayers(self, request, context):
-        version, infos, default = self.domain.list_layers(request.model)
-        model = self.domain.generator(version).model
-        return gen.ListLayersResponse(version=convert.version_name(version), layers=map(convert.layer_pb, infos),
-                                      default_layer=default, image_resolution=model.resolution, z_dim=model.z_dim)
+        return convert.layers_pb(self.domain.list_layers(request.model))
 
     @rpc(fields={"z": "latents"})
     def Sample(self, request, context):
-        check_sample(self.domain.limits, request)
-        seeds = convert.seeds(request.seeds)
         fmt = convert.image_format(request.image_format)
-        z = convert.latents_tensor(request.latents) if request.HasField("latents") else None
-        layer, interventions = convert.interventions(request.interventions)
-        truncation = convert.sample_truncation(self.domain, request)
-        version, images = self.domain.sample(request.model, seeds=seeds, z=z, truncation=truncation, layer=layer,
-                                             interventions=interventions, should_stop=lambda: not context.is_active(),
-                                             field="seeds" if z is None else "latents.count")
-        return gen.SampleResponse(version=convert.version_name(version),
-                                  images=convert.images_pb(images, fmt, seeds))
+        result = self.domain.sample(convert.sample_request(request, self.domain.limits), _stopping(context))
+        return gen.SampleResponse(version=convert.version_name(result.version),
+                                  images=convert.images_pb(result.images, fmt, list(request.seeds)))
 
     @rpc()
     def Dissect(self, request, context):
         check_dissect(self.domain.limits, request)
-        return convert.dissect_pb(self.domain.dissect(request.model, **convert.dissect_args(request),
-                                                      should_stop=lambda: not context.is_active()))
+        return convert.dissect_pb(self.domain.dissect(convert.dissect_request(request), _stopping(context)))
 
     @rpc()
     def SearchContext(self, request, context):
         check_search(self.domain.limits, request)
-        args = convert.search_args(request)
-        version, matches, threshold = self.domain.search(request.model, **args,
-                                                         should_stop=lambda: not context.is_active())
-        layer = args["layer"] or self.domain.generator(version).model.default_layer()
-        return convert.search_pb(version, layer, matches, threshold, request.include_maps)
+        call = convert.search_request(request)
+        with renamed({"seeds": "seed_range.count"} if request.HasField("seed_range") else {}):
+            result = self.domain.search(call, _stopping(context))
+        return convert.search_pb(result, request.include_maps)
 
     @rpc()
     def ComputeStatistics(self, request, context):
-        check_statistics(self.domain.limits, request)
-        args = convert.statistics_args(request)
+        call = convert.statistics_request(request)
 
-        def work(emit, should_stop):
-            progress = lambda e: emit(gen.ComputeStatisticsResponse(progress=convert.progress_pb(e)))  # noqa: E731
-            result = self.domain.compute_statistic(request.model, progress=progress, should_stop=should_stop, **args)
+        def work(emit, progress):
+            def event(e):
+                if (msg := convert.progress_pb(e)) is not None:
+                    emit(gen.ComputeStatisticsResponse(progress=msg))
+            result = self.domain.compute_statistic(call, Progress(event, progress.should_stop))
             emit(gen.ComputeStatisticsResponse(result=convert.statistics_result_pb(result)))
         yield from _streamed(self.workers, context, work)
 
-    @rpc(prefix="spec.")
+    @rpc()
     def Rewrite(self, request, context):
-        convert.check_rewrite_request(request, self.domain.limits)
-        events: queue.Queue = queue.Queue()
-        spec = convert.edit_spec(request.spec)
-        stop = threading.Event()
-        context.add_callback(stop.set)
-        worker = threading.Thread(target=self._rewrite, args=(request, spec, events, stop, context,
-                                                              current_principal()), daemon=True)
-        self.workers.add(worker)
-        worker.start()
-        while (item := events.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        call = convert.rewrite_request(request, current_principal(), self.domain.limits)
 
-    def _rewrite(self, request, spec, events, stop, context, author):
-        def progress(event):
-            if (msg := convert.progress_pb(event)) is not None:
-                events.put(gen.RewriteResponse(progress=msg))
-        try:
-            result = self.domain.rewrite(
-                request.model, spec, author=author, request_id=request.request_id or None, dry_run=request.dry_run,
-                preview_seeds=list(request.preview_seeds), progress=progress,
-                should_stop=lambda: stop.is_set() or not context.is_active())
+        def work(emit, progress):
+            def event(e):
+                if (msg := convert.progress_pb(e)) is not None:
+                    emit(gen.RewriteResponse(progress=msg))
+            result = self.domain.rewrite(call, Progress(event, progress.should_stop))
             if result.previews is not None:
-                events.put(gen.RewriteResponse(preview=gen.RewritePreview(images=convert.images_pb(
+                emit(gen.RewriteResponse(preview=gen.RewritePreview(images=convert.images_pb(
                     result.previews, request.preview_format, list(request.preview_seeds)))))
-            events.put(gen.RewriteResponse(result=convert.rewrite_result_pb(self.domain.registry, result)))
-        except BaseException as exc:  # noqa: BLE001 -- handed to the RPC thread, which maps it
-            events.put(exc)
-        finally:
-            events.put(_DONE)
-            self.workers.discard(threading.current_thread())
+            emit(gen.RewriteResponse(result=convert.rewrite_result_pb(self.domain.registry, result)))
+        yield from _streamed(self.workers, context, work)
 
 
 class RegistryServicer(reg_grpc.RegistryServiceServicer):
@@ -191,17 +169,20 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
 
     @rpc(fields=NAME_FIELDS)
     def ExportVersion(self, request, context):
-        yield from convert.export_stream(self.registry, request.name)
+        version, data = self.domain.export(*convert.parse_version(request.name))
+        yield from convert.export_stream(convert.version_pb(self.registry, version), data)
 
     @rpc(fields=NAME_FIELDS)
     def SetAlias(self, request, context):
         model, alias = convert.parse_alias(request.name)
-        return convert.alias_pb(convert.move_alias(self.registry, model, alias, request, current_principal()))
+        return convert.alias_pb(self.domain.set_alias(convert.alias_request(request, model, alias,
+                                                                            current_principal())))
 
     @rpc(fields=NAME_FIELDS)
     def RollbackAlias(self, request, context):
         model, alias = convert.parse_alias(request.name)
-        return convert.alias_pb(convert.rollback_alias(self.registry, model, alias, request, current_principal()))
+        return convert.alias_pb(self.domain.rollback_alias(model, alias, etag=request.etag, reason=request.reason,
+                                                           author=current_principal()))
 
     @rpc(fields={"model": "parent", "alias": "parent"})
     def ListAliasHistory(self, request, context):

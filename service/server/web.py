@@ -6,8 +6,10 @@
   thread; more get 503 and are closed), and a connection idle ``idle_timeout_s`` is closed.
   Like ``create_server``, it refuses a non-loopback address without tokens
   (``auth.check_auth_config``).
-- Every endpoint calls the same ``Domain`` (and ``convert`` helpers) as the gRPC servicers;
-  request JSON is checked here, then handed over exactly as a servicer would hand it.
+- Every endpoint maps its JSON to the same typed request (``service/requests.py``) the gRPC
+  servicers build, and calls the same ``Domain`` method; the domain checks it with the same
+  bounds. Only what JSON itself can get wrong (types, unknown fields, mask sizes before
+  inflating) is refused here; ``errors.renamed`` names the few fields JSON spells differently.
 - Auth: the same tokens and roles as gRPC; each endpoint carries the gRPC method whose role it
   needs (``auth.METHOD_ROLES``); the token comes from ``Authorization: Bearer`` or ``?token=``.
   With auth off (loopback only) the ``Host`` header must name a loopback host (no DNS
@@ -20,7 +22,8 @@
   from ``convert.images_pb``, the bytes gRPC Sample returns), computed images (heatmaps, rewrite
   previews) at ``/api/renders/{id}.png`` from a small LRU (``Renders``).
 - Rewrites run as jobs (``web_jobs.Jobs``): ``domain.rewrite`` on a thread, its progress events
-  (``convert.progress_pb``, the gRPC stream's) as server-sent events, replayed to late subscribers.
+  (the stages gRPC streams, ``convert.progress_stage``) as server-sent events, replayed to late
+  subscribers.
 - Static files: ``GET /`` and ``/assets/*`` from ``service/server/webui/`` (built by ``make web``;
   missing: 503 ``the editor is not built: run make web``); nothing outside ``assets/`` is served.
 """
@@ -28,9 +31,7 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import enum
 import hashlib
 import io
 import json
@@ -53,26 +54,26 @@ import torch.nn.functional as F
 from google.rpc import code_pb2, error_details_pb2
 from PIL import Image as PILImage
 
-from rulewright.registry.errors import RegistryError
 from rulewright.service.domain import _json_metrics
 from rulewright.service.engine.dissect import Intervention
-from rulewright.service.engine.edit import EditSpec
 from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.progress import Event, Progress
 from rulewright.service.engine.regions import Region
-from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
+from rulewright.service.errors import Code, Error
+from rulewright.service.requests import AliasRequest, DissectRequest, RewriteRequest, SampleRequest, SearchRequest
+from rulewright.v1 import images_pb2
 
 from . import convert
 from .auth import AuthInterceptor, check_auth_config, is_loopback
-from .errors import PermissionDenied, to_status
-from .limits import check_count, check_dissect, check_region_json, check_search, check_spec
-from .web_jobs import CANCELLED, FAILED, Jobs, TooManyJobs
+from .errors import PermissionDenied, renamed, to_status
+from rulewright.service.limits import check_count, check_region_json
+from .web_jobs import CANCELLED, FAILED, Jobs
 
 log = logging.getLogger(__name__)
 
 WEBUI_DIR = Path(__file__).resolve().parent / "webui"
 NOT_BUILT = "the editor is not built: run make web\n"
 MAX_BODY_BYTES = 1 << 20           # largest JSON request body (a mask is a few KiB of zlib+base64)
-MAX_PREVIEW_SEEDS = 16
 SSE_KEEPALIVE_S = 15.0             # a comment line this often keeps proxies from closing an idle stream
 MAX_CONNECTIONS = 64               # open connections (each holds a thread); more are refused with 503
 IDLE_TIMEOUT_S = 15.0              # a connection that sends nothing (or half a request) this long is closed
@@ -96,11 +97,14 @@ _SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no
 
 # ---- errors ----------------------------------------------------------------------------------
 
-class RouteNotFound(LookupError):
+class RouteNotFound(Error):
     """No endpoint at that path (→ NOT_FOUND)."""
 
+    code = Code.NOT_FOUND
+    reason = "NOT_FOUND"
 
-class MethodNotAllowed(LookupError):
+
+class MethodNotAllowed(RouteNotFound):
     """An endpoint that does not take this HTTP method (→ NOT_FOUND's code, HTTP 405)."""
 
     http_status = 405
@@ -110,40 +114,21 @@ class MethodNotAllowed(LookupError):
         self.allow = allow
 
 
-class RenderNotFound(LookupError):
+class RenderNotFound(RouteNotFound):
     """A computed image no longer (or never) in the LRU (→ NOT_FOUND)."""
 
 
-class _Code(str, enum.Enum):
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+class BodyTooLarge(Error):
+    """A request body over the HTTP side's limit (→ RESOURCE_EXHAUSTED, HTTP 413)."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "BODY_TOO_LARGE"
+    http_status = 413
 
 
-class _Reason(str, enum.Enum):
-    BODY_TOO_LARGE = "BODY_TOO_LARGE"
-    TOO_MANY_JOBS = "TOO_MANY_JOBS"
-
-
-class Exhausted(RegistryError):
-    """A limit of the HTTP side (body size, running jobs): RESOURCE_EXHAUSTED through the error table.
-
-    Registry-style (its own code and reason), as ``convert.ImportTooLarge`` is, so the one table
-    maps it; ``http_status`` refines the HTTP status (413 for a body).
-    """
-
-    code = _Code.RESOURCE_EXHAUSTED
-
-    def __init__(self, reason: _Reason, message: str, http_status: int = 429, **metadata: Any):
-        Exception.__init__(self, message)
-        self.reason = reason
-        self.domain = "rulewright.dev"
-        self.message = message
-        self.metadata = {k: str(v) for k, v in metadata.items()}
-        self.http_status = http_status
-
-
-def error_body(exc: BaseException, prefix: str = "") -> tuple[int, dict]:
+def error_body(exc: BaseException) -> tuple[int, dict]:
     """(HTTP status, ``{"error": ...}``) for ``exc``, through ``errors.to_status`` (``ERROR_TABLE``)."""
-    status = to_status(exc, prefix=prefix)
+    status = to_status(exc)
     code = code_pb2.Code.Name(status.code)
     out: dict[str, Any] = {"code": code, "message": status.message, "reason": "", "domain": "", "metadata": {},
                            "field_violations": []}
@@ -160,22 +145,6 @@ def error_body(exc: BaseException, prefix: str = "") -> tuple[int, dict]:
     if code == "INTERNAL":
         log.error("unhandled error", exc_info=exc, extra={"event": "web_internal_error"})
     return getattr(exc, "http_status", None) or HTTP_STATUS.get(code, 500), {"error": out}
-
-
-@contextlib.contextmanager
-def _renamed(rename: Callable[[str], str]):
-    """Engine ``InvalidArgument`` fields renamed as the JSON request spells them."""
-    try:
-        yield
-    except InvalidArgument as exc:
-        new = rename(exc.field)
-        if new == exc.field:
-            raise
-        raise InvalidArgument(new, exc.description) from None
-
-
-def _spec_field(field: str) -> str:
-    return field if field == "spec" or field.startswith("spec.") else f"spec.{field}"
 
 
 # ---- JSON values -----------------------------------------------------------------------------
@@ -256,15 +225,16 @@ def _int_list(body: dict, key: str, limit: int = 1_000_000) -> list[int]:
     return [_int({"v": v}, "v", field=f"{key}[{i}]") for i, v in enumerate(value)]
 
 
-def _stats(body: dict, key: str) -> edit_pb2.StatisticsSpec:
+def _stats(body: dict, key: str) -> tuple[int | None, int]:
+    """(samples or None for the default, first seed) of a statistics object ``{samples, seed_start}``."""
     value = body.get(key) or {}
     if not isinstance(value, dict):
         raise InvalidArgument(key, "must be an object {samples, seed_start}")
     unknown = set(value) - {"samples", "seed_start"}
     if unknown:
         raise InvalidArgument(key, f"unknown fields {sorted(unknown)}")
-    return edit_pb2.StatisticsSpec(samples=_int(value, "samples", 0, 0, 10_000_000, f"{key}.samples"),
-                                   seed_start=_int(value, "seed_start", 0, field=f"{key}.seed_start"))
+    return (_int(value, "samples", None, field=f"{key}.samples") or None,
+            _int(value, "seed_start", 0, field=f"{key}.seed_start"))
 
 
 def _ref(body: dict) -> tuple[str, int, str]:
@@ -418,7 +388,7 @@ class WebApp:
             latest = None
         resolution = (m.config or {}).get("resolution")
         if resolution is None and latest is not None:
-            resolution = self.domain.generator(registry.get_version(m.name, latest)).model.resolution
+            resolution = self.domain.list_layers(f"{m.name}/{latest}").resolution
         return {"name": m.name, "arch": m.arch, "latest_version": latest, "resolution": resolution,
                 "z_dim": (m.config or {}).get("z_dim"), "description": m.description,
                 "aliases": {a.alias: a.version for a in registry.list_aliases(m.name)}}
@@ -452,11 +422,14 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def _progress_json(msg: gen.Progress) -> dict:
-    out = {"stage": gen.Progress.Stage.Name(msg.stage).removeprefix("STAGE_").lower(), "step": msg.step,
-           "steps": msg.steps}
-    if msg.HasField("loss"):
-        out["loss"] = msg.loss
+def _progress_json(event: Event) -> dict | None:
+    """A progress event as the editor's JSON (the stages gRPC streams); None for the others."""
+    stage = convert.progress_stage(event)
+    if stage is None:
+        return None
+    out = {"stage": stage, "step": event.done, "steps": event.total}
+    if event.loss is not None:
+        out["loss"] = event.loss
     return out
 
 
@@ -532,7 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
                 level = logging.DEBUG if isinstance(exc, OSError) else logging.WARNING   # the client went away
                 log.log(level, "web response broken", exc_info=exc, extra={"event": "web_error", "route": name})
             else:
-                self._error(exc, prefix="")
+                self._error(exc)
         if not self._body_read and int(self.headers.get("Content-Length") or 0):
             self.close_connection = True      # an unread body would be taken for the next request
         seconds = time.perf_counter() - started
@@ -559,8 +532,8 @@ class _Handler(BaseHTTPRequestHandler):
         data = json.dumps(_finite(obj), allow_nan=False, separators=(",", ":")).encode()
         self._send(status, "application/json", data, {"Cache-Control": "no-store", **(headers or {})})
 
-    def _error(self, exc: BaseException, prefix: str = "") -> None:
-        status, body = error_body(exc, prefix)
+    def _error(self, exc: BaseException) -> None:
+        status, body = error_body(exc)
         headers = {}
         if status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="rulewright"'
@@ -602,8 +575,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise InvalidArgument("body", "Content-Length is not a number") from None
         if length > self.app.max_body_bytes or length < 0:
             self.close_connection = True
-            raise Exhausted(_Reason.BODY_TOO_LARGE, f"request body of {length} bytes is over the limit of "
-                            f"{self.app.max_body_bytes}", http_status=413, limit=self.app.max_body_bytes)
+            raise BodyTooLarge(f"request body of {length} bytes is over the limit of {self.app.max_body_bytes}",
+                               limit=self.app.max_body_bytes)
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if length and ctype != "application/json":
             raise InvalidArgument("body", f"Content-Type must be application/json, got {ctype or 'none'!r}")
@@ -677,18 +650,17 @@ class _Handler(BaseHTTPRequestHandler):
         unknown = set(body) - {"version", "expected_version", "etag", "reason"}
         if unknown:
             raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
-        request = reg.SetAliasRequest(name=f"models/{model}/aliases/{alias}",
-                                      version=_required_int(body, "version"),
-                                      reason=_str(body, "reason", limit=1000))
         if "etag" in body and "expected_version" in body:
             raise InvalidArgument("etag", "give expected_version or etag, not both")
         if "etag" in body:
-            request.etag = _str(body, "etag", required=True)
+            expectation: dict[str, Any] = {"etag": _str(body, "etag", required=True)}
         elif "expected_version" in body:
-            request.expected_version = _int(body, "expected_version", 0) or 0
+            expectation = {"expected_version": _int(body, "expected_version", 0) or 0}
         else:
             raise InvalidArgument("expected_version", "state expected_version (null or 0 for a new alias) or etag")
-        state = convert.move_alias(self.app.domain.registry, model, alias, request, self.principal)
+        state = self.app.domain.set_alias(AliasRequest(model, alias, _required_int(body, "version"),
+                                                       reason=_str(body, "reason", limit=1000), author=self.principal,
+                                                       **expectation))
         self._json(200, self.app.alias_json(state))
 
     def h_rollback(self, model: str, alias: str) -> None:
@@ -696,9 +668,8 @@ class _Handler(BaseHTTPRequestHandler):
         unknown = set(body) - {"etag", "reason"}
         if unknown:
             raise InvalidArgument("body", f"unknown fields {sorted(unknown)}")
-        request = reg.RollbackAliasRequest(name=f"models/{model}/aliases/{alias}", etag=_str(body, "etag"),
-                                           reason=_str(body, "reason", limit=1000))
-        state = convert.rollback_alias(self.app.domain.registry, model, alias, request, self.principal)
+        state = self.app.domain.rollback_alias(model, alias, etag=_str(body, "etag") or None,
+                                               reason=_str(body, "reason", limit=1000), author=self.principal)
         self._json(200, self.app.alias_json(state))
 
     # -- generator
@@ -710,14 +681,13 @@ class _Handler(BaseHTTPRequestHandler):
         return int(version)
 
     def h_layers(self, model: str, version: str) -> None:
-        domain = self.app.domain
-        v, infos, default = domain.list_layers(f"{model}/{self._version(version)}")
-        gen_model = domain.generator(v).model
-        self._json(200, {"model": v.model, "version": v.number, "default_layer": default,
-                         "image_resolution": gen_model.resolution, "z_dim": gen_model.z_dim,
+        result = self.app.domain.list_layers(f"{model}/{self._version(version)}")
+        self._json(200, {"model": result.version.model, "version": result.version.number,
+                         "default_layer": result.default_layer, "image_resolution": result.resolution,
+                         "z_dim": result.z_dim,
                          "layers": [{"name": i.name, "resolution": i.resolution, "in_channels": i.key_shape[0],
                                      "out_channels": i.value_shape[0], "key_shape": list(i.key_shape),
-                                     "value_shape": list(i.value_shape), "linear": i.linear} for i in infos]})
+                                     "value_shape": list(i.value_shape), "linear": i.linear} for i in result.layers]})
 
     def h_image(self, model: str, version: str, seed: str) -> None:
         number = self._version(version)
@@ -732,10 +702,10 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 raise InvalidArgument("ablate", f"must be unit numbers separated by commas, got {ablate!r}") from None
             interventions = [Intervention(units=units)]
-        with _renamed(lambda f: re.sub(r"^interventions\[0\](\.units)?", "ablate", f)):
-            _, images = self.app.domain.sample(f"{model}/{number}", seeds=[int(seed)], layer=layer,
-                                               interventions=interventions)
-        self._send(200, "image/png", png(images)[0], {"Cache-Control": "private, max-age=31536000, immutable"})
+        with renamed({"interventions[0].units": "ablate", "interventions[0]": "ablate"}):
+            result = self.app.domain.sample(SampleRequest(f"{model}/{number}", seeds=[int(seed)], layer=layer,
+                                                          interventions=interventions))
+        self._send(200, "image/png", png(result.images)[0], {"Cache-Control": "private, max-age=31536000, immutable"})
 
     def h_render(self, key: str) -> None:
         self._send(200, "image/png", self.app.renders.get(key), {"Cache-Control": "private, max-age=3600"})
@@ -751,13 +721,12 @@ class _Handler(BaseHTTPRequestHandler):
         limits = self.app.domain.limits
         if not isinstance(context, list) or not context:
             raise InvalidArgument("context", "give a list of at least one region")
-        check_count(len(context), limits.max_regions, "context", "regions", "max_regions")
+        check_count(len(context), limits.max_regions, "context", "regions", "max_regions")   # before any mask is inflated
         for i, r in enumerate(context):
             check_region_json(limits, r, f"context[{i}]")
         regions = [Region.from_spec(r, f"context[{i}]") for i, r in enumerate(context)]
-        request = gen.SearchContextRequest(model=ref, layer=_str(body, "layer"), rank=_int(body, "rank", 1, 1, 1 << 20),
-                                           top=_int(body, "top", 16, 1, 1000), stats=_stats(body, "stats"),
-                                           seeds=_int_list(body, "seeds", limits.max_search_seeds))
+        if (body.get("seeds") is None) == (body.get("seed_range") is None):
+            raise InvalidArgument("seeds", "give exactly one of seeds and seed_range")
         if body.get("seed_range") is not None:
             span = body["seed_range"]
             if (not isinstance(span, list) or len(span) != 2
@@ -765,21 +734,21 @@ class _Handler(BaseHTTPRequestHandler):
                 raise InvalidArgument("seed_range", "must be [first, end) as two integers")
             if not 0 <= span[0] < span[1] <= _MAX_INT64:
                 raise InvalidArgument("seed_range", f"needs 0 <= first < end, got {span}")
-            request.seed_range.start, request.seed_range.count = span[0], span[1] - span[0]
-        for key in ("quantile", "truncation", "ridge"):
-            if (value := _float(body, key)) is not None:
-                setattr(request, key, value)
-        check_search(limits, request)
-        args = convert.search_args(request)
-        args["context"] = regions
-        domain = self.app.domain
-        version, matches, threshold = domain.search(ref, **args)
-        res = domain.generator(version).model.resolution
-        layer = args["layer"] or domain.generator(version).model.default_layer()
-        self._json(200, {"model": version.model, "version": version.number, "layer": layer, "threshold": threshold,
+            seeds: range | list[int] = range(span[0], span[1])
+        else:
+            seeds = _int_list(body, "seeds", limits.max_search_seeds)
+        samples, seed_start = _stats(body, "stats")
+        options = {k: v for k in ("quantile", "truncation", "ridge") if (v := _float(body, k)) is not None}
+        with renamed({"seeds": "seed_range.count"} if isinstance(seeds, range) else {}):
+            result = self.app.domain.search(SearchRequest(
+                ref, regions, seeds, layer=_str(body, "layer") or None, rank=_int(body, "rank", 1),
+                top=_int(body, "top", 16), samples=samples, seed_start=seed_start, **options))
+        self._json(200, {"model": result.version.model, "version": result.version.number, "layer": result.layer,
+                         "threshold": result.threshold,
                          "matches": [{"seed": m.seed, "score": m.score, "above": m.above,
-                                      "map_url": self.app.renders.put(heatmap_png(m.response, threshold, res))}
-                                     for m in matches]})
+                                      "map_url": self.app.renders.put(heatmap_png(m.response, result.threshold,
+                                                                                  result.resolution))}
+                                     for m in result.matches]})
 
     def h_dissect(self) -> None:
         body = self._body()
@@ -792,30 +761,20 @@ class _Handler(BaseHTTPRequestHandler):
             raise InvalidArgument("region", "is required (seed and mask or box)")
         check_region_json(self.app.domain.limits, body["region"], "region")
         region = Region.from_spec(body["region"], "region")
-        rank_by = _str(body, "rank_by", "iou")
-        if rank_by not in ("iou", "contrast"):
-            raise InvalidArgument("rank_by", f"must be iou or contrast, got {rank_by!r}")
-        request = gen.DissectRequest(model=ref, layer=_str(body, "layer"), top=_int(body, "top", 8, 0, 1 << 20),
-                                     thresholds=_stats(body, "thresholds"), include_maps=True,
-                                     rank_by=gen.DissectRequest.RANK_BY_CONTRAST if rank_by == "contrast"
-                                     else gen.DissectRequest.RANK_BY_IOU)
-        for key in ("quantile", "truncation"):
-            if (value := _float(body, key)) is not None:
-                setattr(request, key, value)
-        check_dissect(self.app.domain.limits, request)
-        args = convert.dissect_args(request)
-        args["regions"] = [region]
-        domain = self.app.domain
-        with _renamed(lambda f: "region" + f.removeprefix("regions[0]") if f.startswith("regions[0]") else f):
-            result = domain.dissect(ref, **args)
-        res = domain.generator(result.version).model.resolution
+        samples, seed_start = _stats(body, "thresholds")
+        options = {k: v for k in ("quantile", "truncation") if (v := _float(body, k)) is not None}
+        with renamed({"regions[0]": "region"}):
+            result = self.app.domain.dissect(DissectRequest(
+                ref, [region], layer=_str(body, "layer") or None, rank_by=_str(body, "rank_by", "iou"),
+                top=_int(body, "top", 8), samples=samples, seed_start=seed_start, include_maps=True, **options))
         thresholds = result.thresholds.tolist()
         maps = {unit: m for unit, _, m in result.maps}
         self._json(200, {"model": result.version.model, "version": result.version.number, "layer": result.layer,
                          "seed": region.seed,
                          "units": [{"unit": u.unit, "iou": u.iou, "contrast": u.contrast, "inside": u.inside,
                                     "outside": u.outside, "threshold": thresholds[u.unit],
-                                    "map_url": self.app.renders.put(heatmap_png(maps[u.unit], thresholds[u.unit], res))
+                                    "map_url": self.app.renders.put(heatmap_png(maps[u.unit], thresholds[u.unit],
+                                                                                result.resolution))
                                     if u.unit in maps else None} for u in result.units]})
 
     # -- rewrites
@@ -828,28 +787,26 @@ class _Handler(BaseHTTPRequestHandler):
         model, number, ref = _ref(body)
         if body.get("spec") is None:
             raise InvalidArgument("spec", "is required (an edit spec, as examples/edits/*.json)")
-        spec = body["spec"]
-        request_id = _str(body, "request_id", limit=128) or None
-        dry_run = _bool(body, "dry_run")
         domain = self.app.domain
-        preview_seeds = _int_list(body, "preview_seeds", min(MAX_PREVIEW_SEEDS, domain.limits.max_images))
-        check_spec(domain.limits, spec)
+        preview_seeds = _int_list(body, "preview_seeds", domain.limits.max_images)
         parent = domain.resolve(ref)
-        # The check Domain.rewrite starts with, here too, so bad specs answer 400 rather than a failed job.
-        with _renamed(_spec_field):
-            EditSpec.from_json(spec, domain.generator(parent).model)
+        call = RewriteRequest(f"{parent.model}/{parent.number}", body["spec"], author=self.principal,
+                              request_id=_str(body, "request_id", limit=128) or None, dry_run=_bool(body, "dry_run"),
+                              preview_seeds=preview_seeds)
+        # The checks Domain.rewrite starts with, here too, so bad specs answer 400 rather than a failed job.
+        call.check(domain.limits)
+        domain.check_edit(call.spec, call.model)
         key = None
-        if request_id and not dry_run:
+        if call.request_id and not call.dry_run:
             digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-            key = (parent.model, request_id, digest)
-        renders, author = self.app.renders, self.principal
+            key = (parent.model, call.request_id, digest)
+        renders = self.app.renders
 
         def work(emit, should_stop) -> dict:
-            def progress(event: dict) -> None:
-                if (msg := convert.progress_pb(event)) is not None:
-                    emit(_progress_json(msg))
-            result = domain.rewrite(ref, spec, author=author, request_id=request_id, dry_run=dry_run,
-                                    preview_seeds=preview_seeds, progress=progress, should_stop=should_stop)
+            def event(e: Event) -> None:
+                if (data := _progress_json(e)) is not None:
+                    emit(data)
+            result = domain.rewrite(call, Progress(event, should_stop))
             out = {"model": parent.model, "parent": result.parent.number,
                    "version": result.version.number if result.version is not None else None,
                    "dry_run": result.version is None, "replayed": result.replayed,
@@ -861,13 +818,10 @@ class _Handler(BaseHTTPRequestHandler):
             return out
 
         def on_error(exc: BaseException) -> tuple[str, dict]:
-            _, err = error_body(exc, prefix="spec.")
+            _, err = error_body(exc)
             return (CANCELLED if err["error"]["code"] == "CANCELLED" else FAILED), err
 
-        try:
-            job, _ = self.app.jobs.start(work, on_error, key, info={"model": parent.model, "parent": parent.number})
-        except TooManyJobs as exc:
-            raise Exhausted(_Reason.TOO_MANY_JOBS, str(exc), max_jobs=self.app.jobs.max_running) from None
+        job, _ = self.app.jobs.start(work, on_error, key, info={"model": parent.model, "parent": parent.number})
         self._json(202, self._job_json(job), {"Location": f"/api/rewrites/{job.id}"})
 
     @staticmethod

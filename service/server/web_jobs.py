@@ -23,17 +23,25 @@ import threading
 import time
 from typing import Any, Callable
 
+from rulewright.service.errors import Code, Error
+
 log = logging.getLogger(__name__)
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 
 
-class JobNotFound(LookupError):
+class JobNotFound(Error):
     """No job by that id (never started, or finished longer ago than the registry keeps jobs)."""
 
+    code = Code.NOT_FOUND
+    reason = "NOT_FOUND"
 
-class TooManyJobs(RuntimeError):
-    """``max_running`` jobs are running already."""
+
+class TooManyJobs(Error):
+    """``max_running`` jobs are running already (→ RESOURCE_EXHAUSTED)."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "TOO_MANY_JOBS"
 
 
 class Job:
@@ -110,7 +118,7 @@ class Jobs:
             running = sum(1 for j in self._jobs.values() if not j.done)
             if running >= self.max_running:
                 raise TooManyJobs(f"{running} rewrite jobs are running already (at most {self.max_running}); "
-                                  "wait for one to finish")
+                                  "wait for one to finish", max_jobs=self.max_running)
             job = Job(f"j{next(self._seq)}-{secrets.token_hex(6)}", key, info)
             self._jobs[job.id] = job
             if key is not None:

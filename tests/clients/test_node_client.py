@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rulewright.service.requests import RewriteRequest
 from tests.builders import TINY_SPEC
 from tests.support import missing
 
@@ -38,7 +39,7 @@ def run_example(node: str, address: str, *args: str) -> subprocess.CompletedProc
 
 def test_example_prints_sizes_versions_and_aliases(node, live):
     address, domain = live
-    edit = domain.rewrite("tiny", TINY_SPEC)
+    edit = domain.rewrite(RewriteRequest("tiny", TINY_SPEC))
     edited = f"models/tiny/versions/{edit.version.number}"
 
     proc = run_example(node, address, "--model", "tiny", "--seeds", "0,1,2")

@@ -152,6 +152,8 @@ def test_retry_after_a_crash_in_the_statistics_phase_takes_over_the_dead_holders
     from rulewright.registry.stats_cache import open_stats_cache
     from rulewright.service.domain import Domain
     from tests.builders import TINY_SPEC, dcgan_state
+    from rulewright.service.engine.progress import Progress
+    from rulewright.service.requests import RewriteRequest
 
     path = tmp_path / "tiny.safetensors"
     save_file(dcgan_state(), str(path))
@@ -164,11 +166,11 @@ def test_retry_after_a_crash_in_the_statistics_phase_takes_over_the_dead_holders
         # The dead holder's lock blocks its retry for one short lease at most, not half a minute.
         assert 0 < int(pttl.read_text()) <= 10_000
 
-        events: list[dict] = []
-        result = domain.rewrite("tiny/1", edit, request_id="req-s", progress=events.append)
+        events: list = []
+        result = domain.rewrite(RewriteRequest("tiny/1", edit, request_id="req-s"), Progress(events.append))
         assert result.version is not None and result.version.number == 2 and not result.replayed
-        assert any(e.get("waiting") for e in events)  # the client heard it was waiting, not hung
-        assert any(e["stage"] == "statistics" and e.get("done", 0) > 0 for e in events)  # then computed C here
+        assert any(e.waiting for e in events)  # the client heard it was waiting, not hung
+        assert any(e.stage == "statistics" and e.done > 0 for e in events)  # then computed C here
         assert list(redis.Redis.from_url(redis_url).scan_iter(match="rulewright:stats:*:lock")) == []
         assert live_for(domain.registry, "req-s", "tiny") == [2]
     finally:

@@ -138,8 +138,8 @@ def test_cached_statistics_are_shared_by_versions_edited_downstream(chain):
     calls = []
     real = cache.get_or_compute
 
-    def spy(key, compute):
-        return real(key, lambda: calls.append(key) or compute())
+    def spy(key, compute, **kw):
+        return real(key, lambda: calls.append(key) or compute(), **kw)
 
     cache.get_or_compute = spy
     c1 = cached_key_moment(cache, models[1], "main.6", seeds)

@@ -144,18 +144,20 @@ def rewrite_killed_in_statistics(spec, redis_url: str, model: str, edit: dict, r
 
     from rulewright.registry.stats_cache import open_stats_cache
     from rulewright.service.domain import Domain
+    from rulewright.service.engine.progress import Progress
+    from rulewright.service.requests import RewriteRequest
 
     domain = Domain(_registry(spec), open_stats_cache(redis_url), device="cpu", dynamic_batching=False)
     client = redis.Redis.from_url(redis_url)
 
-    def progress(event: dict) -> None:
-        if event.get("stage") == "statistics" and event.get("done", 0) > 0:  # inside the computation
+    def progress(event) -> None:
+        if event.stage == "statistics" and event.done > 0:  # inside the computation
             [lock] = list(client.scan_iter(match="rulewright:stats:*:lock"))
             with open(pttl_path, "w") as f:
                 f.write(str(client.pttl(lock)))
             os.kill(os.getpid(), signal.SIGKILL)
 
-    domain.rewrite(f"{model}/1", edit, request_id=request_id, progress=progress)
+    domain.rewrite(RewriteRequest(f"{model}/1", edit, request_id=request_id), Progress(progress))
 
 
 def create_same_request(spec, model: str, parent: int, request_id: str, worker: int, barrier, results) -> None:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rulewright.service import cli
 from rulewright.service.server import auth
+from rulewright.service.requests import RewriteRequest
 from rulewright.service.server.app import JsonFormatter, create_server
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
@@ -120,7 +121,7 @@ def test_rollback_alias_needs_the_role_set_alias_needs_and_records_the_principal
     generator, registry, _ = secured
     assert auth.METHOD_ROLES["/rulewright.v1.RegistryService/RollbackAlias"] == \
         auth.METHOD_ROLES["/rulewright.v1.RegistryService/SetAlias"] == "admin"
-    domain.rewrite("tiny/1", SPEC)
+    domain.rewrite(RewriteRequest("tiny/1", SPEC))
     name = "models/tiny/aliases/production"
     registry.SetAlias(reg.SetAliasRequest(name=name, version=2, expected_version=1), timeout=30,
                       metadata=bearer(ADMIN))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rulewright.service.requests import SampleRequest
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2
 from rulewright.v1 import registry_service_pb2 as reg
 
@@ -37,7 +38,7 @@ def test_list_layers_echoes_the_version(generator):
 def test_sample_raw_matches_the_domain_and_png_decodes(generator, domain):
     raw = generator.Sample(gen.SampleRequest(model="tiny@production", seeds=[3, 4],
                                              image_format=images_pb2.IMAGE_FORMAT_RAW_RGB8), timeout=30)
-    _, expected = domain.sample("tiny/1", seeds=[3, 4])
+    expected = domain.sample(SampleRequest("tiny/1", seeds=[3, 4])).images
     assert raw.version == "models/tiny/versions/1" and [i.seed for i in raw.images] == [3, 4]
     got = np.stack([np.frombuffer(i.data, np.uint8).reshape(i.height, i.width, 3) for i in raw.images])
     assert np.array_equal(got, expected.numpy())
@@ -53,7 +54,7 @@ def test_sample_from_latents(generator, domain):
                                            image_format=images_pb2.IMAGE_FORMAT_RAW_RGB8), timeout=30)
     import torch
 
-    _, expected = domain.sample("tiny/1", z=torch.from_numpy(z))
+    expected = domain.sample(SampleRequest("tiny/1", latents=torch.from_numpy(z))).images
     assert not r.images[0].HasField("seed")
     assert np.frombuffer(r.images[1].data, np.uint8).tobytes() == expected[1].numpy().tobytes()
 
@@ -70,7 +71,7 @@ def test_rewrite_streams_progress_previews_then_a_version_and_replays_its_reques
     assert result.version.name == "models/tiny/versions/2" and result.parent == "models/tiny/versions/1"
     assert result.version.request_id == "req-1" and json.loads(result.spec_json)["layer"] == "main.6"
     assert list(result.version.lineage) == [1, 2]
-    _, edited = domain.sample("tiny/2", seeds=[5])
+    edited = domain.sample(SampleRequest("tiny/2", seeds=[5])).images
     assert events[-2].preview.images[0].data == edited[0].numpy().tobytes()
     again = list(generator.Rewrite(request, timeout=60))
     assert [e.WhichOneof("event") for e in again] == ["result"] and again[0].result.version.name == result.version.name

@@ -66,7 +66,7 @@ def test_oversized_requests_are_refused_naming_field_and_setting(generator, chan
 
 
 def test_a_reply_over_the_message_limit_is_refused_before_sampling(domain):
-    from rulewright.service.server.limits import Limits
+    from rulewright.service.limits import Limits
 
     domain.limits = Limits(max_message_bytes=64 * 32 * 32 * 3)      # room for about 60 raw 32x32 images
     server, port = create_server(domain, max_message_bytes=domain.limits.max_message_bytes)
@@ -153,3 +153,15 @@ def test_a_rewrites_target_search_and_found_list_are_bounded(generator):
     spec.found.extend(images_pb2.Region(seed=1000 + i, box=BOX) for i in range(70))
     field, why = refused(generator.Rewrite, gen.RewriteRequest(model="tiny", spec=spec, dry_run=True))
     assert field == "spec.paste" and "max_regions" in why and "found" in why
+
+
+def test_one_set_of_bounds_for_both_transports(generator):
+    """gRPC refuses the same fields with the same descriptions as the HTTP side
+    (tests/web/test_web_limits.py): the bounds are the domain's."""
+    from tests.web.test_web_limits import QUANTILE_OUT, TOP_OVER
+
+    def search(**kw):
+        return gen.SearchContextRequest(model="tiny", context=[images_pb2.Region(seed=0, box=BOX)], seeds=[1, 2], **kw)
+
+    assert refused(generator.SearchContext, search(top=10_001)) == ("top", TOP_OVER)
+    assert refused(generator.SearchContext, search(quantile=1.5)) == ("quantile", QUANTILE_OUT)

@@ -18,6 +18,7 @@ from rulewright.service import domain as domain_module
 from rulewright.service.engine import dissect
 from rulewright.service.engine.regions import Region
 from rulewright.service.engine.stats import key_moment, load_stat, value_quantiles
+from rulewright.service.requests import SearchRequest
 from rulewright.service.server.servicers import RegistryServicer
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
@@ -100,8 +101,9 @@ def test_search_context_sorts_matches_and_reports_the_threshold(generator, domai
                                        seed_range=gen.SeedRange(start=0, count=24), top=6, include_maps=True,
                                        stats=edit_pb2.StatisticsSpec(samples=32))
     r = generator.SearchContext(request, timeout=30)
-    _, matches, threshold = domain.search("tiny/1", "main.6", [Region(seed=2, box=(8, 8, 16, 16))], range(24),
-                                          top=6, samples=32)
+    found = domain.search(SearchRequest("tiny/1", [Region(seed=2, box=(8, 8, 16, 16))], range(24), layer="main.6",
+                                        top=6, samples=32))
+    matches, threshold = found.matches, found.threshold
     assert r.version == "models/tiny/versions/1" and r.layer == "main.6"
     assert r.threshold == pytest.approx(threshold)
     scores = [m.score for m in r.matches]

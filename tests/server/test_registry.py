@@ -10,6 +10,7 @@ import pytest
 from google.rpc import error_details_pb2
 from safetensors.torch import load
 
+from rulewright.service.requests import RewriteRequest
 from rulewright.v1 import generator_service_pb2 as gen, registry_service_pb2 as reg, resources_pb2
 
 from .conftest import SPEC, detail, error_info
@@ -17,8 +18,8 @@ from .conftest import SPEC, detail, error_info
 
 @pytest.fixture
 def three_versions(domain):
-    domain.rewrite("tiny/1", SPEC)
-    domain.rewrite("tiny/2", SPEC)
+    domain.rewrite(RewriteRequest("tiny/1", SPEC))
+    domain.rewrite(RewriteRequest("tiny/2", SPEC))
 
 
 def test_models_and_get_model(registry):

@@ -418,7 +418,9 @@ def test_bad_input_shows_clear_messages(page, domain):
     # a version deleted meanwhile: make one, open it, delete it behind the page's back, act on it
     spec = json.loads(GLASSES.read_text())
     spec["steps"] = 5
-    number = domain.rewrite("faces/1", spec, author="tests").version.number
+    from rulewright.service.requests import RewriteRequest
+
+    number = domain.rewrite(RewriteRequest("faces/1", spec, author="tests")).version.number
     tid(page, "btn-refresh").click()
     tid(page, f"version-open-{number}").click()
     page.wait_for_function("v => document.getElementById('version-select').value === String(v)", arg=number)

@@ -28,6 +28,8 @@ import pytest
 from PIL import Image
 
 from rulewright.service.engine.dissect import Intervention
+from rulewright.service.engine.regions import Region
+from rulewright.service.requests import SampleRequest, SearchRequest
 from rulewright.service.server.app import create_server, web_address
 from rulewright.service.server.auth import AuthConfigError, parse_tokens
 from rulewright.service.server.config import ConfigError, resolve
@@ -118,7 +120,7 @@ def test_image_is_the_png_grpc_sample_returns(web):
                                                          timeout=30)
     finally:
         server.stop(0).wait()
-    _, images = domain.sample("tiny/1", seeds=[5])
+    images = domain.sample(SampleRequest("tiny/1", seeds=[5])).images
     for seed, image in zip((0, 5, 7), r.images):
         resp = request(base, "GET", IMG.format(v=1, seed=seed))
         assert resp.status == 200 and resp.headers["Content-Type"] == "image/png"
@@ -135,7 +137,7 @@ def test_ablation_changes_pixels_as_the_domain_does(web):
     assert resp.status == 200
     ablated = pixels(resp.data)
     assert not np.array_equal(plain, ablated)
-    _, expected = domain.sample("tiny/1", seeds=[3], layer="main.6", interventions=[Intervention(units=[0, 1, 2, 3])])
+    expected = domain.sample(SampleRequest("tiny/1", seeds=[3], layer="main.6", interventions=[Intervention(units=[0, 1, 2, 3])])).images
     assert np.array_equal(ablated, expected[0].numpy())
 
     bad = request(base, "GET", IMG.format(v=1, seed=3) + "?layer=main.6&ablate=99")
@@ -158,10 +160,9 @@ def test_search_ranks_seeds_and_serves_heatmaps(web):
     assert sorted(m["seed"] for m in out["matches"]) == [1, 2, 3, 4, 5, 6]
     scores = [m["score"] for m in out["matches"]]
     assert scores == sorted(scores, reverse=True)
-    from rulewright.service.engine.regions import Region
-
-    _, expected, threshold = domain.search("tiny/1", "main.6", [Region(seed=1, box=(8, 8, 16, 16))], [1, 2, 3, 4, 5, 6],
-                                          q=0.9)
+    found = domain.search(SearchRequest("tiny/1", [Region(seed=1, box=(8, 8, 16, 16))], [1, 2, 3, 4, 5, 6],
+                                        layer="main.6", quantile=0.9))
+    expected, threshold = found.matches, found.threshold
     assert [(m["seed"], m["score"]) for m in out["matches"]] == [(m.seed, pytest.approx(m.score)) for m in expected]
     assert out["threshold"] == pytest.approx(threshold)
     for m in out["matches"]:
@@ -230,7 +231,7 @@ def test_rewrite_streams_progress_then_the_result_and_creates_the_version(web):
     before = pixels(request(base, "GET", IMG.format(v=1, seed=2)).data)
     after = pixels(request(base, "GET", IMG.format(v=2, seed=2)).data)
     assert not np.array_equal(before, after)                            # the paste target changed
-    _, expected = domain.sample("tiny/2", seeds=[2])
+    expected = domain.sample(SampleRequest("tiny/2", seeds=[2])).images
     assert np.array_equal(after, expected[0].numpy())
 
     # a late subscriber gets every event again; one that saw them all is told to stop (204)
@@ -293,10 +294,10 @@ def test_one_failing_job_leaves_the_others_alone(web, monkeypatch):
     base, domain = web
     original = domain.rewrite
 
-    def flaky(ref, spec, **kw):
-        if spec.get("description") == "boom":
+    def flaky(request, progress=None):
+        if request.spec.get("description") == "boom":
             raise RuntimeError("boom: a bug in the engine")
-        return original(ref, spec, **kw)
+        return original(request, progress)
 
     monkeypatch.setattr(domain, "rewrite", flaky)
     bad = rewrite(base, {**TINY_SPEC, "description": "boom"}).json()
@@ -575,7 +576,7 @@ def test_faces_image_and_search(faces_web):
     (model,) = request(base, "GET", "/api/models").json()["models"]
     assert (model["name"], model["resolution"], model["aliases"]) == ("faces", 64, {"production": 1})
     image = pixels(request(base, "GET", "/api/models/faces/versions/1/images/35.png").data)
-    _, expected = domain.sample("faces/1", seeds=[35])
+    expected = domain.sample(SampleRequest("faces/1", seeds=[35])).images
     assert image.shape == (64, 64, 3) and np.array_equal(image, expected[0].numpy())
     threads, out = [], []
     for seed in (1, 9):     # concurrent requests are served side by side

@@ -85,3 +85,20 @@ def test_connections_are_bounded_and_idle_ones_time_out(web_server):
         for s in idle:
             s.close()
     assert request(server.url, "GET", "/healthz").status in (200, 503)    # and it still answers
+
+
+def test_one_set_of_bounds_for_both_transports(web):
+    """The HTTP side and gRPC refuse the same field with the same description: the bounds are the
+    domain's (tests/server/test_limits.py sends the same requests over gRPC)."""
+    base, _ = web
+    search = {"model": "tiny", "version": 1, "context": [{"seed": 0, "box": BOX}], "seeds": [1, 2]}
+    r = request(base, "POST", "/api/search", {**search, "top": 10_001})
+    assert r.status == 400 and r.violations()["top"] == TOP_OVER
+    r = request(base, "POST", "/api/search", {**search, "top": 0})
+    assert r.status == 400 and r.violations()["top"] == "must be a positive integer, got 0"
+    r = request(base, "POST", "/api/search", {**search, "quantile": 1.5})
+    assert r.status == 400 and r.violations()["quantile"] == QUANTILE_OUT
+
+
+TOP_OVER = "at most 10,000 matches per request (server setting max_search_seeds), got 10,001"
+QUANTILE_OUT = "must lie strictly between 0 and 1, got 1.5"
