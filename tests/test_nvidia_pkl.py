@@ -361,3 +361,24 @@ def test_other_shapes_are_refused_naming_the_tensor():
     t = nv.random_tensors(cfg)
     t["synthesis.b16.torgb.bias"] = torch.tensor([float("nan"), 0.0, 0.0])
     assert "G_ema.synthesis.b16.torgb.bias holds NaN" in refused(nv.dumps(nv.network_pickle(nv.generator(t, cfg))))
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def test_import_pkl_command(tmp_path, capsys):
+    from rulewright.service.cli import main
+
+    data, t = pkl()
+    src = tmp_path / "network-snapshot.pkl"
+    src.write_bytes(data)
+    out = tmp_path / "model.safetensors"
+    assert main(["import-pkl", str(src), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    z = latents(range(3), CFG.w_dim)
+    assert (load_generator(out)(z) - nv.reference_forward(t, CFG, z)).abs().max() <= TOL
+
+    sentinel = tmp_path / "ran"
+    src.write_bytes(nv.dumps({"G_ema": Call(os.system, (f"touch {sentinel}",))}))
+    assert main(["import-pkl", str(src), "--out", str(tmp_path / "evil.safetensors")]) == 2
+    assert "posix.system" in capsys.readouterr().err
+    assert not sentinel.exists() and not (tmp_path / "evil.safetensors").exists()
