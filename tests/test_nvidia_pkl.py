@@ -382,3 +382,28 @@ def test_import_pkl_command(tmp_path, capsys):
     assert main(["import-pkl", str(src), "--out", str(tmp_path / "evil.safetensors")]) == 2
     assert "posix.system" in capsys.readouterr().err
     assert not sentinel.exists() and not (tmp_path / "evil.safetensors").exists()
+
+
+def test_domain_import_converts_a_pickle(tmp_path):
+    from tests.builders import tiny_domain
+
+    domain = tiny_domain(tmp_path)
+    try:
+        data, t = pkl()
+        version = domain.import_model("mini", arch="stylegan2", config={"size": 32}, data=data,
+                                      spec={"source": "network-snapshot.pkl"})
+        assert version.spec["source"] == "network-snapshot.pkl"
+        assert version.spec["converted_from"]["sha256"] == convert_network_pickle(data).source["sha256"]
+        _, images = domain.sample("mini", seeds=[0, 1])
+        z = latents([0, 1], CFG.w_dim)
+        expected = nv.reference_forward(t, CFG, z)
+        assert (images.int() - to_uint8(expected).int()).abs().max() <= 1       # rounding apart
+        with pytest.raises(InvalidArgument) as err:
+            domain.import_model("evil", arch="stylegan2", config=None,
+                                data=nv.dumps({"G_ema": Call(os.system, ("true",))}))
+        assert err.value.field == "weights" and "posix.system" in err.value.description
+        with pytest.raises(InvalidArgument) as err:
+            domain.import_model("wrong", arch="dcgan", config=None, data=data)
+        assert err.value.field == "arch"
+    finally:
+        domain.close()
