@@ -19,6 +19,7 @@ import sys
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -323,15 +324,29 @@ def test_tensorflow_era_pickles_are_refused_by_name(monkeypatch):
     assert "TensorFlow" in message and "dnnlib.tflib.network.Network" in message
 
 
-def test_stylegan3_is_refused():
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_stylegan3_is_refused(protocol):
+    """StyleGAN3's synthesis: an input layer and layers L0_36_512 …, with sizes in numpy arrays."""
     t = nv.random_tensors(CFG)
     g = nv.generator(t, CFG)
     synthesis = g.state["_modules"]["synthesis"]
     synthesis.state["_modules"] = collections.OrderedDict(
-        input=nv.module("SynthesisInput", buffers={"freqs": torch.randn(4, 2), "phases": torch.randn(4)}),
-        L0_36_512=nv.module("SynthesisLayer", buffers={"magnitude_ema": torch.ones(())}, use_fp16=False))
-    message = refused(nv.dumps(nv.network_pickle(g)))
+        input=nv.module("SynthesisInput", buffers={"freqs": torch.randn(4, 2), "phases": torch.randn(4),
+                                                   "transform": torch.eye(3)},
+                        size=np.broadcast_to(np.asarray(36), [2]), sampling_rate=np.float64(16.0)),
+        L0_36_512=nv.module("SynthesisLayer", buffers={"magnitude_ema": torch.ones(())}, use_fp16=False,
+                            in_size=np.broadcast_to(np.asarray(36), [2]), out_size=np.arange(2) + 36,
+                            up_taps=np.array([1.0, 2.0], dtype=np.float32)))
+    message = refused(nv.dumps(nv.network_pickle(g), protocol))
     assert "StyleGAN3" in message and "SynthesisInput" in message
+
+
+def test_numpy_arrays_are_read_as_bytes_only():
+    top = read_network_pickle(nv.dumps({"a": np.arange(3, dtype=np.float32), "b": np.broadcast_to(7, [2])}, 5))
+    assert top["a"].shape == (3,) and top["a"].code == "f4"
+    assert top["a"].raw == np.arange(3, dtype=np.float32).tobytes()
+    assert top["b"].shape == (2,) and top["b"].raw == np.array([7, 7]).tobytes()
+    assert "'O8' is not a number type" in refused(nv.dumps({"G_ema": np.array([None, "x"], dtype=object)}))
 
 
 def test_conditional_generators_are_refused():

@@ -22,6 +22,9 @@ pickle names. ``find_class`` resolves only these names, to the reader's own func
   unpickler that resolves only storage type names (``torch.FloatStorage`` …) to dtypes.
 - ``numpy.dtype`` and ``numpy.core.multiarray.scalar`` (also ``numpy._core``): a number type code
   and the scalar's bytes decoded with ``struct`` (object scalars refused).
+- ``numpy.ndarray`` with ``numpy.core.multiarray._reconstruct`` and ``numpy.core.numeric._frombuffer``
+  (also ``numpy._core``): an array's shape, type code and raw bytes, kept as bytes (object
+  arrays refused). StyleGAN3 stores sizes in arrays; reading them lets it be named and refused.
 - ``collections.OrderedDict``, ``builtins.set``, ``builtins.frozenset``: containers.
 - ``dnnlib.util.EasyDict`` (also ``dnnlib.EasyDict``): a plain ``dict`` subclass.
 
@@ -235,6 +238,7 @@ class _Reader(pickle.Unpickler):
         # can set attributes on what it names (BUILD), and that must not reach the next read.
         easydict = type("EasyDict", (dict,), {"__module__": __name__, "__doc__": "dnnlib.EasyDict, as a dict"})
         self._dtype = _numpy_dtype_class()
+        self._ndarray = _numpy_array_class(self._dtype)
         self._globals: dict[tuple[str, str], Any] = {
             ("torch_utils.persistence", "_reconstruct_persistent_obj"): self._reconstruct,
             ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
@@ -249,6 +253,13 @@ class _Reader(pickle.Unpickler):
             ("numpy", "dtype"): self._dtype,
             ("numpy.core.multiarray", "scalar"): self._numpy_scalar,
             ("numpy._core.multiarray", "scalar"): self._numpy_scalar,
+            # numpy arrays (StyleGAN3 keeps sizes in them): read so that the generator can be
+            # named for what it is, never used in the conversion.
+            ("numpy", "ndarray"): self._ndarray,
+            ("numpy.core.multiarray", "_reconstruct"): self._numpy_reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): self._numpy_reconstruct,
+            ("numpy.core.numeric", "_frombuffer"): self._numpy_frombuffer,
+            ("numpy._core.numeric", "_frombuffer"): self._numpy_frombuffer,
         }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -305,6 +316,16 @@ class _Reader(pickle.Unpickler):
     def _load_storage(self, blob: Any = None) -> _Storage:
         return _decode_storage(blob)
 
+    def _numpy_reconstruct(self, subtype: Any = None, shape: Any = None, code: Any = None) -> Any:
+        if subtype is not self._ndarray:
+            raise _refuse(f"numpy.core.multiarray._reconstruct of {_short(subtype)}; only numpy.ndarray is read")
+        return self._ndarray()
+
+    def _numpy_frombuffer(self, buf: Any = None, dtype: Any = None, shape: Any = None, order: Any = "C") -> Any:
+        if order not in ("C", "F"):
+            raise _refuse(f"a numpy array has memory order {_short(order)}")
+        return self._ndarray().set(shape, dtype, buf)
+
     def _numpy_scalar(self, dtype: Any = None, data: Any = None) -> int | float | bool:
         if not isinstance(dtype, self._dtype) or not isinstance(data, bytes):
             raise _refuse(f"numpy scalar of {_short(dtype)} is not a number stored as bytes")
@@ -312,6 +333,33 @@ class _Reader(pickle.Unpickler):
             return struct.unpack(_BYTE_ORDERS[dtype.byteorder] + _NUMPY_FORMATS[dtype.code], data)[0]
         except struct.error:
             raise _refuse(f"numpy scalar of type {dtype.code} has {len(data)} bytes") from None
+
+
+def _numpy_array_class(dtype_class: type) -> type:
+    class NumpyArray:
+        """numpy.ndarray, as data: its shape, number type code and raw bytes, checked for size."""
+
+        shape: tuple | None = None
+        code: str | None = None
+        raw: bytes = b""
+
+        def set(self, shape: Any, dtype: Any, raw: Any) -> "NumpyArray":
+            if not (isinstance(shape, tuple) and all(_is_int(n) and n >= 0 for n in shape)):
+                raise _refuse(f"a numpy array has a malformed shape {_short(shape)}")
+            if not isinstance(dtype, dtype_class):
+                raise _refuse(f"a numpy array holds {_short(dtype)}, not numbers (object arrays are not read)")
+            size = math.prod(shape) * struct.calcsize(_NUMPY_FORMATS[dtype.code])
+            if not isinstance(raw, (bytes, bytearray)) or len(raw) != size:
+                raise _refuse(f"a numpy array of shape {shape} and type {dtype.code} does not hold {size} bytes")
+            self.shape, self.code, self.raw = shape, dtype.code, bytes(raw)
+            return self
+
+        def __setstate__(self, state: Any) -> None:
+            if not (isinstance(state, tuple) and len(state) == 5):
+                raise _refuse(f"a numpy array has a malformed state {_short(state)}")
+            self.set(state[1], state[2], state[4])
+
+    return NumpyArray
 
 
 def _numpy_dtype_class() -> type:
