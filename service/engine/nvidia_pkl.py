@@ -30,7 +30,9 @@ pickle names. ``find_class`` resolves only these names, to the reader's own func
 
 Each of these only builds containers, numbers, strings or tensors out of the pickle's own bytes,
 so a pickle can describe data but never reach code. Classes the reader hands out are created
-per read, so a pickle that sets attributes on them cannot affect another read. Any other name
+per read and its functions are bound methods (whose attributes cannot be set), so a pickle that
+sets attributes on what it names (BUILD) cannot affect another read. Storages saved on a GPU
+read the same (their device is ignored: everything lands on the CPU). Any other name
 (``os.system``, ``builtins.eval``, a TensorFlow-era ``dnnlib.tflib.network.Network``) stops the
 read before the object that names it is built.
 
