@@ -2,6 +2,8 @@
 
 Subcommands:
 - ``import-faces``: fetch and convert the demo model; prints the safetensors path.
+- ``import-pkl``: convert an NVIDIA StyleGAN2-ADA network pickle (read as data, never run) to a
+  ``stylegan2`` safetensors file; prints what it found.
 - ``album``: sample seeds into one PNG grid.
 - ``layers``: list a model's rewritable layers and the default one.
 - ``stats``: compute a layer's key second moment over N samples, with a progress bar.
@@ -52,6 +54,22 @@ def cmd_import_faces(args: argparse.Namespace) -> int:
     from .importers.faces import import_faces
 
     print(import_faces(args.cache_dir))
+    return 0
+
+
+def cmd_import_pkl(args: argparse.Namespace) -> int:
+    import os
+
+    from .engine.nvidia_pkl import convert_network_pickle, to_safetensors
+
+    src = Path(args.file)
+    out = Path(args.out) if args.out else src.with_suffix(".safetensors")
+    data = to_safetensors(conversion := convert_network_pickle(src.read_bytes()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)        # never a half-written model under the final name
+    print(json.dumps({"out": str(out), "arch": "stylegan2", "source": conversion.source}, indent=2))
     return 0
 
 
@@ -142,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-faces", help="fetch the demo model and print its safetensors path")
     common(p, model=False)
     p.set_defaults(fn=cmd_import_faces)
+
+    p = sub.add_parser("import-pkl", help="convert an NVIDIA StyleGAN2-ADA network pickle (read as data, "
+                                          "never run) to a stylegan2 safetensors file")
+    p.add_argument("file", help="the network pickle (.pkl), e.g. a training snapshot or a published model")
+    p.add_argument("--out", default=None, help="safetensors file to write (default: FILE with suffix .safetensors)")
+    p.set_defaults(fn=cmd_import_pkl)
 
     p = sub.add_parser("album", help="sample seeds into one PNG grid")
     common(p)

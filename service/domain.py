@@ -22,8 +22,8 @@
   ``check_edit``: an edit spec checked against a model, as ``rewrite`` checks it.
 - ``set_alias(AliasRequest)``, ``rollback_alias``, ``export``: the registry work every
   transport shares (compare-and-set alias moves; a version's whole weights).
-- ``import_model``: safetensors bytes checked against their declared architecture and config,
-  then registered as a new model's version 1.
+- ``import_model``: safetensors bytes (or an NVIDIA network pickle, converted first) checked
+  against their declared architecture and config, then registered as a new model's version 1.
 
 Every result carries the resolved ``Version``, so responses can echo it. Hooked work (unit
 interventions, dissection, rewrites, search) runs on a private module over the resident's
@@ -57,6 +57,7 @@ from .engine.edit import Edit, EditSpec, render_edited
 from .engine.progress import Progress
 from .engine.generators.base import Generator
 from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
+from .engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_safetensors as nvidia_to_safetensors
 from .engine.rewrite import rewrite as engine_rewrite
 from .batching import SampleBatcher
 from .limits import Limits, check_images
@@ -460,12 +461,23 @@ class Domain:
                      request_id: str | None = None) -> Version:
         """Register safetensors ``data`` as model ``name``'s version 1 once its layout checks out.
 
+        An NVIDIA StyleGAN2-ADA network pickle (``data`` begins like a pickle) is read as data and
+        converted to ``stylegan2`` first (``engine.nvidia_pkl``); what was found in it is recorded
+        in the version's spec as ``converted_from``.
+
         ``InvalidArgument`` (engine) names ``weights`` for bytes that are not a readable
-        safetensors file or fit no architecture, ``arch`` for a declared architecture the weights
-        are not, and ``config`` for a declared config the weights contradict.
+        safetensors file or convertible network pickle or fit no architecture, ``arch`` for a
+        declared architecture the weights are not, and ``config`` for a declared config the
+        weights contradict.
         """
-        if not is_safetensors(data):
-            raise InvalidArgument("weights", "not a safetensors file (torch checkpoints and pickles are refused)")
+        if is_network_pickle(data):
+            # Read as data and converted here, so the registry stores safetensors like any import.
+            conversion = convert_network_pickle(data)
+            data = nvidia_to_safetensors(conversion)
+            spec = {**(spec or {}), "converted_from": conversion.source}
+        elif not is_safetensors(data):
+            raise InvalidArgument("weights", "neither a safetensors file nor an NVIDIA StyleGAN2-ADA network pickle "
+                                             "(torch checkpoints are refused)")
         try:
             state = read_state_dict(data)
             detected = detect_architecture(state)

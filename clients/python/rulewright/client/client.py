@@ -424,8 +424,10 @@ class Client:
                      request_id: str | None = None, timeout: float | None = None) -> Import:
         """Register model ``model_id`` with version 1 from safetensors ``weights`` (a path, the
         bytes or a binary file), of architecture ``arch`` (``dcgan``, ``progan``, ``stylegan2``)
-        with its ``config``. The size and sha256 travel along and are checked by the server; a
-        ``request_id`` (generated if not given) makes the retry after UNAVAILABLE safe."""
+        with its ``config``. An NVIDIA StyleGAN2-ADA network pickle (``.pkl``) may be sent as is
+        with ``arch="stylegan2"`` and ``config={}``: the server reads it as data and converts it.
+        The size and sha256 travel along and are checked by the server; a ``request_id``
+        (generated if not given) makes the retry after UNAVAILABLE safe."""
         if isinstance(weights, (bytes, bytearray)):
             data = bytes(weights)
         elif hasattr(weights, "read"):
