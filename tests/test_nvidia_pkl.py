@@ -29,6 +29,7 @@ from rulewright.service.engine.loading import load_generator
 from rulewright.service.engine.nvidia_pkl import (FIELD, PersistentObject, convert_network_pickle,
                                                   is_network_pickle, read_network_pickle, to_safetensors)
 from rulewright.service.engine.sampling import latents, to_uint8
+from rulewright.service.requests import SampleRequest
 from tests import nvidia_pickles as nv
 
 CFG = nv.Config(resolution=32, w_dim=32, n_mlp=2, channels=(32, 32, 16, 8), lr_multiplier=0.05)
@@ -409,7 +410,7 @@ def test_domain_import_converts_a_pickle(tmp_path):
                                       spec={"source": "network-snapshot.pkl"})
         assert version.spec["source"] == "network-snapshot.pkl"
         assert version.spec["converted_from"]["sha256"] == convert_network_pickle(data).source["sha256"]
-        _, images = domain.sample("mini", seeds=[0, 1])
+        images = domain.sample(SampleRequest("mini", seeds=[0, 1])).images
         z = latents([0, 1], CFG.w_dim)
         expected = nv.reference_forward(t, CFG, z)
         assert (images.int() - to_uint8(expected).int()).abs().max() <= 1       # rounding apart
