@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from safetensors.torch import save
 
 from rulewright.service.statistics import moment_key
-from rulewright.service import domain as domain_module
+from rulewright.service import statistics as statistics_module
 from rulewright.service.engine import dissect
 from rulewright.service.engine.regions import Region
 from rulewright.service.engine.stats import key_moment, load_stat, value_quantiles
@@ -44,16 +44,16 @@ def fail(call, *args, **kw) -> grpc.RpcError:
 
 @pytest.fixture
 def counting(monkeypatch):
-    """Counts of the domain's statistic computations (cache misses)."""
+    """Counts of the statistics component's computations (cache misses)."""
     counts = {"key_moment": 0, "value_quantiles": 0}
 
     def wrap(name, fn):
         def counted(*args, **kw):
             counts[name] += 1
             return fn(*args, **kw)
-        monkeypatch.setattr(domain_module, name, counted)
-    wrap("key_moment", domain_module.key_moment)
-    wrap("value_quantiles", domain_module.value_quantiles)
+        monkeypatch.setattr(statistics_module, name, counted)
+    wrap("key_moment", statistics_module.key_moment)
+    wrap("value_quantiles", statistics_module.value_quantiles)
     return counts
 
 
