@@ -101,7 +101,7 @@ MAX_PREVIEW_SEEDS = 16
 SSE_KEEPALIVE_S = 15.0             # a comment line this often keeps proxies from closing an idle stream
 MAX_CONNECTIONS = 64               # open connections; more are refused with 503
 IDLE_TIMEOUT_S = 15.0              # a connection that sends nothing (or half a request) this long is closed
-STOP_TIMEOUT_S = 5.0               # how long stop() lets requests in flight finish
+STOP_TIMEOUT_S = 5.0               # how long stop() lets requests in flight finish, by default
 _BUSY_BODY = json.dumps({"error": {"code": "RESOURCE_EXHAUSTED", "message": "too many open connections; retry",
                                    "reason": "TOO_MANY_CONNECTIONS", "domain": "rulewright.dev", "metadata": {},
                                    "field_violations": []}}).encode()
@@ -1027,7 +1027,7 @@ class WebServer:
         config = uvicorn.Config(
             asgi_app(self.app), interface="asgi3", http=functools.partial(_Connection, max_connections=max_connections),
             ws="none", lifespan="off", loop="asyncio", backlog=128, timeout_keep_alive=idle_timeout_s,
-            timeout_graceful_shutdown=STOP_TIMEOUT_S, proxy_headers=False, server_header=False,
+            proxy_headers=False, server_header=False,
             headers=[("Server", "rulewright")],
             # our own JSON line per request; uvicorn's loggers only for its warnings, through the root handler
             log_config=None, log_level=logging.WARNING, access_log=False,
@@ -1060,13 +1060,15 @@ class WebServer:
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Stop accepting, cancel running jobs (they create nothing), end event streams, free the port."""
+        """Stop accepting, cancel running jobs (they create nothing), end event streams, free the port;
+        requests in flight have ``timeout`` seconds to finish."""
+        self.server.config.timeout_graceful_shutdown = timeout     # read by uvicorn's shutdown, which follows
         self.server.should_exit = True
         self.app.jobs.close(timeout)          # also wakes every event stream, which then ends
         if self.thread.ident is None:
             self.socket.close()               # never started
         else:
-            self.thread.join(timeout + 1.0)   # uvicorn lets requests in flight finish for STOP_TIMEOUT_S
+            self.thread.join(timeout + 1.0)
 
     shutdown = stop
 
