@@ -338,9 +338,11 @@ def _start_web(domain, config, address: str, tokens, health_servicer):
     A busy port under ``auto`` leaves the HTTP side off (a second embedded server on one machine);
     an address that was asked for and cannot be bound stops the command.
     """
-    from .web import create_web_server, ssl_context
+    from .tls import TlsFiles
+    from .web import create_web_server
 
-    tls = ssl_context(config.tls_cert or None, config.tls_key or None, config.tls_client_ca or None)
+    files = TlsFiles(config.tls_cert or None, config.tls_key or None, config.tls_client_ca or None)
+    tls = files if files.enabled else None
     try:
         web = create_web_server(domain, address, tokens=tokens, serving=lambda: _serving(health_servicer), tls=tls,
                                 max_connections=config.web_max_connections, idle_timeout_s=config.web_idle_timeout_s)

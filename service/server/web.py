@@ -1,18 +1,30 @@
-"""The HTTP side of the server: the editor page and its small JSON API (``docs/web-api.md``).
+"""The HTTP side of the server: the editor page and its small JSON API (``docs/web-api.md``), a
+Starlette application served by uvicorn.
 
-- ``create_web_server(domain, address, tokens=..., serving=..., tls=...) -> WebServer``: a started
-  ``ThreadingHTTPServer`` on its own port (port 0: a free one); ``WebServer.shutdown()`` stops it
-  and cancels its running jobs. At most ``max_connections`` connections at once (each holds a
-  thread; more get 503 and are closed), and a connection idle ``idle_timeout_s`` is closed.
-  Like ``create_server``, it refuses a non-loopback address without tokens
-  (``auth.check_auth_config``).
-- Every endpoint maps its JSON to the same typed request (``service/requests.py``) the gRPC
-  servicers build, and calls the same ``Domain`` method; the domain checks it with the same
-  bounds. Only what JSON itself can get wrong (types, unknown fields, mask sizes before
-  inflating) is refused here; ``errors.renamed`` names the few fields JSON spells differently.
-- Auth: the same tokens and roles as gRPC; each endpoint carries the gRPC method whose role it
-  needs (``auth.METHOD_ROLES``); the token comes from ``Authorization: Bearer`` or ``?token=``.
-  With auth off (loopback only) the ``Host`` header must name a loopback host (no DNS
+- ``create_web_server(domain, address, tokens=..., serving=..., tls=...) -> WebServer``: uvicorn
+  started on a thread of its own (the gRPC server keeps the main thread and the signals) and its own
+  port (port 0: a free one); ``WebServer.stop()`` (also ``shutdown()``) stops it, cancels its
+  running jobs and ends their event streams. ``tls`` (``tls.TlsFiles``, the gRPC server's PEM
+  files) becomes uvicorn's certificate, key and client CA. Like ``create_server``, it refuses a
+  non-loopback address without tokens (``auth.check_auth_config``).
+- Connections (``_Connection``, uvicorn's HTTP/1.1 protocol with two bounds added): at most
+  ``max_connections`` open (more get 503 ``TOO_MANY_CONNECTIONS`` and are closed), and one on
+  which the client owes the next bytes (a request, the rest of one) is closed after
+  ``idle_timeout_s`` (uvicorn's keep-alive timeout, which alone covers only the time between
+  requests). Requests h11 cannot parse are answered as JSON too.
+- Routes: ``ROUTES``, one Starlette ``Route`` per endpoint, each with the gRPC method whose role it
+  needs (``Route.rpc``, ``auth.METHOD_ROLES``); no route, a method the route does not take (405
+  with ``Allow``) and a method no endpoint knows (501) answer JSON errors. ``_RequestLog`` adds the
+  security headers to every answer and logs one JSON line (and the metrics) per request.
+- Endpoints: the ``h_*`` methods of ``_Handler``, one object per request, run in Starlette's thread
+  pool, never on the event loop (the domain's work is CPU-bound PyTorch). Each maps its JSON to
+  the same typed request (``service/requests.py``) the gRPC servicers build and calls the same
+  ``Domain`` method, which checks it with the same bounds. Only what JSON itself can get wrong is
+  refused here (``_body``: at most ``max_body_bytes``, ``application/json``, no chunked bodies;
+  types, unknown fields, mask sizes before inflating); ``errors.renamed`` names the few fields
+  JSON spells differently.
+- Auth: the same tokens and roles as gRPC; the token comes from ``Authorization: Bearer`` or
+  ``?token=``. With auth off (loopback only) the ``Host`` header must name a loopback host (no DNS
   rebinding), and every request that changes something must be ``application/json`` from no or
   the same origin (no cross-site form posts).
 - Errors: ``error_body(exc)`` maps any exception through ``errors.to_status`` (the one
@@ -23,7 +35,8 @@
   previews) at ``/api/renders/{id}.png`` from a small LRU (``Renders``).
 - Rewrites run as jobs (``web_jobs.Jobs``): ``domain.rewrite`` on a thread, its progress events
   (the stages gRPC streams, ``convert.progress_stage``) as server-sent events, replayed to late
-  subscribers.
+  subscribers; a stream waits for news on a thread of its own pool (``WebApp.stream_threads``),
+  so open streams never take the endpoints' threads.
 - Static files: ``GET /`` and ``/assets/*`` from ``service/server/webui/`` (built by ``make web``;
   missing: 503 ``the editor is not built: run make web``); nothing outside ``assets/`` is served.
 """
@@ -31,7 +44,7 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -44,15 +57,25 @@ import socket
 import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
+import anyio
+import h11
 import torch
 import torch.nn.functional as F
+import uvicorn
 from google.rpc import code_pb2, error_details_pb2
 from PIL import Image as PILImage
+from starlette import routing
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rulewright.service.domain import _json_metrics
 from rulewright.service.engine.dissect import Intervention
@@ -67,6 +90,7 @@ from . import convert
 from .auth import AuthInterceptor, check_auth_config, is_loopback
 from .errors import PermissionDenied, renamed, to_status
 from rulewright.service.limits import check_count, check_region_json
+from .tls import TlsFiles
 from .web_jobs import CANCELLED, FAILED, Jobs
 
 log = logging.getLogger(__name__)
@@ -75,8 +99,9 @@ WEBUI_DIR = Path(__file__).resolve().parent / "webui"
 NOT_BUILT = "the editor is not built: run make web\n"
 MAX_BODY_BYTES = 1 << 20           # largest JSON request body (a mask is a few KiB of zlib+base64)
 SSE_KEEPALIVE_S = 15.0             # a comment line this often keeps proxies from closing an idle stream
-MAX_CONNECTIONS = 64               # open connections (each holds a thread); more are refused with 503
+MAX_CONNECTIONS = 64               # open connections; more are refused with 503
 IDLE_TIMEOUT_S = 15.0              # a connection that sends nothing (or half a request) this long is closed
+STOP_TIMEOUT_S = 5.0               # how long stop() lets requests in flight finish, by default
 _BUSY_BODY = json.dumps({"error": {"code": "RESOURCE_EXHAUSTED", "message": "too many open connections; retry",
                                    "reason": "TOO_MANY_CONNECTIONS", "domain": "rulewright.dev", "metadata": {},
                                    "field_violations": []}}).encode()
@@ -86,6 +111,8 @@ _GEN = "/rulewright.v1.GeneratorService/"
 _REG = "/rulewright.v1.RegistryService/"
 _MISSING_TOKEN = "missing bearer token (header 'Authorization: Bearer <token>' or ?token=)"
 _MAX_INT64 = 2**63 - 1
+_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}   # others: 501; these on a wrong path: 405
+_ROUTE_NAME = "rulewright.route"   # scope key: the endpoint that answered, for the log line and the metrics
 
 # gRPC code name → HTTP status (docs/web-api.md); anything else: 500.
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
@@ -93,6 +120,7 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "UNAUTHENTICATED": 
                "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 _SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                      "X-Frame-Options": "DENY"}
+_RAW_SECURITY_HEADERS = [(k.lower().encode(), v.encode()) for k, v in _SECURITY_HEADERS.items()]
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -118,12 +146,21 @@ class RenderNotFound(RouteNotFound):
     """A computed image no longer (or never) in the LRU (→ NOT_FOUND)."""
 
 
-class BodyTooLarge(Error):
+class Refused(Error):
+    """A refusal of the HTTP side itself (a limit, a method or a request it cannot parse) with its
+    own code and reason; ``http_status`` refines the HTTP status (413 for a body, 501 for a method)."""
+
+    def __init__(self, code: Code, reason: str, message: str, http_status: int, **metadata: Any):
+        super().__init__(message, reason=reason, **metadata)
+        self.code = code
+        self.http_status = http_status
+
+
+class BodyTooLarge(Refused):
     """A request body over the HTTP side's limit (→ RESOURCE_EXHAUSTED, HTTP 413)."""
 
-    code = Code.RESOURCE_EXHAUSTED
-    reason = "BODY_TOO_LARGE"
-    http_status = 413
+    def __init__(self, message: str, **metadata: Any):
+        super().__init__(Code.RESOURCE_EXHAUSTED, "BODY_TOO_LARGE", message, 413, **metadata)
 
 
 def error_body(exc: BaseException) -> tuple[int, dict]:
@@ -308,56 +345,44 @@ class Renders:
 
 # ---- routes ----------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Route:
-    method: str
-    pattern: re.Pattern
-    handler: str                 # name of the _Handler method
-    rpc: str | None              # the gRPC method whose role this needs; None: public
+class Route(routing.Route):
+    """One endpoint: its HTTP method and path, the ``_Handler`` method that answers it (``h_`` and
+    the route's ``name``), and the gRPC method whose role it needs (``rpc``; None: public)."""
+
+    def __init__(self, method: str, path: str, name: str, rpc: str | None):
+        super().__init__(path, self._serve, methods=[method], name=name)
+        self.methods = {method}        # not Starlette's implicit HEAD: a path takes its one method (405, Allow)
+        self.method = method
+        self.rpc = rpc
+
+    async def _serve(self, request: Request) -> Response:
+        request.scope[_ROUTE_NAME] = self.name
+        handler = _Handler(request.app.state.web, request)
+        return await run_in_threadpool(handler.answer, self, request.path_params)
 
 
-def _route(method: str, path: str, handler: str, rpc: str | None) -> Route:
-    return Route(method, re.compile(f"^{path}$"), handler, rpc)
-
-
-_M = r"/api/models/(?P<model>[^/]+)"
-_V = _M + r"/versions/(?P<version>[^/]+)"
-_J = r"/api/rewrites/(?P<job>[^/]+)"
-ROUTES = (
-    _route("GET", r"/", "page", None),
-    _route("GET", r"/index\.html", "page", None),
-    _route("GET", r"/assets/(?P<path>.+)", "asset", None),
-    _route("GET", r"/healthz", "healthz", None),
-    _route("GET", r"/api/models", "models", _REG + "ListModels"),
-    _route("GET", _M + r"/versions", "versions", _REG + "ListVersions"),
-    _route("GET", _V + r"/layers", "layers", _GEN + "ListLayers"),
-    _route("GET", _V + r"/images/(?P<seed>[^/]+)\.png", "image", _GEN + "Sample"),
-    _route("GET", r"/api/renders/(?P<key>[A-Za-z0-9_-]+)\.png", "render", _GEN + "Sample"),
-    _route("POST", r"/api/search", "search", _GEN + "SearchContext"),
-    _route("POST", r"/api/dissect", "dissect", _GEN + "Dissect"),
-    _route("POST", r"/api/rewrites", "rewrite", _GEN + "Rewrite"),
-    _route("GET", _J, "job", _GEN + "Rewrite"),
-    _route("GET", _J + r"/events", "events", _GEN + "Rewrite"),
-    _route("POST", _J + r"/cancel", "cancel", _GEN + "Rewrite"),
-    _route("PUT", _M + r"/aliases/(?P<alias>[^/]+)", "set_alias", _REG + "SetAlias"),
-    _route("POST", _M + r"/aliases/(?P<alias>[^/]+)/rollback", "rollback", _REG + "RollbackAlias"),
-)
-
-
-def match(method: str, path: str) -> tuple[Route, dict[str, str]]:
-    """The route for ``method`` and ``path`` and its (percent-decoded) parameters."""
-    allowed = []
-    for route in ROUTES:
-        m = route.pattern.match(path)
-        if m is None:
-            continue
-        if route.method == method:
-            return route, {k: unquote(v) for k, v in m.groupdict().items()}
-        allowed.append(route.method)
-    if allowed:
-        raise MethodNotAllowed(f"{method} {path} is not an endpoint (allowed: {', '.join(sorted(set(allowed)))})",
-                               sorted(set(allowed)))
-    raise RouteNotFound(f"no endpoint at {path}")
+_M = "/api/models/{model}"
+_V = _M + "/versions/{version}"
+_J = "/api/rewrites/{job}"
+ROUTES = [
+    Route("GET", "/", "page", None),
+    Route("GET", "/index.html", "page", None),
+    Route("GET", "/assets/{path:path}", "asset", None),
+    Route("GET", "/healthz", "healthz", None),
+    Route("GET", "/api/models", "models", _REG + "ListModels"),
+    Route("GET", _M + "/versions", "versions", _REG + "ListVersions"),
+    Route("GET", _V + "/layers", "layers", _GEN + "ListLayers"),
+    Route("GET", _V + "/images/{seed}.png", "image", _GEN + "Sample"),
+    Route("GET", "/api/renders/{key}.png", "render", _GEN + "Sample"),
+    Route("POST", "/api/search", "search", _GEN + "SearchContext"),
+    Route("POST", "/api/dissect", "dissect", _GEN + "Dissect"),
+    Route("POST", "/api/rewrites", "rewrite", _GEN + "Rewrite"),
+    Route("GET", _J, "job", _GEN + "Rewrite"),
+    Route("GET", _J + "/events", "events", _GEN + "Rewrite"),
+    Route("POST", _J + "/cancel", "cancel", _GEN + "Rewrite"),
+    Route("PUT", _M + "/aliases/{alias}", "set_alias", _REG + "SetAlias"),
+    Route("POST", _M + "/aliases/{alias}/rollback", "rollback", _REG + "RollbackAlias"),
+]
 
 
 # ---- the application -------------------------------------------------------------------------
@@ -368,7 +393,7 @@ class WebApp:
     def __init__(self, domain, tokens=None, static_dir: Path | str | None = None,
                  serving: Callable[[], bool] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                  job_ttl_s: float = 600.0, max_jobs: int = 4, renders: int = 2048,
-                 sse_keepalive_s: float = SSE_KEEPALIVE_S):
+                 sse_keepalive_s: float = SSE_KEEPALIVE_S, max_streams: int = MAX_CONNECTIONS):
         self.domain = domain
         self.auth = AuthInterceptor(tokens) if tokens else None
         self.static_dir = Path(static_dir) if static_dir is not None else WEBUI_DIR
@@ -377,6 +402,13 @@ class WebApp:
         self.jobs = Jobs(ttl_s=job_ttl_s, max_running=max_jobs)
         self.renders = Renders(renders)
         self.sse_keepalive_s = sse_keepalive_s
+        self.max_streams = max_streams
+
+    @functools.cached_property
+    def stream_threads(self) -> anyio.CapacityLimiter:
+        """The threads event streams wait for news on (at most ``max_streams``: one per open
+        connection at most), apart from the endpoints' pool; made on the event loop, where it is used."""
+        return anyio.CapacityLimiter(self.max_streams)
 
     # -- registry views
 
@@ -433,113 +465,58 @@ def _progress_json(event: Event) -> dict | None:
     return out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """One request: route, authorize, run the endpoint, answer JSON (or PNG, text, events)."""
+def _json_response(status: int, obj: Any, headers: dict | None = None) -> Response:
+    """``obj`` as compact JSON (NaN and infinities as null), never cached."""
+    data = json.dumps(_finite(obj), allow_nan=False, separators=(",", ":")).encode()
+    return Response(data, status, {"Cache-Control": "no-store", **(headers or {})}, media_type="application/json")
 
-    protocol_version = "HTTP/1.1"
-    server_version = "rulewright"
-    sys_version = ""
-    timeout = IDLE_TIMEOUT_S                  # idle and slow clients are dropped (the server's setting wins)
+
+def _error_response(exc: BaseException, headers: dict | None = None) -> Response:
+    """The JSON error for ``exc`` (``error_body``), with ``WWW-Authenticate`` on 401 and ``Allow`` on 405."""
+    status, body = error_body(exc)
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="rulewright"'
+    if isinstance(exc, MethodNotAllowed):
+        headers["Allow"] = ", ".join(exc.allow)
+    return _json_response(status, body, headers)
+
+
+class _Handler:
+    """One request's endpoints, on a thread of Starlette's pool: ``answer`` authorizes and runs the
+    route's ``h_*`` method, which answers through ``_json`` / ``_send`` (or sets ``response``)."""
+
+    def __init__(self, app: WebApp, request: Request):
+        self.app = app
+        self.request = request
+        self.headers = request.headers
+        self.query = parse_qs(request.scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        self.principal = "anonymous"
+        self.close_connection = False    # set when the request's body is left unread: no request may follow it
+        self.response: Response | None = None
+
+    def answer(self, route: Route, params: dict[str, str]) -> Response:
+        """The response to this request on ``route``, an error as JSON."""
+        try:
+            self.principal = self._authorize(route)
+            getattr(self, "h_" + route.name)(**params)
+        except Exception as exc:  # noqa: BLE001 -- every error becomes a JSON answer; the server keeps serving
+            self._error(exc)
+        return self.response
 
     # -- plumbing
 
-    def setup(self):
-        self.timeout = self.server.idle_timeout_s
-        super().setup()
-        if isinstance(self.connection, ssl.SSLSocket):
-            self.connection.do_handshake()     # here, on this request's thread, not the accept loop
-
-    def log_message(self, format, *args):  # noqa: A002 -- http.server's signature; we log one JSON line instead
-        pass
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (bad request line, header too long, unknown method) as JSON errors."""
-        name = {501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 408: "DEADLINE_EXCEEDED"}.get(
-            code, "INVALID_ARGUMENT" if code < 500 else "INTERNAL")
-        body = {"error": {"code": name,
-                          "message": message or self.responses.get(code, ("",))[0], "reason": "BAD_HTTP_REQUEST",
-                          "domain": "rulewright.dev", "metadata": {}, "field_violations": []}}
-        self.close_connection = True
-        try:
-            self._send(code, "application/json", json.dumps(body).encode(), {"Connection": "close"})
-        except OSError:
-            pass
-
-    @property
-    def app(self) -> WebApp:
-        return self.server.app
-
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_HEAD(self):
-        self._dispatch("HEAD")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")             # no endpoint takes it: 405 with the methods it does take
-
-    def _dispatch(self, method: str) -> None:
-        started = time.perf_counter()
-        self._status, name, self._body_read = 0, "-", False
-        url = urlsplit(self.path)
-        self.query = parse_qs(url.query, keep_blank_values=True)
-        try:
-            route, params = match(method, url.path)
-            name = route.handler
-            self.principal = self._authorize(route)
-            getattr(self, "h_" + route.handler)(**params)
-        except Exception as exc:  # noqa: BLE001 -- every error becomes a JSON answer; the server keeps serving
-            if self._status:                  # already answering (a stream): nothing more can be said
-                level = logging.DEBUG if isinstance(exc, OSError) else logging.WARNING   # the client went away
-                log.log(level, "web response broken", exc_info=exc, extra={"event": "web_error", "route": name})
-            else:
-                self._error(exc)
-        if not self._body_read and int(self.headers.get("Content-Length") or 0):
-            self.close_connection = True      # an unread body would be taken for the next request
-        seconds = time.perf_counter() - started
-        log.info("http", extra={"event": "http", "method": method, "route": name, "status": self._status,
-                                "ms": round(seconds * 1e3, 2)})
-        metrics = self.app.domain.metrics
-        if metrics is not None:           # route names are ours, so the labels stay bounded
-            metrics.observe_http(name, self._status, seconds)
+    def _closing(self) -> dict:
+        return {"Connection": "close"} if self.close_connection else {}
 
     def _send(self, status: int, ctype: str, data: bytes, headers: dict | None = None) -> None:
-        self._status = status
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in {**_SECURITY_HEADERS, **(headers or {})}.items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self.response = Response(data, status, {**(headers or {}), **self._closing()}, media_type=ctype)
 
     def _json(self, status: int, obj: Any, headers: dict | None = None) -> None:
-        data = json.dumps(_finite(obj), allow_nan=False, separators=(",", ":")).encode()
-        self._send(status, "application/json", data, {"Cache-Control": "no-store", **(headers or {})})
+        self.response = _json_response(status, obj, {**(headers or {}), **self._closing()})
 
     def _error(self, exc: BaseException) -> None:
-        status, body = error_body(exc)
-        headers = {}
-        if status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="rulewright"'
-        if isinstance(exc, MethodNotAllowed):
-            headers["Allow"] = ", ".join(exc.allow)
-        self._json(status, body, headers)
+        self.response = _error_response(exc, self._closing())
 
     def _authorize(self, route: Route) -> str:
         """The principal for this request, after the host, origin and token checks."""
@@ -568,23 +545,18 @@ class _Handler(BaseHTTPRequestHandler):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.close_connection = True
             raise InvalidArgument("body", "send a Content-Length (chunked bodies are not accepted)")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            raise InvalidArgument("body", "Content-Length is not a number") from None
-        if length > self.app.max_body_bytes or length < 0:
+        length = int(self.headers.get("Content-Length") or 0)      # h11 has refused one that is not a number
+        if length > self.app.max_body_bytes:
             self.close_connection = True
             raise BodyTooLarge(f"request body of {length} bytes is over the limit of {self.app.max_body_bytes}",
                                limit=self.app.max_body_bytes)
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if length and ctype != "application/json":
             raise InvalidArgument("body", f"Content-Type must be application/json, got {ctype or 'none'!r}")
-        data = self.rfile.read(length) if length else b""
-        self._body_read = True
-        if len(data) != length:
-            self.close_connection = True
-            raise InvalidArgument("body", f"ended after {len(data)} of {length} bytes")
+        try:
+            data = anyio.from_thread.run(self.request.body) if length else b""    # read on the event loop
+        except ClientDisconnect:
+            raise InvalidArgument("body", f"the connection closed before the {length} bytes came") from None
         if not data.strip():
             return {}
         try:
@@ -850,137 +822,207 @@ class _Handler(BaseHTTPRequestHandler):
             # a reconnect after the last event: 204 tells EventSource to stop reconnecting
             self._send(204, "text/plain", b"")
             return
-        self._status = 200
-        self.close_connection = True
-        self.send_response(200)
-        for k, v in {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
-                     "X-Accel-Buffering": "no", "Connection": "close", **_SECURITY_HEADERS}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(b"retry: 2000\n\n")
+        self.response = StreamingResponse(self._events(found, after), 200, {
+            "Cache-Control": "no-store", "X-Accel-Buffering": "no", "Connection": "close"},
+            media_type="text/event-stream; charset=utf-8")
+
+    async def _events(self, found, after: int):
+        """The event stream after event ``after``, until the job is done or the server stops; runs on
+        the event loop and waits for news on a thread of ``stream_threads``."""
+        yield b"retry: 2000\n\n"
         while True:
-            events, finished = found.wait(after, self.app.sse_keepalive_s)
+            events, finished = await anyio.to_thread.run_sync(found.wait, after, self.app.sse_keepalive_s,
+                                                              abandon_on_cancel=True, limiter=self.app.stream_threads)
             chunk = b"".join(f"id: {i}\nevent: {name}\ndata: {json.dumps(_finite(data), allow_nan=False)}\n\n"
                              .encode() for i, name, data in events)
             if events:
                 after = events[-1][0]
-            self.wfile.write(chunk or b": keepalive\n\n")
-            self.wfile.flush()
+            yield chunk or b": keepalive\n\n"
             if finished:                      # the events came with the state, under one lock: nothing follows
                 return
 
 
-class _Server(ThreadingHTTPServer):
-    """A thread per connection, at most ``max_connections`` of them: more are answered 503 and closed."""
+# ---- the ASGI application ----------------------------------------------------------------------
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128          # listen backlog (socketserver's 5 stalls a burst of connects in SYN retries)
-    max_connections = MAX_CONNECTIONS
-    idle_timeout_s = IDLE_TIMEOUT_S
-    tls = False
+# Starlette's own refusals (no route, a method the route does not take) and any error outside an
+# endpoint, as the JSON errors every endpoint answers.
 
-    def server_activate(self):
-        super().server_activate()
-        self._slots = threading.BoundedSemaphore(self.max_connections)
+async def _no_route(request: Request, exc: HTTPException) -> Response:
+    return _error_response(RouteNotFound(f"no endpoint at {request.url.path}"))
 
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request)
+
+async def _wrong_method(request: Request, exc: HTTPException) -> Response:
+    allow = sorted((exc.headers or {}).get("Allow", "").split(", "))
+    return _error_response(MethodNotAllowed(f"{request.method} {request.url.path} is not an endpoint "
+                                            f"(allowed: {', '.join(allow)})", allow))
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    return _error_response(exc)
+
+
+class _RequestLog:
+    """ASGI middleware around the routes: every answer gets the security headers, a method no
+    endpoint knows answers 501, and each request ends with one JSON log line and its metrics."""
+
+    def __init__(self, app: ASGIApp, web: WebApp):
+        self.app = app
+        self.web = web
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+        started, status = time.perf_counter(), 0
 
-    def process_request_thread(self, request, client_address):
+        async def answer(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), *_RAW_SECURITY_HEADERS]}
+            await send(message)
+
         try:
-            super().process_request_thread(request, client_address)
+            if scope["method"] in _METHODS:
+                await self.app(scope, receive, answer)
+            else:
+                refusal = Refused(Code.UNIMPLEMENTED, "BAD_HTTP_REQUEST",
+                                  f"method {scope['method']!r} is not supported", http_status=501)
+                await _error_response(refusal)(scope, receive, answer)
         finally:
-            self._slots.release()
-
-    def _refuse(self, request) -> None:
-        """Over the cap: a short 503 (plaintext only; a TLS client just sees the close), never blocking
-        the accept loop."""
-        if not self.tls:
-            try:
-                request.setblocking(False)
-                request.send(_BUSY)
-            except OSError:
-                pass
-        self.shutdown_request(request)
-        log.warning("web connection refused", extra={"event": "web_busy", "max_connections": self.max_connections})
-
-    def handle_error(self, request, client_address):
-        # TLS handshakes that fail and clients that vanish mid-answer are routine: one debug line, no traceback
-        log.debug("web connection error", exc_info=True, extra={"event": "web_connection_error"})
+            seconds = time.perf_counter() - started
+            name = scope.get(_ROUTE_NAME, "-")
+            log.info("http", extra={"event": "http", "method": scope["method"], "route": name, "status": status,
+                                    "ms": round(seconds * 1e3, 2)})
+            metrics = self.web.domain.metrics
+            if metrics is not None:           # route names are ours, so the labels stay bounded
+                metrics.observe_http(name, status, seconds)
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+def asgi_app(web: WebApp) -> ASGIApp:
+    """The editor's ASGI application: ``ROUTES`` on Starlette, inside ``_RequestLog``."""
+    app = Starlette(routes=ROUTES, exception_handlers={404: _no_route, 405: _wrong_method, Exception: _internal})
+    app.router.redirect_slashes = False     # /api/models/ is no endpoint (404), not a redirect
+    app.state.web = web
+    return _RequestLog(app, web)
+
+
+# ---- the server ------------------------------------------------------------------------------
+
+class _Connection(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with the bounds it leaves to a proxy in front.
+
+    At most ``max_connections`` are open: one more is answered 503 at once and closed (uvicorn's
+    own ``limit_concurrency`` answers only a request that arrives, in plain text, so silent
+    connections would pile up). uvicorn's keep-alive timer (``timeout_keep_alive``) runs only
+    between requests; here it also runs before the first request and while a request is half
+    sent, so a silent or slow client cannot hold a connection. A request h11 cannot parse is
+    answered as JSON, like every other error.
+    """
+
+    def __init__(self, *args: Any, max_connections: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.write(_BUSY)
+            transport.close()                 # connection_lost takes it out of the count
+            log.warning("web connection refused", extra={"event": "web_busy", "max_connections": self.max_connections})
+            return
+        self._await_client()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._await_client()
+
+    def _await_client(self) -> None:
+        """Close the connection after ``timeout_keep_alive`` if the client owes the next bytes."""
+        if (self.transport.is_closing() or self.flow.read_paused
+                or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY)):
+            return                            # the server's turn (or reading paused until the app catches up)
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.transport.close)
+
+    def send_400_response(self, msg: str) -> None:
+        _, body = error_body(Refused(Code.INVALID_ARGUMENT, "BAD_HTTP_REQUEST", msg, http_status=400))
+        data = json.dumps(body).encode()
+        headers = [*self.server_state.default_headers, (b"content-type", b"application/json"),
+                   (b"content-length", str(len(data)).encode()), (b"connection", b"close"), *_RAW_SECURITY_HEADERS]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=data),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
 class WebServer:
-    """The HTTP side on ``address`` (port 0: a free one): ``start()``, then ``port``, ``url`` and
-    ``app``; ``stop()`` (also ``shutdown()``) stops it. ``options`` go to ``WebApp``.
+    """The HTTP side on ``address`` (port 0: a free one; ``[::1]:port`` for IPv6): ``start()``,
+    then ``port``, ``url`` and ``app``; ``stop()`` (also ``shutdown()``) stops it. ``options`` go
+    to ``WebApp``.
 
-    Like ``create_server``, it refuses a non-loopback address without tokens; binding happens in
-    the constructor (``OSError`` naming the address when it is taken).
+    Like ``create_server``, it refuses a non-loopback address without tokens; binding and loading
+    the TLS files happen in the constructor (``OSError`` naming the address when it is taken).
     """
 
     def __init__(self, domain, address: str = "127.0.0.1:0", tokens=None, static_dir: Path | str | None = None,
-                 serving: Callable[[], bool] | None = None, tls: ssl.SSLContext | None = None,
+                 serving: Callable[[], bool] | None = None, tls: TlsFiles | None = None,
                  max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S, **options: Any):
         check_auth_config(address, tokens)
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"web address must be host:port, got {address!r}")
         host = host.strip("[]") or "0.0.0.0"
-        base = _Server6 if ":" in host else _Server
-        cls = type(base.__name__, (base,), {"max_connections": max_connections, "idle_timeout_s": idle_timeout_s,
-                                            "tls": tls is not None})
+        self.app = WebApp(domain, tokens=tokens, static_dir=static_dir, serving=serving, max_streams=max_connections,
+                          **options)
+        tls = tls if tls is not None and tls.enabled else None
+        config = uvicorn.Config(
+            asgi_app(self.app), interface="asgi3", http=functools.partial(_Connection, max_connections=max_connections),
+            ws="none", lifespan="off", loop="asyncio", backlog=128, timeout_keep_alive=idle_timeout_s,
+            proxy_headers=False, server_header=False,
+            headers=[("Server", "rulewright")],
+            # our own JSON line per request; uvicorn's loggers only for its warnings, through the root handler
+            log_config=None, log_level=logging.WARNING, access_log=False,
+            ssl_certfile=tls and tls.cert, ssl_keyfile=tls and tls.key, ssl_ca_certs=tls and tls.client_ca,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE)
+        config.load()                         # here: a bad certificate or key fails the caller, not the thread
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self.httpd = cls((host, int(port)), _Handler)
+            self.socket.bind((host, int(port)))
         except OSError as exc:
+            self.socket.close()
             raise OSError(f"could not bind web address {address}: {exc.strerror or exc}") from None
-        if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
-        self.app = self.httpd.app = WebApp(domain, tokens=tokens, static_dir=static_dir, serving=serving, **options)
         self.address = address
-        self.port = self.httpd.server_address[1]
-        bound = self.httpd.server_address[0]
-        self.url = f"{'https' if tls is not None else 'http'}://{f'[{bound}]' if ':' in bound else bound}:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
+        self.port = self.socket.getsockname()[1]
+        bound = self.socket.getsockname()[0]
+        self.url = f"{'https' if tls else 'http'}://{f'[{bound}]' if ':' in bound else bound}:{self.port}"
+        # uvicorn off the main thread installs no signal handlers: SIGTERM stays the gRPC server's
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True,
                                        name="web")
 
     def start(self) -> "WebServer":
+        """Serve on the thread; returns once uvicorn listens."""
         self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the web server on {self.address} did not start (see the log)")
+            time.sleep(0.01)
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, cancel running jobs (they create nothing), end event streams, free the port."""
-        if self.thread.is_alive():
-            self.httpd.shutdown()
-        self.app.jobs.close(timeout)
-        self.httpd.server_close()
-        if self.thread.is_alive():
-            self.thread.join(timeout)
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop accepting, cancel running jobs (they create nothing), end event streams, free the port;
+        requests in flight have ``timeout`` seconds to finish."""
+        self.server.config.timeout_graceful_shutdown = timeout     # read by uvicorn's shutdown, which follows
+        self.server.should_exit = True
+        self.app.jobs.close(timeout)          # also wakes every event stream, which then ends
+        if self.thread.ident is None:
+            self.socket.close()               # never started
+        else:
+            self.thread.join(timeout + 1.0)
 
     shutdown = stop
-
-
-def ssl_context(cert: str | None, key: str | None, client_ca: str | None = None) -> ssl.SSLContext | None:
-    """A server TLS context from the gRPC server's PEM files (None without a certificate)."""
-    if not cert:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    if client_ca:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(client_ca)
-    return ctx
 
 
 def create_web_server(domain, address: str = "127.0.0.1:0", **kw: Any) -> WebServer:

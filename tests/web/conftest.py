@@ -112,7 +112,7 @@ def events(base: str, path: str, headers: dict | None = None, on_event=None, tim
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         out, block = [], {}
         while True:
-            line = resp.fp.readline()
+            line = resp.readline()
             if not line:
                 break
             line = line.decode().rstrip("\n")
