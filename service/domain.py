@@ -20,8 +20,10 @@
   cancelled statistic caches nothing.
 - ``statistics``: C for a layer through the cache (what rewrites and searches use);
   ``check_edit``: an edit spec checked against a model, as ``rewrite`` checks it.
-- ``set_alias(AliasRequest)``, ``rollback_alias``, ``export``: the registry work every
-  transport shares (compare-and-set alias moves; a version's whole weights).
+- ``set_alias(AliasRequest)``, ``rollback_alias``, ``export``, ``describe_model``, ``lineages``:
+  the registry work every transport shares (compare-and-set alias moves; a version's whole
+  weights; a model with its aliases and newest version; versions' lineages, read once per
+  ancestor: ``lineages(registry, versions)``).
 - ``import_model``: safetensors bytes (or an NVIDIA network pickle, converted first) checked
   against their declared architecture and config, then registered as a new model's version 1.
 
@@ -39,12 +41,12 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from rulewright.registry.errors import NotFound, Unavailable
-from rulewright.registry.manifests import AliasState, Version
+from rulewright.registry.manifests import AliasState, Model, Version
 from rulewright.registry.registry import Registry
 from rulewright.registry.stats_cache import StatsCache, open_stats_cache
 from rulewright.service.weights import Materializer, export_bytes
@@ -61,7 +63,7 @@ from .engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_saf
 from .engine.rewrite import rewrite as engine_rewrite
 from .batching import SampleBatcher
 from .limits import Limits, check_images
-from .requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, RewriteRequest, RewriteResult, SampleRequest,
+from .requests import (AliasRequest, DissectRequest, ModelSummary, DissectResult, LayersResult, RewriteRequest, RewriteResult, SampleRequest,
                        SampleResult, SearchRequest, SearchResult, StatisticResult, StatisticsRequest)
 from .statistics import KEY_MOMENT, VALUE_QUANTILE, Statistics
 from .engine.sampling import check_latents, latents, sample, to_uint8
@@ -451,6 +453,20 @@ class Domain:
         """
         return self.registry.rollback_alias(model, alias, etag=etag or None, reason=reason, author=author)
 
+    def describe_model(self, model: str | Model) -> ModelSummary:
+        """A model with its aliases and its newest version (None while it has none)."""
+        if isinstance(model, str):
+            model = self.registry.get_model(model)
+        try:
+            latest = self.registry.resolve(model.name).number
+        except NotFound:
+            latest = None
+        return ModelSummary(model, latest, self.registry.list_aliases(model.name))
+
+    def lineages(self, versions: Sequence[Version]) -> list[list[int]]:
+        """The lineage (root first) of each version (``lineages``)."""
+        return lineages(self.registry, versions)
+
     def export(self, model: str, number: int) -> tuple[Version, bytes]:
         """A version and its whole weights as one safetensors file."""
         version = self.registry.get_version(model, number)
@@ -497,6 +513,27 @@ class Domain:
         return self.registry.import_model(name, arch=detected, config=_json_metrics(derived), weights=data,
                                           author=author, description=description, spec=spec, metrics=metrics,
                                           request_id=request_id)
+
+
+def lineages(registry: Registry, versions: Sequence[Version]) -> list[list[int]]:
+    """The lineage (root first) of each version. Versions are immutable and name their parent, so
+    one parent map serves the whole list: only ancestors outside it are read from the store, once."""
+    parents: dict[tuple[str, int], int | None] = {(v.model, v.number): v.parent for v in versions}
+
+    def lineage(model: str, number: int) -> list[int]:
+        chain, current = [], number
+        while current is not None:
+            if current in chain:
+                return [x.number for x in registry.get_lineage(model, number)]   # let it name the damage
+            chain.append(current)
+            if (model, current) not in parents:
+                for ancestor in registry.get_lineage(model, current):
+                    parents[(model, ancestor.number)] = ancestor.parent
+            current = parents[(model, current)]
+        return chain[::-1]
+
+    return [lineage(v.model, v.number) for v in versions]
+
 
 
 @contextlib.contextmanager

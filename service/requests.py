@@ -10,7 +10,7 @@ any work, and ``Domain`` calls it first):
 - ``RewriteRequest``: an edit spec (the ``examples/edits/*.json`` form) run on a version.
 - ``AliasRequest``: move (or unset) an alias under a compare-and-set expectation.
 
-Results: ``SampleResult``, ``LayersResult``, ``SearchResult``, ``DissectResult``,
+Results: ``ModelSummary``, ``SampleResult``, ``LayersResult``, ``SearchResult``, ``DissectResult``,
 ``StatisticResult``, ``RewriteResult``. Each carries the resolved ``Version`` (so answers can
 echo it) and what a transport needs to render it (the image resolution for heatmaps), so no
 transport reaches into a generator.
@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from rulewright.registry.manifests import Version
+from rulewright.registry.manifests import AliasState, Model, Version
 from rulewright.registry.stats_cache import StatsKey
 
 from .engine.dissect import DEFAULT_QUANTILE, Intervention, UnitScore
@@ -242,6 +242,15 @@ class AliasRequest:
 
 
 # ---- results ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelSummary:
+    """A model, its newest version (None while it has none) and its aliases."""
+
+    model: Model
+    latest: int | None
+    aliases: list[AliasState]
+
 
 @dataclasses.dataclass
 class SampleResult:

@@ -1,4 +1,4 @@
-"""Protobuf messages to and from the domain's values (the only server module that touches torch).
+"""Protobuf messages to and from the domain's values; nothing here calls the registry or the engine.
 
 - Names: ``model_name``, ``version_name``, ``parse_model``, ``parse_version``, ``parse_alias``.
 - Resources: ``model_pb``, ``version_pb``, ``alias_pb``, ``alias_move_pb``, ``layer_pb``.
@@ -30,8 +30,6 @@ import torch
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from PIL import Image as PILImage
 
-from rulewright.registry.errors import NotFound
-from rulewright.registry.registry import Registry
 from rulewright.service.domain import KEY_MOMENT, VALUE_QUANTILE, _json_metrics
 from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention
 from rulewright.service.engine.errors import InvalidArgument
@@ -39,7 +37,7 @@ from rulewright.service.errors import Code, Error
 from rulewright.service.limits import check_images
 from rulewright.service.engine.progress import Event
 from rulewright.service.engine.regions import Region
-from rulewright.service.requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, RewriteRequest, RewriteResult,
+from rulewright.service.requests import (AliasRequest, DissectRequest, ModelSummary, DissectResult, LayersResult, RewriteRequest, RewriteResult,
                                          SampleRequest, SearchRequest, SearchResult, StatisticResult,
                                          StatisticsRequest)
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
@@ -109,41 +107,19 @@ def alias_move_pb(entry) -> resources_pb2.AliasMove:
                                    etag=entry.etag)
 
 
-def model_pb(registry: Registry, model) -> resources_pb2.Model:
-    try:
-        latest = registry.resolve(model.name).number
-    except NotFound:
-        latest = 0
+def model_pb(summary: ModelSummary) -> resources_pb2.Model:
+    """A model with its aliases and newest version (0: none) as a message."""
+    model = summary.model
     return resources_pb2.Model(
         name=model_name(model.name), arch=model.arch, config_json=json.dumps(model.config, sort_keys=True),
         description=model.description, author=model.author, create_time=_time(model.created_at),
-        aliases=[alias_pb(a) for a in registry.list_aliases(model.name)], latest_version=latest)
+        aliases=[alias_pb(a) for a in summary.aliases], latest_version=summary.latest or 0)
 
 
-def lineages(registry: Registry, versions) -> list[list[int]]:
-    """The lineage (root first) of each version. Versions are immutable and name their parent, so
-    one parent map serves the whole list: only ancestors outside it are read from the store, once."""
-    parents: dict[tuple[str, int], int | None] = {(v.model, v.number): v.parent for v in versions}
-
-    def lineage(model: str, number: int) -> list[int]:
-        chain, current = [], number
-        while current is not None:
-            if current in chain:
-                return [x.number for x in registry.get_lineage(model, number)]   # let it name the damage
-            chain.append(current)
-            if (model, current) not in parents:
-                for ancestor in registry.get_lineage(model, current):
-                    parents[(model, ancestor.number)] = ancestor.parent
-            current = parents[(model, current)]
-        return chain[::-1]
-
-    return [lineage(v.model, v.number) for v in versions]
-
-
-def version_pbs(registry: Registry, versions) -> list[resources_pb2.Version]:
-    """Versions as messages, lineages included (see ``lineages``)."""
+def version_pbs(versions, chains: list[list[int]]) -> list[resources_pb2.Version]:
+    """Versions as messages with their lineages (root first; ``Domain.lineages``)."""
     out = []
-    for v, chain in zip(versions, lineages(registry, versions)):
+    for v, chain in zip(versions, chains):
         kind = {"import": resources_pb2.Version.KIND_IMPORT, "edit": resources_pb2.Version.KIND_EDIT}[v.kind]
         out.append(resources_pb2.Version(
             name=version_name(v), number=v.number, parent_version=v.parent or 0, kind=kind,
@@ -154,9 +130,9 @@ def version_pbs(registry: Registry, versions) -> list[resources_pb2.Version]:
     return out
 
 
-def version_pb(registry: Registry, v) -> resources_pb2.Version:
-    """One version as a message (its lineage read from the store)."""
-    return version_pbs(registry, [v])[0]
+def version_pb(v, chain: list[int]) -> resources_pb2.Version:
+    """One version as a message with its lineage."""
+    return version_pbs([v], [chain])[0]
 
 
 def layer_pb(info) -> gen.LayerInfo:
@@ -375,11 +351,12 @@ def progress_pb(event: Event) -> gen.Progress | None:
     return msg
 
 
-def rewrite_result_pb(registry: Registry, result: RewriteResult) -> gen.RewriteResult:
+def rewrite_result_pb(result: RewriteResult, chain: list[int] | None) -> gen.RewriteResult:
+    """Rewrite's result; ``chain`` is the new version's lineage (None for a dry run)."""
     out = gen.RewriteResult(parent=version_name(result.parent), spec_json=json.dumps(result.edit.spec, sort_keys=True),
                             metrics=_struct(result.edit.metrics), dry_run=result.version is None)
     if result.version is not None:
-        out.version.CopyFrom(version_pb(registry, result.version))
+        out.version.CopyFrom(version_pb(result.version, chain or []))
     return out
 
 
@@ -557,6 +534,6 @@ IMPORT_FIELDS = {"weights": "chunk", "arch": "metadata.arch", "config": "metadat
                  "model": "metadata.model_id", "name": "metadata.model_id"}
 
 
-def import_pb(registry: Registry, version) -> reg.ImportModelResponse:
-    return reg.ImportModelResponse(model=model_pb(registry, registry.get_model(version.model)),
-                                   version=version_pb(registry, version))
+def import_pb(summary: ModelSummary, version) -> reg.ImportModelResponse:
+    """ImportModel's answer: the new model and its version 1."""
+    return reg.ImportModelResponse(model=model_pb(summary), version=version_pb(version, [version.number]))

@@ -117,7 +117,8 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
             if result.previews is not None:
                 emit(gen.RewriteResponse(preview=gen.RewritePreview(images=convert.images_pb(
                     result.previews, request.preview_format, list(request.preview_seeds)))))
-            emit(gen.RewriteResponse(result=convert.rewrite_result_pb(self.domain.registry, result)))
+            chain = self.domain.lineages([result.version])[0] if result.version is not None else None
+            emit(gen.RewriteResponse(result=convert.rewrite_result_pb(result, chain)))
         yield from _streamed(self.workers, context, work)
 
 
@@ -129,21 +130,24 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
         self.registry = domain.registry
         self.max_import_bytes = max_import_bytes    # ImportModel uploads above it: RESOURCE_EXHAUSTED
 
+    def _version_pb(self, version):
+        return convert.version_pb(version, self.domain.lineages([version])[0])
+
     @rpc(fields=convert.IMPORT_FIELDS)
     def ImportModel(self, request_iterator, context):
         meta, data = convert.import_upload(request_iterator, self.max_import_bytes)
         version = self.domain.import_model(data=data, author=current_principal(), **convert.import_args(meta))
-        return convert.import_pb(self.registry, version)
+        return convert.import_pb(self.domain.describe_model(version.model), version)
 
     @rpc()
     def ListModels(self, request, context):
         page = self.registry.list_models(request.page_size, request.page_token)
-        return reg.ListModelsResponse(models=[convert.model_pb(self.registry, m) for m in page.items],
+        return reg.ListModelsResponse(models=[convert.model_pb(self.domain.describe_model(m)) for m in page.items],
                                       next_page_token=page.next_page_token)
 
     @rpc(fields=NAME_FIELDS)
     def GetModel(self, request, context):
-        return convert.model_pb(self.registry, self.registry.get_model(convert.parse_model(request.name)))
+        return convert.model_pb(self.domain.describe_model(convert.parse_model(request.name)))
 
     @rpc(fields=NAME_FIELDS)
     def DeleteModel(self, request, context):
@@ -154,12 +158,12 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
     def ListVersions(self, request, context):
         page = self.registry.list_versions(convert.parse_model(request.parent, "parent"), request.page_size,
                                            request.page_token)
-        return reg.ListVersionsResponse(versions=convert.version_pbs(self.registry, page.items),
+        return reg.ListVersionsResponse(versions=convert.version_pbs(page.items, self.domain.lineages(page.items)),
                                         next_page_token=page.next_page_token)
 
     @rpc(fields=NAME_FIELDS)
     def GetVersion(self, request, context):
-        return convert.version_pb(self.registry, self.registry.get_version(*convert.parse_version(request.name)))
+        return self._version_pb(self.registry.get_version(*convert.parse_version(request.name)))
 
     @rpc(fields=NAME_FIELDS)
     def DeleteVersion(self, request, context):
@@ -170,7 +174,7 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
     @rpc(fields=NAME_FIELDS)
     def ExportVersion(self, request, context):
         version, data = self.domain.export(*convert.parse_version(request.name))
-        yield from convert.export_stream(convert.version_pb(self.registry, version), data)
+        yield from convert.export_stream(self._version_pb(version), data)
 
     @rpc(fields=NAME_FIELDS)
     def SetAlias(self, request, context):

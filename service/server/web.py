@@ -413,17 +413,15 @@ class WebApp:
     # -- registry views
 
     def model_json(self, m) -> dict:
-        registry = self.domain.registry
-        try:
-            latest = registry.resolve(m.name).number
-        except LookupError:
-            latest = None
+        """A model as ``GET /api/models`` lists it."""
+        summary = self.domain.describe_model(m)
+        latest = summary.latest
         resolution = (m.config or {}).get("resolution")
         if resolution is None and latest is not None:
             resolution = self.domain.list_layers(f"{m.name}/{latest}").resolution
         return {"name": m.name, "arch": m.arch, "latest_version": latest, "resolution": resolution,
                 "z_dim": (m.config or {}).get("z_dim"), "description": m.description,
-                "aliases": {a.alias: a.version for a in registry.list_aliases(m.name)}}
+                "aliases": {a.alias: a.version for a in summary.aliases}}
 
     def alias_json(self, state) -> dict:
         history = _pages(lambda size, token: self.domain.registry.alias_history(state.model, state.alias, size, token))
@@ -613,7 +611,7 @@ class _Handler:
     def h_versions(self, model: str) -> None:
         registry = self.app.domain.registry
         versions = _pages(lambda size, token: registry.list_versions(model, size, token))
-        chains = convert.lineages(registry, versions)
+        chains = self.app.domain.lineages(versions)
         self._json(200, {"versions": [_version_json(v, chain) for v, chain in zip(versions, chains)],
                          "aliases": [self.app.alias_json(a) for a in registry.list_aliases(model)]})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from types import SimpleNamespace
 
+from rulewright.service.domain import lineages
 from rulewright.service.server import convert
 
 
@@ -34,7 +35,7 @@ class CountingRegistry:
 def test_a_page_of_versions_needs_no_lineage_reads_for_ancestors_on_the_page():
     registry = CountingRegistry()
     page = [registry.versions[n] for n in range(1, 10)]
-    out = convert.version_pbs(registry, page)
+    out = convert.version_pbs(page, lineages(registry, page))
     assert [list(m.lineage) for m in out] == [list(range(1, n + 1)) for n in range(1, 10)]
     assert registry.reads == 0
 
@@ -42,6 +43,6 @@ def test_a_page_of_versions_needs_no_lineage_reads_for_ancestors_on_the_page():
 def test_ancestors_off_the_page_are_read_once():
     registry = CountingRegistry()
     page = [registry.versions[n] for n in range(6, 10)]         # the page starts at version 6
-    out = convert.version_pbs(registry, page)
+    out = convert.version_pbs(page, lineages(registry, page))
     assert list(out[-1].lineage) == list(range(1, 10))
     assert registry.reads == 5                                   # versions 5..1, once
