@@ -247,7 +247,10 @@ def create_server(
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
-    jobs.resume()                     # jobs a stopped server left unfinished, from their state in the store
+    try:
+        jobs.resume()                 # jobs a stopped server left unfinished, from their state in the store
+    except Exception as exc:  # noqa: BLE001 -- an unreachable store must not keep the server from serving
+        log.warning("dataset jobs not resumed", extra={"event": "dataset_jobs_not_resumed", "error": str(exc)})
     stop = server.stop
 
     def stop_all(grace):

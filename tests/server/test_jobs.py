@@ -261,3 +261,24 @@ def test_restart_resumes_without_duplicating_shards(domain, tmp_path):
         channel.close()
         server.stop(0).wait()
         again.close()
+
+
+def test_an_unreachable_store_at_start_does_not_keep_the_server_down(domain, monkeypatch):
+    from rulewright.registry.errors import Reason, Unavailable
+
+    list_children = domain.registry.store.list_children
+
+    def down(prefix):                  # the jobs' part of the store is unreachable
+        if prefix.startswith(PREFIX):
+            raise Unavailable(Reason.STORE_UNAVAILABLE, "store down")
+        return list_children(prefix)
+    monkeypatch.setattr(domain.registry.store, "list_children", down)
+    server, channel = _server(domain, LocalExecutor(domain, max_workers=1))
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            operations_pb2_grpc.OperationsStub(channel).ListOperations(operations_pb2.ListOperationsRequest(),
+                                                                      timeout=BOUND_S)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        channel.close()
+        server.stop(0).wait()
