@@ -5,7 +5,10 @@ file of the packages below and writes ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_gr
 into the build directory, so they land in every wheel and never in the source tree. The proto
 root is this folder: a file's path under it is its import path (``rulewright/v1/x.proto`` →
 ``rulewright.v1.x_pb2``), which is why the Open Inference Protocol file lives under
-``rulewright/inference/`` although its proto package is ``inference``.
+``rulewright/inference/`` although its proto package is ``inference``. ``google/`` holds copies of
+the googleapis protos the API imports (``google/longrunning/operations.proto`` and what it
+imports): protoc reads them to compile our files, but they are not generated here; their Python
+modules come from googleapis-common-protos at run time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ PACKAGES = {
         "- ``generator_service_pb2(_grpc)``: GeneratorService (ListLayers, Sample, Dissect, SearchContext,\n"
         "  ComputeStatistics, Rewrite) and its messages.\n"
         "- ``registry_service_pb2(_grpc)``: RegistryService (models, versions, aliases).\n"
+        "- ``jobs_service_pb2(_grpc)``: JobService (CreateDatasetJob, a google.longrunning.Operation) and\n"
+        "  DatasetJob, DatasetShard, DatasetJobMetadata.\n"
         "- ``resources_pb2``: Model, Version, Blob, Alias, AliasMove.\n"
         "- ``edit_pb2``: EditSpec, KeepSpec, StatisticsSpec, EraseSpec.\n"
         "- ``images_pb2``: Image, ImageFormat, Box, Mask, Region.\n"

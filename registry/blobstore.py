@@ -206,6 +206,11 @@ class BlobStore(abc.ABC):
             limit: at most this many keys (None: all).
         """
 
+    def document_uri(self, key: str) -> str:
+        """Where document ``key`` can be read without this API (``file://...``, ``s3://...``), for
+        readers such as the ``webdataset`` library; a backend without such a place raises."""
+        raise NotImplementedError(f"{type(self).__name__} has no URI for its documents")
+
     @abc.abstractmethod
     def list_children(self, prefix: str) -> list[str]:
         """Names of the folders directly under ``prefix`` (ending in ``/``), sorted."""

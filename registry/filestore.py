@@ -202,6 +202,10 @@ class FileStore(BlobStore):
                 break
             parent = parent.parent
 
+    def document_uri(self, key: str) -> str:
+        """``file://`` URI of document ``key`` (its file under ``root/docs``)."""
+        return self._doc_path(key).as_uri()
+
     def list_keys(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         """Walk the folder holding ``prefix`` and filter; sorted like S3 (byte order)."""
         head, _, _ = prefix.rpartition("/")

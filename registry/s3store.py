@@ -476,6 +476,10 @@ class S3Store(BlobStore):
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, f"delete {key}") from exc
 
+    def document_uri(self, key: str) -> str:
+        """``s3://bucket/...`` URI of document ``key``."""
+        return f"s3://{self.bucket}/{self._doc_key(key)}"
+
     def list_keys(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         """``ListObjectsV2`` from ``StartAfter`` (S3 lists in byte order, as the contract requires)."""
         base = f"{self._base}docs/"

@@ -6,15 +6,20 @@
 - ``bucket(n)``: the padded size of an n-image forward pass (a power of two, at least 4).
 - ``check_latents(z, z_dim)``: raw latents must be finite (N, z_dim) floats (InvalidArgument).
 - ``to_uint8(images)``: (N, H, W, 3) uint8 pixels for PNG or raw RGB8.
+- ``png_bytes(pixels)``: one (H, W, 3) uint8 image as PNG: the one encoder Sample and dataset
+  jobs share, so a job's image is byte-identical to Sample's for the same (version, seed, truncation).
 - ``grid(images, columns)``: one (H, W, 3) uint8 album of many images.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image as PILImage
 
 from .generators.base import Generator
 
@@ -112,6 +117,14 @@ def sample(
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """One (H, W, 3) uint8 image as PNG bytes (deterministic: same pixels, same bytes)."""
+    buf = io.BytesIO()
+    # compress_level 1: PNG's lossless either way; fast beats a few percent smaller for sampling.
+    PILImage.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -> torch.Tensor:

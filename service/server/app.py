@@ -1,8 +1,9 @@
 """Server construction, apart from the servicers: message sizes, health, reflection, shutdown, logs.
 
 - ``create_server(domain, address="127.0.0.1:0", ...) -> (server, port)``: a started gRPC server
-  with both services, the Open Inference Protocol (``oip``), ``grpc.health.v1`` and reflection;
-  port 0 binds a free port (tests).
+  with both services, dataset jobs (``jobs``: JobService and ``google.longrunning.Operations``;
+  unfinished jobs in the store resume), the Open Inference Protocol (``oip``),
+  ``grpc.health.v1`` and reflection; port 0 binds a free port (tests).
   ``tokens`` (``auth.Token`` entries) turn bearer-token auth on; without them the address must
   be loopback (``auth.AuthConfigError`` otherwise).
 - ``serve(config)``: runs a ``config.ServeConfig`` (defaults: the embedded server: filesystem
@@ -37,13 +38,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from google.longrunning import operations_pb2, operations_pb2_grpc
+
 from rulewright.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
+from rulewright.v1 import jobs_service_pb2 as jobs_pb, jobs_service_pb2_grpc as jobs_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
 from .auth import AuthInterceptor, check_auth_config, is_loopback
 from .metrics import rewrap
 from .oip import SERVICE_NAME as OIP_SERVICE, InferenceServicer
+from .jobs import JobServicer, OperationsServicer
 from .servicers import MAX_IMPORT_BYTES, GeneratorServicer, RegistryServicer
 
 log = logging.getLogger(__name__)
@@ -52,7 +57,9 @@ AUTO_WEB_ADDRESS = "127.0.0.1:8080"   # the HTTP side of the embedded default (w
 MAX_MESSAGE_BYTES = 64 << 20      # requests and responses (a 64-image PNG album fits easily)
 GRACE_S = 10.0                    # in-flight RPCs get this long on shutdown
 SERVICES = (gen.DESCRIPTOR.services_by_name["GeneratorService"].full_name,
-            reg.DESCRIPTOR.services_by_name["RegistryService"].full_name, OIP_SERVICE)
+            reg.DESCRIPTOR.services_by_name["RegistryService"].full_name, OIP_SERVICE,
+            jobs_pb.DESCRIPTOR.services_by_name["JobService"].full_name,
+            operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name)
 
 
 RESERVED_WORKERS = 4              # pool threads only probes and discovery use (see WorkLimiter)
@@ -192,8 +199,11 @@ def create_server(
     credentials: grpc.ServerCredentials | None = None,  # TLS or mTLS (see tls.py); None: plaintext
     metrics=None,                               # metrics.Metrics: counts every RPC, batch and cache lookup
     max_import_bytes: int = MAX_IMPORT_BYTES,   # largest ImportModel upload
+    job_workers: int = 2,                       # dataset shards rendered at once (the local executor)
+    job_executor=None,                          # jobs.Executor where shards run; None: a local thread pool
 ) -> tuple[grpc.Server, int]:
-    """A started server with GeneratorService, RegistryService, the OIP service, health and reflection."""
+    """A started server with GeneratorService, RegistryService, JobService and google.longrunning.Operations,
+    the OIP service, health and reflection; unfinished dataset jobs in the store resume."""
     check_auth_config(address, tokens)
     # Metrics outermost, so refused calls (UNAUTHENTICATED, PERMISSION_DENIED, busy) are counted too.
     limiter = WorkLimiter(max_workers)
@@ -213,6 +223,11 @@ def create_server(
     server.generator_servicer = GeneratorServicer(domain)
     gen_grpc.add_GeneratorServiceServicer_to_server(server.generator_servicer, server)
     reg_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(domain, max_import_bytes), server)
+    from rulewright.service.jobs import DatasetJobs
+
+    jobs = server.jobs = DatasetJobs(domain, job_executor, max_workers=job_workers)
+    jobs_grpc.add_JobServiceServicer_to_server(JobServicer(jobs), server)
+    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(jobs), server)
     if health_servicer is None:
         health_servicer = health.HealthServicer()
         set_health(health_servicer, bool(domain.registry.list_models(page_size=1).items))
@@ -232,11 +247,17 @@ def create_server(
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
+    try:
+        jobs.resume()                 # jobs a stopped server left unfinished, from their state in the store
+    except Exception as exc:  # noqa: BLE001 -- an unreachable store must not keep the server from serving
+        log.warning("dataset jobs not resumed", extra={"event": "dataset_jobs_not_resumed", "error": str(exc)})
     stop = server.stop
 
     def stop_all(grace):
-        """grpc.Server.stop, and the store watch with it."""
+        """grpc.Server.stop, and the store watch and this server's job runners with it (their jobs resume
+        on the next start)."""
         watch.stop()
+        jobs.close()
         return stop(grace)
     server.stop = stop_all
     return server, port
@@ -292,7 +313,8 @@ def serve(config, on_ready=None) -> int:
         server, port = create_server(domain, config.address, max_message_bytes=int(config.max_message_mb * 2**20),
                                      max_workers=config.max_workers, health_servicer=health_servicer, tokens=tokens,
                                      credentials=credentials, metrics=metrics,
-                                     max_import_bytes=int(config.max_import_mb * 2**20))
+                                     max_import_bytes=int(config.max_import_mb * 2**20),
+                                     job_workers=config.job_workers)
         log.info("listening", extra={"event": "listening", "address": config.address, "port": port,
                                      "auth": bool(tokens), "tls": "mutual" if config.tls_client_ca else bool(credentials),
                                      "registry": domain.registry.store.uri,

@@ -42,6 +42,8 @@ ANONYMOUS = "anonymous"
 _GEN = "/rulewright.v1.GeneratorService/"
 _REG = "/rulewright.v1.RegistryService/"
 _OIP = "/inference.GRPCInferenceService/"
+_JOBS = "/rulewright.v1.JobService/"
+_OPS = "/google.longrunning.Operations/"
 METHOD_ROLES: dict[str, str] = {
     **{_GEN + m: "reader" for m in ("ListLayers", "Sample", "Dissect", "SearchContext")},
     **{_GEN + m: "editor" for m in ("Rewrite", "ComputeStatistics")},
@@ -49,6 +51,10 @@ METHOD_ROLES: dict[str, str] = {
                                     "ListAliasHistory")},
     **{_REG + m: "admin" for m in ("ImportModel", "DeleteModel", "DeleteVersion", "SetAlias",
                                    "RollbackAlias")},
+    # Jobs: anyone who may sample may watch; starting, cancelling and deleting bulk work is an editor's.
+    **{_OPS + m: "reader" for m in ("GetOperation", "ListOperations", "WaitOperation")},
+    **{_OPS + m: "editor" for m in ("CancelOperation", "DeleteOperation")},
+    _JOBS + "CreateDatasetJob": "editor",
     **{_OIP + m: "reader" for m in ("ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")},
 }
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",

@@ -82,6 +82,7 @@ SETTINGS = (
     Setting("max_import_mb", float, 2048.0, "largest ImportModel upload in MiB"),
     Setting("max_message_mb", float, 64.0, "largest gRPC request or response in MiB"),
     Setting("max_workers", int, 16, "RPCs served at once"),
+    Setting("job_workers", int, 2, "dataset-job shards rendered at once by the server's own worker pool"),
     Setting("grace_s", float, 10.0, "seconds in-flight RPCs get to finish after SIGTERM or SIGINT"),
     Setting("max_images", int, 64, "most images one Sample, OIP ModelInfer or Rewrite preview may ask for"),
     Setting("max_search_seeds", int, 10000, "most candidate seeds one SearchContext (or an edit's target search) may rank"),
@@ -164,7 +165,7 @@ def resolve(args: argparse.Namespace | None = None, environ: dict | None = None)
 
 def _check(c: "ServeConfig") -> None:
     for name in ("max_batch", "max_resident", "max_workers", "max_images", "max_search_seeds", "max_regions",
-                 "max_stats_samples", "max_mask_pixels", "s3_max_attempts", "web_max_connections"):
+                 "max_stats_samples", "max_mask_pixels", "s3_max_attempts", "web_max_connections", "job_workers"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
     for name in ("batch_delay_ms", "memory_budget_mb", "grace_s", "max_import_mb", "max_message_mb"):

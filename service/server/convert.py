@@ -36,6 +36,7 @@ from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.errors import Code, Error
 from rulewright.service.limits import check_images
 from rulewright.service.engine.progress import Event
+from rulewright.service.engine.sampling import png_bytes
 from rulewright.service.engine.regions import Region
 from rulewright.service.requests import (AliasRequest, DissectRequest, ModelSummary, DissectResult, LayersResult, RewriteRequest, RewriteResult,
                                          SampleRequest, SearchRequest, SearchResult, StatisticResult,
@@ -251,9 +252,7 @@ def images_pb(images: torch.Tensor, fmt: int, seeds: Sequence[int] | None = None
         if raw:
             data = img.tobytes()
         else:
-            buf = io.BytesIO()
-            PILImage.fromarray(img).save(buf, format="PNG", compress_level=1)
-            data = buf.getvalue()
+            data = png_bytes(img)
         msg = images_pb2.Image(format=images_pb2.IMAGE_FORMAT_RAW_RGB8 if raw else images_pb2.IMAGE_FORMAT_PNG,
                                width=img.shape[1], height=img.shape[0], data=data)
         if seeds:

@@ -189,3 +189,37 @@ def test_serve_without_the_server_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "rulewright.service.cli", None)   # as if only the client were installed
     assert cli.main(["serve", "--address", "127.0.0.1:0"]) == 2
     assert capsys.readouterr().err == "rulewright serve needs the server: pip install rulewright\n"
+
+
+def test_dataset_create_get_list_cancel(rw, client):
+    code, out, err = rw("dataset", "create", "tiny@production", "--seeds", "0-19", "--shard-size", "10",
+                        "--request-id", "cli-dataset")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    name = first.split("\t")[0]
+    assert name.startswith("operations/") and "\tsucceeded\tmodels/tiny/versions/1\tshards 2/2\timages 20/20" in first
+    assert "manifest " in out and out.count("sha256 ") == 2
+    assert "dataset" in err                                        # the progress bar, on stderr
+
+    job = client.dataset_job(name)
+    assert job.state == "succeeded" and [s.samples for s in job.shards] == [10, 10]
+    for shard in job.shards:                                      # the shard's sha256 as the manifest recorded it
+        path = shard.uri.removeprefix("file://")
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == shard.sha256
+
+    code, out, _ = rw("dataset", "get", name.split("/")[1])
+    assert code == 0 and out.startswith(name) and out.count(".tar\t") == 2
+    code, out, _ = rw("dataset", "list")
+    assert code == 0 and name in out
+    code, out, _ = rw("dataset", "cancel", name)                  # a finished job stays finished
+    assert code == 0 and "\tsucceeded\t" in out
+    code, out, _ = rw("dataset", "create", "tiny", "--seeds", "0-19", "--shard-size", "10",
+                      "--request-id", "cli-dataset", "--no-wait")  # the same request id: the same job
+    assert code == 0 and out.startswith(name)
+
+
+def test_dataset_create_refuses_bad_input(rw):
+    code, _, err = rw("dataset", "create", "tiny", "--seeds", "9-3")
+    assert code == 2 and "non-empty range" in err
+    code, _, err = rw("dataset", "create", "tiny", "--seeds", "0-9", "--shard-size", "20000")
+    assert code == 1 and "shard_size" in err

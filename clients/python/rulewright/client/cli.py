@@ -1,7 +1,8 @@
 """The ``rulewright`` command: sample, dissect, rewrite and manage versions over the API.
 
 Subcommands: ``models``, ``layers``, ``sample``, ``dissect``, ``rewrite``, ``versions``,
-``aliases``, ``alias set``, ``alias history``, ``rollback``, ``export``, and ``serve`` (the
+``aliases``, ``alias set``, ``alias history``, ``rollback``, ``export``, ``dataset create|get|list|cancel``
+(bulk image sets as WebDataset shards, a long-running job), and ``serve`` (the
 server itself, when it is installed: ``pip install rulewright``). Errors print the server's
 message and one line per field violation and exit 1; usage errors exit 2.
 """
@@ -21,7 +22,7 @@ from .client import Client
 from .errors import RulewrightError
 from .images import draw_boxes, grid, heatmap_overlay
 from .spec import edit_spec_pb, parse_region, parse_seeds
-from .types import Progress, RewriteResult
+from .types import DatasetJob, Progress, RewriteResult
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 SERVE_MISSING = "rulewright serve needs the server: pip install rulewright"
@@ -32,6 +33,18 @@ def _seeds(text: str) -> list[int]:
         return parse_seeds(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seed_range(text: str) -> range:
+    """``A-B`` (inclusive) or one seed ``A``: a dataset job's seeds are one contiguous range."""
+    lo, dash, hi = text.partition("-")
+    try:
+        first, last = int(lo), int(hi if dash else lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: expected a range like 0-9999") from None
+    if last < first or first < 0:
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: expected a non-empty range of seeds >= 0")
+    return range(first, last + 1)
 
 
 def _region(text: str) -> dict[str, Any]:
@@ -244,6 +257,59 @@ def cmd_export(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_job(job: DatasetJob, shards: bool = False) -> None:
+    print(f"{job.name}\t{job.state}\t{job.version}\tshards {job.shards_done}/{job.shards_total}"
+          f"\timages {job.images_done}/{job.images_total}" + (f"\t{job.error}" if job.error else ""))
+    if job.manifest_uri:
+        print(f"manifest {job.manifest_uri}")
+    for s in job.shards if shards else ():
+        print(f"{s.uri}\t{s.samples} images\tsha256 {s.sha256}")
+
+
+def _follow(client: Client, job: DatasetJob, quiet: bool) -> DatasetJob:
+    """Wait for a job with an images progress bar on stderr; Ctrl-C leaves the job running."""
+    bar = None if quiet else tqdm(total=job.images_total, desc="dataset", unit="image", file=sys.stderr,
+                                  dynamic_ncols=True)
+    try:
+        for job in client.watch_dataset_job(job.name):
+            if bar is not None:
+                bar.update(job.images_done - bar.n)
+                bar.set_postfix(shards=f"{job.shards_done}/{job.shards_total}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return job
+
+
+def cmd_dataset_create(client: Client, args: argparse.Namespace) -> int:
+    job = client.create_dataset_job(args.model, args.seeds, shard_size=args.shard_size, truncation=args.truncation,
+                                    request_id=args.request_id)
+    print(f"started {job.name} ({job.version}, {job.shards_total} shards)", file=sys.stderr)
+    if args.no_wait:
+        _print_job(job)
+        return 0
+    job = _follow(client, job, args.quiet)
+    _print_job(job, shards=True)
+    return 0 if job.state == "succeeded" else 1
+
+
+def cmd_dataset_get(client: Client, args: argparse.Namespace) -> int:
+    job = _follow(client, client.dataset_job(args.name), args.quiet) if args.wait else client.dataset_job(args.name)
+    _print_job(job, shards=True)
+    return 0
+
+
+def cmd_dataset_list(client: Client, args: argparse.Namespace) -> int:
+    for job in client.dataset_jobs():
+        _print_job(job)
+    return 0
+
+
+def cmd_dataset_cancel(client: Client, args: argparse.Namespace) -> int:
+    _print_job(client.cancel_dataset_job(args.name))
+    return 0
+
+
 # ---- the parser ------------------------------------------------------------------------------
 
 def _connection_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -363,6 +429,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int, help="version number")
     p.add_argument("--out", required=True, help="file to write")
     p.set_defaults(run=cmd_export)
+
+    dataset = sub.add_parser("dataset", help="bulk image sets: WebDataset tar shards and a manifest in the "
+                             "server's object store", description="bulk image sets: WebDataset tar shards and a "
+                             "manifest in the server's object store, made by a long-running job")
+    dsub = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    p = add("create", "start a dataset job and follow it with a progress bar", dsub)
+    p.add_argument("model", help="model reference: faces, faces@production or faces/3 (resolved once, at creation)")
+    p.add_argument("--seeds", type=_seed_range, required=True, help="one image per seed of this range, e.g. 0-9999")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard (1 to 10000)")
+    p.add_argument("--truncation", type=float, help="truncation toward the mean latent, 0 to 1 (StyleGAN2 only)")
+    p.add_argument("--request-id", help="idempotency key: creating again with it returns the same job")
+    p.add_argument("--no-wait", action="store_true", help="print the job's name and return at once")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_dataset_create)
+    p = add("get", "show a dataset job: state, progress, and its shards once done", dsub)
+    p.add_argument("name", help="operations/ID or ID, as create printed it")
+    p.add_argument("--wait", action="store_true", help="follow it with a progress bar until it is done")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_dataset_get)
+    p = add("list", "list the dataset jobs in the server's store", dsub)
+    p.set_defaults(run=cmd_dataset_list)
+    p = add("cancel", "stop a dataset job between shards (the shards written stay whole)", dsub)
+    p.add_argument("name", help="operations/ID or ID")
+    p.set_defaults(run=cmd_dataset_cancel)
     return parser
 
 

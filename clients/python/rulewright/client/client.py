@@ -1,4 +1,4 @@
-"""``Client``: typed calls to rulewright's GeneratorService and RegistryService.
+"""``Client``: typed calls to rulewright's GeneratorService, RegistryService and dataset jobs.
 
 Every call has a deadline: ``timeout`` seconds in all (``long_timeout`` for the streaming work
 of Rewrite, ComputeStatistics, ImportModel and ExportVersion), retries included. A call that
@@ -26,12 +26,16 @@ import grpc
 import numpy as np
 
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
-from rulewright.v1 import images_pb2, registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+from rulewright.v1 import images_pb2, jobs_service_pb2 as jobs_pb, jobs_service_pb2_grpc as jobs_grpc
+from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
 from .errors import RulewrightError, from_rpc_error
 from .spec import edit_spec_pb, region_pb
-from .types import (Alias, AliasMove, ContextSearch, Dissection, Export, Import, Layers, Model, Preview, Progress,
-                    RewriteResult, SampledImage, StatisticsResult, Version)
+from .types import (Alias, AliasMove, ContextSearch, DatasetJob, Dissection, Export, Import, Layers, Model, Preview,
+                    Progress, RewriteResult, SampledImage, StatisticsResult, Version)
 
 __all__ = ["Client", "RetryEvent", "RegionLike"]
 
@@ -103,6 +107,8 @@ class Client:
                         else grpc.insecure_channel(address, options))
         self._gen = gen_grpc.GeneratorServiceStub(self.channel)
         self._reg = reg_grpc.RegistryServiceStub(self.channel)
+        self._jobs = jobs_grpc.JobServiceStub(self.channel)
+        self._ops = operations_pb2_grpc.OperationsStub(self.channel)
 
     # ---- plumbing ------------------------------------------------------------------------
 
@@ -448,3 +454,74 @@ class Client:
         return Import.from_pb(self._retrying(
             "ImportModel", lambda left: self._reg.ImportModel(messages(), timeout=left, metadata=self._metadata),
             self.long_timeout if timeout is None else timeout))
+
+    # ---- dataset jobs (google.longrunning.Operations) -------------------------------------
+
+    def create_dataset_job(self, model: str, seeds: range, *, shard_size: int = 1000,
+                           truncation: float | None = None, request_id: str | None = None,
+                           timeout: float | None = None) -> DatasetJob:
+        """Start rendering ``seeds`` (a step-1 range) of ``model`` into WebDataset shards; returns at once.
+
+        The job is a long-running operation: follow it with ``dataset_job``, ``wait_dataset_job``
+        or ``watch_dataset_job``. A ``request_id`` (one is made up if None) makes retries return
+        the job the first attempt created.
+        """
+        if not isinstance(seeds, range) or seeds.step != 1 or len(seeds) < 1:
+            raise ValueError("seeds must be a non-empty range with step 1, e.g. range(0, 10000)")
+        request = jobs_pb.CreateDatasetJobRequest(model=model, seeds=gen.SeedRange(start=seeds.start, count=len(seeds)),
+                                                  shard_size=shard_size, request_id=request_id or str(uuid.uuid4()))
+        if truncation is not None:
+            request.truncation = truncation
+        return DatasetJob.from_operation(self._unary("CreateDatasetJob", self._jobs.CreateDatasetJob, request, timeout))
+
+    def dataset_job(self, name: str, *, timeout: float | None = None) -> DatasetJob:
+        """A dataset job as it stands (``operations/{id}`` or the bare id)."""
+        op = self._unary("GetOperation", self._ops.GetOperation,
+                         operations_pb2.GetOperationRequest(name=_operation(name)), timeout)
+        return DatasetJob.from_operation(op)
+
+    def dataset_jobs(self, *, timeout: float | None = None) -> list[DatasetJob]:
+        """Every dataset job the server's store holds, oldest first."""
+        ops = self._pages("ListOperations", self._ops.ListOperations,
+                          operations_pb2.ListOperationsRequest(name="operations"), "operations", timeout)
+        return [DatasetJob.from_operation(op) for op in ops]
+
+    def cancel_dataset_job(self, name: str, *, timeout: float | None = None) -> DatasetJob:
+        """Ask a dataset job to stop between shards; the job as it stands after the request."""
+        self._unary("CancelOperation", self._ops.CancelOperation,
+                    operations_pb2.CancelOperationRequest(name=_operation(name)), timeout)
+        return self.dataset_job(name, timeout=timeout)
+
+    def delete_dataset_job(self, name: str, *, timeout: float | None = None) -> None:
+        """Remove a finished dataset job with its shards and manifest."""
+        self._unary("DeleteOperation", self._ops.DeleteOperation,
+                    operations_pb2.DeleteOperationRequest(name=_operation(name)), timeout)
+
+    def watch_dataset_job(self, name: str, *, poll_s: float = 2.0, timeout: float | None = None) -> Iterator[DatasetJob]:
+        """The job after each WaitOperation of up to ``poll_s`` seconds, until it is done (or ``timeout``,
+        default ``long_timeout``, passes); the last one yielded is done unless the time ran out."""
+        deadline = time.monotonic() + (self.long_timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            wait = max(0.0, min(poll_s, left))
+            request = operations_pb2.WaitOperationRequest(name=_operation(name),
+                                                          timeout=duration_pb2.Duration(seconds=int(wait),
+                                                                                        nanos=int(wait % 1 * 1e9)))
+            job = DatasetJob.from_operation(self._unary("WaitOperation", self._ops.WaitOperation, request,
+                                                        wait + self.timeout))
+            yield job
+            if job.done or time.monotonic() >= deadline:
+                return
+
+    def wait_dataset_job(self, name: str, *, timeout: float | None = None) -> DatasetJob:
+        """The dataset job once it is done (or as it stands when ``timeout`` passes)."""
+        job = None
+        for job in self.watch_dataset_job(name, timeout=timeout):
+            pass
+        assert job is not None
+        return job
+
+
+def _operation(name: str) -> str:
+    """``operations/{id}`` for an operation name or a bare job id."""
+    return name if name.startswith("operations/") else f"operations/{name}"

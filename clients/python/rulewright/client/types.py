@@ -13,7 +13,7 @@ from google.protobuf import json_format
 from PIL import Image
 
 from rulewright.v1 import generator_service_pb2 as gen
-from rulewright.v1 import images_pb2, registry_service_pb2 as reg, resources_pb2
+from rulewright.v1 import images_pb2, jobs_service_pb2 as jobs_pb, registry_service_pb2 as reg, resources_pb2
 
 __all__ = [
     "SampledImage", "Layer", "Layers", "UnitScore", "UnitMap", "Dissection", "ContextMatch", "ContextSearch",
@@ -373,3 +373,59 @@ class Import:
     def from_pb(cls, r: reg.ImportModelResponse) -> "Import":
         """From ImportModelResponse."""
         return cls(Model.from_pb(r.model), Version.from_pb(r.version))
+
+
+_JOB_STATES = {jobs_pb.DatasetJobMetadata.STATE_RUNNING: "running",
+               jobs_pb.DatasetJobMetadata.STATE_SUCCEEDED: "succeeded",
+               jobs_pb.DatasetJobMetadata.STATE_CANCELLED: "cancelled", jobs_pb.DatasetJobMetadata.STATE_FAILED: "failed"}
+
+
+@dataclass(frozen=True)
+class DatasetShard:
+    """One WebDataset tar shard a dataset job wrote: where it is, its images and its sha256."""
+
+    name: str
+    uri: str
+    samples: int
+    first_seed: int
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class DatasetJob:
+    """A dataset job (a long-running operation): progress while it runs, shards and manifest once done.
+
+    ``name`` is the operation's name (``operations/{id}``); ``state`` is ``running``,
+    ``succeeded``, ``cancelled`` or ``failed`` (then ``error`` holds the server's message).
+    """
+
+    name: str
+    job: str
+    version: str
+    state: str
+    done: bool
+    shards_done: int
+    shards_total: int
+    images_done: int
+    images_total: int
+    manifest_uri: str = ""
+    shards: tuple[DatasetShard, ...] = ()
+    error: str = ""
+    error_code: int = 0
+
+    @classmethod
+    def from_operation(cls, op) -> "DatasetJob":
+        """From a google.longrunning.Operation whose metadata is a DatasetJobMetadata."""
+        meta = jobs_pb.DatasetJobMetadata()
+        op.metadata.Unpack(meta)
+        result = jobs_pb.DatasetJob()
+        if op.HasField("response"):
+            op.response.Unpack(result)
+        shards = tuple(DatasetShard(s.name, s.uri, s.samples, s.first_seed, s.sha256, s.size_bytes)
+                       for s in result.shards)
+        return cls(name=op.name, job=meta.job, version=meta.version, state=_JOB_STATES.get(meta.state, "unspecified"),
+                   done=op.done, shards_done=meta.shards_done, shards_total=meta.shards_total,
+                   images_done=meta.images_done, images_total=meta.images_total, manifest_uri=result.manifest_uri,
+                   shards=shards, error=op.error.message if op.HasField("error") else "",
+                   error_code=op.error.code if op.HasField("error") else 0)

@@ -1,0 +1,586 @@
+"""Dataset jobs: images of one version for a range of seeds, as WebDataset shards in the object store.
+
+- ``DatasetJobRequest``: what a caller asks for (model reference, seeds, truncation, image format,
+  shard size, idempotency key); ``check(limits)`` refuses bad input before any work.
+- ``DatasetJobs(domain, executor)``: ``create``, ``get``, ``list``, ``cancel``, ``wait``,
+  ``delete``; ``resume()`` picks up the unfinished jobs in the store (a restarted server);
+  ``close()`` stops this process's runners without cancelling their jobs.
+- ``JobStatus``: a job as the store records it: spec, state, progress, and the manifest once done.
+- ``Executor``: the seam where shards run. ``LocalExecutor`` (the embedded default) is a bounded
+  ``concurrent.futures`` thread pool in the server; a distributed backend (Ray tasks) implements
+  the same ``run_shards`` and reuses ``shard_tar`` and ``publish_shard``.
+- ``shard_tar``, ``publish_shard``: one shard's bytes and its commit, shared by every executor.
+
+Store layout (documents under ``jobs/datasets/{id}/``), append-only because the store's only
+mutation is a conditional create:
+
+- ``job.json``: the spec, with the reference already resolved to one immutable version.
+- ``shard-{i:06d}.tar``: shard ``i``; ``{key}.png`` and ``{key}.json`` per sample, key ``%09d`` of
+  the seed (the WebDataset convention: files sharing a key form one sample).
+- ``done/{i:06d}.json``: shard ``i``'s commit record (samples, sha256, size), written only after
+  the tar was published and read back with the expected sha256.
+- ``cancelled.json``, ``failed.json``: terminal markers; ``manifest.json``: the finished job.
+
+Why it is safe to retry or resume anything: a shard's bytes depend only on (version, seeds,
+truncation) (the sampling is deterministic, the PNG encoder and the tar headers too), and the
+store's ``create`` publishes the whole document or nothing (a temporary file linked into place,
+or one conditional PutObject). A retried shard meets its earlier self (ALREADY_EXISTS) and is
+verified instead of written; the job's progress is the set of commit records in the store, so a
+new server resumes from it and never writes a shard twice.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures as cf
+import dataclasses
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import re
+import secrets
+import tarfile
+import threading
+import time
+from typing import Callable, Iterable, Iterator
+
+from rulewright.registry.blobstore import BlobStore, sha256_hex
+from rulewright.registry.errors import AlreadyExists, DataLoss, NotFound as RegistryNotFound, Reason
+from rulewright.registry.manifests import Version
+
+from .engine.errors import Cancelled, InvalidArgument
+from .engine.progress import Progress
+from .engine.sampling import png_bytes
+from .errors import Code, Error
+from .limits import Limits
+from .requests import MAX_SEED, SampleRequest
+
+log = logging.getLogger(__name__)
+
+PREFIX = "jobs/datasets/"
+IMAGE_FORMATS = ("png",)
+DEFAULT_SHARD_SIZE = 1000
+MAX_SHARD_SIZE = 10_000              # a shard is built in memory: 10^4 faces PNGs is about 1 GB
+MAX_DATASET_IMAGES = 10_000_000      # one job; more is several jobs (shards are per job)
+WAIT_POLL_S = 0.2                    # how often ``wait`` looks at the store
+CANCEL_POLL_S = 0.5                  # how often a runner asks the store whether its job was cancelled
+_JOB_ID = re.compile(r"^[0-9a-f]{8,64}$")
+
+RUNNING, SUCCEEDED, CANCELLED, FAILED = "running", "succeeded", "cancelled", "failed"
+
+
+class JobNotFound(Error):
+    """No job by that id in the store (→ NOT_FOUND)."""
+
+    code = Code.NOT_FOUND
+    reason = "JOB_NOT_FOUND"
+
+
+class JobNotFinished(Error):
+    """Deleting a job that still runs (→ FAILED_PRECONDITION)."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "JOB_NOT_FINISHED"
+
+
+# ---- request and status ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DatasetJobRequest:
+    """Images of ``model`` for seeds ``seed_start`` .. ``seed_start + count - 1`` as WebDataset shards."""
+
+    model: str                                   # faces, faces@production or faces/3
+    seed_start: int
+    count: int
+    truncation: float = 1.0
+    image_format: str = "png"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    request_id: str = ""                         # a retry with the same id returns the first call's job
+    author: str = "anonymous"
+
+    def check(self, limits: Limits | None = None) -> None:
+        """Seeds, truncation, image format, shard size and request id against their bounds."""
+        if not isinstance(self.model, str) or not self.model:
+            raise InvalidArgument("model", "give a model reference (faces, faces@production, faces/3)")
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or not 1 <= self.count <= MAX_DATASET_IMAGES:
+            raise InvalidArgument("seeds.count", f"must be an integer from 1 to {MAX_DATASET_IMAGES}, got {self.count!r}")
+        if (isinstance(self.seed_start, bool) or not isinstance(self.seed_start, int) or self.seed_start < 0
+                or self.seed_start + self.count - 1 > MAX_SEED):
+            raise InvalidArgument("seeds.start", f"the seeds must lie in [0, 2**63), got start {self.seed_start!r}")
+        t = self.truncation
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise InvalidArgument("truncation", f"must lie in [0, 1], got {t!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise InvalidArgument("image_format", f"must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        s = self.shard_size
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_SHARD_SIZE:
+            raise InvalidArgument("shard_size", f"must be an integer from 1 to {MAX_SHARD_SIZE}, got {s!r}")
+        if not isinstance(self.request_id, str) or len(self.request_id) > 128:
+            raise InvalidArgument("request_id", "must be a string of at most 128 characters")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A created job: the request with its reference resolved to one version (``job.json``)."""
+
+    id: str
+    model: str
+    number: int
+    seed_start: int
+    count: int
+    truncation: float
+    image_format: str
+    shard_size: int
+    created: str                                 # ISO 8601, UTC
+    author: str = "anonymous"
+    request_id: str = ""
+
+    @property
+    def version_name(self) -> str:
+        """``models/{model}/versions/{number}``."""
+        return f"models/{self.model}/versions/{self.number}"
+
+    @property
+    def shards(self) -> int:
+        """How many shards the job writes."""
+        return -(-self.count // self.shard_size)
+
+    def shard_seeds(self, index: int) -> range:
+        """The seeds of shard ``index``."""
+        start = self.seed_start + index * self.shard_size
+        return range(start, min(start + self.shard_size, self.seed_start + self.count))
+
+    def to_json(self) -> bytes:
+        """The stored form."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "JobSpec":
+        """Inverse of ``to_json``."""
+        return cls(**json.loads(data))
+
+
+@dataclasses.dataclass
+class JobStatus:
+    """A job as the store records it."""
+
+    spec: JobSpec
+    state: str                                   # RUNNING, SUCCEEDED, CANCELLED or FAILED
+    shards_done: int
+    images_done: int
+    updated: str                                 # ISO 8601 of the last record seen (the creation if none)
+    manifest: dict | None = None                 # once SUCCEEDED
+    manifest_uri: str = ""
+    error: dict | None = None                    # once FAILED: code, reason, message
+
+    @property
+    def done(self) -> bool:
+        """Whether the job has stopped for good (succeeded, cancelled or failed)."""
+        return self.state != RUNNING
+
+
+def _key(job_id: str, name: str) -> str:
+    return f"{PREFIX}{job_id}/{name}"
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index``."""
+    return f"shard-{index:06d}.tar"
+
+
+def _record_key(job_id: str, index: int) -> str:
+    return _key(job_id, f"done/{index:06d}.json")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+# ---- one shard ---------------------------------------------------------------------------------
+
+def shard_tar(spec: JobSpec, seeds: range, pngs: Iterable[bytes]) -> bytes:
+    """The WebDataset tar of one shard: ``{key}.png`` and ``{key}.json`` per seed, deterministic bytes.
+
+    Headers carry no time, owner or order that depends on the run, so a retry writes the same bytes.
+    """
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for seed, png in zip(seeds, pngs, strict=True):
+            key = f"{seed:09d}"
+            meta = json.dumps({"seed": seed, "version": spec.version_name, "truncation": spec.truncation},
+                              sort_keys=True).encode()
+            for name, data in ((f"{key}.png", png), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def publish_shard(store: BlobStore, spec: JobSpec, index: int, data: bytes) -> dict:
+    """Commit shard ``index``: publish its bytes, read them back, verify sha256, then write its record.
+
+    ``create`` shows all of the tar or none of it; a shard an earlier attempt (a killed worker, a
+    previous server) already published is verified, not rewritten. Only verified shards get a
+    record, and only records count as progress. DATA_LOSS if the stored bytes differ.
+    """
+    sha = sha256_hex(data)
+    key = _key(spec.id, shard_name(index))
+    try:
+        store.create(key, data)
+    except AlreadyExists:
+        log.info("shard already published", extra={"event": "shard_exists", "job": spec.id, "shard": index})
+    stored = hashlib.sha256(store.read(key)).hexdigest()
+    if stored != sha:
+        raise DataLoss(Reason.BLOB_CORRUPT, f"shard {key} holds bytes hashing to {stored}, expected {sha}",
+                       key=key, sha256=sha, actual=stored)
+    seeds = spec.shard_seeds(index)
+    record = {"index": index, "name": shard_name(index), "key": key, "samples": len(seeds),
+              "first_seed": seeds.start, "sha256": sha, "size_bytes": len(data), "written": _now()}
+    try:
+        store.create(_record_key(spec.id, index), json.dumps(record, sort_keys=True).encode())
+    except AlreadyExists:
+        prior = json.loads(store.read(_record_key(spec.id, index)))
+        if prior["sha256"] != sha:
+            raise DataLoss(Reason.BLOB_CORRUPT, f"shard {key} was recorded with sha256 {prior['sha256']}, "
+                                                f"now {sha}", key=key) from None
+        record = prior
+    return record
+
+
+# ---- executors ---------------------------------------------------------------------------------
+
+class Executor(abc.ABC):
+    """Where a job's shards run; ``run_shards`` yields each shard's commit record as it completes."""
+
+    @abc.abstractmethod
+    def run_shards(self, spec: JobSpec, indices: list[int], progress: Progress) -> Iterator[dict]:
+        """Run shards ``indices`` of ``spec``; stop starting new ones once ``progress`` is stopped."""
+
+    def close(self) -> None:
+        """Release workers."""
+
+
+class LocalExecutor(Executor):
+    """The embedded default: shards on a bounded ``concurrent.futures`` thread pool in the server.
+
+    Threads rather than processes: the version stays resident once, torch and zlib release the
+    GIL, and the images come from ``Domain.sample`` itself, the path Sample takes.
+    """
+
+    def __init__(self, domain, max_workers: int = 2):
+        self.domain = domain
+        self.max_workers = max_workers
+        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="dataset-shard")
+
+    def render(self, spec: JobSpec, seeds: range, progress: Progress) -> list[bytes]:
+        """PNGs of ``seeds``, drawn through ``Domain.sample`` in passes of at most one Sample request."""
+        step = max(1, min(self.domain.max_batch, self.domain.limits.max_images))
+        ref = f"{spec.model}/{spec.number}"
+        out: list[bytes] = []
+        for start in range(seeds.start, seeds.stop, step):
+            chunk = list(range(start, min(start + step, seeds.stop)))
+            result = self.domain.sample(SampleRequest(model=ref, seeds=chunk, truncation=spec.truncation), progress)
+            out += [png_bytes(img) for img in result.images.cpu().numpy()]
+        return out
+
+    def _shard(self, spec: JobSpec, index: int, progress: Progress) -> dict:
+        progress.check(f"shard {index}")
+        seeds = spec.shard_seeds(index)
+        data = shard_tar(spec, seeds, self.render(spec, seeds, progress))
+        return publish_shard(self.domain.registry.store, spec, index, data)
+
+    def run_shards(self, spec: JobSpec, indices: list[int], progress: Progress) -> Iterator[dict]:
+        """At most ``max_workers`` of this job's shards in flight; none started once stopped."""
+        todo = list(indices)
+        running: set[cf.Future] = set()
+        try:
+            while todo or running:
+                while todo and len(running) < self.max_workers and not progress.stopped():
+                    running.add(self._pool.submit(self._shard, spec, todo.pop(0), progress))
+                if not running:
+                    return
+                finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    yield f.result()
+        finally:
+            for f in running:          # an error or a stop: the rest may finish (whole) or not start
+                f.cancel()
+            cf.wait(running)
+
+    def close(self) -> None:
+        """Stop the pool (queued shards are dropped; a running one finishes whole)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---- jobs --------------------------------------------------------------------------------------
+
+class DatasetJobs:
+    """Dataset jobs over a domain's registry store, run by an ``Executor``."""
+
+    def __init__(self, domain, executor: Executor | None = None, max_workers: int = 2):
+        self.domain = domain
+        self.store: BlobStore = domain.registry.store
+        self.executor = executor if executor is not None else LocalExecutor(domain, max_workers)
+        self._runners: dict[str, tuple[threading.Thread, threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._cancelled_ids: set[str] = set()
+        self._cancel_checked: dict[str, float] = {}
+
+    # -- create and run
+
+    def create(self, request: DatasetJobRequest) -> JobStatus:
+        """Resolve the reference, record the job in the store and start it; a known ``request_id``
+        returns its job as it stands."""
+        request.check(self.domain.limits)
+        version: Version = self.domain.resolve(request.model)
+        res = self.domain.generator(version)
+        try:
+            res.model.check_truncation(request.truncation)
+        except ValueError as exc:
+            raise InvalidArgument("truncation", str(exc)) from None
+        job_id = (hashlib.sha256(request.request_id.encode()).hexdigest()[:24] if request.request_id
+                  else f"{time.time_ns() // 1_000_000:013x}{secrets.token_hex(6)}")
+        spec = JobSpec(job_id, version.model, version.number, request.seed_start, request.count,
+                       float(request.truncation), request.image_format, request.shard_size, _now(), request.author,
+                       request.request_id)
+        try:
+            self.store.create(_key(job_id, "job.json"), spec.to_json())
+        except AlreadyExists:
+            log.info("dataset job replayed", extra={"event": "dataset_job_replayed", "job": job_id})
+            self._start(self._spec(job_id))
+            return self.get(job_id)
+        log.info("dataset job created", extra={"event": "dataset_job_created", "job": job_id,
+                                               "version": spec.version_name, "images": spec.count,
+                                               "shards": spec.shards})
+        self._start(spec)
+        return self.get(job_id)
+
+    def resume(self) -> list[str]:
+        """Start every unfinished job in the store that this process does not run; their ids."""
+        started = []
+        for job_id in self.store.list_children(PREFIX):
+            try:
+                status = self.get(job_id)
+            except (Error, ValueError, KeyError, TypeError) as exc:
+                log.warning("dataset job unreadable", extra={"event": "dataset_job_unreadable", "job": job_id,
+                                                            "error": str(exc)})
+                continue
+            if not status.done and self._start(status.spec):
+                log.info("dataset job resumed", extra={"event": "dataset_job_resumed", "job": job_id,
+                                                       "shards_done": status.shards_done})
+                started.append(job_id)
+        return started
+
+    def _start(self, spec: JobSpec) -> bool:
+        with self._lock:
+            if self._closed or spec.id in self._runners or self._terminal(spec.id):
+                return False
+            stop = threading.Event()
+            thread = threading.Thread(target=self._run, args=(spec, stop), name=f"dataset-job-{spec.id}", daemon=True)
+            self._runners[spec.id] = (thread, stop)
+        thread.start()
+        return True
+
+    def _run(self, spec: JobSpec, stop: threading.Event) -> None:
+        def stopped() -> bool:
+            return stop.is_set() or self._cancelled(spec.id)
+
+        def event(e) -> None:
+            log.info("dataset shard", extra={"event": "dataset_shard", "job": spec.id, "shards_done": e.done,
+                                             "shards_total": e.total, **e.info})
+        progress = Progress(event, stopped)
+        try:
+            done = self._done_indices(spec.id)
+            todo = [i for i in range(spec.shards) if i not in done]
+            images = sum(len(spec.shard_seeds(i)) for i in done)
+            for record in self.executor.run_shards(spec, todo, progress):
+                done.add(record["index"])
+                images += record["samples"]
+                progress.report("dataset", len(done), spec.shards, images_done=images, images_total=spec.count)
+            if len(done) == spec.shards and not stopped():
+                self._finish(spec)
+        except Cancelled:
+            pass
+        except Exception as exc:  # noqa: BLE001 -- recorded in the job, which the caller reads
+            if stop.is_set():
+                return                  # the server is stopping: the next one resumes the job
+            self._fail(spec, exc)
+        finally:
+            with self._lock:
+                self._runners.pop(spec.id, None)
+
+    def _finish(self, spec: JobSpec) -> None:
+        records = [json.loads(self.store.read(_record_key(spec.id, i))) for i in range(spec.shards)]
+        manifest = {
+            "job": f"datasetJobs/{spec.id}", "version": spec.version_name, "model": spec.model,
+            "number": spec.number, "lineage": self._lineage(spec), "created": spec.created,
+            "seeds": {"start": spec.seed_start, "count": spec.count}, "truncation": spec.truncation,
+            "image_format": spec.image_format, "shard_size": spec.shard_size, "samples": spec.count,
+            "shards": [{k: r[k] for k in ("name", "key", "samples", "first_seed", "sha256", "size_bytes")}
+                       for r in records],
+        }
+        try:
+            self.store.create(_key(spec.id, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        except AlreadyExists:
+            pass                        # another replica finished the same job; the shards are the same
+        log.info("dataset job done", extra={"event": "dataset_job_done", "job": spec.id, "shards": spec.shards})
+
+    def _lineage(self, spec: JobSpec) -> list[dict]:
+        """The version and its ancestors, import first, each with how it was made (its spec)."""
+        chain, number = [], spec.number
+        while number is not None:
+            v = self.domain.registry.get_version(spec.model, number)
+            chain.append({"version": v.name, "kind": v.kind, "parent": v.parent, "spec": v.spec,
+                          "created": v.created_at.isoformat()})
+            number = v.parent
+        return chain[::-1]
+
+    def _fail(self, spec: JobSpec, exc: BaseException) -> None:
+        code = exc.code.value if isinstance(exc, Error) else Code.INTERNAL.value
+        reason = exc.reason if isinstance(exc, Error) else "INTERNAL"
+        message = exc.message if isinstance(exc, Error) else "internal error; see the server log"
+        log.error("dataset job failed", exc_info=not isinstance(exc, Error),
+                  extra={"event": "dataset_job_failed", "job": spec.id, "reason": reason})
+        try:
+            self.store.create(_key(spec.id, "failed.json"),
+                              json.dumps({"code": code, "reason": reason, "message": message, "at": _now()}).encode())
+        except AlreadyExists:
+            pass
+        except Exception:  # noqa: BLE001 -- the store itself failed: the job stays resumable
+            log.exception("could not record the failure", extra={"event": "dataset_job_fail_unrecorded",
+                                                                 "job": spec.id})
+
+    # -- read
+
+    def _cancelled(self, job_id: str) -> bool:
+        """Whether the job was cancelled, here or by another replica (the store asked at most every
+        ``CANCEL_POLL_S``: sampling polls this often)."""
+        with self._lock:
+            if job_id in self._cancelled_ids:
+                return True
+            now = time.monotonic()
+            if now - self._cancel_checked.get(job_id, -CANCEL_POLL_S) < CANCEL_POLL_S:
+                return False
+            self._cancel_checked[job_id] = now
+        if self.store.list_keys(_key(job_id, "cancelled.json"), limit=1):
+            with self._lock:
+                self._cancelled_ids.add(job_id)
+            return True
+        return False
+
+    def _terminal(self, job_id: str) -> bool:
+        names = {k[len(_key(job_id, "")):] for k in self.store.list_keys(_key(job_id, ""))}
+        return bool(names & {"manifest.json", "cancelled.json", "failed.json"})
+
+    def _spec(self, job_id: str) -> JobSpec:
+        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+            raise JobNotFound(f"no dataset job {job_id!r}", field="name", job=job_id)
+        try:
+            return JobSpec.from_json(self.store.read(_key(job_id, "job.json")))
+        except RegistryNotFound:
+            raise JobNotFound(f"no dataset job {job_id!r}", field="name", job=job_id) from None
+
+    def _done_indices(self, job_id: str) -> set[int]:
+        return {int(k.rsplit("/", 1)[-1].split(".")[0]) for k in self.store.list_keys(_key(job_id, "done/"))}
+
+    def get(self, job_id: str) -> JobStatus:
+        """The job's spec, state and progress as the store has them; ``JobNotFound`` if absent."""
+        spec = self._spec(job_id)
+        keys = self.store.list_keys(_key(job_id, ""))
+        names = {k[len(_key(job_id, "")):] for k in keys}
+        done = sorted(int(n[len("done/"):-len(".json")]) for n in names if n.startswith("done/"))
+        images = sum(len(spec.shard_seeds(i)) for i in done)
+        status = JobStatus(spec, RUNNING, len(done), images, spec.created)
+        if done:
+            status.updated = json.loads(self.store.read(_record_key(job_id, done[-1]))).get("written", spec.created)
+        if "manifest.json" in names:
+            status.state = SUCCEEDED
+            status.manifest = json.loads(self.store.read(_key(job_id, "manifest.json")))
+            status.manifest_uri = self._uri(_key(job_id, "manifest.json"))
+        elif "failed.json" in names:
+            status.state, status.error = FAILED, json.loads(self.store.read(_key(job_id, "failed.json")))
+        elif "cancelled.json" in names:
+            status.state = CANCELLED
+        return status
+
+    def list(self, page_size: int = 50, page_token: str = "") -> tuple[list[JobStatus], str]:
+        """Jobs by id (creation order for ids this module made), a page at a time; the next page's token."""
+        page_size = page_size if 0 < page_size <= 1000 else 50
+        ids = [i for i in self.store.list_children(PREFIX) if i > page_token]
+        page = ids[:page_size]
+        out = []
+        for job_id in page:
+            try:
+                out.append(self.get(job_id))
+            except JobNotFound:
+                continue                # deleted meanwhile
+        return out, (page[-1] if len(ids) > page_size else "")
+
+    def shard_uri(self, job_id: str, name: str) -> str:
+        """Where shard ``name`` of a job can be read (``file://`` or ``s3://``)."""
+        return self._uri(_key(job_id, name))
+
+    def _uri(self, key: str) -> str:
+        try:
+            return self.store.document_uri(key)
+        except NotImplementedError:
+            return key
+
+    # -- cancel, wait, delete
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Stop the job between shards (in every process that runs it); a finished job stays as it is."""
+        status = self.get(job_id)
+        if not status.done:
+            try:
+                self.store.create(_key(job_id, "cancelled.json"), json.dumps({"at": _now()}).encode())
+            except AlreadyExists:
+                pass
+            with self._lock:
+                self._cancelled_ids.add(job_id)
+            log.info("dataset job cancelled", extra={"event": "dataset_job_cancelled", "job": job_id})
+        return self.get(job_id)
+
+    def wait(self, job_id: str, timeout_s: float, should_stop: Callable[[], bool] | None = None) -> JobStatus:
+        """The job once it is done, or as it stands after ``timeout_s`` (or once ``should_stop()``)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        status = self.get(job_id)
+        while not status.done and time.monotonic() < deadline and not (should_stop and should_stop()):
+            time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
+            status = self.get(job_id)
+        if status.state == CANCELLED:
+            self.join(job_id, max(0.0, deadline - time.monotonic()))
+        return status
+
+    def join(self, job_id: str, timeout_s: float = 30.0) -> bool:
+        """Wait until this process no longer runs the job; whether it stopped in time."""
+        with self._lock:
+            runner = self._runners.get(job_id)
+        if runner is not None:
+            runner[0].join(timeout_s)
+            return not runner[0].is_alive()
+        return True
+
+    def delete(self, job_id: str) -> None:
+        """Remove a finished job: its shards, records, markers and manifest; FAILED_PRECONDITION while it runs."""
+        status = self.get(job_id)
+        if not status.done or not self.join(job_id, 0.0):
+            raise JobNotFinished(f"dataset job {job_id} still runs; cancel it first", field="name", job=job_id)
+        for key in sorted(self.store.list_keys(_key(job_id, "")), key=lambda k: k.endswith("job.json")):
+            self.store.delete(key)     # job.json last: a half-deleted job stays visible and deletable
+
+    # -- shutdown
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop this process's runners between shards (their jobs stay resumable) and the executor."""
+        with self._lock:
+            self._closed = True
+            runners = list(self._runners.values())
+        for _, stop in runners:
+            stop.set()
+        for thread, _ in runners:
+            thread.join(timeout_s)
+        self.executor.close()
