@@ -138,6 +138,24 @@ class TinyGenerator(Generator):
 
 
 
+def random_deltas(model: Generator, seed: int, rank: int = 3, strength: float = 0.7,
+                  layers: tuple[str, ...] | None = None) -> list:
+    """A random low-rank delta on each rewritable layer (or on ``layers``), visible but small."""
+    from rulewright.service.engine.delta import LowRankDelta
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in model.layer_specs():
+        if layers is not None and spec.name not in layers:
+            continue
+        shape = list(spec.weight.shape)
+        d_in, shape[spec.in_axis] = shape[spec.in_axis], rank
+        direction = torch.linalg.qr(torch.randn(d_in, rank, generator=g))[0]
+        lam = 0.2 * float(spec.weight.abs().mean()) * torch.randn(shape, generator=g)
+        out.append(LowRankDelta(spec.weight_key, spec.in_axis, direction, lam, strength))
+    return out
+
+
 # A cheap edit on the tiny DCGAN below (32×32, main.6 keys 8×8): value goal, no keep term.
 TINY_SPEC = {"layer": "main.6", "rank": 2, "goal": "value", "steps": 60, "stats": {"samples": 64},
              "keep": {"weight": 0}, "copy": {"seed": 1, "box": [8, 8, 16, 16]},
