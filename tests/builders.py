@@ -173,3 +173,21 @@ def tiny_domain(tmp_path, max_resident: int = 4):
     domain = Domain.open(tmp_path / "data", device="cpu", max_resident=max_resident)
     domain.bootstrap("tiny", path)
     return domain
+
+
+def store_edited_versions(domain, count: int, model: str = "tiny") -> list[str]:
+    """References of ``count`` edited versions stored directly (random deltas on every layer, no
+    rewrite run): siblings on version 1, except that the second is at strength 0 and the last is
+    a chain on the first."""
+    from rulewright.service.engine.delta import to_bytes, with_strength
+
+    base = domain.generator(domain.resolve(f"{model}/1")).model
+    refs: list[str] = []
+    for i in range(count):
+        deltas = random_deltas(base, seed=i, strength=0.5 + i / 10)
+        if i == 1:
+            deltas = with_strength(deltas, 0.0)
+        parent = int(refs[0].split("/")[1]) if i == count - 1 and i > 0 else 1
+        v = domain.registry.create_version(model, parent=parent, delta=to_bytes(deltas), spec={"seed": i})
+        refs.append(f"{model}/{v.number}")
+    return refs

@@ -8,7 +8,7 @@ import torch
 from rulewright.service.engine.edit import render_edited
 from rulewright.service.engine.errors import Cancelled
 from rulewright.service.engine.sampling import latents, to_uint8
-from tests.builders import TINY_SPEC, tiny_domain
+from tests.builders import TINY_SPEC, store_edited_versions, tiny_domain
 
 SPEC = TINY_SPEC
 
@@ -140,3 +140,38 @@ def test_batcher_separates_keys_and_reports_errors_to_their_callers():
     batcher.close()
     with pytest.raises(BatcherClosed):
         batcher.submit("a", model, z[:1])
+
+
+def test_concurrent_requests_for_different_versions_share_passes_and_get_their_own_bytes(domain):
+    import threading
+
+    domain.max_resident = 16
+    refs = ["tiny/1"] + store_edited_versions(domain, 5)
+    work = [(refs[i % len(refs)], 40 + i) for i in range(12)]
+    alone = {w: domain.sample(w[0], seeds=[w[1]])[1][0] for w in work}
+    _, base = domain.sample("tiny/1", seeds=[7])
+    assert torch.equal(domain.sample(refs[2], seeds=[7])[1], base)        # strength 0 draws the parent
+    assert not torch.equal(domain.sample(refs[1], seeds=[7])[1], base)
+    sizes = []
+    domain.metrics = type("M", (), {"observe_batch": lambda self, n: sizes.append(n),
+                                    "observe_stats_cache": lambda self, kind, hit: None})()
+    domain.batcher.max_delay_s = 0.2         # long enough that all twelve threads arrive first
+    out, barrier = {}, threading.Barrier(len(work))
+
+    def one(w):
+        barrier.wait()
+        out[w] = domain.sample(w[0], seeds=[w[1]])[1][0]
+    threads = [threading.Thread(target=one, args=(w,)) for w in work]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(torch.equal(out[w], alone[w]) for w in work)
+    assert max(sizes) > 1 and sum(sizes) == len(work) and len(sizes) < len(work)   # versions shared passes
+
+
+def test_images_are_the_same_bytes_without_dynamic_batching(domain):
+    from rulewright.service.domain import Domain
+
+    refs = store_edited_versions(domain, 3)
+    plain = Domain(domain.registry, domain.stats_cache, device="cpu", dynamic_batching=False)
+    for ref in ["tiny/1"] + refs:
+        assert torch.equal(plain.sample(ref, seeds=[3, 9])[1], domain.sample(ref, seeds=[3, 9])[1])
