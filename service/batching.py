@@ -139,6 +139,9 @@ class SampleBatcher:
             batch = self._admissible(batch)
             if not batch:
                 continue
+            # Versions with the same ranks side by side, the base's own rows last: each layer's
+            # low-rank term then runs on one window of rows (the order changes no bits).
+            batch.sort(key=_by_ranks)
             try:
                 z = torch.cat([j.z for j in batch])
                 if self.observe is not None:
@@ -169,3 +172,10 @@ class SampleBatcher:
                 job.error = exc
                 job.done.set()
         return ok
+
+
+def _by_ranks(job: _Job) -> tuple:
+    """Sort key: edited rows grouped by their ranks per weight, unedited rows last."""
+    if not job.change:
+        return (1, ())
+    return (0, tuple(sorted((k, sum(d.rank for d in ds)) for k, ds in job.change.parts.items())))
