@@ -202,15 +202,13 @@ class Residency:
         below: list[Version] = []                 # edits not resident, newest first
         seen: set[int] = set()
         current, start = version, None
-        while True:
-            if current is not version:
-                start = self.peek(current.model, current.number)
-                if start is not None:
-                    break
-            if current.kind == "import":
-                break
+        while current.kind != "import":
             below.append(current)
             seen.add(current.number)
+            if current.parent is not None:
+                start = self.peek(current.model, current.parent)   # resident: no manifest or blob to read
+                if start is not None:
+                    break
             current = self._parent(version, current, seen)
         if start is None:
             base, lineage = self._base(current), ()
