@@ -245,7 +245,7 @@ class Terms:
             c, h, w = xs.shape[1:]
             at = dict(zip(slots, members))
             zero_d = xs.new_zeros(rank, c)
-            dt = torch.cat([torch.cat([d.direction.T.to(xs.dtype) for d in at[k][1]]) if k in at else zero_d
+            dt = torch.cat([torch.cat([d.direction.T.to(xs) for d in at[k][1]]) if k in at else zero_d
                             for k in range(size)])
             y = torch.bmm(dt.view(size, rank, c), xs.reshape(size, c, h * w))
             # Each direction's strength (times the layer's run-time gain); rows without factors
@@ -254,7 +254,7 @@ class Terms:
                      else [1.0] * rank for k in range(size)]
             if any(g != 1 for row in gains for g in row):
                 y = y * torch.tensor(gains, dtype=y.dtype, device=y.device).view(size, rank, 1)
-            pieces = {k: self._piece(at[k][1], side, xs.dtype) for k in at}
+            pieces = {k: self._piece(at[k][1], side, xs) for k in at}
             zero_piece = torch.zeros_like(next(iter(pieces.values())))
             weight = torch.cat([pieces.get(k, zero_piece) for k in range(size)])
             term = side.conv(y.view(1, size * rank, h, w), weight, size)
@@ -263,9 +263,9 @@ class Terms:
         return out
 
     @staticmethod
-    def _piece(parts: tuple[LowRankDelta, ...], side: Side, dtype: torch.dtype) -> torch.Tensor:
-        """One row's slice of the grouped weight: its deltas' Λ side by side along the rank."""
-        pieces = [side.part(d.lam).to(dtype) for d in parts]
+    def _piece(parts: tuple[LowRankDelta, ...], side: Side, like: torch.Tensor) -> torch.Tensor:
+        """One row's slice of the grouped weight: its deltas' Λ side by side along the rank (on ``like``'s device)."""
+        pieces = [side.part(d.lam).to(like) for d in parts]
         # A transposed convolution's grouped weight is (groups·in, out, ...): the rank leads;
         # a convolution's is (groups·out, in, ...): the rank is the second axis.
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0 if side.transposed else 1)
