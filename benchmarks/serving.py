@@ -10,9 +10,8 @@ from elsewhere on the machine hits both alike; every ratio is taken between tota
    ``convert.images_pb`` PNG encoding the servicer uses. What is left in the ratio is what serving
    adds: protobuf (de)serialization, HTTP/2 over loopback, the server's thread pool and the batcher
    hand-off. The two alternate call by call; the median of the per-pair ratios is printed too, as a
-   check that a burst of outside load did not decide the ratio of totals. Goal: gRPC at least 0.85
-   of in-process images/s at the default batch; batch 1 is reported for information (its fixed
-   per-request costs weigh 16 times more).
+   check that a burst of outside load did not decide the ratio of totals. Batch 1 is reported
+   beside the default batch (its fixed per-request costs weigh 16 times more).
 2. **16 concurrent single-image clients.** ``--clients`` threads, each with its own channel (and
    its own TCP connection: ``grpc.use_local_subchannel_pool``, so channels do not share a
    subchannel), each sending sequential 1-seed PNG ``Sample`` requests for ``--seconds`` in all
@@ -25,6 +24,24 @@ from elsewhere on the machine hits both alike; every ratio is taken between tota
    are padded so that images do not depend on their company); that is what the service does, so
    it is part of the baseline.
 
+``--versions`` measures serving many edited versions of the faces model instead, in one run:
+
+3. **Many versions, 16 clients.** The same 16 single-image clients, each on its own edited
+   version, against all 16 on one edited version (and, for reference, all 16 on the unedited
+   import), interleaved by round as in 2 (dynamic batching, 2 ms, ``max_batch`` 16). Every
+   edited version carries a rank-4 delta on every rewritable layer at strength 0.6 — the size
+   and shape of the default multilayer edit — with random factors (the work per image does not
+   depend on their values). Ends with ``mixed versions / one version: R.RR``.
+4. **Resident memory per version.** In a fresh interpreter (so that memory freed earlier cannot
+   hide growth), with the base resident: ``--version-count`` (1,000) such versions are made
+   resident one after another (resolved and loaded, as a first request would); the growth of
+   the process's resident set size per version is printed beside the size of one stored delta,
+   ``resident bytes per version: N (delta M)``, with what the memory budget counts and what a
+   dense copy of the edited weights would take.
+5. **First image of a version.** Single-image gRPC Sample of a version that is not resident but
+   whose base is (it is loaded: its manifest and delta read, its factors kept), alternating with
+   a second image of the same version, now resident; median milliseconds of each.
+
 Every request uses seeds no other request used. Clients and server share this process (and its
 GIL), as they do in the tests; torch keeps its default intra-op threads (printed), the same for
 every configuration. Each configuration gets a fresh domain and server, closed before the next.
@@ -33,8 +50,12 @@ every configuration. Each configuration gets a fresh domain and server, closed b
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -49,6 +70,8 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from rulewright.service.domain import Domain  # noqa: E402
+from rulewright.service.engine.delta import LowRankDelta, to_bytes  # noqa: E402
+from rulewright.service.engine.edit import METHOD_DEFAULTS  # noqa: E402
 from rulewright.service.importers.faces import import_faces  # noqa: E402
 from rulewright.service.requests import SampleRequest  # noqa: E402
 from rulewright.service.server import convert  # noqa: E402
@@ -87,10 +110,12 @@ class Served:
     """A domain on the faces model behind a started loopback server; ``close()`` stops both."""
 
     def __init__(self, data_dir: Path, weights: Path, dynamic_batching: bool, delay_ms: float = DEFAULT_DELAY_MS,
-                 max_batch: int = 16):
+                 max_batch: int = 16, resident: tuple[str, ...] = ()):
         self.domain = Domain.open(data_dir, device="cpu", dynamic_batching=dynamic_batching, max_batch=max_batch,
                                   batch_delay_ms=delay_ms)
         self.domain.generator(self.domain.bootstrap(MODEL, weights))     # resident before the first request
+        for ref in resident:
+            self.domain.generator(self.domain.resolve(ref))
         self.batches = BatchSizes()
         self.domain.metrics = self.batches
         self.server, self.port = create_server(self.domain, "127.0.0.1:0")
@@ -152,8 +177,11 @@ def grpc_vs_inprocess(served: Served, batch: int, seconds: float, warmup: int = 
 
 # ---- 2. concurrent single-image clients --------------------------------------------------------
 
-def _drive(served: Served, clients: int, warmup_s: float, seconds: float) -> dict:
-    """``clients`` threads, one channel each, sequential 1-seed PNG requests; figures for the timed window."""
+def _drive(served: Served, clients: int, warmup_s: float, seconds: float, models: list[str] | None = None) -> dict:
+    """``clients`` threads, one channel each, sequential 1-seed PNG requests; figures for the timed window.
+
+    ``models[i]`` is what client i samples (default: the faces model's newest version).
+    """
     channels = [served.channel() for _ in range(clients)]
     stubs = [gen_grpc.GeneratorServiceStub(c) for c in channels]
     ready = threading.Barrier(clients + 1)
@@ -166,7 +194,8 @@ def _drive(served: Served, clients: int, warmup_s: float, seconds: float) -> dic
     def client(i: int) -> None:
         try:
             stub = stubs[i]
-            request = lambda: gen.SampleRequest(model=MODEL, seeds=fresh_seeds(1), image_format=PNG)  # noqa: E731
+            model = models[i] if models else MODEL
+            request = lambda: gen.SampleRequest(model=model, seeds=fresh_seeds(1), image_format=PNG)  # noqa: E731
             end_warm = time.perf_counter() + warmup_s
             while time.perf_counter() < end_warm:
                 stub.Sample(request(), timeout=60)
@@ -243,6 +272,205 @@ def concurrent_clients(data_dir: Path, weights: Path, clients: int, delays_ms: l
     return out
 
 
+# ---- 3-5. many edited versions ------------------------------------------------------------------
+
+EDIT_RANK = METHOD_DEFAULTS["multilayer"]["rank"]          # the default edit's rank on each layer
+EDIT_STRENGTH = METHOD_DEFAULTS["multilayer"]["strength"]
+
+
+def edit_deltas(domain: Domain, seed: int) -> list[LowRankDelta]:
+    """Deltas shaped like the default multilayer edit (rank 4 on every rewritable layer), random factors."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in domain.generator(domain.resolve(f"{MODEL}/1")).model.layer_specs():
+        shape = list(spec.weight.shape)
+        d_in, shape[spec.in_axis] = shape[spec.in_axis], EDIT_RANK
+        direction = torch.linalg.qr(torch.randn(d_in, EDIT_RANK, generator=g))[0]
+        lam = 0.1 * float(spec.weight.abs().mean()) * torch.randn(shape, generator=g)
+        out.append(LowRankDelta(spec.weight_key, spec.in_axis, direction, lam, EDIT_STRENGTH))
+    return out
+
+
+def create_versions(data_dir: Path, weights: Path, count: int) -> dict:
+    """``count`` edited versions of the faces model, each a child of the import; their numbers and sizes."""
+    domain = Domain.open(data_dir, device="cpu", dynamic_batching=False)
+    try:
+        domain.bootstrap(MODEL, weights)
+        numbers, sizes = [], []
+        for i in range(count):
+            blob = to_bytes(edit_deltas(domain, seed=i))
+            sizes.append(len(blob))
+            numbers.append(domain.registry.create_version(MODEL, parent=1, delta=blob, spec={"benchmark": i}).number)
+        edited = {d.weight_key for d in edit_deltas(domain, 0)}
+        state = domain.generator(domain.resolve(f"{MODEL}/1")).model.public_state_dict()
+        dense = sum(state[k].numel() * state[k].element_size() for k in edited)
+    finally:
+        domain.close()
+    return {"numbers": numbers, "delta_bytes": statistics.median(sizes), "dense_edited_bytes": dense}
+
+
+def versions_throughput(data_dir: Path, weights: Path, numbers: list[int], clients: int, seconds: float,
+                        rounds: int, warmup_s: float) -> dict:
+    """16 single-image clients on 16 versions vs on one version (and on the import), interleaved by round."""
+    mixed = [f"{MODEL}/{n}" for n in numbers[:clients]]
+    configs = [("one_version", [mixed[0]] * clients), ("mixed_versions", mixed),
+               ("import", [f"{MODEL}/1"] * clients)]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    for r in range(rounds):
+        order = configs[r % len(configs):] + configs[:r % len(configs)]
+        for name, models in order:
+            served = Served(data_dir, weights, dynamic_batching=True, resident=tuple(dict.fromkeys(models)))
+            try:
+                runs[name].append(_drive(served, clients, warmup_s, seconds / rounds, models))
+            finally:
+                served.close()
+    out: dict = {"clients": clients, "versions": len(set(mixed)), "configs": {}}
+    for name, _ in configs:
+        rs = runs[name]
+        requests, elapsed = sum(x["requests"] for x in rs), sum(x["seconds"] for x in rs)
+        passes = sum(x["forward_passes"] for x in rs)
+        q = statistics.quantiles([v for x in rs for v in x["latencies"]], n=100, method="inclusive")
+        out["configs"][name] = {
+            "images_per_s": requests / elapsed, "requests": requests, "p50_ms": 1000 * q[49], "p99_ms": 1000 * q[98],
+            "mean_batch": sum(x["mean_batch"] * x["forward_passes"] for x in rs) / max(passes, 1),
+            "round_images_per_s": [x["images_per_s"] for x in rs]}
+    one, mix = out["configs"]["one_version"], out["configs"]["mixed_versions"]
+    out["ratio"] = mix["images_per_s"] / one["images_per_s"]
+    out["round_ratios"] = [a / b for a, b in zip(mix["round_images_per_s"], one["round_images_per_s"])]
+    out["one_version_vs_import"] = one["images_per_s"] / out["configs"]["import"]["images_per_s"]
+    return out
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes, after handing free heap pages back to the system.
+
+    Without the trim, pages freed earlier (reading the base weights, building its module) stay
+    resident and absorb later allocations, hiding growth.
+    """
+    gc.collect()
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident_growth_child(data_dir: str, numbers: list[int], out) -> None:
+    """In a fresh interpreter: RSS and budget bytes before and after making ``numbers`` resident."""
+    domain = Domain.open(data_dir, device="cpu", dynamic_batching=False)
+    try:
+        domain.generator(domain.resolve(f"{MODEL}/1"))
+        domain.generator(domain.resolve(f"{MODEL}/{numbers[0]}"))     # the first load's one-off costs
+        rss0, budget0 = _rss(), domain.resident_bytes()
+        start = time.perf_counter()
+        for n in numbers[1:]:
+            domain.generator(domain.resolve(f"{MODEL}/{n}"))
+        elapsed = time.perf_counter() - start
+        out.put({"versions": len(numbers) - 1, "rss_growth": _rss() - rss0,
+                 "budget_growth": domain.resident_bytes() - budget0, "resident": len(domain.resident_versions()),
+                 "load_ms_each": 1000 * elapsed / (len(numbers) - 1), "rss_before": rss0})
+    finally:
+        domain.close()
+
+
+def resident_growth(data_dir: Path, numbers: list[int], delta_bytes: float, dense_bytes: int) -> dict:
+    """Resident-set growth per version as ``numbers`` are made resident one after another (fresh process)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_resident_growth_child, args=(str(data_dir), numbers, queue))
+    child.start()
+    r = queue.get(timeout=1800)
+    child.join()
+    r["rss_per_version"] = r["rss_growth"] / r["versions"]
+    r["budget_per_version"] = r["budget_growth"] / r["versions"]
+    r["delta_bytes"] = delta_bytes
+    r["dense_edited_bytes"] = dense_bytes
+    return r
+
+
+def first_image(data_dir: Path, weights: Path, numbers: list[int]) -> dict:
+    """Median ms of a version's first image (not resident, base resident) and of its second (resident)."""
+    served = Served(data_dir, weights, dynamic_batching=True)
+    channel = served.channel()
+    stub = gen_grpc.GeneratorServiceStub(channel)
+
+    def timed(ref: str) -> float:
+        start = time.perf_counter()
+        stub.Sample(gen.SampleRequest(model=ref, seeds=fresh_seeds(1), image_format=PNG), timeout=60)
+        return 1000 * (time.perf_counter() - start)
+
+    try:
+        for _ in range(3):
+            timed(f"{MODEL}/1")
+        cold, warm = [], []
+        for n in numbers:
+            ref = f"{MODEL}/{n}"
+            assert (MODEL, n) not in served.domain.resident_versions()
+            cold.append(timed(ref))
+            warm.append(timed(ref))
+    finally:
+        channel.close()
+        served.close()
+    return {"versions": len(numbers), "not_resident_median_ms": statistics.median(cold),
+            "resident_median_ms": statistics.median(warm),
+            "ratio": statistics.median(cold) / statistics.median(warm),
+            "not_resident_ms": cold, "resident_ms": warm}
+
+
+def run_versions(count: int = 1000, clients: int = 16, seconds: float = 16.0, rounds: int = 4,
+                 warmup_s: float = 0.5, first: int = 30) -> dict:
+    """Measure 3-5; returns the figures as a dict."""
+    weights = import_faces()
+    results: dict = {"model": "faces (dcgan 64x64)", "device": "cpu", "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "grpc": grpc.__version__,
+                     "python": platform.python_version(), "load_average_at_start": os.getloadavg()[0],
+                     "image_format": "PNG", "rounds": rounds,
+                     "edit": {"rank_per_layer": EDIT_RANK, "strength": EDIT_STRENGTH, "layers": "every rewritable"}}
+    with tempfile.TemporaryDirectory(prefix="rulewright-bench-") as tmp:
+        made = create_versions(Path(tmp), weights, max(count, clients) + first)
+        numbers = made["numbers"]
+        results["many_versions"] = versions_throughput(Path(tmp), weights, numbers, clients, seconds, rounds,
+                                                       warmup_s)
+        results["many_versions"]["seconds_per_config"] = seconds
+        results["resident_memory"] = resident_growth(Path(tmp), numbers[:count + 1], made["delta_bytes"],
+                                                     made["dense_edited_bytes"])
+        results["first_image"] = first_image(Path(tmp), weights, numbers[-first:])
+    results["load_average_at_end"] = os.getloadavg()[0]
+    return results
+
+
+def print_versions(r: dict) -> None:
+    """The many-versions figures as text."""
+    print(f"serving benchmark, many versions: {r['model']} on {r['device']} (torch {r['torch']}, {r['threads']} "
+          f"intra-op threads, {r['cpus']} CPUs, grpc {r['grpc']}, {r['image_format']}, load average "
+          f"{r['load_average_at_start']:.2f} at start, {r['load_average_at_end']:.2f} at end)")
+    e = r["edit"]
+    print(f"  every edited version: rank {e['rank_per_layer']} on {e['layers']} layer, strength {e['strength']}")
+    c = r["many_versions"]
+    print(f"  3. {c['clients']} concurrent single-image clients, dynamic batching ({DEFAULT_DELAY_MS:g} ms), "
+          f"{c['seconds_per_config']:g} s per configuration over {r['rounds']} rounds:")
+    print(f"     {'clients on':<16}  {'img/s':>7}  {'p50 ms':>7}  {'p99 ms':>7}  {'mean batch':>10}  per round img/s")
+    labels = {"one_version": "one version", "mixed_versions": f"{c['versions']} versions", "import": "the import"}
+    for name, x in c["configs"].items():
+        rounds = " ".join(f"{v:.1f}" for v in x["round_images_per_s"])
+        print(f"     {labels[name]:<16}  {x['images_per_s']:>7.1f}  {x['p50_ms']:>7.1f}  {x['p99_ms']:>7.1f}  "
+              f"{x['mean_batch']:>10.2f}  {rounds}")
+    print(f"     one edited version / the import: {c['one_version_vs_import']:.2f}")
+    print(f"     per round: {' '.join(f'{v:.2f}' for v in c['round_ratios'])}")
+    print(f"     mixed versions / one version: {c['ratio']:.2f}")
+    m = r["resident_memory"]
+    print(f"  4. {m['versions']} edited versions made resident one after another (fresh process, base resident):")
+    print(f"     resident set growth {m['rss_growth'] / 2**20:.1f} MiB, memory budget count "
+          f"{m['budget_growth'] / 2**20:.1f} MiB, {m['resident']} versions resident, "
+          f"{m['load_ms_each']:.2f} ms to load each")
+    print(f"     a dense copy of the edited weights would be {m['dense_edited_bytes']:,} bytes per version")
+    print(f"     resident bytes per version: {m['rss_per_version']:.0f} (delta {m['delta_bytes']:.0f})")
+    f = r["first_image"]
+    print(f"  5. first image of a version, single-image gRPC Sample, median over {f['versions']} versions:")
+    print(f"     not resident (base resident): {f['not_resident_median_ms']:.1f} ms; resident: "
+          f"{f['resident_median_ms']:.1f} ms; ratio {f['ratio']:.2f}")
+
+
 def run(batch: int = 16, seconds: float = 16.0, grpc_seconds: float = 16.0, rounds: int = 4, clients: int = 16,
         delays_ms: list[float] | None = None, warmup_s: float = 0.5) -> dict:
     """Measure everything; returns the figures as a dict."""
@@ -299,14 +527,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-seconds", type=float, default=16.0,
                         help="timed seconds (both sides together) at that batch in measurement 1; half that at batch 1")
     parser.add_argument("--seconds", type=float, default=16.0,
-                        help="timed seconds per server configuration in measurement 2, split over the rounds")
+                        help="timed seconds per server configuration in measurements 2 and 3, split over the rounds")
     parser.add_argument("--rounds", type=int, default=4,
-                        help="rounds in measurement 2 (each configuration once per round, order rotated)")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent client threads in measurement 2")
+                        help="rounds in measurements 2 and 3 (each configuration once per round, order rotated)")
+    parser.add_argument("--clients", type=int, default=16,
+                        help="concurrent client threads in measurements 2 and 3 (and versions in 3)")
     parser.add_argument("--delays", default="0,2,5", help="batch delays (ms, comma-separated) tried in measurement 2")
-    parser.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per configuration in measurement 2")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="warm-up seconds per configuration in measurements 2 and 3")
+    parser.add_argument("--versions", action="store_true",
+                        help="measure many edited versions instead (3-5: mixed-version batches, memory, first image)")
+    parser.add_argument("--version-count", type=int, default=1000, help="versions made resident in measurement 4")
+    parser.add_argument("--first-images", type=int, default=30, help="versions whose first image measurement 5 times")
     parser.add_argument("--json", metavar="PATH", help="also save the figures as JSON to PATH")
     args = parser.parse_args(argv)
+    if args.versions:
+        r = run_versions(args.version_count, args.clients, args.seconds, args.rounds, args.warmup, args.first_images)
+        print_versions(r)
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+        return 0
     delays = [float(d) for d in args.delays.split(",") if d.strip()]
     r = run(args.batch, args.seconds, args.grpc_seconds, args.rounds, args.clients, delays, args.warmup)
     print_table(r)

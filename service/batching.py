@@ -1,16 +1,19 @@
-"""Dynamic batching: concurrent Sample requests for one model version share forward passes.
+"""Dynamic batching: concurrent Sample requests for versions of one base share forward passes.
 
 - ``SampleBatcher(max_batch, max_delay_s, observe)``: one worker thread; ``submit`` blocks the
-  caller until its images are ready. Requests with the same key (version and truncation) are
-  coalesced in arrival order up to ``max_batch`` images; the first waits at most ``max_delay_s``
-  for company, and requests that arrive while a batch runs join the next one without waiting.
+  caller until its images are ready. Requests with the same key (the domain uses the base:
+  every version of one import, whatever its edits and truncation) are coalesced in arrival
+  order up to ``max_batch`` images; each request's images carry its own low-rank ``change``
+  and truncation (``sampling.sample``). The first waits at most ``max_delay_s`` for company,
+  and requests that arrive while a batch runs join the next one without waiting.
 - ``BatcherClosed``: ``submit`` after ``close``.
 - ``submit(..., should_stop)``: a caller whose client went away (cancelled, deadline passed)
   leaves the queue at once (``Cancelled``); if its batch already runs, the caller stops waiting
   and its images are dropped.
 
 Images do not depend on the company they are batched with: ``sampling.sample`` pads every
-forward pass to a fixed bucket size, so any composition gives the same bits.
+forward pass to a fixed bucket size, and each version's low-rank terms run grouped and padded
+the same way (``engine.factored``), so any composition gives the same bits.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Callable, Hashable
 import torch
 
 from .engine.errors import Cancelled
+from .engine.factored import Change
 from .engine.generators.base import Generator
 from .engine.sampling import sample
 
@@ -38,6 +42,7 @@ class _Job:
     model: Generator
     z: torch.Tensor
     truncation: float
+    change: Change | None
     arrived: float
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     images: torch.Tensor | None = None
@@ -45,7 +50,7 @@ class _Job:
 
 
 class SampleBatcher:
-    """Coalesces concurrent sampling of one (version, truncation) into shared forward passes."""
+    """Coalesces concurrent sampling of one key (versions of one base) into shared forward passes."""
 
     POLL_S = 0.05                         # how often a waiting caller checks whether its client left
 
@@ -69,13 +74,15 @@ class SampleBatcher:
         self._worker.start()
 
     def submit(self, key: Hashable, model: Generator, z: torch.Tensor, truncation: float = 1.0,
-               should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+               should_stop: Callable[[], bool] | None = None, change: Change | None = None) -> torch.Tensor:
         """(N, 3, R, R) images in [-1, 1] for latents ``z``, computed in a batch shared with others of ``key``.
 
+        Every request of one key must name the same ``model``; ``change`` is this request's
+        low-rank change of it (its version), None for the model's own weights.
         ``should_stop()`` true (the client cancelled or its deadline passed): ``Cancelled``, and
         the request leaves the queue if its batch has not started.
         """
-        job = _Job(key, model, z, truncation, time.monotonic())
+        job = _Job(key, model, z, truncation, change, time.monotonic())
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the server is shutting down")
@@ -129,11 +136,19 @@ class SampleBatcher:
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
+            batch = self._admissible(batch)
+            if not batch:
+                continue
+            # Versions with the same ranks side by side, the base's own rows last: each layer's
+            # low-rank term then runs on one window of rows (the order changes no bits).
+            batch.sort(key=_by_ranks)
             try:
                 z = torch.cat([j.z for j in batch])
                 if self.observe is not None:
                     self.observe(z.shape[0])
-                images = sample(batch[0].model, z=z, truncation=batch[0].truncation, batch_size=self.max_batch)
+                rows = [(j.change, float(j.truncation)) for j in batch for _ in range(j.z.shape[0])]
+                images = sample(batch[0].model, z=z, truncation=[t for _, t in rows], batch_size=self.max_batch,
+                                changes=[c for c, _ in rows])
                 start = 0
                 for job in batch:
                     job.images = images[start:start + job.z.shape[0]]
@@ -144,3 +159,23 @@ class SampleBatcher:
             finally:
                 for job in batch:
                     job.done.set()
+
+    @staticmethod
+    def _admissible(batch: list[_Job]) -> list[_Job]:
+        """The jobs whose truncation the model takes; the others get their error now, alone."""
+        ok = []
+        for job in batch:
+            try:
+                job.model.check_truncation(job.truncation)
+                ok.append(job)
+            except ValueError as exc:
+                job.error = exc
+                job.done.set()
+        return ok
+
+
+def _by_ranks(job: _Job) -> tuple:
+    """Sort key: edited rows grouped by their ranks per weight, unedited rows last."""
+    if not job.change:
+        return (1, ())
+    return (0, tuple(sorted((k, sum(d.rank for d in ds)) for k, ds in job.change.parts.items())))

@@ -6,13 +6,13 @@
 - ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``;
   a resident version named by number resolves even while the store is unreachable.
 - ``limits`` (``limits.Limits``): per-request caps.
-- ``generator(version)``: the version's generator, resident in an LRU bounded by a count and a
-  memory budget; versions share every tensor their edits leave alone (on the CPU and on the
-  device), and shared tensors count once against the budget.
+- ``generator(version)``: the resident version (``residency.Resident``), in one LRU bounded by a
+  count and a memory budget: each base's weights once, each edited version only its low-rank
+  factors, and the budget counts exactly that.
 - The work every transport calls takes one typed request (``requests``) and returns its typed
   result; the request is checked against ``limits`` first, before any work:
   ``sample(SampleRequest)`` (through a ``SampleBatcher``, dynamic batching, unless it is turned
-  off; ``close()`` stops it), ``list_layers(ref)``, ``search(SearchRequest)``,
+  off: requests for any versions of one base share forward passes; ``close()`` stops it), ``list_layers(ref)``, ``search(SearchRequest)``,
   ``dissect(DissectRequest)``, ``compute_statistic(StatisticsRequest)`` (a key moment or value
   quantiles through the cache; reports whether it was a hit) and ``rewrite(RewriteRequest)``
   (creates a version; ``dry_run`` and ``request_id`` honoured; cancellation creates nothing).
@@ -27,14 +27,15 @@
 - ``import_model``: safetensors bytes (or an NVIDIA network pickle, converted first) checked
   against their declared architecture and config, then registered as a new model's version 1.
 
-Every result carries the resolved ``Version``, so responses can echo it. Hooked work (unit
-interventions, dissection, rewrites, search) runs on a private module over the resident's
-tensors (``hookable``), so its hooks never reach the samples other requests draw meanwhile.
+Every result carries the resolved ``Version``, so responses can echo it. Images of a version
+(Sample, OIP, the editor, rewrite previews) always come from the factored path, so the same
+(version, seed, truncation) gives the same bytes everywhere. Hooked work (unit interventions,
+dissection, rewrites, search, statistics) runs on a private dense module (``hookable``), so its
+hooks never reach the samples other requests draw meanwhile.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -49,48 +50,32 @@ from rulewright.registry.errors import NotFound, Unavailable
 from rulewright.registry.manifests import AliasState, Model, Version
 from rulewright.registry.registry import Registry
 from rulewright.registry.stats_cache import StatsCache, open_stats_cache
-from rulewright.service.weights import Materializer, export_bytes
+from rulewright.service.weights import export_bytes
 
 from .engine import delta as delta_codec
 from .engine import dissect
 from .engine.device import configure_determinism, select_device
 from .engine.errors import InvalidArgument
-from .engine.edit import Edit, EditSpec, render_edited
+from .engine.edit import Edit, EditSpec
 from .engine.progress import Progress
 from .engine.generators.base import Generator
 from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
 from .engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_safetensors as nvidia_to_safetensors
 from .engine.rewrite import rewrite as engine_rewrite
 from .batching import SampleBatcher
+from .residency import Residency, Resident
 from .limits import Limits, check_images
-from .requests import (AliasRequest, DissectRequest, ModelSummary, DissectResult, LayersResult, RewriteRequest, RewriteResult, SampleRequest,
-                       SampleResult, SearchRequest, SearchResult, StatisticResult, StatisticsRequest)
+from .requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, ModelSummary, RewriteRequest,
+                       RewriteResult, SampleRequest, SampleResult, SearchRequest, SearchResult, StatisticResult,
+                       StatisticsRequest)
 from .statistics import KEY_MOMENT, VALUE_QUANTILE, Statistics
-from .engine.sampling import check_latents, latents, sample, to_uint8
+from .engine.sampling import check_latents, latents, to_uint8
 from .engine.search import direction_for, response_threshold, search
 from .engine.stats import SecondMoment
 
 log = logging.getLogger(__name__)
 
 _NUMBERED = re.compile(r"^([^/@]+)/([0-9]+)$")     # model/N: a version by number
-
-
-@dataclasses.dataclass
-class Resident:
-    """A version's generator, shared by every request that samples it (never hooked)."""
-
-    version: Version
-    model: Generator
-
-    def hookable(self) -> Generator:
-        """A fresh module over the same tensors, for work that hooks layers (no weights copied).
-
-        Hooks live on module objects: on the shared one they would reach concurrent samples
-        (a Sample during a Rewrite got ``StopForward`` or the hooked layer's values).
-        """
-        private = type(self.model).from_state_dict(self.model.public_state_dict(), share=True)
-        private._layer_infos = self.model.layer_infos()     # traced once, before the version was shared
-        return private
 
 
 class Domain:
@@ -101,8 +86,8 @@ class Domain:
         registry: Registry,               # models, versions, aliases, blobs
         stats_cache: StatsCache,          # shared key statistics (Redis) or in-process
         device: str = "auto",             # where generators run
-        max_resident: int = 8,            # versions kept loaded (unedited tensors are shared)
-        memory_budget_bytes: int | None = None,   # most bytes of weights kept loaded (shared ones once); None: no limit
+        max_resident: int = 1024,         # versions kept loaded (an edited one holds only its low-rank factors)
+        memory_budget_bytes: int | None = None,   # most bytes kept loaded (bases once, plus factors); None: no limit
         stats_samples: int = 1000,        # default samples for C when a spec does not say
         max_batch: int = 16,              # most images in one forward pass
         batch_delay_ms: float = 2.0,      # how long a Sample waits for others to share its forward pass
@@ -113,12 +98,8 @@ class Domain:
         self.registry = registry
         self.stats_cache = stats_cache
         self.device = select_device(device)
-        self.max_resident = max_resident
-        self.memory_budget_bytes = memory_budget_bytes
         self.stats_samples = stats_samples
-        self._materializer = Materializer(registry)
-        self._resident: "collections.OrderedDict[tuple[str, int], Resident]" = collections.OrderedDict()
-        self._on_device: dict[int, torch.Tensor] = {}    # CPU storage pointer → its device copy
+        self._residency = Residency(registry, self.device, max_resident, memory_budget_bytes)
         self._lock = threading.Lock()
         self.stats = Statistics(stats_cache, self._observe_stats)
         self.metrics = None               # server.metrics.Metrics once a server binds one: batches, cache lookups
@@ -142,6 +123,24 @@ class Domain:
         if config.create_bucket and hasattr(registry.store, "ensure_bucket"):
             registry.store.ensure_bucket()
         return cls(registry, open_stats_cache(config.stats_cache), **kw)
+
+    @property
+    def max_resident(self) -> int:
+        """Most versions kept resident."""
+        return self._residency.max_resident
+
+    @max_resident.setter
+    def max_resident(self, value: int) -> None:
+        self._residency.max_resident = value
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """Most bytes kept resident (bases once, plus every version's factors); None: no limit."""
+        return self._residency.budget_bytes
+
+    @memory_budget_bytes.setter
+    def memory_budget_bytes(self, value: int | None) -> None:
+        self._residency.budget_bytes = value
 
     def close(self) -> None:
         """Finish queued samples and stop the batcher (the server calls this after it stops)."""
@@ -198,71 +197,27 @@ class Domain:
             return self.registry.resolve(ref)
         except Unavailable:
             m = _NUMBERED.match(ref) if isinstance(ref, str) else None
-            with self._lock:
-                hit = self._resident.get((m.group(1), int(m.group(2)))) if m else None
+            hit = self._residency.peek(m.group(1), int(m.group(2))) if m else None
             if hit is None:
                 raise
             return hit.version
 
     def generator(self, version: Version) -> Resident:
-        """The resident generator of ``version`` (loaded on first use, least recently used evicted)."""
-        key = (version.model, version.number)
-        with self._lock:
-            hit = self._resident.get(key)
-            if hit is not None:
-                self._resident.move_to_end(key)
-                return hit
-        state = self._materializer.state_dict(version.model, version.number)
-        arch = self.registry.get_model(version.model).arch
-        model = ARCHITECTURES[arch].from_state_dict(self._to_device(state), share=True)
-        model.layer_infos()     # traces (hooks) it now, while no other request can see it
-        resident = Resident(version, model)
-        with self._lock:
-            self._resident[key] = resident
-            while len(self._resident) > self.max_resident or (
-                    len(self._resident) > 1 and self.memory_budget_bytes is not None
-                    and self._resident_bytes() > self.memory_budget_bytes):
-                evicted, _ = self._resident.popitem(last=False)
-                log.info("version evicted", extra={"event": "version_evicted", "model": evicted[0],
-                                                   "version": evicted[1]})
-            self._forget_unused_device_tensors()
-        return resident
+        """The resident ``version`` (loaded on first use, least recently used evicted).
 
-    def _to_device(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.device.type == "cpu":
-            return state
-        out = {}
-        with self._lock:
-            for k, t in state.items():
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in self._on_device:
-                    self._on_device[ptr] = t.to(self.device)
-                out[k] = self._on_device[ptr]
-        return out
-
-    def _forget_unused_device_tensors(self) -> None:
-        if self.device.type == "cpu":
-            return
-        live = {p.untyped_storage().data_ptr() for r in self._resident.values() for p in r.model.state_dict().values()}
-        self._on_device = {k: v for k, v in self._on_device.items() if v.untyped_storage().data_ptr() in live}
-
-    def _resident_bytes(self) -> int:
-        seen: dict[int, int] = {}
-        for r in self._resident.values():
-            for t in r.model.state_dict().values():
-                storage = t.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-        return sum(seen.values())
+        An edited version shares its base's generator (``.model``: layers, shapes) and holds only
+        its low-rank factors: draw its images with ``sample`` (or ``Resident.render``), and hook
+        only ``hookable()``.
+        """
+        return self._residency.get(version)
 
     def resident_bytes(self) -> int:
-        """Bytes of weights the resident versions hold, each shared tensor counted once."""
-        with self._lock:
-            return self._resident_bytes()
+        """Bytes the resident versions hold: each base's tensors once, plus every version's factors."""
+        return self._residency.nbytes()
 
     def resident_versions(self) -> list[tuple[str, int]]:
         """(model, number) of every resident version, least recently used first."""
-        with self._lock:
-            return list(self._resident)
+        return self._residency.versions()
 
     # ---- generator work ----------------------------------------------------------------------
 
@@ -296,15 +251,15 @@ class Domain:
             images = dissect.sample_with_interventions(res.hookable(), None, request.layer or model.default_layer(),
                                                        list(request.interventions), truncation=truncation, z=z)
         elif self.batcher is not None:
-            images = self.batcher.submit((version.model, version.number, float(truncation)), model, z, truncation,
-                                         should_stop=progress.stopped)
+            images = self.batcher.submit(res.batch_key, model, z, truncation, should_stop=progress.stopped,
+                                         change=res.change)
         else:
             parts = []
             for start in range(0, z.shape[0], self.max_batch):   # a pass at a time, so a cancel stops between them
                 progress.check("sampling")
                 chunk = z[start:start + self.max_batch]
                 self._observe_batch(chunk.shape[0])
-                parts.append(sample(model, z=chunk, truncation=truncation, batch_size=self.max_batch))
+                parts.append(res.render(chunk, truncation, batch_size=self.max_batch))
             images = torch.cat(parts)
         return SampleResult(version, to_uint8(images))
 
@@ -339,8 +294,8 @@ class Domain:
         samples = samples or self.stats_samples
         res = self.generator(version)
         res.model.layer(layer)
-        found = self.stats.get(res.model, layer, kind, range(seed_start, seed_start + samples), truncation, progress,
-                               memo=(version.model, version.number), private=res.hookable)
+        found = self.stats.get(res.hookable, layer, kind, range(seed_start, seed_start + samples), truncation, progress,
+                               memo=(version.model, version.number), arch=res.model.arch)
         return StatisticResult(version, layer, kind, samples, seed_start, float(truncation), found.cached, found.key,
                                found.size_bytes, found.stat)
 
@@ -368,8 +323,9 @@ class Domain:
             edit = engine_rewrite(private, checked, moment=moment, progress=progress)
         previews = None
         if request.preview_seeds:
-            z = latents(list(request.preview_seeds), model.z_dim).to(next(model.parameters()).device)
-            previews = to_uint8(render_edited(private, [edit], z, checked.truncation).cpu())
+            # Through the factored path, as the new version will be sampled: the same bytes.
+            z = latents(list(request.preview_seeds), model.z_dim)
+            previews = to_uint8(res.render(z, checked.truncation, batch_size=self.max_batch, then=edit.deltas))
         if request.dry_run:
             return RewriteResult(parent, None, edit, previews)
         progress.check("rewrite (before the version was stored)")

@@ -43,6 +43,26 @@ def moment_key(model: Generator, layer: str, seeds: Sequence[int], truncation: f
     return stat_key(model.upstream_fingerprint(layer), layer, KEY_MOMENT, seeds, truncation, model.arch)
 
 
+Model = Generator | Callable[[], Generator]     # a generator, or a function that builds one
+
+
+def _built(model: Model) -> Generator:
+    return model if isinstance(model, Generator) else model()
+
+
+def _once(model: Model) -> Model:
+    """``model``, built at most once if it is a function."""
+    if isinstance(model, Generator):
+        return model
+    built: list[Generator] = []
+
+    def build() -> Generator:
+        if not built:
+            built.append(model())
+        return built[0]
+    return build
+
+
 @dataclasses.dataclass
 class Cached:
     """A statistic as the cache holds it: its key, value, size, and whether it was there already."""
@@ -62,36 +82,43 @@ class Statistics:
         self._fingerprints: dict[tuple[Hashable, str | None], str] = {}
         self._lock = threading.Lock()
 
-    def fingerprint(self, model: Generator, layer: str | None, memo: Hashable | None = None) -> str:
+    def fingerprint(self, model: Model, layer: str | None, memo: Hashable | None = None) -> str:
         """The weights' fingerprint a statistic depends on (upstream of ``layer``; None: every weight).
 
-        Hashing costs ~10 ms, so it is kept per ``memo`` (a version's identity; immutable weights).
+        Hashing costs ~10 ms (and ``model`` may have to be built first), so it is kept per
+        ``memo`` (a version's identity; its weights are immutable).
         """
         key = (memo, layer)
         with self._lock:
             hit = self._fingerprints.get(key) if memo is not None else None
         if hit is None:
-            hit = model.upstream_fingerprint(layer) if layer is not None else model.weights_fingerprint()
+            module = _built(model)
+            hit = module.upstream_fingerprint(layer) if layer is not None else module.weights_fingerprint()
             if memo is not None:
                 with self._lock:
                     self._fingerprints[key] = hit
         return hit
 
-    def key(self, model: Generator, layer: str, kind: str, seeds: Sequence[int], truncation: float,
-            memo: Hashable | None = None) -> StatsKey:
-        """The cache key of a statistic of ``model``."""
+    def key(self, model: Model, layer: str, kind: str, seeds: Sequence[int], truncation: float,
+            memo: Hashable | None = None, arch: str | None = None) -> StatsKey:
+        """The cache key of a statistic of ``model`` (``arch``: its architecture, if known without it)."""
         # Keys depend only on the weights upstream of the layer; values on the layer's own weight
         # too, so their key hashes every weight (conservative, shared less across versions).
         scope = layer if kind == KEY_MOMENT else None
-        return stat_key(self.fingerprint(model, scope, memo), layer, kind, seeds, truncation, model.arch)
+        return stat_key(self.fingerprint(model, scope, memo), layer, kind, seeds, truncation,
+                        arch or _built(model).arch)
 
-    def get(self, model: Generator, layer: str, kind: str, seeds: range, truncation: float = 1.0,
-            progress: Progress | None = None, memo: Hashable | None = None,
-            private: Callable[[], Generator] | None = None, batch_size: int = 32) -> Cached:
-        """A statistic from the cache, computed on a miss (on ``private()``, a module the computation
-        may hook; ``model`` itself otherwise)."""
+    def get(self, model: Model, layer: str, kind: str, seeds: range, truncation: float = 1.0,
+            progress: Progress | None = None, memo: Hashable | None = None, arch: str | None = None,
+            batch_size: int = 32) -> Cached:
+        """A statistic from the cache, computed on a miss.
+
+        ``model`` is a generator, or a function that builds one (a private module the computation
+        may hook, with the version's dense weights), called at most once and only when needed.
+        """
         progress = progress or Progress()
-        key = self.key(model, layer, kind, seeds, truncation, memo)
+        model = _once(model)
+        key = self.key(model, layer, kind, seeds, truncation, memo, arch)
         ran = {"computed": False, "stopped": False}
 
         def stopped() -> bool:
@@ -101,7 +128,7 @@ class Statistics:
 
         def compute() -> bytes:
             ran["computed"] = True
-            target = private() if private is not None else model
+            target = _built(model)
             mine = Progress(progress.on_event, stopped)
             compute_stat = key_moment if kind == KEY_MOMENT else value_quantiles
             return compute_stat(target, layer, seeds, truncation, batch_size=batch_size, progress=mine).to_bytes()

@@ -138,6 +138,24 @@ class TinyGenerator(Generator):
 
 
 
+def random_deltas(model: Generator, seed: int, rank: int = 3, strength: float = 0.7,
+                  layers: tuple[str, ...] | None = None) -> list:
+    """A random low-rank delta on each rewritable layer (or on ``layers``), visible but small."""
+    from rulewright.service.engine.delta import LowRankDelta
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in model.layer_specs():
+        if layers is not None and spec.name not in layers:
+            continue
+        shape = list(spec.weight.shape)
+        d_in, shape[spec.in_axis] = shape[spec.in_axis], rank
+        direction = torch.linalg.qr(torch.randn(d_in, rank, generator=g))[0]
+        lam = 0.2 * float(spec.weight.abs().mean()) * torch.randn(shape, generator=g)
+        out.append(LowRankDelta(spec.weight_key, spec.in_axis, direction, lam, strength))
+    return out
+
+
 # A cheap edit on the tiny DCGAN below (32×32, main.6 keys 8×8): value goal, no keep term.
 TINY_SPEC = {"layer": "main.6", "rank": 2, "goal": "value", "steps": 60, "stats": {"samples": 64},
              "keep": {"weight": 0}, "copy": {"seed": 1, "box": [8, 8, 16, 16]},
@@ -155,3 +173,21 @@ def tiny_domain(tmp_path, max_resident: int = 4):
     domain = Domain.open(tmp_path / "data", device="cpu", max_resident=max_resident)
     domain.bootstrap("tiny", path)
     return domain
+
+
+def store_edited_versions(domain, count: int, model: str = "tiny") -> list[str]:
+    """References of ``count`` edited versions stored directly (random deltas on every layer, no
+    rewrite run): siblings on version 1, except that the second is at strength 0 and the last is
+    a chain on the first."""
+    from rulewright.service.engine.delta import to_bytes, with_strength
+
+    base = domain.generator(domain.resolve(f"{model}/1")).model
+    refs: list[str] = []
+    for i in range(count):
+        deltas = random_deltas(base, seed=i, strength=0.5 + i / 10)
+        if i == 1:
+            deltas = with_strength(deltas, 0.0)
+        parent = int(refs[0].split("/")[1]) if i == count - 1 and i > 0 else 1
+        v = domain.registry.create_version(model, parent=parent, delta=to_bytes(deltas), spec={"seed": i})
+        refs.append(f"{model}/{v.number}")
+    return refs

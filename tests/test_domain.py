@@ -10,7 +10,7 @@ from rulewright.service.engine.errors import Cancelled
 from rulewright.service.engine.progress import Progress
 from rulewright.service.engine.sampling import latents, to_uint8
 from rulewright.service.requests import RewriteRequest, SampleRequest
-from tests.builders import TINY_SPEC, tiny_domain
+from tests.builders import TINY_SPEC, store_edited_versions, tiny_domain
 
 SPEC = TINY_SPEC
 
@@ -50,12 +50,18 @@ def test_rewrite_creates_a_child_version_that_samples_differently(domain):
     assert any(e.stage == "optimize" for e in events)
 
 
-def test_versions_share_unedited_tensors(domain):
+def test_an_edited_version_holds_only_its_factors_and_hooked_work_gets_its_dense_weights(domain):
     domain.rewrite(RewriteRequest("tiny/1", SPEC))
-    m1 = domain.generator(domain.resolve("tiny/1")).model
-    m2 = domain.generator(domain.resolve("tiny/2")).model
-    assert m1.main[3].weight.data_ptr() == m2.main[3].weight.data_ptr()      # untouched: shared
-    assert m1.main[6].weight.data_ptr() != m2.main[6].weight.data_ptr()      # edited: its own
+    r1 = domain.generator(domain.resolve("tiny/1"))
+    base_bytes = domain.resident_bytes()
+    r2 = domain.generator(domain.resolve("tiny/2"))
+    assert r2.model is r1.model                                    # one generator for the base
+    delta = domain.registry.store.get_blob(r2.version.blobs["delta"].sha256)
+    assert 0 < r2.nbytes() <= len(delta) < r1.model.main[6].weight.numel() * 4
+    assert domain.resident_bytes() == base_bytes + r2.nbytes()      # factors, not a dense copy
+    dense = r2.hookable()
+    assert dense.main[3].weight.data_ptr() == r1.model.main[3].weight.data_ptr()   # untouched: shared
+    assert not torch.equal(dense.main[6].weight, r1.model.main[6].weight)         # edited: its own, privately
 
 
 def test_request_id_replay_dry_run_and_cancel_create_nothing_new(domain):
@@ -77,22 +83,27 @@ def test_lru_keeps_at_most_max_resident(domain):
     assert domain.resident_versions() == [("tiny", 2), ("tiny", 3)]
 
 
-def test_memory_budget_evicts_least_recently_used_counting_shared_tensors_once(domain):
-    domain.rewrite(RewriteRequest("tiny/1", SPEC))
-    domain.rewrite(RewriteRequest("tiny/2", SPEC))
-    one = domain.resident_bytes()
-    domain.max_resident, domain.memory_budget_bytes = 10, None
-    for ref in ("tiny/1", "tiny/2", "tiny/3"):
+def test_memory_budget_counts_the_base_once_and_each_versions_factors(domain):
+    for seed in (2, 3, 4):                 # three sibling edits: versions 2, 3 and 4
+        domain.rewrite(RewriteRequest("tiny/1", {**SPEC, "paste": [{"seed": seed, "box": [8, 8, 16, 16]}]}))
+    domain.max_resident = 10
+    domain.sample(SampleRequest("tiny/1", seeds=[0]))
+    base = domain.resident_bytes()
+    for ref in ("tiny/2", "tiny/3", "tiny/4"):
         domain.sample(SampleRequest(ref, seeds=[0]))
-    three = domain.resident_bytes()
-    edited = three - one
-    assert 0 < edited < one      # versions 2 and 3 add only their edited tensors
-    domain.memory_budget_bytes = one + edited // 2 + 1    # room for version 1 and one edit, not two
-    domain.sample(SampleRequest("tiny/1", seeds=[0]))                    # most recent; 2 is now the oldest
-    domain.rewrite(RewriteRequest("tiny/3", SPEC))
-    domain.sample(SampleRequest("tiny/4", seeds=[0]))
-    assert ("tiny", 4) in domain.resident_versions() and ("tiny", 2) not in domain.resident_versions()
-    assert domain.resident_bytes() <= domain.memory_budget_bytes
+    factors = {n: domain.generator(domain.resolve(f"tiny/{n}")).nbytes() for n in (2, 3, 4)}
+    assert domain.resident_bytes() == base + sum(factors.values()) and sum(factors.values()) < base
+    domain.memory_budget_bytes = base + max(factors.values()) + min(factors.values()) // 2   # the base and one edit
+    assert domain.resident_versions() == [("tiny", 4)]      # applied at once, least recently used first
+    domain.sample(SampleRequest("tiny/1", seeds=[0]))
+    domain.sample(SampleRequest("tiny/2", seeds=[0]))
+    assert domain.resident_versions() == [("tiny", 1), ("tiny", 2)]
+    assert domain.resident_bytes() == base + factors[2] <= domain.memory_budget_bytes
+    five = domain.rewrite(RewriteRequest("tiny/2", SPEC)).version        # 1 + Δ2 + Δ5, built on resident 2
+    domain.sample(SampleRequest("tiny/5", seeds=[0]))
+    # Over the budget, only the newest stays; it holds every delta along its lineage (2's among them).
+    assert domain.resident_versions() == [("tiny", 5)]
+    assert domain.resident_bytes() == base + factors[2] + domain.generator(five).lineage[1][0].nbytes()
 
 
 def test_dynamic_batching_coalesces_concurrent_samples_without_changing_pixels(domain):
@@ -132,3 +143,38 @@ def test_batcher_separates_keys_and_reports_errors_to_their_callers():
     batcher.close()
     with pytest.raises(BatcherClosed):
         batcher.submit("a", model, z[:1])
+
+
+def test_concurrent_requests_for_different_versions_share_passes_and_get_their_own_bytes(domain):
+    import threading
+
+    domain.max_resident = 16
+    refs = ["tiny/1"] + store_edited_versions(domain, 5)
+    work = [(refs[i % len(refs)], 40 + i) for i in range(12)]
+    alone = {w: domain.sample(SampleRequest(w[0], seeds=[w[1]])).images[0] for w in work}
+    base = domain.sample(SampleRequest("tiny/1", seeds=[7])).images
+    assert torch.equal(domain.sample(SampleRequest(refs[2], seeds=[7])).images, base)        # strength 0 draws the parent
+    assert not torch.equal(domain.sample(SampleRequest(refs[1], seeds=[7])).images, base)
+    sizes = []
+    domain.metrics = type("M", (), {"observe_batch": lambda self, n: sizes.append(n),
+                                    "observe_stats_cache": lambda self, kind, hit: None})()
+    domain.batcher.max_delay_s = 0.2         # long enough that all twelve threads arrive first
+    out, barrier = {}, threading.Barrier(len(work))
+
+    def one(w):
+        barrier.wait()
+        out[w] = domain.sample(SampleRequest(w[0], seeds=[w[1]])).images[0]
+    threads = [threading.Thread(target=one, args=(w,)) for w in work]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(torch.equal(out[w], alone[w]) for w in work)
+    assert max(sizes) > 1 and sum(sizes) == len(work) and len(sizes) < len(work)   # versions shared passes
+
+
+def test_images_are_the_same_bytes_without_dynamic_batching(domain):
+    from rulewright.service.domain import Domain
+
+    refs = store_edited_versions(domain, 3)
+    plain = Domain(domain.registry, domain.stats_cache, device="cpu", dynamic_batching=False)
+    for ref in ["tiny/1"] + refs:
+        assert torch.equal(plain.sample(SampleRequest(ref, seeds=[3, 9])).images, domain.sample(SampleRequest(ref, seeds=[3, 9])).images)

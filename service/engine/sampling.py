@@ -2,7 +2,8 @@
 
 - ``latents(seeds, z_dim)``: one latent per seed, each drawn by its own CPU ``torch.Generator``, so
   it does not depend on the device, the batch, or the other seeds.
-- ``sample(model, seeds=..., z=..., truncation=..., batch_size=...)``: images in [-1, 1] on the CPU.
+- ``sample(model, seeds=..., z=..., truncation=..., batch_size=..., changes=...)``: images in [-1, 1]
+  on the CPU; ``changes`` draws edited versions of the model (each image its own) in shared passes.
 - ``bucket(n)``: the padded size of an n-image forward pass (a power of two, at least 4).
 - ``check_latents(z, z_dim)``: raw latents must be finite (N, z_dim) floats (InvalidArgument).
 - ``to_uint8(images)``: (N, H, W, 3) uint8 pixels for PNG or raw RGB8.
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from . import factored
+from .factored import Change
 from .generators.base import Generator
 
 MAX_SEED = 2**63 - 1
@@ -80,8 +83,9 @@ def sample(
     model: Generator,
     seeds: Sequence[int] | None = None,   # one image per seed
     z: torch.Tensor | None = None,        # or raw latents (N, z_dim); exactly one of seeds / z
-    truncation: float = 1.0,              # 1 = none; only architectures with a mapping network
+    truncation: float | Sequence[float] = 1.0,   # 1 = none; or one per image (architectures with a mapping network)
     batch_size: int = 16,                 # images per forward pass (memory, not results)
+    changes: Sequence[Change | None] | Change | None = None,   # low-rank changes of the model, one per image
 ) -> torch.Tensor:
     """Images (N, 3, R, R) in [-1, 1] on the CPU; the same seed always gives the same image.
 
@@ -90,6 +94,11 @@ def sample(
     6, 7, 9, 10 or 11 give results that differ from the others in the last bit (which sizes
     depends on the architecture), so an image would depend on what else was in its batch.
     ``tests/test_sampling.py`` checks that every bucket agrees bitwise for each architecture.
+
+    ``changes`` draws images of edited versions of ``model`` (one change for all, or one per
+    image, None for the model's own weights) through ``factored``: the model's weights run once
+    for every image and each adds its own version's low-rank term, so versions share passes and
+    an image's bits still depend only on its version, latent and truncation.
     """
     if (seeds is None) == (z is None):
         raise ValueError("give exactly one of seeds or z")
@@ -98,20 +107,42 @@ def sample(
     if z is None:
         z = latents(seeds, model.z_dim)
     check_latents(z, model.z_dim)
-    model.check_truncation(truncation)
+    count = z.shape[0]
+    truncations = _per_image(truncation, count, "truncation")
+    for t in set(truncations):
+        model.check_truncation(t)
+    per_image = _per_image(changes, count, "changes")
     device = _model_device(model)
     outs = []
     step = max(MIN_BUCKET, 1 << (batch_size.bit_length() - 1))   # the largest bucket within batch_size
     with torch.no_grad():
-        for start in range(0, z.shape[0], step):
+        for start in range(0, count, step):
             chunk = z[start : start + step].to(device=device, dtype=torch.float32)
             n = chunk.shape[0]
             if bucket(n) != n:
                 chunk = torch.cat([chunk, chunk.new_zeros(bucket(n) - n, chunk.shape[1])])
-            outs.append(model(chunk, truncation)[:n].float().cpu())
+            rows = truncations[start : start + n]
+            # One number when the rows agree (the path every single-truncation request takes);
+            # one per row, padding rows at 1, when a batch mixes them: the same bits per element.
+            t = rows[0] if len(set(rows)) == 1 else torch.tensor(rows + [1.0] * (chunk.shape[0] - n), device=device)
+            chunk_changes = [c if c else None for c in per_image[start : start + n]]
+            if any(c is not None for c in chunk_changes):
+                with factored.rendering(model, chunk_changes + [None] * (chunk.shape[0] - n)):
+                    outs.append(model(chunk, t)[:n].float().cpu())
+            else:
+                outs.append(model(chunk, t)[:n].float().cpu())
     if not outs:
         return torch.empty(0, 3, model.resolution, model.resolution)
     return torch.cat(outs)
+
+
+def _per_image(value, count: int, name: str) -> list:
+    """One value per image: a sequence of ``count`` as given, anything else repeated."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} must give one value per image ({count}), got {len(value)}")
+        return list(value)
+    return [value] * count
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Materialization (base + deltas along the lineage), export, the resident LRU, cached statistics."""
+"""Materialization (base + deltas along the lineage), export, resident versions, cached statistics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from safetensors.torch import save as st_save
 from rulewright.registry import LocalStatsCache, Registry, errors
 from rulewright.registry.errors import Reason
 from rulewright.service.statistics import cached_key_moment, moment_key
-from rulewright.service.weights import Materializer, export_bytes, export_to_file, iter_export, materialize
+from rulewright.service.residency import Residency
+from rulewright.service.weights import export_bytes, export_to_file, iter_export, materialize
 from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict, to_bytes
 from rulewright.service.engine.loading import load_generator
 from rulewright.service.engine.stats import key_moment
@@ -82,25 +83,37 @@ def test_export_round_trips_through_load_generator(chain, tmp_path):
         assert not torch.allclose(loaded(z), load_generator(base)(z))
 
 
-def test_materializer_builds_on_resident_ancestors_and_respects_its_budget(chain, monkeypatch):
+def test_residency_reads_only_what_is_missing_and_counts_factors_not_dense_copies(chain, monkeypatch):
     registry, base, _ = chain
     reads: list[str] = []
     real_get = registry.store.get_blob
     monkeypatch.setattr(registry.store, "get_blob", lambda sha: reads.append(sha) or real_get(sha))
-    versions = {n: registry.get_version("faces", n) for n in (1, 2, 3)}
-    cache = Materializer(registry)
-    v2 = cache.state_dict("faces", 2)
+    versions = {n: registry.get_version("faces", n) for n in (1, 2, 3, 4)}
+    cpu = torch.device("cpu")
+    base_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    cache = Residency(registry, cpu)
+    r2 = cache.get(versions[2])
     assert reads == [versions[1].blobs["weights"].sha256, versions[2].blobs["delta"].sha256]
     reads.clear()
-    v3 = cache.state_dict("faces", 3)
-    assert reads == [versions[3].blobs["delta"].sha256]  # built on resident version 2
-    assert v3["main.9.weight"] is v2["main.9.weight"]    # unedited tensors are shared
-    assert cache.state_dict("faces", 3) is v3
-    full = sum(t.numel() * t.element_size() for t in base.values())
-    assert cache.resident_bytes() < 2 * full  # shared storage counted once
-    tight = Materializer(registry, budget_bytes=full)
-    tight.state_dict("faces", 3)
-    assert tight.resident() == [("faces", 3)] and tight.resident_bytes() <= full * 1.5
+    r3 = cache.get(versions[3])
+    assert reads == [versions[3].blobs["delta"].sha256]      # built on resident version 2
+    assert r3.model is r2.model and r3.lineage[0] is r2.lineage[0]   # one base; 2's factors shared
+    assert cache.get(versions[3]) is r3
+    reads.clear()
+    r4 = cache.get(versions[4])
+    assert reads == [versions[4].blobs["delta"].sha256]      # its base is resident: its own delta only
+    factors = sum(r.nbytes() for r in (r2, r4)) + sum(d.nbytes() for d in r3.lineage[1])
+    assert cache.nbytes() == base_bytes + factors             # the base once, each delta's factors once
+    assert factors < 0.1 * base_bytes
+    dense3 = materialize(registry, "faces", 3)
+    for k, t in r3.hookable().public_state_dict().items():
+        torch.testing.assert_close(t, dense3[k], rtol=0, atol=0)  # hooked work sees the version's weights
+    tight = Residency(registry, cpu, budget_bytes=base_bytes + r4.nbytes())
+    tight.get(versions[3])
+    tight.get(versions[4])
+    assert tight.versions() == [("faces", 4)] and tight.nbytes() == base_bytes + r4.nbytes()
+    tight.get(versions[1])                                    # the import adds no bytes: its base is held
+    assert tight.versions() == [("faces", 4), ("faces", 1)]
 
 
 def test_corrupt_delta_blob_is_data_loss_when_materializing(chain):

@@ -74,7 +74,7 @@ def test_flag_beats_env_beats_file_beats_default(tmp_path):
     assert c.address == "127.0.0.1:7002"          # env over file
     assert c.dynamic_batching is True             # env over file
     assert (c.max_workers, c.grace_s) == (3, 1.5)  # file over default
-    assert c.max_resident == 8                    # default
+    assert c.max_resident == 1024                 # default
 
     c = resolve(parse(), env)
     assert (c.max_batch, c.address) == (8, "127.0.0.1:7002")

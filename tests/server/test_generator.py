@@ -122,3 +122,42 @@ def test_a_multilayer_rewrite_at_strength_zero_renders_the_parent_bit_for_bit(ge
     again = list(generator.Rewrite(gen.RewriteRequest(model="tiny/1", spec=spec_pb(steps=5), dry_run=True),
                                    timeout=120))[-1].result
     assert json.loads(again.spec_json)["method"] == "single"    # GOAL_VALUE implies the one-layer edit
+
+
+def test_concurrent_clients_on_different_versions_share_passes_and_get_their_own_bytes(generator, domain, channel):
+    """Over a real channel: single-image Sample calls for six versions of one base at once, then
+    OIP ModelInfer for each version, all the bytes each image gets when drawn alone."""
+    import threading
+
+    from rulewright.inference import grpc_predict_v2_pb2 as oip, grpc_predict_v2_pb2_grpc as oip_grpc
+    from tests.builders import store_edited_versions
+
+    refs = ["tiny/1"] + store_edited_versions(domain, 5)
+    raw = images_pb2.IMAGE_FORMAT_RAW_RGB8
+    work = [(refs[i % len(refs)], 60 + i) for i in range(12)]
+    alone = {w: generator.Sample(gen.SampleRequest(model=w[0], seeds=[w[1]], image_format=raw), timeout=60)
+             .images[0].data for w in work}
+    assert len(set(alone.values())) == len(work)
+    sizes: list[int] = []
+    domain.batcher.observe = sizes.append        # each forward pass's image count
+    domain.batcher.max_delay_s = 0.2          # long enough that every client arrives first
+    out, barrier = {}, threading.Barrier(len(work))
+
+    def client(w):
+        barrier.wait()
+        reply = generator.Sample(gen.SampleRequest(model=w[0], seeds=[w[1]], image_format=raw), timeout=60)
+        out[w] = (reply.version, reply.images[0].data)
+    threads = [threading.Thread(target=client, args=(w,)) for w in work]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert {w: data for w, (_, data) in out.items()} == alone
+    assert all(version == "models/" + w[0].replace("/", "/versions/") for w, (version, _) in out.items())
+    assert max(sizes) > 1 and sum(sizes) == len(work) and len(sizes) < len(work)
+    infer = oip_grpc.GRPCInferenceServiceStub(channel)
+    for ref in refs:
+        model, number = ref.split("/")
+        seeds = [w[1] for w in work if w[0] == ref]
+        request = oip.ModelInferRequest(model_name=model, model_version=number, inputs=[
+            oip.ModelInferRequest.InferInputTensor(name="seed", datatype="INT64", shape=[len(seeds)],
+                                                   contents=oip.InferTensorContents(int64_contents=seeds))])
+        assert infer.ModelInfer(request, timeout=60).raw_output_contents[0] == b"".join(alone[ref, s] for s in seeds)

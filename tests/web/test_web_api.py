@@ -131,6 +131,22 @@ def test_image_is_the_png_grpc_sample_returns(web):
     assert not np.array_equal(pixels(r.images[0].data), pixels(r.images[1].data))
 
 
+def test_an_edited_versions_image_is_the_png_grpc_sample_returns(web):
+    from tests.builders import store_edited_versions
+
+    base, domain = web
+    ref = store_edited_versions(domain, 1)[0]
+    server, port = create_server(domain)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            r = gen_grpc.GeneratorServiceStub(ch).Sample(gen.SampleRequest(model=ref, seeds=[4]), timeout=30)
+    finally:
+        server.stop(0).wait()
+    resp = request(base, "GET", IMG.format(v=ref.split("/")[1], seed=4))
+    assert resp.status == 200 and resp.data == r.images[0].data          # the editor draws the same bytes
+    assert resp.data != request(base, "GET", IMG.format(v=1, seed=4)).data
+
+
 def test_ablation_changes_pixels_as_the_domain_does(web):
     base, domain = web
     plain = pixels(request(base, "GET", IMG.format(v=1, seed=3)).data)

@@ -182,8 +182,15 @@ class Generator(nn.Module, abc.ABC):
         names = ", ".join(s.name for s in self.layer_specs())
         raise LookupError(f"{self.arch} has no rewritable layer {name!r}; layers: {names}")
 
-    def check_truncation(self, truncation: float) -> None:
-        """Reject a truncation the architecture cannot honour (ValueError → INVALID_ARGUMENT)."""
+    def check_truncation(self, truncation: float | torch.Tensor) -> None:
+        """Reject a truncation the architecture cannot honour (ValueError → INVALID_ARGUMENT).
+
+        A tensor holds one truncation per image (architectures with the trick take that too).
+        """
+        if isinstance(truncation, torch.Tensor):
+            for t in torch.unique(truncation).tolist():
+                self.check_truncation(float(t))
+            return
         if not 0.0 <= truncation <= 1.0 and self.supports_truncation:
             raise ValueError(f"truncation must lie in [0, 1], got {truncation}")
         if not self.supports_truncation and truncation != 1.0:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import factored
 from .base import Generator, LayerSpec, StateDictMismatch, check_state_dict, require
 
 ARCH = "stylegan2"
@@ -232,12 +233,49 @@ class ModulatedConv2d(nn.Module):
         weight = self.scaled_weight()
         if self.upsample:
             # ConvTranspose2d wants (in, out, k, k); the port stores (out, in, k, k).
-            out = self.blur(F.conv_transpose2d(key, weight.transpose(0, 1), stride=2))
+            out = F.conv_transpose2d(key, weight.transpose(0, 1), stride=2)
         else:
             out = F.conv2d(key, weight, padding=self.kernel_size // 2)
+        # In a factored pass each image's version adds its own low-rank term here, before the
+        # blur and the demodulation, which must both see the edited weight.
+        terms = factored.current(self)
+        if terms is not None:
+            out = terms.add(out, key, self.low_rank_side())
+        if self.upsample:
+            out = self.blur(out)
         if self.demodulate:
-            out = out * self.demodulation(s)[:, :, None, None]
+            d = self.demodulation(s)
+            if terms is not None:
+                d = self._edited_demodulation(d, s, terms)
+            out = out * d[:, :, None, None]
         return out
+
+    def low_rank_side(self) -> factored.Side:
+        """How a low-rank change of this weight runs beside it: ``scale·Λ`` convolved like ``scale·W``."""
+        if self.upsample:
+            return factored.Side(True, 2, 0, part=lambda lam: lam[0].transpose(0, 1), gain=self.scale)
+        return factored.Side(False, 1, self.kernel_size // 2, part=lambda lam: lam[0], gain=self.scale)
+
+    def _edited_demodulation(self, d: torch.Tensor, s: torch.Tensor, terms: factored.Terms) -> torch.Tensor:
+        """``d`` with each edited row's factor computed from its version's weight.
+
+        The version's weight is formed delta by delta as materializing it does (a transient
+        tensor the size of this layer); each version's rows run padded to a group size, so
+        their bits do not depend on how many share the batch.
+        """
+        d = d.clone()
+        for rows, parts in terms.versions():
+            rows = rows.to(s.device)
+            weight = self.weight
+            for delta in parts:
+                weight = weight + delta.dense().to(weight.device, weight.dtype)
+            energy = (weight[0] * self.scale).pow(2).sum(dim=(2, 3))
+            n = rows.shape[0]
+            rs = s.index_select(0, rows)
+            if factored.group_size(n) > n:
+                rs = torch.cat([rs, rs.new_zeros(factored.group_size(n) - n, rs.shape[1])])
+            d.index_copy_(0, rows, torch.rsqrt(rs.pow(2) @ energy.t() + 1e-8)[:n])
+        return d
 
     def extra_repr(self) -> str:
         return (f"weight={tuple(self.weight.shape)}, upsample={self.upsample}, "
@@ -523,16 +561,21 @@ class StyleGAN2Generator(Generator):
 
     # -- sampling --------------------------------------------------------------------------
 
-    def forward(self, z: torch.Tensor, truncation: float = 1.0) -> torch.Tensor:
-        """Images (N, 3, size, size) for latents (N, style_dim); ``truncation`` in [0, 1]."""
+    def forward(self, z: torch.Tensor, truncation: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """Images (N, 3, size, size) for latents (N, style_dim); ``truncation`` in [0, 1], or (N,) of them."""
         self.check_truncation(truncation)
         if z.ndim != 2 or z.shape[1] != self.z_dim:
             raise ValueError(f"latents must have shape (N, {self.z_dim}), got {tuple(z.shape)}")
         return self.synthesize(self.mapping(z, truncation))
 
-    def mapping(self, z: torch.Tensor, truncation: float = 1.0) -> torch.Tensor:
-        """``w`` (N, style_dim), pulled towards ``latent_avg`` when ``truncation < 1``."""
+    def mapping(self, z: torch.Tensor, truncation: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """``w`` (N, style_dim), pulled towards ``latent_avg`` when ``truncation < 1`` (a number, or one per row)."""
         w = self.style(z)
+        if isinstance(truncation, torch.Tensor):
+            # One truncation per image (a batch of requests that differ in it): the same
+            # arithmetic per element as a single number, and rows at 1 are left untouched.
+            t = truncation.to(w.device, w.dtype)[:, None]
+            return torch.where(t < 1, self.latent_avg + t * (w - self.latent_avg), w)
         if truncation < 1:  # the port leaves w untouched at 1 (bit for bit)
             w = self.latent_avg + truncation * (w - self.latent_avg)
         return w
