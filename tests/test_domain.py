@@ -178,3 +178,20 @@ def test_images_are_the_same_bytes_without_dynamic_batching(domain):
     plain = Domain(domain.registry, domain.stats_cache, device="cpu", dynamic_batching=False)
     for ref in ["tiny/1"] + refs:
         assert torch.equal(plain.sample(SampleRequest(ref, seeds=[3, 9])).images, domain.sample(SampleRequest(ref, seeds=[3, 9])).images)
+
+
+def test_statistics_of_an_edited_version_are_named_and_computed_from_its_own_weights(domain):
+    """An edited version's resident module is its base's; its statistics must still see its edit."""
+    from rulewright.service.engine.stats import key_moment
+    from rulewright.service.requests import StatisticsRequest
+
+    domain.rewrite(RewriteRequest("tiny/1", SPEC))                         # edits main.6
+    at = {(n, layer): domain.compute_statistic(StatisticsRequest(f"tiny/{n}", layer=layer, samples=16))
+          for n in (1, 2) for layer in ("main.6", "main.9")}
+    assert at[(1, "main.6")].key == at[(2, "main.6")].key                  # upstream of the edit: shared
+    assert at[(2, "main.6")].cached
+    assert at[(1, "main.9")].key != at[(2, "main.9")].key                  # downstream: the edit's own
+    dense = domain.generator(domain.resolve("tiny/2")).hookable()
+    expected = key_moment(dense, "main.9", range(16)).moment()
+    assert torch.allclose(at[(2, "main.9")].stat.moment(), expected, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(at[(1, "main.9")].stat.moment(), expected, rtol=1e-6, atol=1e-9)
