@@ -94,3 +94,23 @@ def test_ray_worker_killed_mid_shard_is_retried_and_the_job_completes(ray_instan
     assert (ray_instance / f"killed-{ray_faults.KILL_BEFORE_RECORD}").exists()
     assert shas == clean
     assert assert_nothing_partial(backend, job_id, clean) == set(range(SHARDS))
+
+
+def test_serve_settings_build_the_ray_executor(ray_instance, backend):
+    from rulewright.service.ray_jobs import RayExecutor
+    from rulewright.service.server.app import job_executor
+    from rulewright.service.server.config import resolve
+
+    domain = Domain(backend.registry, open_stats_cache("memory://"), device="cpu")
+    try:
+        assert job_executor(resolve(environ={}), domain) is None                  # local: the server's thread pool
+        executor = job_executor(resolve(environ={"RULEWRIGHT_JOB_EXECUTOR": "ray", "RULEWRIGHT_DEVICE": "cpu",
+                                                 "RULEWRIGHT_JOB_WORKERS": "1"}), domain)
+        assert isinstance(executor, RayExecutor) and executor.max_in_flight == 1
+        jobs = DatasetJobs(domain, executor)
+        status = jobs.create(DatasetJobRequest("tiny", 0, 4, shard_size=2, request_id="settings"))
+        assert jobs.wait(status.spec.id, BOUND_S).state == "succeeded"
+        jobs.close()
+        assert ray.is_initialized()            # it joined the Ray instance it found, so it leaves it running
+    finally:
+        domain.close()
