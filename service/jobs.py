@@ -8,8 +8,9 @@
 - ``JobStatus``: a job as the store records it: spec, state, progress, and the manifest once done.
 - ``Executor``: the seam where shards run. ``LocalExecutor`` (the embedded default) is a bounded
   ``concurrent.futures`` thread pool in the server; a distributed backend (Ray tasks) implements
-  the same ``run_shards`` and reuses ``shard_tar`` and ``publish_shard``.
-- ``shard_tar``, ``publish_shard``: one shard's bytes and its commit, shared by every executor.
+  the same ``run_shards`` and reuses ``shard_tar`` and ``publish_shard`` (``ray_jobs.RayExecutor``).
+- ``shard_tar``, ``publish_shard``: one shard's bytes and its commit, shared by every executor;
+  ``render_pngs``: a shard's images from a generator an executor holds itself (Sample's bytes).
 
 Store layout (documents under ``jobs/datasets/{id}/``), append-only because the store's only
 mutation is a conditional create:
@@ -52,7 +53,7 @@ from rulewright.registry.manifests import Version
 
 from .engine.errors import Cancelled, InvalidArgument
 from .engine.progress import Progress
-from .engine.sampling import png_bytes
+from .engine.sampling import png_bytes, sample, to_uint8
 from .errors import Code, Error
 from .limits import Limits
 from .requests import MAX_SEED, SampleRequest
@@ -250,6 +251,22 @@ def publish_shard(store: BlobStore, spec: JobSpec, index: int, data: bytes) -> d
 
 
 # ---- executors ---------------------------------------------------------------------------------
+
+def render_pngs(model, seeds: range, truncation: float, batch_size: int, progress: Progress) -> list[bytes]:
+    """PNGs of ``seeds`` drawn straight from a generator, byte-identical to what ``Domain.sample`` gives.
+
+    For executors that hold a generator of their own (a Ray worker): ``sampling.sample`` pads every
+    forward pass to a fixed bucket, so the images do not depend on ``batch_size`` or on what Sample
+    batched them with, and ``png_bytes`` is the encoder Sample uses.
+    """
+    out: list[bytes] = []
+    for start in range(seeds.start, seeds.stop, batch_size):
+        progress.check(f"seeds from {start}")
+        chunk = list(range(start, min(start + batch_size, seeds.stop)))
+        images = sample(model, seeds=chunk, truncation=truncation, batch_size=batch_size)
+        out += [png_bytes(img) for img in to_uint8(images).numpy()]
+    return out
+
 
 class Executor(abc.ABC):
     """Where a job's shards run; ``run_shards`` yields each shard's commit record as it completes."""

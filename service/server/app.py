@@ -263,6 +263,20 @@ def create_server(
     return server, port
 
 
+def job_executor(config, domain):
+    """The dataset jobs' executor the settings name: None (the local thread pool) or a ``RayExecutor``
+    whose workers open the same store, with the store's non-secret S3 settings."""
+    if config.job_executor != "ray":
+        return None
+    from rulewright.service.ray_jobs import RayExecutor
+
+    s3 = {"connect_timeout_s": config.s3_connect_timeout_s, "read_timeout_s": config.s3_read_timeout_s,
+          "max_attempts": config.s3_max_attempts, "call_timeout_s": config.store_timeout_s}
+    return RayExecutor(domain.registry.store.uri, address=config.ray_address, max_in_flight=config.job_workers,
+                       max_retries=config.ray_max_retries, num_gpus=config.ray_gpus_per_shard,
+                       device=config.device, batch_size=config.max_batch, s3=s3)
+
+
 def web_address(config) -> str | None:
     """Where the HTTP side listens: ``web_address`` as set; ``auto``: ``AUTO_WEB_ADDRESS`` when the
     gRPC address is loopback without TLS (the embedded default's shape), else None; ``off``/empty: None."""
@@ -314,7 +328,7 @@ def serve(config, on_ready=None) -> int:
                                      max_workers=config.max_workers, health_servicer=health_servicer, tokens=tokens,
                                      credentials=credentials, metrics=metrics,
                                      max_import_bytes=int(config.max_import_mb * 2**20),
-                                     job_workers=config.job_workers)
+                                     job_workers=config.job_workers, job_executor=job_executor(config, domain))
         log.info("listening", extra={"event": "listening", "address": config.address, "port": port,
                                      "auth": bool(tokens), "tls": "mutual" if config.tls_client_ca else bool(credentials),
                                      "registry": domain.registry.store.uri,

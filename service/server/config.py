@@ -84,7 +84,15 @@ SETTINGS = (
     Setting("max_import_mb", float, 2048.0, "largest ImportModel upload in MiB"),
     Setting("max_message_mb", float, 64.0, "largest gRPC request or response in MiB"),
     Setting("max_workers", int, 16, "RPCs served at once"),
-    Setting("job_workers", int, 2, "dataset-job shards rendered at once by the server's own worker pool"),
+    Setting("job_workers", int, 2, "dataset-job shards rendered at once per job (threads of the server, or Ray "
+                                   "tasks in flight)"),
+    Setting("job_executor", str, "local", "where dataset-job shards run: local (threads of this server) or ray "
+                                          "(Ray tasks; pip install 'rulewright[ray]')"),
+    Setting("ray_address", str, "", "the Ray cluster of --job-executor ray: ray://head:10001 (Ray Client), "
+                                    "head:6379 or auto; empty: $RAY_ADDRESS, else a Ray instance on this machine"),
+    Setting("ray_max_retries", int, 3, "times Ray re-runs a shard whose worker process or node died"),
+    Setting("ray_gpus_per_shard", float, 0.0, "GPUs each shard's Ray task reserves (1 on GPU workers; a fraction "
+                                              "shares a GPU); 0: CPU workers"),
     Setting("grace_s", float, 10.0, "seconds in-flight RPCs get to finish after SIGTERM or SIGINT"),
     Setting("max_images", int, 64, "most images one Sample, OIP ModelInfer or Rewrite preview may ask for"),
     Setting("max_search_seeds", int, 10000, "most candidate seeds one SearchContext (or an edit's target search) may rank"),
@@ -188,5 +196,11 @@ def _check(c: "ServeConfig") -> None:
             raise ConfigError(f"{name} must be host:port, got {value!r}")
     if c.web_address not in ("auto", "off", "") and not c.web_address.rpartition(":")[2].isdigit():
         raise ConfigError(f"web_address must be host:port, auto or off, got {c.web_address!r}")
+    if c.job_executor not in ("local", "ray"):
+        raise ConfigError(f"job_executor must be local or ray, got {c.job_executor!r}")
+    if c.ray_max_retries < 0:
+        raise ConfigError(f"ray_max_retries must not be negative, got {c.ray_max_retries}")
+    if not (math.isfinite(c.ray_gpus_per_shard) and c.ray_gpus_per_shard >= 0):
+        raise ConfigError(f"ray_gpus_per_shard must be a non-negative number, got {c.ray_gpus_per_shard}")
     if c.bootstrap not in ("faces", "none"):
         raise ConfigError(f"bootstrap must be faces or none, got {c.bootstrap!r}")

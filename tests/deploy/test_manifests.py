@@ -274,3 +274,25 @@ def test_deploy_check_fails_on_an_unknown_field(tmp_path):
     proc = _check(copy / "check.py")
     assert proc.returncode == 1
     assert "maxUnavailabel" in proc.stderr and "PodDisruptionBudget/rulewright" in proc.stderr
+
+
+def test_ray_component_points_the_server_at_its_ray_cluster():
+    """overlays/gpu-ray: the server's Ray address is the RayCluster head's Service, its shards in
+    flight fill the workers the autoscaler may start, and the workers reach the server's registry."""
+    from tests.deploy.manifests import container_env
+
+    objects = render("overlays/gpu-ray")
+    cluster = one(objects, "RayCluster", "rulewright-ray")
+    env = container_env(objects)
+    assert env["RULEWRIGHT_JOB_EXECUTOR"] == "ray"
+    assert env["RULEWRIGHT_RAY_ADDRESS"] == f"ray://{cluster['metadata']['name']}-head-svc:10001"
+    (workers,) = cluster["spec"]["workerGroupSpecs"]
+    assert int(env["RULEWRIGHT_JOB_WORKERS"]) == workers["maxReplicas"]
+    assert float(env["RULEWRIGHT_RAY_GPUS_PER_SHARD"]) == \
+        float(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    worker_env = {e["name"]: e.get("value", e.get("valueFrom")) for e in workers["template"]["spec"]["containers"][0]["env"]}
+    for name in ("RULEWRIGHT_S3_ENDPOINT", "RULEWRIGHT_S3_SECURE", "RULEWRIGHT_S3_REGION", "RULEWRIGHT_S3_ADDRESSING_STYLE"):
+        assert worker_env[name] == env[name], name
+    assert cluster["spec"]["rayVersion"] in (DEPLOY / "Dockerfile").read_text()     # the image's Ray
+    server = one(objects, "Deployment", "rulewright")["spec"]["template"]["spec"]["containers"][0]
+    assert {c["image"] for c in workers["template"]["spec"]["containers"]} == {server["image"]}

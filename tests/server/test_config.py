@@ -162,6 +162,9 @@ def test_bad_values_name_setting_and_source(tmp_path):
     ((), {"RULEWRIGHT_MAX_IMPORT_MB": "-5"}, "max_import_mb must be positive"),
     (("--bootstrap", "other"), {}, "bootstrap must be faces or none, got 'other'"),
     ((), {"RULEWRIGHT_BOOTSTRAP": "Faces"}, "bootstrap must be faces or none"),
+    (("--job-executor", "dask"), {}, "job_executor must be local or ray, got 'dask'"),
+    ((), {"RULEWRIGHT_RAY_MAX_RETRIES": "-1"}, "ray_max_retries must not be negative"),
+    (("--ray-gpus-per-shard", "nan"), {}, "ray_gpus_per_shard must be a non-negative number"),
 ])
 def test_out_of_range_values(args, env, message):
     with pytest.raises(ConfigError, match=message):
@@ -186,6 +189,8 @@ def _sample(setting) -> str:
     """A valid value for ``setting`` that differs from its default."""
     if setting.name == "bootstrap":
         return "none"
+    if setting.name == "job_executor":
+        return "ray"
     if setting.default is True or setting.default is False:
         return str(not setting.default).lower()
     if isinstance(setting.default, (int, float)):

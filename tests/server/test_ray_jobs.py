@@ -1,0 +1,116 @@
+"""Dataset jobs on the Ray executor, on a real local Ray instance (2 CPUs), file and S3 stores.
+
+- The Ray executor's shards are byte-identical (sha256) to a clean single-worker run of the local
+  executor, which ``test_jobs`` checks against Sample.
+- A worker process SIGKILLed mid-shard (once during a tar's write, once between a tar and its
+  record: ``ray_faults``) is retried by Ray; the job completes with the clean run's sha256s and
+  nothing partial is ever visible in the store.
+
+Ray starts once for the module (it is slow to start); the workers inherit this process's
+environment, which points them at the repository (to import ``tests.server.ray_faults``), the
+moto S3 server and the fault markers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from rulewright.registry.stats_cache import open_stats_cache
+from rulewright.service.domain import Domain
+from rulewright.service.jobs import DatasetJobRequest, DatasetJobs
+from tests.backends import REPO
+
+from .test_job_faults import BOUND_S, SEEDS, SHARD, SHARDS, assert_nothing_partial, backend, clean_run  # noqa: F401
+
+ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_instance(moto_server, tmp_path_factory):
+    """A local Ray instance whose workers can import the tests and reach moto."""
+    from rulewright.service.ray_jobs import RayExecutor  # noqa: F401  (fails early if the module is broken)
+
+    faults = tmp_path_factory.mktemp("ray-faults")
+    cfg = moto_server.config()
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "RULEWRIGHT_FAULT_DIR": str(faults), "RULEWRIGHT_S3_ENDPOINT": cfg.endpoint,
+           "RULEWRIGHT_S3_ACCESS_KEY": cfg.access_key, "RULEWRIGHT_S3_SECRET_KEY": cfg.secret_key,
+           "RULEWRIGHT_S3_SECURE": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)                      # the raylet, and so every worker, inherits these
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    try:
+        yield faults
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ray_run(backend, request_id: str, **executor) -> tuple[str, list[str]]:
+    """A job of SEEDS seeds on the Ray executor; its id and its shards' sha256s."""
+    from rulewright.service.ray_jobs import RayExecutor
+
+    domain = Domain(backend.registry, open_stats_cache("memory://"), device="cpu")
+    jobs = DatasetJobs(domain, RayExecutor(backend.uri, device="cpu", max_in_flight=2, **executor))
+    try:
+        status = jobs.create(DatasetJobRequest("tiny", 0, SEEDS, shard_size=SHARD, request_id=request_id))
+        deadline = time.monotonic() + BOUND_S
+        while not status.done and time.monotonic() < deadline:
+            status = jobs.wait(status.spec.id, 1.0)
+            assert_nothing_partial(backend, status.spec.id, clean_shas[backend.uri])
+        assert status.state == "succeeded", (status.state, status.error)
+        return status.spec.id, [s["sha256"] for s in status.manifest["shards"]]
+    finally:
+        jobs.close()
+        domain.close()
+
+
+clean_shas: dict[str, list[str]] = {}
+
+
+def test_ray_shards_are_byte_identical_to_the_local_executor(ray_instance, backend):
+    clean_shas[backend.uri] = clean = clean_run(backend)
+    job_id, shas = ray_run(backend, "ray")
+    assert shas == clean
+    assert assert_nothing_partial(backend, job_id, clean) == set(range(SHARDS))
+
+
+def test_ray_worker_killed_mid_shard_is_retried_and_the_job_completes(ray_instance, backend):
+    from tests.server import ray_faults
+
+    for name in (f"killed-{ray_faults.KILL_DURING_TAR}", f"killed-{ray_faults.KILL_BEFORE_RECORD}"):
+        (ray_instance / name).unlink(missing_ok=True)
+    clean_shas[backend.uri] = clean = clean_run(backend)
+    job_id, shas = ray_run(backend, "ray-kill", shard_fn=ray_faults.killing_shard_task, max_retries=2)
+    assert (ray_instance / f"killed-{ray_faults.KILL_DURING_TAR}").exists()      # the kills did happen
+    assert (ray_instance / f"killed-{ray_faults.KILL_BEFORE_RECORD}").exists()
+    assert shas == clean
+    assert assert_nothing_partial(backend, job_id, clean) == set(range(SHARDS))
+
+
+def test_serve_settings_build_the_ray_executor(ray_instance, backend):
+    from rulewright.service.ray_jobs import RayExecutor
+    from rulewright.service.server.app import job_executor
+    from rulewright.service.server.config import resolve
+
+    domain = Domain(backend.registry, open_stats_cache("memory://"), device="cpu")
+    try:
+        assert job_executor(resolve(environ={}), domain) is None                  # local: the server's thread pool
+        executor = job_executor(resolve(environ={"RULEWRIGHT_JOB_EXECUTOR": "ray", "RULEWRIGHT_DEVICE": "cpu",
+                                                 "RULEWRIGHT_JOB_WORKERS": "1"}), domain)
+        assert isinstance(executor, RayExecutor) and executor.max_in_flight == 1
+        jobs = DatasetJobs(domain, executor)
+        status = jobs.create(DatasetJobRequest("tiny", 0, 4, shard_size=2, request_id="settings"))
+        assert jobs.wait(status.spec.id, BOUND_S).state == "succeeded"
+        jobs.close()
+        assert ray.is_initialized()            # it joined the Ray instance it found, so it leaves it running
+    finally:
+        domain.close()
