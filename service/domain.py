@@ -60,7 +60,7 @@ from .engine.progress import Progress
 from .engine.generators.base import Generator
 from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
 from .engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_safetensors as nvidia_to_safetensors
-from .engine.rewrite import rewrite as engine_rewrite
+from .engine.rewrite import rewritable_layers, rewrite as engine_rewrite
 from .batching import SampleBatcher
 from .limits import Limits, check_images
 from .requests import (AliasRequest, DissectRequest, ModelSummary, DissectResult, LayersResult, RewriteRequest, RewriteResult, SampleRequest,
@@ -376,9 +376,16 @@ class Domain:
         progress.report("statistics", 0, checked.stats["samples"])
         moment = self.statistics(parent, checked.layer, checked.stats["samples"], checked.stats["seed_start"],
                                  checked.truncation, progress=progress, field="spec.stats.samples")
+        moments = None
+        if checked.method == "multilayer" and checked.factors == "context":
+            # The other layers' moments through the cache too: over max_stats_samples they are only
+            # read (a statistics job's), never computed inside this request by the engine.
+            moments = {name: self.statistics(parent, name, checked.stats["samples"], checked.stats["seed_start"],
+                                             checked.truncation, progress=progress, field="spec.stats.samples")
+                       for name in rewritable_layers(model, checked) if name != checked.layer}
         private = res.hookable()        # the engine hooks it while it gathers keys and values
         with _fields_within("spec"):
-            edit = engine_rewrite(private, checked, moment=moment, progress=progress)
+            edit = engine_rewrite(private, checked, moment=moment, progress=progress, moments=moments)
         previews = None
         if request.preview_seeds:
             z = latents(list(request.preview_seeds), model.z_dim).to(next(model.parameters()).device)

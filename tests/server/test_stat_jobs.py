@@ -125,6 +125,14 @@ def test_job_of_100k_samples_equals_one_process_and_serves_rewrite(domain, job_s
                                       dry_run=True))
     assert err.value.field == "spec.stats.samples" and "rulewright stats create" in err.value.description
 
+    # A multilayer edit fixed to context directions needs every layer's moment: the other layers'
+    # were never computed by a job, so the request is refused rather than computing 10^5 samples.
+    with pytest.raises(InvalidArgument) as err:
+        domain.rewrite(RewriteRequest(model="tiny", spec={**spec_json, "method": "multilayer", "factors": "context",
+                                                          "goal": "image", "layers": ["main.3", LAYER]},
+                                      dry_run=True))
+    assert err.value.field == "spec.stats.samples" and "--layer main.3" in err.value.description
+
     # A server whose cache never saw it (a fresh in-process cache) reads the job's copy in the store.
     again = Domain(domain.registry, LocalStatsCache(), device="cpu", limits=Limits(max_stats_samples=1000))
     try:
