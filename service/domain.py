@@ -61,14 +61,14 @@ from .engine.progress import Progress
 from .engine.generators.base import Generator
 from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
 from .engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_safetensors as nvidia_to_safetensors
-from .engine.rewrite import rewrite as engine_rewrite
+from .engine.rewrite import rewritable_layers, rewrite as engine_rewrite
 from .batching import SampleBatcher
 from .residency import Residency, Resident
 from .limits import Limits, check_images
 from .requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, ModelSummary, RewriteRequest,
                        RewriteResult, SampleRequest, SampleResult, SearchRequest, SearchResult, StatisticResult,
                        StatisticsRequest)
-from .statistics import KEY_MOMENT, VALUE_QUANTILE, Statistics
+from .statistics import KEY_MOMENT, VALUE_QUANTILE, NotCached, Statistics
 from .engine.sampling import check_latents, latents, to_uint8
 from .engine.search import direction_for, response_threshold, search
 from .engine.stats import SecondMoment
@@ -101,7 +101,7 @@ class Domain:
         self.stats_samples = stats_samples
         self._residency = Residency(registry, self.device, max_resident, memory_budget_bytes)
         self._lock = threading.Lock()
-        self.stats = Statistics(stats_cache, self._observe_stats)
+        self.stats = Statistics(stats_cache, self._observe_stats, store=registry.store)
         self.metrics = None               # server.metrics.Metrics once a server binds one: batches, cache lookups
         self.limits = limits if limits is not None else Limits()
         if max_batch < 1:
@@ -271,14 +271,16 @@ class Domain:
                             model.arch)
 
     def statistics(self, version: Version, layer: str, samples: int | None = None, seed_start: int = 0,
-                   truncation: float = 1.0, progress: Progress | None = None) -> SecondMoment:
+                   truncation: float = 1.0, progress: Progress | None = None,
+                   field: str = "stats.samples") -> SecondMoment:
         """C at ``layer`` for ``version`` through the shared cache (computed once on a miss).
 
         ``progress`` gets a ``statistics`` event per batch of a computation, and ``waiting``
         ones about once a second while another request computes it; stopping it cancels the
-        computation (``Cancelled``; nothing is cached).
+        computation (``Cancelled``; nothing is cached). Over ``max_stats_samples`` it is only read
+        (a statistics job's result); ``field`` names the samples in the refusal if it is absent.
         """
-        return self._cached_stat(version, layer, KEY_MOMENT, samples, seed_start, truncation, progress).stat
+        return self._cached_stat(version, layer, KEY_MOMENT, samples, seed_start, truncation, progress, field).stat
 
     def compute_statistic(self, request: StatisticsRequest, progress: Progress | None = None) -> StatisticResult:
         """A statistic of a version at a layer (the default layer if None) in the cache, computed on a miss."""
@@ -290,12 +292,23 @@ class Domain:
                                  request.truncation, progress)
 
     def _cached_stat(self, version: Version, layer: str, kind: str, samples: int | None, seed_start: int,
-                     truncation: float, progress: Progress | None) -> StatisticResult:
+                     truncation: float, progress: Progress | None, field: str = "stats.samples") -> StatisticResult:
         samples = samples or self.stats_samples
         res = self.generator(version)
         res.model.layer(layer)
-        found = self.stats.get(res.hookable, layer, kind, range(seed_start, seed_start + samples), truncation, progress,
-                               memo=(version.model, version.number), arch=res.model.arch)
+        # Over max_stats_samples a request only reads what a statistics job computed: one request
+        # must not occupy the server for a job's worth of samples, but a cached moment costs nothing.
+        compute = samples <= self.limits.max_stats_samples
+        try:
+            found = self.stats.get(res.hookable, layer, kind, range(seed_start, seed_start + samples), truncation,
+                                   progress, memo=(version.model, version.number), arch=res.model.arch,
+                                   compute=compute)
+        except NotCached:
+            raise InvalidArgument(field, f"{samples:,} samples are more than one request computes (server setting "
+                                  f"max_stats_samples: {self.limits.max_stats_samples:,}); a statistics job computes "
+                                  f"them first: rulewright stats create {version.model}/{version.number} --layer "
+                                  f"{layer} --samples {samples} --seed-start {seed_start}"
+                                  + (f" --truncation {truncation}" if truncation != 1.0 else "")) from None
         return StatisticResult(version, layer, kind, samples, seed_start, float(truncation), found.cached, found.key,
                                found.size_bytes, found.stat)
 
@@ -317,10 +330,17 @@ class Domain:
         checked = self.check_edit(request.spec, model)
         progress.report("statistics", 0, checked.stats["samples"])
         moment = self.statistics(parent, checked.layer, checked.stats["samples"], checked.stats["seed_start"],
-                                 checked.truncation, progress=progress)
+                                 checked.truncation, progress=progress, field="spec.stats.samples")
+        moments = None
+        if checked.method == "multilayer" and checked.factors == "context":
+            # The other layers' moments through the cache too: over max_stats_samples they are only
+            # read (a statistics job's), never computed inside this request by the engine.
+            moments = {name: self.statistics(parent, name, checked.stats["samples"], checked.stats["seed_start"],
+                                             checked.truncation, progress=progress, field="spec.stats.samples")
+                       for name in rewritable_layers(model, checked) if name != checked.layer}
         private = res.hookable()        # the engine hooks it while it gathers keys and values
         with _fields_within("spec"):
-            edit = engine_rewrite(private, checked, moment=moment, progress=progress)
+            edit = engine_rewrite(private, checked, moment=moment, progress=progress, moments=moments)
         previews = None
         if request.preview_seeds:
             # Through the factored path, as the new version will be sampled: the same bytes.
@@ -373,7 +393,7 @@ class Domain:
         self._truncation(res.model, request.truncation)
         layer = request.layer or res.model.default_layer()
         quantiles = self._cached_stat(res.version, layer, VALUE_QUANTILE, request.samples, request.seed_start, 1.0,
-                                      progress).stat
+                                      progress, "thresholds.samples").stat
         private = res.hookable()     # unit maps hook it
         regions = list(request.regions)
         ranked = dissect.rank_units(private, layer, regions, quantiles, by=request.rank_by,

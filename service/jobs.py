@@ -219,15 +219,20 @@ def shard_tar(spec: JobSpec, seeds: range, pngs: Iterable[bytes]) -> bytes:
     return out.getvalue()
 
 
-def publish_shard(store: BlobStore, spec: JobSpec, index: int, data: bytes) -> dict:
+def publish_shard(store: BlobStore, spec: JobSpec, index: int, data: bytes, *, prefix: str = PREFIX,
+                  name: str | None = None) -> dict:
     """Commit shard ``index``: publish its bytes, read them back, verify sha256, then write its record.
+
+    ``prefix`` and ``name`` place another kind of job's shard (``jobs/statistics/``, ``.safetensors``).
 
     ``create`` shows all of the tar or none of it; a shard an earlier attempt (a killed worker, a
     previous server) already published is verified, not rewritten. Only verified shards get a
     record, and only records count as progress. DATA_LOSS if the stored bytes differ.
     """
     sha = sha256_hex(data)
-    key = _key(spec.id, shard_name(index))
+    name = name or shard_name(index)
+    key = f"{prefix}{spec.id}/{name}"
+    record_key = f"{prefix}{spec.id}/done/{index:06d}.json"
     try:
         store.create(key, data)
     except AlreadyExists:
@@ -237,12 +242,12 @@ def publish_shard(store: BlobStore, spec: JobSpec, index: int, data: bytes) -> d
         raise DataLoss(Reason.BLOB_CORRUPT, f"shard {key} holds bytes hashing to {stored}, expected {sha}",
                        key=key, sha256=sha, actual=stored)
     seeds = spec.shard_seeds(index)
-    record = {"index": index, "name": shard_name(index), "key": key, "samples": len(seeds),
+    record = {"index": index, "name": name, "key": key, "samples": len(seeds),
               "first_seed": seeds.start, "sha256": sha, "size_bytes": len(data), "written": _now()}
     try:
-        store.create(_record_key(spec.id, index), json.dumps(record, sort_keys=True).encode())
+        store.create(record_key, json.dumps(record, sort_keys=True).encode())
     except AlreadyExists:
-        prior = json.loads(store.read(_record_key(spec.id, index)))
+        prior = json.loads(store.read(record_key))
         if prior["sha256"] != sha:
             raise DataLoss(Reason.BLOB_CORRUPT, f"shard {key} was recorded with sha256 {prior['sha256']}, "
                                                 f"now {sha}", key=key) from None
@@ -334,7 +339,22 @@ class LocalExecutor(Executor):
 # ---- jobs --------------------------------------------------------------------------------------
 
 class DatasetJobs:
-    """Dataset jobs over a domain's registry store, run by an ``Executor``."""
+    """Dataset jobs over a domain's registry store, run by an ``Executor``.
+
+    Other kinds of job (``stat_jobs.StatisticsJobs``) reuse the store layout, commit records,
+    cancel/resume and LRO reads by overriding ``prefix``, ``noun``, ``spec_type``, ``_run_shards``
+    and ``_finish``.
+    """
+
+    prefix = PREFIX                   # where this kind's jobs live in the store
+    noun = "dataset"                  # in messages, log events and progress
+    spec_type = JobSpec               # what ``job.json`` holds
+
+    def _doc(self, job_id: str, name: str) -> str:
+        return f"{self.prefix}{job_id}/{name}"
+
+    def _record(self, job_id: str, index: int) -> str:
+        return self._doc(job_id, f"done/{index:06d}.json")
 
     def __init__(self, domain, executor: Executor | None = None, max_workers: int = 2):
         self.domain = domain
@@ -363,31 +383,37 @@ class DatasetJobs:
         spec = JobSpec(job_id, version.model, version.number, request.seed_start, request.count,
                        float(request.truncation), request.image_format, request.shard_size, _now(), request.author,
                        request.request_id)
+        return self._create(spec)
+
+    def _create(self, spec) -> JobStatus:
+        """Record ``spec`` as ``job.json`` and start it; a job already recorded under its id (a
+        replayed request id) is started if need be and returned as it stands."""
+        job_id = spec.id
         try:
-            self.store.create(_key(job_id, "job.json"), spec.to_json())
+            self.store.create(self._doc(job_id, "job.json"), spec.to_json())
         except AlreadyExists:
-            log.info("dataset job replayed", extra={"event": "dataset_job_replayed", "job": job_id})
+            log.info(f"{self.noun} job replayed", extra={"event": f"{self.noun}_job_replayed", "job": job_id})
             self._start(self._spec(job_id))
             return self.get(job_id)
-        log.info("dataset job created", extra={"event": "dataset_job_created", "job": job_id,
-                                               "version": spec.version_name, "images": spec.count,
-                                               "shards": spec.shards})
+        log.info(f"{self.noun} job created", extra={"event": f"{self.noun}_job_created", "job": job_id,
+                                                   "version": spec.version_name, "samples": spec.count,
+                                                   "shards": spec.shards})
         self._start(spec)
         return self.get(job_id)
 
     def resume(self) -> list[str]:
         """Start every unfinished job in the store that this process does not run; their ids."""
         started = []
-        for job_id in self.store.list_children(PREFIX):
+        for job_id in self.store.list_children(self.prefix):
             try:
                 status = self.get(job_id)
             except (Error, ValueError, KeyError, TypeError) as exc:
-                log.warning("dataset job unreadable", extra={"event": "dataset_job_unreadable", "job": job_id,
-                                                            "error": str(exc)})
+                log.warning(f"{self.noun} job unreadable", extra={"event": f"{self.noun}_job_unreadable",
+                                                                  "job": job_id, "error": str(exc)})
                 continue
             if not status.done and self._start(status.spec):
-                log.info("dataset job resumed", extra={"event": "dataset_job_resumed", "job": job_id,
-                                                       "shards_done": status.shards_done})
+                log.info(f"{self.noun} job resumed", extra={"event": f"{self.noun}_job_resumed", "job": job_id,
+                                                           "shards_done": status.shards_done})
                 started.append(job_id)
         return started
 
@@ -396,7 +422,7 @@ class DatasetJobs:
             if self._closed or spec.id in self._runners or self._terminal(spec.id):
                 return False
             stop = threading.Event()
-            thread = threading.Thread(target=self._run, args=(spec, stop), name=f"dataset-job-{spec.id}", daemon=True)
+            thread = threading.Thread(target=self._run, args=(spec, stop), name=f"{self.noun}-job-{spec.id}", daemon=True)
             self._runners[spec.id] = (thread, stop)
         thread.start()
         return True
@@ -406,17 +432,17 @@ class DatasetJobs:
             return stop.is_set() or self._cancelled(spec.id)
 
         def event(e) -> None:
-            log.info("dataset shard", extra={"event": "dataset_shard", "job": spec.id, "shards_done": e.done,
-                                             "shards_total": e.total, **e.info})
+            log.info(f"{self.noun} shard", extra={"event": f"{self.noun}_shard", "job": spec.id,
+                                                  "shards_done": e.done, "shards_total": e.total, **e.info})
         progress = Progress(event, stopped)
         try:
             done = self._done_indices(spec.id)
             todo = [i for i in range(spec.shards) if i not in done]
             images = sum(len(spec.shard_seeds(i)) for i in done)
-            for record in self.executor.run_shards(spec, todo, progress):
+            for record in self._run_shards(spec, todo, progress):
                 done.add(record["index"])
                 images += record["samples"]
-                progress.report("dataset", len(done), spec.shards, images_done=images, images_total=spec.count)
+                progress.report(self.noun, len(done), spec.shards, samples_done=images, samples_total=spec.count)
             if len(done) == spec.shards and not stopped():
                 self._finish(spec)
         except Cancelled:
@@ -429,8 +455,12 @@ class DatasetJobs:
             with self._lock:
                 self._runners.pop(spec.id, None)
 
+    def _run_shards(self, spec, indices: list[int], progress: Progress) -> Iterator[dict]:
+        """Shards ``indices`` of ``spec`` run, yielding each commit record as it completes."""
+        return self.executor.run_shards(spec, indices, progress)
+
     def _finish(self, spec: JobSpec) -> None:
-        records = [json.loads(self.store.read(_record_key(spec.id, i))) for i in range(spec.shards)]
+        records = [json.loads(self.store.read(self._record(spec.id, i))) for i in range(spec.shards)]
         manifest = {
             "job": f"datasetJobs/{spec.id}", "version": spec.version_name, "model": spec.model,
             "number": spec.number, "lineage": self._lineage(spec), "created": spec.created,
@@ -440,7 +470,7 @@ class DatasetJobs:
                        for r in records],
         }
         try:
-            self.store.create(_key(spec.id, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
+            self.store.create(self._doc(spec.id, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
         except AlreadyExists:
             pass                        # another replica finished the same job; the shards are the same
         log.info("dataset job done", extra={"event": "dataset_job_done", "job": spec.id, "shards": spec.shards})
@@ -459,15 +489,15 @@ class DatasetJobs:
         code = exc.code.value if isinstance(exc, Error) else Code.INTERNAL.value
         reason = exc.reason if isinstance(exc, Error) else "INTERNAL"
         message = exc.message if isinstance(exc, Error) else "internal error; see the server log"
-        log.error("dataset job failed", exc_info=not isinstance(exc, Error),
-                  extra={"event": "dataset_job_failed", "job": spec.id, "reason": reason})
+        log.error(f"{self.noun} job failed", exc_info=not isinstance(exc, Error),
+                  extra={"event": f"{self.noun}_job_failed", "job": spec.id, "reason": reason})
         try:
-            self.store.create(_key(spec.id, "failed.json"),
+            self.store.create(self._doc(spec.id, "failed.json"),
                               json.dumps({"code": code, "reason": reason, "message": message, "at": _now()}).encode())
         except AlreadyExists:
             pass
         except Exception:  # noqa: BLE001 -- the store itself failed: the job stays resumable
-            log.exception("could not record the failure", extra={"event": "dataset_job_fail_unrecorded",
+            log.exception("could not record the failure", extra={"event": f"{self.noun}_job_fail_unrecorded",
                                                                  "job": spec.id})
 
     # -- read
@@ -482,43 +512,43 @@ class DatasetJobs:
             if now - self._cancel_checked.get(job_id, -CANCEL_POLL_S) < CANCEL_POLL_S:
                 return False
             self._cancel_checked[job_id] = now
-        if self.store.list_keys(_key(job_id, "cancelled.json"), limit=1):
+        if self.store.list_keys(self._doc(job_id, "cancelled.json"), limit=1):
             with self._lock:
                 self._cancelled_ids.add(job_id)
             return True
         return False
 
     def _terminal(self, job_id: str) -> bool:
-        names = {k[len(_key(job_id, "")):] for k in self.store.list_keys(_key(job_id, ""))}
+        names = {k[len(self._doc(job_id, "")):] for k in self.store.list_keys(self._doc(job_id, ""))}
         return bool(names & {"manifest.json", "cancelled.json", "failed.json"})
 
     def _spec(self, job_id: str) -> JobSpec:
         if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
-            raise JobNotFound(f"no dataset job {job_id!r}", field="name", job=job_id)
+            raise JobNotFound(f"no {self.noun} job {job_id!r}", field="name", job=job_id)
         try:
-            return JobSpec.from_json(self.store.read(_key(job_id, "job.json")))
+            return self.spec_type.from_json(self.store.read(self._doc(job_id, "job.json")))
         except RegistryNotFound:
-            raise JobNotFound(f"no dataset job {job_id!r}", field="name", job=job_id) from None
+            raise JobNotFound(f"no {self.noun} job {job_id!r}", field="name", job=job_id) from None
 
     def _done_indices(self, job_id: str) -> set[int]:
-        return {int(k.rsplit("/", 1)[-1].split(".")[0]) for k in self.store.list_keys(_key(job_id, "done/"))}
+        return {int(k.rsplit("/", 1)[-1].split(".")[0]) for k in self.store.list_keys(self._doc(job_id, "done/"))}
 
     def get(self, job_id: str) -> JobStatus:
         """The job's spec, state and progress as the store has them; ``JobNotFound`` if absent."""
         spec = self._spec(job_id)
-        keys = self.store.list_keys(_key(job_id, ""))
-        names = {k[len(_key(job_id, "")):] for k in keys}
+        keys = self.store.list_keys(self._doc(job_id, ""))
+        names = {k[len(self._doc(job_id, "")):] for k in keys}
         done = sorted(int(n[len("done/"):-len(".json")]) for n in names if n.startswith("done/"))
         images = sum(len(spec.shard_seeds(i)) for i in done)
         status = JobStatus(spec, RUNNING, len(done), images, spec.created)
         if done:
-            status.updated = json.loads(self.store.read(_record_key(job_id, done[-1]))).get("written", spec.created)
+            status.updated = json.loads(self.store.read(self._record(job_id, done[-1]))).get("written", spec.created)
         if "manifest.json" in names:
             status.state = SUCCEEDED
-            status.manifest = json.loads(self.store.read(_key(job_id, "manifest.json")))
-            status.manifest_uri = self._uri(_key(job_id, "manifest.json"))
+            status.manifest = json.loads(self.store.read(self._doc(job_id, "manifest.json")))
+            status.manifest_uri = self._uri(self._doc(job_id, "manifest.json"))
         elif "failed.json" in names:
-            status.state, status.error = FAILED, json.loads(self.store.read(_key(job_id, "failed.json")))
+            status.state, status.error = FAILED, json.loads(self.store.read(self._doc(job_id, "failed.json")))
         elif "cancelled.json" in names:
             status.state = CANCELLED
         return status
@@ -526,7 +556,7 @@ class DatasetJobs:
     def list(self, page_size: int = 50, page_token: str = "") -> tuple[list[JobStatus], str]:
         """Jobs by id (creation order for ids this module made), a page at a time; the next page's token."""
         page_size = page_size if 0 < page_size <= 1000 else 50
-        ids = [i for i in self.store.list_children(PREFIX) if i > page_token]
+        ids = [i for i in self.store.list_children(self.prefix) if i > page_token]
         page = ids[:page_size]
         out = []
         for job_id in page:
@@ -538,7 +568,7 @@ class DatasetJobs:
 
     def shard_uri(self, job_id: str, name: str) -> str:
         """Where shard ``name`` of a job can be read (``file://`` or ``s3://``)."""
-        return self._uri(_key(job_id, name))
+        return self._uri(self._doc(job_id, name))
 
     def _uri(self, key: str) -> str:
         try:
@@ -553,12 +583,12 @@ class DatasetJobs:
         status = self.get(job_id)
         if not status.done:
             try:
-                self.store.create(_key(job_id, "cancelled.json"), json.dumps({"at": _now()}).encode())
+                self.store.create(self._doc(job_id, "cancelled.json"), json.dumps({"at": _now()}).encode())
             except AlreadyExists:
                 pass
             with self._lock:
                 self._cancelled_ids.add(job_id)
-            log.info("dataset job cancelled", extra={"event": "dataset_job_cancelled", "job": job_id})
+            log.info(f"{self.noun} job cancelled", extra={"event": f"{self.noun}_job_cancelled", "job": job_id})
         return self.get(job_id)
 
     def wait(self, job_id: str, timeout_s: float, should_stop: Callable[[], bool] | None = None) -> JobStatus:
@@ -585,8 +615,8 @@ class DatasetJobs:
         """Remove a finished job: its shards, records, markers and manifest; FAILED_PRECONDITION while it runs."""
         status = self.get(job_id)
         if not status.done or not self.join(job_id, 0.0):
-            raise JobNotFinished(f"dataset job {job_id} still runs; cancel it first", field="name", job=job_id)
-        for key in sorted(self.store.list_keys(_key(job_id, "")), key=lambda k: k.endswith("job.json")):
+            raise JobNotFinished(f"{self.noun} job {job_id} still runs; cancel it first", field="name", job=job_id)
+        for key in sorted(self.store.list_keys(self._doc(job_id, "")), key=lambda k: k.endswith("job.json")):
             self.store.delete(key)     # job.json last: a half-deleted job stays visible and deletable
 
     # -- shutdown

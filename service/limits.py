@@ -1,7 +1,8 @@
 """Per-request caps as the domain knows them: the ``Limits`` settings and the checks that need no wire format.
 
 - ``Limits``: the caps (settings ``max_images``, ``max_search_seeds``, ``max_regions``,
-  ``max_stats_samples``, ``max_mask_pixels``, ``max_message_mb``); ``Limits.from_config(config)``.
+  ``max_stats_samples``, ``max_job_samples``, ``max_mask_pixels``, ``max_message_mb``);
+  ``Limits.from_config(config)``.
 - ``check_count(n, limit, field, what, setting)``: a count against one cap.
 - ``check_images(limits, n, field, resolution)``: a count of images, and the size of the reply
   they make (raw RGB8, the larger encoding) against the message limit.
@@ -28,7 +29,9 @@ class Limits:
     max_images: int = 64                  # images per Sample, OIP ModelInfer, Rewrite preview
     max_search_seeds: int = 10_000        # candidate seeds per SearchContext
     max_regions: int = 64                 # regions per Dissect, SearchContext, edit spec
-    max_stats_samples: int = 100_000      # samples a statistic may be computed over
+    max_stats_samples: int = 100_000      # samples a request may compute a statistic over
+    max_job_samples: int = 10_000_000     # samples a statistics job may compute a key moment over (and a
+                                          # request may then use, cached, though over max_stats_samples)
     max_mask_pixels: int = 1 << 22        # width x height of one mask
     max_message_bytes: int = 64 << 20     # the gRPC message limit a reply must fit
 
@@ -37,6 +40,7 @@ class Limits:
         """The caps a ``config.ServeConfig`` sets."""
         return cls(max_images=config.max_images, max_search_seeds=config.max_search_seeds,
                    max_regions=config.max_regions, max_stats_samples=config.max_stats_samples,
+                   max_job_samples=config.max_job_samples,
                    max_mask_pixels=config.max_mask_pixels, max_message_bytes=int(config.max_message_mb * 2**20))
 
 
@@ -61,9 +65,16 @@ def check_images(limits: Limits, n: int, field: str, resolution: int | None = No
                                   f"{limits.max_message_bytes / 2**20:.0f} MiB (server setting max_message_mb)")
 
 
-def check_samples(limits: Limits, samples: int, field: str) -> None:
-    """Samples a statistic is computed over, against ``max_stats_samples``."""
-    check_count(samples, limits.max_stats_samples, field, "statistics samples", "max_stats_samples")
+def check_samples(limits: Limits, samples: int, field: str, jobs: bool = True) -> None:
+    """Samples a statistic is computed over: at most ``max_stats_samples``, or (``jobs``: a key
+    moment, which statistics jobs compute) at most ``max_job_samples``, which the domain then only
+    reads from the cache and never computes within the request."""
+    cap = max(limits.max_stats_samples, limits.max_job_samples) if jobs else limits.max_stats_samples
+    if samples > cap:
+        more = (f", and key moments of at most {limits.max_job_samples:,} once a statistics job computed them "
+                "(server setting max_job_samples)") if jobs and limits.max_job_samples > limits.max_stats_samples else ""
+        raise InvalidArgument(field, f"at most {limits.max_stats_samples:,} statistics samples are computed per "
+                                     f"request (server setting max_stats_samples){more}, got {samples:,}")
 
 
 def check_search_spec(limits: Limits, targets: Any, candidates: Any, field: str) -> None:

@@ -37,7 +37,7 @@ from .engine.errors import InvalidArgument
 from .engine.regions import Region
 from .engine.search import Match
 from .engine.stats import Stat
-from .limits import Limits, check_count, check_images, check_spec
+from .limits import Limits, check_count, check_images, check_samples, check_spec
 from .statistics import KEY_MOMENT, VALUE_QUANTILE
 
 MAX_SEED = 2**63 - 1
@@ -68,12 +68,13 @@ def _unit_interval(value: float, field: str, closed: bool) -> None:
         raise InvalidArgument(field, f"must lie {shape}, got {value!r}")
 
 
-def _statistics_samples(limits: Limits, samples: int | None, seed_start: int, field: str) -> None:
-    """Samples a statistic is computed over (None: the server's default) and its first seed."""
+def _statistics_samples(limits: Limits, samples: int | None, seed_start: int, field: str, jobs: bool = True) -> None:
+    """Samples a statistic is computed over (None: the server's default) and its first seed; ``jobs``:
+    a key moment, which may be over ``max_stats_samples`` if a statistics job cached it."""
     if samples is not None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise InvalidArgument(f"{field}.samples", f"must be a positive integer, got {samples!r}")
-        check_count(samples, limits.max_stats_samples, f"{field}.samples", "statistics samples", "max_stats_samples")
+        check_samples(limits, samples, f"{field}.samples", jobs)
     if isinstance(seed_start, bool) or not isinstance(seed_start, int) or not 0 <= seed_start <= MAX_SEED:
         raise InvalidArgument(f"{field}.seed_start", f"must be an integer in [0, 2**63), got {seed_start!r}")
 
@@ -175,7 +176,7 @@ class DissectRequest:
             raise InvalidArgument("top", f"must be an integer >= 0, got {self.top!r}")
         _unit_interval(self.quantile, "quantile", closed=False)
         _unit_interval(self.truncation, "truncation", closed=True)
-        _statistics_samples(limits, self.samples, self.seed_start, "thresholds")
+        _statistics_samples(limits, self.samples, self.seed_start, "thresholds", jobs=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +194,7 @@ class StatisticsRequest:
         """The statistic's kind, samples and truncation against their bounds."""
         if self.kind not in STATISTICS:
             raise InvalidArgument("statistic", f"must be one of {', '.join(STATISTICS)}, got {self.kind!r}")
-        _statistics_samples(limits, self.samples, self.seed_start, "stats")
+        _statistics_samples(limits, self.samples, self.seed_start, "stats", jobs=self.kind == KEY_MOMENT)
         _unit_interval(self.truncation, "truncation", closed=True)
 
 

@@ -13,23 +13,55 @@
   named by the fingerprint of the weights upstream of it (so versions whose edits lie downstream
   share the entry).
 - ``cached_key_moment(cache, model, layer, seeds, ...)``: that statistic through a ``Statistics``.
+- ``durable_key(key)``, ``store_durable(store, key, data)``: the object-store copy of a statistic a
+  statistics job computed, which ``Statistics.get`` reads on a cache miss (the cache evicts and
+  expires; a job's result of 10^7 samples must not vanish with it).
+- ``NotCached``: ``get(..., compute=False)`` found the statistic neither in the cache nor the store.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from typing import Callable, Hashable, Sequence
 
+from rulewright.registry.blobstore import BlobStore
+from rulewright.registry.errors import AlreadyExists, NotFound as RegistryNotFound
 from rulewright.registry.stats_cache import StatsCache, StatsKey
 
 from .engine.errors import Cancelled
 from .engine.generators.base import Generator
 from .engine.progress import Progress
 from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
+from .errors import Code, Error
+
+log = logging.getLogger(__name__)
 
 KEY_MOMENT = "key_moment"
 VALUE_QUANTILE = "value_quantile"
+DURABLE_PREFIX = "statistics/"
+
+
+class NotCached(Error):
+    """A statistic that may only be read, not computed, is neither cached nor stored (→ FAILED_PRECONDITION)."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "STATISTIC_NOT_CACHED"
+
+
+def durable_key(key: StatsKey) -> str:
+    """Where the object store keeps the statistic of ``key``."""
+    return f"{DURABLE_PREFIX}{key.digest()}.safetensors"
+
+
+def store_durable(store: BlobStore, key: StatsKey, data: bytes) -> bool:
+    """Keep ``data`` as the statistic of ``key`` in the store; False if it was there already (kept)."""
+    try:
+        store.create(durable_key(key), data)
+        return True
+    except AlreadyExists:
+        return False
 
 
 def stat_key(fingerprint: str, layer: str, kind: str, seeds: Sequence[int], truncation: float, arch: str) -> StatsKey:
@@ -76,9 +108,11 @@ class Cached:
 class Statistics:
     """Statistics of generators through one cache: named, computed once, shared, cancellable."""
 
-    def __init__(self, cache: StatsCache, observe: Callable[[str, bool], None] | None = None):
+    def __init__(self, cache: StatsCache, observe: Callable[[str, bool], None] | None = None,
+                 store: BlobStore | None = None):
         self.cache = cache
         self.observe = observe            # (kind, hit) per lookup, for metrics
+        self.store = store                # statistics jobs' results, read on a cache miss
         self._fingerprints: dict[tuple[Hashable, str | None], str] = {}
         self._lock = threading.Lock()
 
@@ -108,18 +142,34 @@ class Statistics:
         return stat_key(self.fingerprint(model, scope, memo), layer, kind, seeds, truncation,
                         arch or _built(model).arch)
 
+    def _durable(self, key: StatsKey) -> bytes | None:
+        """The store's copy of a statistic (a statistics job's result), or None; a store that fails
+        is a miss (the statistic is computed as if the job had never run)."""
+        if self.store is None:
+            return None
+        try:
+            return self.store.read(durable_key(key))
+        except RegistryNotFound:
+            return None
+        except Exception as exc:  # noqa: BLE001 -- the store is a second tier; computing still works
+            log.warning("statistics store unreadable", extra={"event": "stats_store_unreadable",
+                                                               "key": key.canonical(), "error": str(exc)})
+            return None
+
     def get(self, model: Model, layer: str, kind: str, seeds: range, truncation: float = 1.0,
             progress: Progress | None = None, memo: Hashable | None = None, arch: str | None = None,
-            batch_size: int = 32) -> Cached:
-        """A statistic from the cache, computed on a miss.
+            batch_size: int = 32, compute: bool = True) -> Cached:
+        """A statistic from the cache (or a statistics job's copy in the store), computed on a miss.
 
         ``model`` is a generator, or a function that builds one (a private module the computation
         may hook, with the version's dense weights), called at most once and only when needed.
+        ``compute=False``: ``NotCached`` instead of computing (a request over ``max_stats_samples``).
         """
         progress = progress or Progress()
         model = _once(model)
         key = self.key(model, layer, kind, seeds, truncation, memo, arch)
         ran = {"computed": False, "stopped": False}
+        allowed = compute
 
         def stopped() -> bool:
             if progress.stopped():
@@ -127,6 +177,12 @@ class Statistics:
             return ran["stopped"]
 
         def compute() -> bytes:
+            stored = self._durable(key)
+            if stored is not None:
+                return stored                 # the cache puts it back: the next lookup hits there
+            if not allowed:
+                raise NotCached(f"the {kind} statistic of {len(seeds):,} samples at {layer} is not cached",
+                                key=key.canonical())
             ran["computed"] = True
             target = _built(model)
             mine = Progress(progress.on_event, stopped)

@@ -1,4 +1,5 @@
-// A small Node.js client of the rulewright gRPC API (GeneratorService, RegistryService).
+// A small Node.js client of the rulewright gRPC API (GeneratorService, RegistryService, and
+// dataset and statistics jobs through JobService and google.longrunning.Operations).
 //
 // The .proto files under protos/ are loaded at runtime with @grpc/proto-loader, so this client
 // never drifts from the API it is checked out with and needs no code generation step.
@@ -9,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import protobuf from 'protobufjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 
@@ -29,23 +31,50 @@ export const LOADER_OPTIONS = Object.freeze({
   includeDirs: [PROTO_ROOT],
 });
 
-let cachedPackage;
+let cachedRoot;
+let cachedTypes;
+
+function protoFiles() {
+  return readdirSync(join(PROTO_ROOT, 'rulewright', 'v1'))
+    .filter((f) => f.endsWith('.proto'))
+    .sort()
+    .map((f) => `rulewright/v1/${f}`);
+}
+
+/**
+ * Every package the .proto files define (`rulewright.v1`, `google.longrunning`), loaded once.
+ * @returns {grpc.GrpcObject}
+ */
+export function loadRoot() {
+  if (!cachedRoot) {
+    cachedRoot = grpc.loadPackageDefinition(protoLoader.loadSync(protoFiles(), LOADER_OPTIONS));
+  }
+  return cachedRoot;
+}
 
 /**
  * The `rulewright.v1` package: service constructors and message types, loaded once.
  * @returns {grpc.GrpcObject}
  */
 export function loadPackage() {
-  if (!cachedPackage) {
-    const dir = join(PROTO_ROOT, 'rulewright', 'v1');
-    const files = readdirSync(dir)
-      .filter((f) => f.endsWith('.proto'))
-      .sort()
-      .map((f) => `rulewright/v1/${f}`);
-    const definition = protoLoader.loadSync(files, LOADER_OPTIONS);
-    cachedPackage = grpc.loadPackageDefinition(definition).rulewright.v1;
+  return loadRoot().rulewright.v1;
+}
+
+/**
+ * Decodes a google.protobuf.Any (an Operation's metadata or response) into a plain object, with
+ * the same conventions as every other message here (keepCase, int64 as strings, enum names).
+ * @param {{type_url: string, value: Buffer}} any
+ * @returns {object|null} null when unset
+ */
+export function unpackAny(any) {
+  if (!any || !any.type_url) return null;
+  if (!cachedTypes) {
+    cachedTypes = new protobuf.Root();
+    cachedTypes.resolvePath = (_origin, target) => join(PROTO_ROOT, target);
+    cachedTypes.loadSync(protoFiles(), { keepCase: true });
   }
-  return cachedPackage;
+  const type = cachedTypes.lookupType(any.type_url.slice(any.type_url.lastIndexOf('/') + 1));
+  return type.toObject(type.decode(any.value), { longs: String, enums: String, defaults: true, oneofs: true });
 }
 
 /**
@@ -77,6 +106,8 @@ function bearerInterceptor(token) {
  * @typedef {object} Client
  * @property {grpc.Client & Record<string, Function>} generator GeneratorService stub
  * @property {grpc.Client & Record<string, Function>} registry RegistryService stub
+ * @property {grpc.Client & Record<string, Function>} jobs JobService stub
+ * @property {grpc.Client & Record<string, Function>} operations google.longrunning.Operations stub
  * @property {number} timeoutMs deadline of each helper call
  * @property {() => void} close closes both channels
  */
@@ -111,14 +142,15 @@ export function createClient(address, { token, insecure = true, rootCerts, timeo
   }
   const generator = new pkg.GeneratorService(address, credentials, { ...channelOptions, interceptors });
   // A second stub on the same channel: one connection for both services.
-  const registry = new pkg.RegistryService(address, credentials, {
-    ...channelOptions,
-    interceptors,
-    channelOverride: generator.getChannel(),
-  });
+  const shared = { ...channelOptions, interceptors, channelOverride: generator.getChannel() };
+  const registry = new pkg.RegistryService(address, credentials, shared);
+  const jobs = new pkg.JobService(address, credentials, shared);
+  const operations = new (loadRoot().google.longrunning.Operations)(address, credentials, shared);
   return {
     generator,
     registry,
+    jobs,
+    operations,
     timeoutMs,
     close() {
       generator.close();
@@ -238,3 +270,119 @@ export function statusName(code) {
 }
 
 export { grpc };
+
+/**
+ * @typedef {object} Job
+ * @property {string} name the operation's name, `operations/{id}`
+ * @property {boolean} done whether it has stopped (succeeded, cancelled or failed)
+ * @property {object} metadata DatasetJobMetadata or StatisticsJobMetadata: state, shards_done, ...
+ * @property {object|null} response DatasetJob or StatisticsJob once it succeeded
+ * @property {object|null} error google.rpc.Status ({code, message}) once it failed or was cancelled
+ */
+
+/**
+ * An Operation with its metadata and response decoded.
+ * @param {object} op google.longrunning.Operation
+ * @returns {Job}
+ */
+export function operationToJob(op) {
+  return {
+    name: op.name,
+    done: op.done,
+    metadata: unpackAny(op.metadata),
+    response: op.result === 'response' ? unpackAny(op.response) : null,
+    error: op.result === 'error' ? op.error : null,
+  };
+}
+
+function operationName(name) {
+  return name.startsWith('operations/') ? name : `operations/${name}`;
+}
+
+/**
+ * Starts a dataset job: WebDataset shards of one version for `count` seeds from `start`.
+ * @param {Client} client
+ * @param {string} model model reference (resolved once, at creation)
+ * @param {{start?: number|string, count: number, shardSize?: number, truncation?: number, requestId?: string}} options
+ * @returns {Promise<Job>}
+ */
+export async function createDatasetJob(
+  client,
+  model,
+  { start = 0, count, shardSize = 1000, truncation, requestId = '' },
+) {
+  const request = {
+    model,
+    seeds: { start: String(start), count: String(count) },
+    shard_size: shardSize,
+    request_id: requestId,
+  };
+  if (truncation !== undefined) request.truncation = truncation;
+  return operationToJob(await unary(client.jobs, 'CreateDatasetJob', request, client.timeoutMs));
+}
+
+/**
+ * Starts a statistics job: a layer's key moment over `samples` seeds from `seedStart`, merged into
+ * the statistics cache where a rewrite whose stats name the same samples finds it.
+ * @param {Client} client
+ * @param {string} model model reference (resolved once, at creation)
+ * @param {{samples: number, seedStart?: number|string, layer?: string, shardSize?: number, truncation?: number, requestId?: string}} options
+ * @returns {Promise<Job>}
+ */
+export async function createStatisticsJob(
+  client,
+  model,
+  { samples, seedStart = 0, layer = '', shardSize = 10_000, truncation, requestId = '' },
+) {
+  const request = {
+    model,
+    layer,
+    stats: { samples: String(samples), seed_start: String(seedStart) },
+    shard_size: shardSize,
+    request_id: requestId,
+  };
+  if (truncation !== undefined) request.truncation = truncation;
+  return operationToJob(await unary(client.jobs, 'CreateStatisticsJob', request, client.timeoutMs));
+}
+
+/**
+ * A job (of either kind) as it stands.
+ * @param {Client} client
+ * @param {string} name `operations/{id}` or the bare id
+ * @returns {Promise<Job>}
+ */
+export async function getJob(client, name) {
+  const op = await unary(client.operations, 'GetOperation', { name: operationName(name) }, client.timeoutMs);
+  return operationToJob(op);
+}
+
+/**
+ * Asks a job to stop between shards.
+ * @param {Client} client
+ * @param {string} name `operations/{id}` or the bare id
+ * @returns {Promise<Job>} the job as it stands after the request
+ */
+export async function cancelJob(client, name) {
+  await unary(client.operations, 'CancelOperation', { name: operationName(name) }, client.timeoutMs);
+  return getJob(client, name);
+}
+
+/**
+ * The job once it is done, by WaitOperation calls of up to `pollMs` each (bounded by `timeoutMs`
+ * in all); the last state seen if the time runs out. `onProgress` hears every state on the way.
+ * @param {Client} client
+ * @param {string} name `operations/{id}` or the bare id
+ * @param {{timeoutMs?: number, pollMs?: number, onProgress?: (job: Job) => void}} [options]
+ * @returns {Promise<Job>}
+ */
+export async function waitJob(client, name, { timeoutMs = 600_000, pollMs = 2_000, onProgress } = {}) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const wait = Math.max(0, Math.min(pollMs, deadline - Date.now()));
+    const timeout = { seconds: String(Math.floor(wait / 1000)), nanos: (wait % 1000) * 1e6 };
+    const request = { name: operationName(name), timeout };
+    const job = operationToJob(await unary(client.operations, 'WaitOperation', request, wait + client.timeoutMs));
+    if (onProgress) onProgress(job);
+    if (job.done || Date.now() >= deadline) return job;
+  }
+}

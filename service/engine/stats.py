@@ -55,7 +55,17 @@ class Stat(abc.ABC):
         tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
         scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
         meta = {"kind": self.kind, "constructor": json.dumps(self.constructor()), "scalars": json.dumps(scalars)}
-        return st_save(tensors, metadata=meta)
+        return _canonical_header(st_save(tensors, metadata=meta))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """safetensors bytes with the header's keys sorted: the library writes its metadata in hash order,
+    so equal statistics made different bytes (and a retried statistics shard failed its sha256)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > n:                  # never: the same keys and values, reordered
+        return data
+    return data[:8] + header + b" " * (n - len(header)) + data[8 + n :]
 
 
 def load_stat(data: bytes) -> Stat:

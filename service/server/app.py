@@ -224,10 +224,12 @@ def create_server(
     gen_grpc.add_GeneratorServiceServicer_to_server(server.generator_servicer, server)
     reg_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(domain, max_import_bytes), server)
     from rulewright.service.jobs import DatasetJobs
+    from rulewright.service.stat_jobs import StatisticsJobs
 
     jobs = server.jobs = DatasetJobs(domain, job_executor, max_workers=job_workers)
-    jobs_grpc.add_JobServiceServicer_to_server(JobServicer(jobs), server)
-    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(jobs), server)
+    stat_jobs = server.stat_jobs = StatisticsJobs(domain)
+    jobs_grpc.add_JobServiceServicer_to_server(JobServicer(jobs, stat_jobs), server)
+    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(jobs, stat_jobs), server)
     if health_servicer is None:
         health_servicer = health.HealthServicer()
         set_health(health_servicer, bool(domain.registry.list_models(page_size=1).items))
@@ -247,10 +249,12 @@ def create_server(
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
-    try:
-        jobs.resume()                 # jobs a stopped server left unfinished, from their state in the store
-    except Exception as exc:  # noqa: BLE001 -- an unreachable store must not keep the server from serving
-        log.warning("dataset jobs not resumed", extra={"event": "dataset_jobs_not_resumed", "error": str(exc)})
+    for kind in (jobs, stat_jobs):
+        try:
+            kind.resume()             # jobs a stopped server left unfinished, from their state in the store
+        except Exception as exc:  # noqa: BLE001 -- an unreachable store must not keep the server from serving
+            log.warning(f"{kind.noun} jobs not resumed", extra={"event": f"{kind.noun}_jobs_not_resumed",
+                                                                "error": str(exc)})
     stop = server.stop
 
     def stop_all(grace):
@@ -258,6 +262,7 @@ def create_server(
         on the next start)."""
         watch.stop()
         jobs.close()
+        stat_jobs.close()
         return stop(grace)
     server.stop = stop_all
     return server, port

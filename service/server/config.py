@@ -99,6 +99,8 @@ SETTINGS = (
     Setting("max_regions", int, 64, "most regions in one Dissect, SearchContext or edit spec"),
     Setting("max_stats_samples", int, 100000, "most samples a statistic (ComputeStatistics, Dissect thresholds, "
                                               "search and edit stats) may be computed over"),
+    Setting("max_job_samples", int, 10000000, "most samples one statistics job may compute a key moment over; "
+                                              "a request may use such a moment, once cached, beyond max_stats_samples"),
     Setting("max_mask_pixels", int, 4194304, "largest mask (width x height) a request may carry"),
     Setting("store_timeout_s", float, 5.0, "longest one registry store call may take, retries included (and no "
                                             "longer than the RPC's deadline); then UNAVAILABLE"),
@@ -175,7 +177,7 @@ def resolve(args: argparse.Namespace | None = None, environ: dict | None = None)
 
 def _check(c: "ServeConfig") -> None:
     for name in ("max_batch", "max_resident", "max_workers", "max_images", "max_search_seeds", "max_regions",
-                 "max_stats_samples", "max_mask_pixels", "s3_max_attempts", "web_max_connections", "job_workers"):
+                 "max_stats_samples", "max_job_samples", "max_mask_pixels", "s3_max_attempts", "web_max_connections", "job_workers"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
     for name in ("batch_delay_ms", "memory_budget_mb", "grace_s", "max_import_mb", "max_message_mb"):

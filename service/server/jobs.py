@@ -1,10 +1,12 @@
 """Thin servicers over ``service.jobs``: JobService and the standard ``google.longrunning.Operations``.
 
-- ``JobServicer``: CreateDatasetJob → a ``google.longrunning.Operation`` (AIP-151) named
-  ``operations/{job_id}``, metadata ``DatasetJobMetadata``, response ``DatasetJob`` once done.
+- ``JobServicer``: CreateDatasetJob and CreateStatisticsJob → a ``google.longrunning.Operation``
+  (AIP-151) named ``operations/{job_id}``, metadata ``DatasetJobMetadata`` or
+  ``StatisticsJobMetadata``, response ``DatasetJob`` or ``StatisticsJob`` once done.
 - ``OperationsServicer``: GetOperation, ListOperations, WaitOperation, CancelOperation and
-  DeleteOperation over the same jobs, so standard LRO helpers (``google.api_core.operation``,
-  the generated LRO clients of other languages) can poll, wait for and cancel them.
+  DeleteOperation over the jobs of every kind (one id space: an id names one kind's job), so
+  standard LRO helpers (``google.api_core.operation``, the generated LRO clients of other
+  languages) can poll, wait for and cancel them.
 - ``operation_pb(jobs, status)``: a job's status as an Operation.
 """
 
@@ -15,8 +17,10 @@ from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from rulewright.service.engine.errors import InvalidArgument
-from rulewright.service.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, DatasetJobRequest, DatasetJobs, JobStatus
-from rulewright.v1 import generator_service_pb2 as gen, images_pb2, jobs_service_pb2 as jobs_pb
+from rulewright.service.jobs import (CANCELLED, FAILED, RUNNING, SUCCEEDED, DatasetJobRequest, DatasetJobs, JobNotFound,
+                                     JobStatus)
+from rulewright.service.stat_jobs import DEFAULT_SHARD_SIZE as STATS_SHARD_SIZE, StatisticsJobRequest, StatisticsJobs
+from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, jobs_service_pb2 as jobs_pb
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc
 
 from . import convert
@@ -55,17 +59,37 @@ def dataset_job_pb(jobs: DatasetJobs, status: JobStatus) -> jobs_pb.DatasetJob:
     return msg
 
 
+def statistics_job_pb(jobs: StatisticsJobs, status: JobStatus) -> jobs_pb.StatisticsJob:
+    """A statistics job's spec, and its merged statistic once the manifest names it, as a StatisticsJob."""
+    spec, manifest = status.spec, status.manifest or {}
+    return jobs_pb.StatisticsJob(name=f"statisticsJobs/{spec.id}", version=spec.version_name, layer=spec.layer,
+                                 stats=edit_pb2.StatisticsSpec(samples=spec.count, seed_start=spec.seed_start),
+                                 truncation=spec.truncation, shard_size=spec.shard_size, shards=spec.shards,
+                                 cache_key=manifest.get("cache_key", ""), statistic_uri=jobs.statistic_uri(status),
+                                 size_bytes=manifest.get("size_bytes", 0), sha256=manifest.get("sha256", ""),
+                                 manifest_uri=status.manifest_uri)
+
+
 def operation_pb(jobs: DatasetJobs, status: JobStatus) -> operations_pb2.Operation:
-    """A job as an Operation: metadata always; the DatasetJob or the error once done (AIP-151)."""
+    """A job as an Operation: metadata always; the DatasetJob (StatisticsJob) or the error once done (AIP-151)."""
     spec = status.spec
-    meta = jobs_pb.DatasetJobMetadata(job=f"datasetJobs/{spec.id}", version=spec.version_name,
-                                      state=_STATES[status.state], shards_done=status.shards_done,
-                                      shards_total=spec.shards, images_done=status.images_done,
-                                      images_total=spec.count, create_time=_timestamp(spec.created),
-                                      update_time=_timestamp(status.updated))
+    if isinstance(jobs, StatisticsJobs):
+        meta = jobs_pb.StatisticsJobMetadata(job=f"statisticsJobs/{spec.id}", version=spec.version_name,
+                                             layer=spec.layer, state=_STATES[status.state],
+                                             shards_done=status.shards_done, shards_total=spec.shards,
+                                             samples_done=status.images_done, samples_total=spec.count,
+                                             create_time=_timestamp(spec.created),
+                                             update_time=_timestamp(status.updated))
+    else:
+        meta = jobs_pb.DatasetJobMetadata(job=f"datasetJobs/{spec.id}", version=spec.version_name,
+                                          state=_STATES[status.state], shards_done=status.shards_done,
+                                          shards_total=spec.shards, images_done=status.images_done,
+                                          images_total=spec.count, create_time=_timestamp(spec.created),
+                                          update_time=_timestamp(status.updated))
     op = operations_pb2.Operation(name=OPERATIONS + spec.id, metadata=_packed(meta), done=status.done)
     if status.state == SUCCEEDED:
-        op.response.CopyFrom(_packed(dataset_job_pb(jobs, status)))
+        body = statistics_job_pb(jobs, status) if isinstance(jobs, StatisticsJobs) else dataset_job_pb(jobs, status)
+        op.response.CopyFrom(_packed(body))
     elif status.state == CANCELLED:
         op.error.CopyFrom(_error(code_pb2.CANCELLED, "JOB_CANCELLED", "the job was cancelled; the shards "
                                  "written before are whole and stay until the operation is deleted", spec.id))
@@ -99,26 +123,53 @@ def dataset_job_request(request: jobs_pb.CreateDatasetJobRequest) -> DatasetJobR
         shard_size=request.shard_size or 1000, request_id=request.request_id, author=current_principal())
 
 
-class JobServicer(jobs_grpc.JobServiceServicer):
-    """JobService over ``DatasetJobs``."""
+def statistics_job_request(request: jobs_pb.CreateStatisticsJobRequest) -> StatisticsJobRequest:
+    """A CreateStatisticsJobRequest as the domain's request (which checks it)."""
+    return StatisticsJobRequest(
+        model=request.model, layer=request.layer, samples=request.stats.samples, seed_start=request.stats.seed_start,
+        truncation=request.truncation if request.HasField("truncation") else 1.0,
+        shard_size=request.shard_size or STATS_SHARD_SIZE, request_id=request.request_id, author=current_principal())
 
-    def __init__(self, jobs: DatasetJobs):
+
+class JobServicer(jobs_grpc.JobServiceServicer):
+    """JobService over ``DatasetJobs`` and ``StatisticsJobs``."""
+
+    def __init__(self, jobs: DatasetJobs, stat_jobs: StatisticsJobs | None = None):
         self.jobs = jobs
+        self.stat_jobs = stat_jobs
 
     @rpc()
     def CreateDatasetJob(self, request, context):
         return operation_pb(self.jobs, self.jobs.create(dataset_job_request(request)))
 
+    @rpc()
+    def CreateStatisticsJob(self, request, context):
+        if self.stat_jobs is None:
+            raise InvalidArgument("model", "this server runs no statistics jobs")
+        return operation_pb(self.stat_jobs, self.stat_jobs.create(statistics_job_request(request)))
+
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
-    """``google.longrunning.Operations`` over the dataset jobs in the store."""
+    """``google.longrunning.Operations`` over the jobs of every kind in the store."""
 
-    def __init__(self, jobs: DatasetJobs):
+    def __init__(self, jobs: DatasetJobs, *more: DatasetJobs):
         self.jobs = jobs
+        self.kinds = (jobs, *(m for m in more if m is not None))
+
+    def _owner(self, job: str) -> DatasetJobs:
+        """The kind of job that holds ``job`` (``JobNotFound`` from the first if none does)."""
+        for kind in self.kinds[1:]:
+            try:
+                kind.get(job)
+                return kind
+            except JobNotFound:
+                continue
+        return self.kinds[0]
 
     @rpc()
     def GetOperation(self, request, context):
-        return operation_pb(self.jobs, self.jobs.get(job_id(request.name)))
+        owner = self._owner(job_id(request.name))
+        return operation_pb(owner, owner.get(job_id(request.name)))
 
     @rpc()
     def ListOperations(self, request, context):
@@ -126,8 +177,17 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             raise InvalidArgument("name", f"must be 'operations' (or empty), got {request.name!r}")
         if request.filter:
             raise InvalidArgument("filter", "filters are not supported; list without one")
-        page, token = self.jobs.list(request.page_size, request.page_token)
-        return operations_pb2.ListOperationsResponse(operations=[operation_pb(self.jobs, s) for s in page],
+        size = request.page_size if 0 < request.page_size <= 1000 else 50
+        # Each kind's next page after the token, merged by id: ids are the order across kinds too.
+        found, more = [], False
+        for kind in self.kinds:
+            page, token = kind.list(size, request.page_token)
+            found += [(s.spec.id, kind, s) for s in page]
+            more = more or bool(token)
+        found.sort(key=lambda t: t[0])
+        page = found[:size]
+        token = page[-1][0] if page and (more or len(found) > size) else ""
+        return operations_pb2.ListOperationsResponse(operations=[operation_pb(k, s) for _, k, s in page],
                                                      next_page_token=token)
 
     @rpc()
@@ -137,16 +197,17 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             raise InvalidArgument("timeout", "must not be negative")
         remaining = context.time_remaining()
         limit = min(timeout, WAIT_MAX_S, max(0.0, remaining - 0.5) if remaining is not None else WAIT_MAX_S)
-        status = self.jobs.wait(job_id(request.name), limit, should_stop=lambda: not context.is_active())
-        return operation_pb(self.jobs, status)
+        owner = self._owner(job_id(request.name))
+        status = owner.wait(job_id(request.name), limit, should_stop=lambda: not context.is_active())
+        return operation_pb(owner, status)
 
     @rpc()
     def CancelOperation(self, request, context):
-        self.jobs.cancel(job_id(request.name))
+        self._owner(job_id(request.name)).cancel(job_id(request.name))
         return empty_pb2.Empty()
 
     @rpc()
     def DeleteOperation(self, request, context):
-        self.jobs.delete(job_id(request.name))
+        self._owner(job_id(request.name)).delete(job_id(request.name))
         return empty_pb2.Empty()
 

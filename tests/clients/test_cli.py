@@ -223,3 +223,26 @@ def test_dataset_create_refuses_bad_input(rw):
     assert code == 2 and "non-empty range" in err
     code, _, err = rw("dataset", "create", "tiny", "--seeds", "0-9", "--shard-size", "20000")
     assert code == 1 and "shard_size" in err
+
+
+def test_stats_create_get_list_and_the_client_call(rw, client):
+    code, out, err = rw("stats", "create", "tiny@production", "--layer", "main.6", "--samples", "4096",
+                        "--shard-size", "1000", "--request-id", "cli-stats")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    name = first.split("\t")[0]
+    # 1,000 rounds up to 1,024 samples, the samples whose 8x8 keys fill one float32 block
+    assert "\tsucceeded\tmodels/tiny/versions/1\tmain.6\tshards 4/4\tsamples 4096/4096" in first
+    assert "cached {" in out and "statistic " in out
+    assert "statistics" in err                                     # the progress bar, on stderr
+    job = client.statistics_job(name)
+    assert job.state == "succeeded" and job.shard_size == 1024 and '"samples":4096' in job.cache_key
+    code, out, _ = rw("stats", "get", name.split("/")[1])
+    assert code == 0 and out.startswith(name)
+    code, out, _ = rw("stats", "list")
+    assert code == 0 and name in out and [j.name for j in client.statistics_jobs()] == [name]
+    assert not client.dataset_jobs()                               # the kinds stay apart in listings
+    same = client.create_statistics_job("tiny", 4096, layer="main.6", shard_size=1000, request_id="cli-stats")
+    assert same.name == name and client.wait_statistics_job(name).sha256 == job.sha256
+    code, _, err = rw("stats", "create", "tiny", "--samples", "0")
+    assert code == 1 and "stats.samples" in err

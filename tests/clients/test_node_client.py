@@ -121,3 +121,45 @@ def test_example_sends_its_token(node, tmp_path):
     finally:
         server.stop(0).wait()
         domain.close()
+
+
+JOBS_SCRIPT = """
+import { pathToFileURL } from 'node:url';
+const rw = await import(pathToFileURL(process.argv[1]).href);
+const client = rw.createClient(process.argv[2]);
+try {
+  const data = await rw.createDatasetJob(client, 'tiny', { start: 0, count: 4, shardSize: 2, requestId: 'node-data' });
+  const stats = await rw.createStatisticsJob(client, 'tiny', { samples: 2048, layer: 'main.6', shardSize: 1024 });
+  const seen = [];
+  const done = await rw.waitJob(client, stats.name, { timeoutMs: 60_000, pollMs: 500, onProgress: (j) => seen.push(j) });
+  const dataDone = await rw.waitJob(client, data.name, { timeoutMs: 60_000, pollMs: 500 });
+  console.log(JSON.stringify({ data, stats, done, dataDone, progressCalls: seen.length,
+                               got: await rw.getJob(client, data.name.split('/')[1]) }));
+  try {
+    await rw.createStatisticsJob(client, 'tiny', { samples: 0 });
+  } catch (err) {
+    console.error(`refused ${rw.statusName(err.code)}: ${err.details}`);
+  }
+} finally {
+  client.close();
+}
+"""
+
+
+def test_node_client_runs_dataset_and_statistics_jobs(node, live):
+    import json
+
+    address, _ = live
+    proc = subprocess.run([node, "--input-type=module", "-e", JOBS_SCRIPT, str(CLIENT / "index.js"), address],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["data"]["name"].startswith("operations/") and out["data"]["metadata"]["images_total"] == "4"
+    assert out["stats"]["metadata"]["shards_total"] == 2 and out["stats"]["metadata"]["layer"] == "main.6"
+    done = out["done"]
+    assert done["done"] and done["metadata"]["state"] == "STATE_SUCCEEDED" and done["error"] is None
+    assert done["response"]["stats"]["samples"] == "2048" and '"samples":2048' in done["response"]["cache_key"]
+    assert out["progressCalls"] >= 1
+    assert out["dataDone"]["response"]["shards"][1]["first_seed"] == "2"
+    assert out["got"]["name"] == out["data"]["name"] and out["got"]["metadata"]["shards_done"] == 2
+    assert "refused INVALID_ARGUMENT" in proc.stderr and "stats.samples" in proc.stderr

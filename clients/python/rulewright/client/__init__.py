@@ -19,14 +19,14 @@ Every call has a deadline and retries UNAVAILABLE with backoff; failures raise
 from .client import Client, RetryEvent
 from .errors import RulewrightError
 from .spec import edit_spec_pb, parse_region, parse_seeds, region_dict
-from .types import (Alias, AliasMove, ContextMatch, ContextSearch, Dissection, Export, Import, Layer, Layers,
-                    Model, Preview, Progress, RewriteResult, SampledImage, StatisticsResult, UnitMap, UnitScore,
-                    Version, version_number)
+from .types import (Alias, AliasMove, ContextMatch, ContextSearch, DatasetJob, Dissection, Export, Import, Layer, Layers,
+                    Model, Preview, Progress, RewriteResult, SampledImage, StatisticsJob, StatisticsResult, UnitMap,
+                    UnitScore, Version, version_number)
 
 __all__ = [
     "Client", "RetryEvent", "RulewrightError", "edit_spec_pb", "parse_region", "parse_seeds", "region_dict",
-    "Alias", "AliasMove", "ContextMatch", "ContextSearch", "Dissection", "Export", "Import", "Layer", "Layers",
-    "Model", "Preview", "Progress", "RewriteResult", "SampledImage", "StatisticsResult", "UnitMap", "UnitScore",
+    "Alias", "AliasMove", "ContextMatch", "ContextSearch", "DatasetJob", "Dissection", "Export", "Import", "Layer", "Layers",
+    "Model", "Preview", "Progress", "RewriteResult", "SampledImage", "StatisticsJob", "StatisticsResult", "UnitMap", "UnitScore",
     "Version", "version_number",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,8 @@
 
 Subcommands: ``models``, ``layers``, ``sample``, ``dissect``, ``rewrite``, ``versions``,
 ``aliases``, ``alias set``, ``alias history``, ``rollback``, ``export``, ``dataset create|get|list|cancel``
-(bulk image sets as WebDataset shards, a long-running job), and ``serve`` (the
+(bulk image sets as WebDataset shards, a long-running job), ``stats create|get|list|cancel`` (a
+layer's key moment over up to 10^7 samples into the statistics cache, a long-running job), and ``serve`` (the
 server itself, when it is installed: ``pip install rulewright``). Errors print the server's
 message and one line per field violation and exit 1; usage errors exit 2.
 """
@@ -310,6 +311,59 @@ def cmd_dataset_cancel(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_stats_job(job) -> None:
+    print(f"{job.name}\t{job.state}\t{job.version}\t{job.layer}\tshards {job.shards_done}/{job.shards_total}"
+          f"\tsamples {job.samples_done}/{job.samples_total}" + (f"\t{job.error}" if job.error else ""))
+    if job.cache_key:
+        print(f"cached {job.cache_key}")
+        print(f"statistic {job.statistic_uri} (sha256 {job.sha256})")
+
+
+def _follow_stats(client: Client, job, quiet: bool):
+    """Wait for a statistics job with a samples progress bar on stderr; Ctrl-C leaves the job running."""
+    bar = None if quiet else tqdm(total=job.samples_total, desc="statistics", unit="sample", unit_scale=True,
+                                  file=sys.stderr, dynamic_ncols=True)
+    try:
+        for job in client.watch_statistics_job(job.name):
+            if bar is not None:
+                bar.update(job.samples_done - bar.n)
+                bar.set_postfix(shards=f"{job.shards_done}/{job.shards_total}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return job
+
+
+def cmd_stats_create(client: Client, args: argparse.Namespace) -> int:
+    job = client.create_statistics_job(args.model, args.samples, layer=args.layer or "", seed_start=args.seed_start,
+                                       truncation=args.truncation, shard_size=args.shard_size,
+                                       request_id=args.request_id)
+    print(f"started {job.name} ({job.version} {job.layer}, {job.shards_total} shards)", file=sys.stderr)
+    if args.no_wait:
+        _print_stats_job(job)
+        return 0
+    job = _follow_stats(client, job, args.quiet)
+    _print_stats_job(job)
+    return 0 if job.state == "succeeded" else 1
+
+
+def cmd_stats_get(client: Client, args: argparse.Namespace) -> int:
+    job = client.statistics_job(args.name)
+    _print_stats_job(_follow_stats(client, job, args.quiet) if args.wait else job)
+    return 0
+
+
+def cmd_stats_list(client: Client, args: argparse.Namespace) -> int:
+    for job in client.statistics_jobs():
+        _print_stats_job(job)
+    return 0
+
+
+def cmd_stats_cancel(client: Client, args: argparse.Namespace) -> int:
+    _print_stats_job(client.cancel_statistics_job(args.name))
+    return 0
+
+
 # ---- the parser ------------------------------------------------------------------------------
 
 def _connection_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -453,6 +507,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cancel", "stop a dataset job between shards (the shards written stay whole)", dsub)
     p.add_argument("name", help="operations/ID or ID")
     p.set_defaults(run=cmd_dataset_cancel)
+
+    stats = sub.add_parser("stats", help="a layer's key moment over many samples, into the statistics cache",
+                           description="a layer's key moment C over more samples than one request may compute, "
+                           "merged from shards by a long-running job into the server's statistics cache, where a "
+                           "rewrite whose stats name the same samples finds it")
+    ssub = stats.add_subparsers(dest="stats_command", required=True, metavar="ACTION")
+    p = add("create", "start a statistics job and follow it with a progress bar", ssub)
+    p.add_argument("model", help="model reference: faces, faces@production or faces/3 (resolved once, at creation)")
+    p.add_argument("--layer", help="layer (default: the model's default layer)")
+    p.add_argument("--samples", type=int, required=True, help="samples (seeds) the moment covers, up to the "
+                   "server's max_job_samples (10,000,000 by default)")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (a rewrite's stats.seed_start)")
+    p.add_argument("--truncation", type=float, help="truncation of the samples, 0 to 1 (StyleGAN2 only)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (1 to 1000000; rounded up "
+                   "to the layer's float32 block so shards merge exactly)")
+    p.add_argument("--request-id", help="idempotency key: creating again with it returns the same job")
+    p.add_argument("--no-wait", action="store_true", help="print the job's name and return at once")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_stats_create)
+    p = add("get", "show a statistics job: state, progress, and its cache key once done", ssub)
+    p.add_argument("name", help="operations/ID or ID, as create printed it")
+    p.add_argument("--wait", action="store_true", help="follow it with a progress bar until it is done")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_stats_get)
+    p = add("list", "list the statistics jobs in the server's store", ssub)
+    p.set_defaults(run=cmd_stats_list)
+    p = add("cancel", "stop a statistics job between shards (nothing is cached)", ssub)
+    p.add_argument("name", help="operations/ID or ID")
+    p.set_defaults(run=cmd_stats_cancel)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``Client``: typed calls to rulewright's GeneratorService, RegistryService and dataset jobs.
+"""``Client``: typed calls to rulewright's GeneratorService, RegistryService, and dataset and statistics jobs.
 
 Every call has a deadline: ``timeout`` seconds in all (``long_timeout`` for the streaming work
 of Rewrite, ComputeStatistics, ImportModel and ExportVersion), retries included. A call that
@@ -34,7 +34,7 @@ from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc
 
 from .errors import RulewrightError, from_rpc_error
 from .spec import edit_spec_pb, region_pb
-from .types import (Alias, AliasMove, ContextSearch, DatasetJob, Dissection, Export, Import, Layers, Model, Preview,
+from .types import (Alias, AliasMove, ContextSearch, DatasetJob, StatisticsJob, Dissection, Export, Import, Layers, Model, Preview,
                     Progress, RewriteResult, SampledImage, StatisticsResult, Version)
 
 __all__ = ["Client", "RetryEvent", "RegionLike"]
@@ -484,7 +484,7 @@ class Client:
         """Every dataset job the server's store holds, oldest first."""
         ops = self._pages("ListOperations", self._ops.ListOperations,
                           operations_pb2.ListOperationsRequest(name="operations"), "operations", timeout)
-        return [DatasetJob.from_operation(op) for op in ops]
+        return [DatasetJob.from_operation(op) for op in ops if op.metadata.Is(jobs_pb.DatasetJobMetadata.DESCRIPTOR)]
 
     def cancel_dataset_job(self, name: str, *, timeout: float | None = None) -> DatasetJob:
         """Ask a dataset job to stop between shards; the job as it stands after the request."""
@@ -500,6 +500,9 @@ class Client:
     def watch_dataset_job(self, name: str, *, poll_s: float = 2.0, timeout: float | None = None) -> Iterator[DatasetJob]:
         """The job after each WaitOperation of up to ``poll_s`` seconds, until it is done (or ``timeout``,
         default ``long_timeout``, passes); the last one yielded is done unless the time ran out."""
+        return self._watch(name, DatasetJob.from_operation, poll_s, timeout)
+
+    def _watch(self, name: str, parse, poll_s: float, timeout: float | None) -> Iterator:
         deadline = time.monotonic() + (self.long_timeout if timeout is None else timeout)
         while True:
             left = deadline - time.monotonic()
@@ -507,8 +510,7 @@ class Client:
             request = operations_pb2.WaitOperationRequest(name=_operation(name),
                                                           timeout=duration_pb2.Duration(seconds=int(wait),
                                                                                         nanos=int(wait % 1 * 1e9)))
-            job = DatasetJob.from_operation(self._unary("WaitOperation", self._ops.WaitOperation, request,
-                                                        wait + self.timeout))
+            job = parse(self._unary("WaitOperation", self._ops.WaitOperation, request, wait + self.timeout))
             yield job
             if job.done or time.monotonic() >= deadline:
                 return
@@ -517,6 +519,58 @@ class Client:
         """The dataset job once it is done (or as it stands when ``timeout`` passes)."""
         job = None
         for job in self.watch_dataset_job(name, timeout=timeout):
+            pass
+        assert job is not None
+        return job
+
+    # ---- statistics jobs (google.longrunning.Operations) ----------------------------------
+
+    def create_statistics_job(self, model: str, samples: int, *, layer: str = "", seed_start: int = 0,
+                              truncation: float | None = None, shard_size: int = 10_000,
+                              request_id: str | None = None, timeout: float | None = None) -> StatisticsJob:
+        """Start computing ``layer``'s key moment over ``samples`` seeds from ``seed_start``; returns at once.
+
+        Once it succeeds, a Rewrite (or SearchContext) whose ``stats`` name the same samples and
+        seed_start finds the moment cached, even beyond the server's per-request max_stats_samples.
+        Follow it with ``statistics_job``, ``wait_statistics_job`` or ``watch_statistics_job``.
+        """
+        request = jobs_pb.CreateStatisticsJobRequest(model=model, layer=layer,
+                                                     stats=edit_pb2.StatisticsSpec(samples=samples,
+                                                                                   seed_start=seed_start),
+                                                     shard_size=shard_size, request_id=request_id or str(uuid.uuid4()))
+        if truncation is not None:
+            request.truncation = truncation
+        return StatisticsJob.from_operation(self._unary("CreateStatisticsJob", self._jobs.CreateStatisticsJob,
+                                                        request, timeout))
+
+    def statistics_job(self, name: str, *, timeout: float | None = None) -> StatisticsJob:
+        """A statistics job as it stands (``operations/{id}`` or the bare id)."""
+        return StatisticsJob.from_operation(self._unary("GetOperation", self._ops.GetOperation,
+                                                        operations_pb2.GetOperationRequest(name=_operation(name)),
+                                                        timeout))
+
+    def statistics_jobs(self, *, timeout: float | None = None) -> list[StatisticsJob]:
+        """Every statistics job the server's store holds, oldest first."""
+        ops = self._pages("ListOperations", self._ops.ListOperations,
+                          operations_pb2.ListOperationsRequest(name="operations"), "operations", timeout)
+        return [StatisticsJob.from_operation(op) for op in ops
+                if op.metadata.Is(jobs_pb.StatisticsJobMetadata.DESCRIPTOR)]
+
+    def cancel_statistics_job(self, name: str, *, timeout: float | None = None) -> StatisticsJob:
+        """Ask a statistics job to stop between shards; the job as it stands after the request."""
+        self._unary("CancelOperation", self._ops.CancelOperation,
+                    operations_pb2.CancelOperationRequest(name=_operation(name)), timeout)
+        return self.statistics_job(name, timeout=timeout)
+
+    def watch_statistics_job(self, name: str, *, poll_s: float = 2.0,
+                             timeout: float | None = None) -> Iterator[StatisticsJob]:
+        """The job after each WaitOperation of up to ``poll_s`` seconds, until it is done (or ``timeout`` passes)."""
+        return self._watch(name, StatisticsJob.from_operation, poll_s, timeout)
+
+    def wait_statistics_job(self, name: str, *, timeout: float | None = None) -> StatisticsJob:
+        """The statistics job once it is done (or as it stands when ``timeout`` passes)."""
+        job = None
+        for job in self.watch_statistics_job(name, timeout=timeout):
             pass
         assert job is not None
         return job

@@ -393,6 +393,49 @@ class DatasetShard:
 
 
 @dataclass(frozen=True)
+class StatisticsJob:
+    """A statistics job (a long-running operation): a layer's key moment over many samples, merged
+    from shards into the server's statistics cache, where a Rewrite with the same ``stats`` finds it.
+
+    ``name`` is the operation's name (``operations/{id}``); ``state`` as for a ``DatasetJob``.
+    """
+
+    name: str
+    job: str
+    version: str
+    layer: str
+    state: str
+    done: bool
+    shards_done: int
+    shards_total: int
+    samples_done: int
+    samples_total: int
+    seed_start: int = 0
+    shard_size: int = 0
+    cache_key: str = ""
+    statistic_uri: str = ""
+    sha256: str = ""
+    error: str = ""
+    error_code: int = 0
+
+    @classmethod
+    def from_operation(cls, op) -> "StatisticsJob":
+        """From a google.longrunning.Operation whose metadata is a StatisticsJobMetadata."""
+        meta = jobs_pb.StatisticsJobMetadata()
+        op.metadata.Unpack(meta)
+        result = jobs_pb.StatisticsJob()
+        if op.HasField("response"):
+            op.response.Unpack(result)
+        return cls(name=op.name, job=meta.job, version=meta.version, layer=meta.layer,
+                   state=_JOB_STATES.get(meta.state, "unspecified"), done=op.done, shards_done=meta.shards_done,
+                   shards_total=meta.shards_total, samples_done=meta.samples_done, samples_total=meta.samples_total,
+                   seed_start=result.stats.seed_start, shard_size=result.shard_size, cache_key=result.cache_key,
+                   statistic_uri=result.statistic_uri, sha256=result.sha256,
+                   error=op.error.message if op.HasField("error") else "",
+                   error_code=op.error.code if op.HasField("error") else 0)
+
+
+@dataclass(frozen=True)
 class DatasetJob:
     """A dataset job (a long-running operation): progress while it runs, shards and manifest once done.
 

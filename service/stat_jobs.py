@@ -1,0 +1,272 @@
+"""Statistics jobs: a layer's key moment C = E[k kᵀ] over up to 10^7 samples, as shards merged exactly.
+
+- ``StatisticsJobRequest``: model reference, layer, samples and first seed, truncation, shard size,
+  idempotency key; ``check(limits)`` refuses bad input (``max_job_samples``) before any work.
+- ``StatisticsJobs(domain)``: ``create``, ``get``, ``list``, ``cancel``, ``wait``, ``delete``,
+  ``resume``, ``close`` — the store layout, commit records, cancellation and resume of
+  ``jobs.DatasetJobs``, under ``jobs/statistics/{id}/``.
+- ``StatsJobSpec``: a created job (``job.json``), its reference resolved to one version.
+- ``alignment(rows)``: the samples per float32 block of ``SecondMoment`` at a layer with ``rows`` key
+  locations per sample; shard sizes are multiples of it.
+- ``merge_shards(blobs)``: the shards' ``SecondMoment`` partials summed in seed order.
+
+Store layout (``jobs/statistics/{id}/``): ``job.json``; ``shard-{i:06d}.safetensors``, shard ``i``'s
+``SecondMoment`` (count, float64 sum and outer product, ``Stat.to_bytes``) over its seeds;
+``done/{i:06d}.json``, its commit record (written by ``jobs.publish_shard`` only after the shard
+was read back with the expected sha256); ``manifest.json`` once merged. The merged moment goes to
+``statistics/{digest}.safetensors`` (``statistics.store_durable``) and into the statistics cache
+under ``Statistics.key`` of the version, layer, seeds and truncation, the key a Rewrite with the
+same ``stats`` looks up; ``Statistics.get`` reads the store's copy when the cache has dropped it.
+
+Why the merge equals one process's ``key_moment`` up to float64 rounding: ``SecondMoment`` sums
+``_CHUNK_ROWS`` rows of keys in float32, then adds that block into float64 totals. A shard starts
+and ends on a block boundary (its size is a multiple of ``alignment``) and uses the job's batch
+size, so every float32 block is the one a single process over the same seeds and batch size
+forms; only the order of the float64 additions of blocks differs (shard sums first, then the
+shards in seed order), which is float64 rounding. A shard's bytes depend only on (version, layer,
+seeds, truncation, batch size), so a retried shard meets its earlier self and is verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import secrets
+import time
+from typing import Iterable, Iterator
+
+from rulewright.registry.errors import AlreadyExists, DataLoss, NotFound as RegistryNotFound, Reason
+
+from .engine.errors import InvalidArgument
+from .engine.progress import Progress
+from .engine.stats import _CHUNK_ROWS, SecondMoment, key_moment, load_stat
+from .jobs import RUNNING, DatasetJobs, JobStatus, _now, publish_shard
+from .limits import Limits
+from .requests import MAX_SEED
+from .statistics import KEY_MOMENT, durable_key, store_durable
+
+log = logging.getLogger(__name__)
+
+PREFIX = "jobs/statistics/"
+DEFAULT_SHARD_SIZE = 10_000
+MAX_SHARD_SIZE = 1_000_000        # a shard's memory is its moment (dim² float64), not its samples
+BATCH_SIZE = 256                  # samples per forward pass (fixed per job: it shapes the float32 sums)
+
+
+def alignment(rows: int) -> int:
+    """Samples whose keys fill one float32 block of ``SecondMoment`` (``rows`` locations each); 1
+    when ``rows`` does not divide the block (then shards merge exactly only up to float32 blocks)."""
+    return _CHUNK_ROWS // rows if 0 < rows <= _CHUNK_ROWS and _CHUNK_ROWS % rows == 0 else 1
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index``."""
+    return f"shard-{index:06d}.safetensors"
+
+
+def merge_shards(blobs: Iterable[bytes]) -> SecondMoment:
+    """The ``SecondMoment`` partials (``to_bytes`` of each shard), summed in the order given."""
+    total: SecondMoment | None = None
+    for data in blobs:
+        stat = load_stat(data)
+        if not isinstance(stat, SecondMoment):
+            raise TypeError(f"a statistics shard holds a {type(stat).__name__}")
+        total = stat if total is None else total.merge(stat)
+    if total is None:
+        raise ValueError("no shards to merge")
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsJobRequest:
+    """C at ``layer`` of ``model`` over seeds ``seed_start`` .. ``seed_start + samples - 1``, as a job."""
+
+    model: str                                   # faces, faces@production or faces/3
+    samples: int
+    layer: str = ""                              # empty: the model's default layer
+    seed_start: int = 0
+    truncation: float = 1.0
+    shard_size: int = DEFAULT_SHARD_SIZE         # rounded up to a multiple of the layer's ``alignment``
+    request_id: str = ""                         # a retry with the same id returns the first call's job
+    author: str = "anonymous"
+
+    def check(self, limits: Limits) -> None:
+        """Samples (at most ``max_job_samples``), seeds, truncation, shard size and request id."""
+        if not isinstance(self.model, str) or not self.model:
+            raise InvalidArgument("model", "give a model reference (faces, faces@production, faces/3)")
+        if not isinstance(self.layer, str):
+            raise InvalidArgument("layer", f"must be a layer name or empty, got {self.layer!r}")
+        n = self.samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgument("stats.samples", f"must be a positive integer, got {n!r}")
+        if n > limits.max_job_samples:
+            raise InvalidArgument("stats.samples", f"at most {limits.max_job_samples:,} samples per statistics job "
+                                                   f"(server setting max_job_samples), got {n:,}")
+        s0 = self.seed_start
+        if isinstance(s0, bool) or not isinstance(s0, int) or s0 < 0 or s0 + n - 1 > MAX_SEED:
+            raise InvalidArgument("stats.seed_start", f"the seeds must lie in [0, 2**63), got start {s0!r}")
+        t = self.truncation
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise InvalidArgument("truncation", f"must lie in [0, 1], got {t!r}")
+        s = self.shard_size
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_SHARD_SIZE:
+            raise InvalidArgument("shard_size", f"must be an integer from 1 to {MAX_SHARD_SIZE}, got {s!r}")
+        if not isinstance(self.request_id, str) or len(self.request_id) > 128:
+            raise InvalidArgument("request_id", "must be a string of at most 128 characters")
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsJobSpec:
+    """A created statistics job: the request with its reference and layer resolved (``job.json``)."""
+
+    id: str
+    model: str
+    number: int
+    layer: str
+    seed_start: int
+    count: int
+    truncation: float
+    shard_size: int                              # after rounding to the layer's alignment
+    batch_size: int
+    created: str                                 # ISO 8601, UTC
+    author: str = "anonymous"
+    request_id: str = ""
+
+    @property
+    def version_name(self) -> str:
+        """``models/{model}/versions/{number}``."""
+        return f"models/{self.model}/versions/{self.number}"
+
+    @property
+    def seeds(self) -> range:
+        """Every seed of the job."""
+        return range(self.seed_start, self.seed_start + self.count)
+
+    @property
+    def shards(self) -> int:
+        """How many shards the job computes."""
+        return -(-self.count // self.shard_size)
+
+    def shard_seeds(self, index: int) -> range:
+        """The seeds of shard ``index``."""
+        start = self.seed_start + index * self.shard_size
+        return range(start, min(start + self.shard_size, self.seed_start + self.count))
+
+    def to_json(self) -> bytes:
+        """The stored form."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "StatsJobSpec":
+        """Inverse of ``to_json``."""
+        return cls(**json.loads(data))
+
+
+class StatisticsJobs(DatasetJobs):
+    """Statistics jobs over a domain's registry store: shards run one after another in the job's
+    runner thread (a forward pass already uses every core through torch's own threads)."""
+
+    prefix = PREFIX
+    noun = "statistics"
+    spec_type = StatsJobSpec
+
+    def __init__(self, domain, batch_size: int = BATCH_SIZE):
+        super().__init__(domain, executor=_Unused(), max_workers=1)
+        self.batch_size = batch_size
+
+    def create(self, request: StatisticsJobRequest) -> JobStatus:
+        """Resolve the reference and layer, record the job in the store and start it; a known
+        ``request_id`` returns its job as it stands."""
+        request.check(self.domain.limits)
+        version = self.domain.resolve(request.model)
+        model = self.domain.generator(version).model
+        try:
+            model.check_truncation(request.truncation)
+        except ValueError as exc:
+            raise InvalidArgument("truncation", str(exc)) from None
+        layer = request.layer or model.default_layer()
+        info = next((i for i in model.layer_infos() if i.name == layer), None)
+        if info is None:
+            raise InvalidArgument("layer", f"{model.arch} has no rewritable layer {layer!r}; layers: "
+                                           f"{', '.join(i.name for i in model.layer_infos())}")
+        step = alignment(info.key_shape[1] * info.key_shape[2])
+        shard_size = -(-request.shard_size // step) * step
+        # A batch's rows must divide the float32 block, or one process's blocks would straddle shards.
+        batch = math.gcd(self.batch_size, step) if step > 1 else self.batch_size
+        job_id = (hashlib.sha256(f"statistics:{request.request_id}".encode()).hexdigest()[:24] if request.request_id
+                  else f"{time.time_ns() // 1_000_000:013x}{secrets.token_hex(6)}")
+        spec = StatsJobSpec(job_id, version.model, version.number, layer, request.seed_start, request.samples,
+                            float(request.truncation), shard_size, batch, _now(), request.author, request.request_id)
+        return self._create(spec)
+
+    def _run_shards(self, spec: StatsJobSpec, indices: list[int], progress: Progress) -> Iterator[dict]:
+        """Each shard's moment in order, published and recorded (a shard an earlier attempt
+        published but did not record is verified and recorded, not recomputed)."""
+        res = self.domain.generator(self.domain.registry.get_version(spec.model, spec.number))
+        private = res.hookable()                    # key_moment hooks the layer
+        for index in indices:
+            progress.check(f"statistics shard {index}")
+            key = self._doc(spec.id, shard_name(index))
+            try:
+                data = self.store.read(key)
+            except RegistryNotFound:
+                seeds = spec.shard_seeds(index)
+                stat = key_moment(private, spec.layer, seeds, spec.truncation, batch_size=spec.batch_size,
+                                  progress=Progress(should_stop=progress.stopped))
+                data = stat.to_bytes()
+            yield publish_shard(self.store, spec, index, data, prefix=self.prefix, name=shard_name(index))
+
+    def _finish(self, spec: StatsJobSpec) -> None:
+        records = [json.loads(self.store.read(self._record(spec.id, i))) for i in range(spec.shards)]
+
+        def blobs() -> Iterator[bytes]:
+            for r in records:
+                data = self.store.read(r["key"])
+                if hashlib.sha256(data).hexdigest() != r["sha256"]:
+                    raise DataLoss(Reason.BLOB_CORRUPT, f"shard {r['key']} no longer matches its record",
+                                   key=r["key"], sha256=r["sha256"])
+                yield data
+        total = merge_shards(blobs())
+        if total.count == 0 or sum(r["samples"] for r in records) != spec.count:
+            raise DataLoss(Reason.BLOB_CORRUPT, f"the shards of statistics job {spec.id} do not cover its seeds")
+        data = total.to_bytes()
+        version = self.domain.registry.get_version(spec.model, spec.number)
+        res = self.domain.generator(version)
+        # Named by the version's own weights: an edited version's resident module is its base's.
+        key = self.domain.stats.key(res.hookable, spec.layer, KEY_MOMENT, spec.seeds, spec.truncation,
+                                    memo=(version.model, version.number), arch=res.model.arch)
+        stored = store_durable(self.store, key, data)        # first: the cache may drop it, the store keeps it
+        self.domain.stats.cache.put(key, data)
+        manifest = {
+            "job": f"statisticsJobs/{spec.id}", "version": spec.version_name, "model": spec.model,
+            "number": spec.number, "layer": spec.layer, "created": spec.created, "kind": KEY_MOMENT,
+            "seeds": {"start": spec.seed_start, "count": spec.count}, "truncation": spec.truncation,
+            "shard_size": spec.shard_size, "batch_size": spec.batch_size, "samples": spec.count,
+            "cache_key": key.canonical(), "statistic_key": durable_key(key), "sha256": hashlib.sha256(data).hexdigest(),
+            "size_bytes": len(data), "lineage": self._lineage(spec),
+            "shards": [{k: r[k] for k in ("name", "key", "samples", "first_seed", "sha256", "size_bytes")}
+                       for r in records],
+        }
+        try:
+            self.store.create(self._doc(spec.id, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        except AlreadyExists:
+            pass                        # another replica merged the same shards first
+        log.info("statistics job done", extra={"event": "statistics_job_done", "job": spec.id, "shards": spec.shards,
+                                               "samples": spec.count, "cache_key": key.digest(),
+                                               "stored": stored})
+
+    def statistic_uri(self, status: JobStatus) -> str:
+        """Where the merged statistic of a finished job is kept (empty until it is)."""
+        if status.state == RUNNING or not status.manifest:
+            return ""
+        return self._uri(status.manifest["statistic_key"])
+
+
+class _Unused:
+    """Statistics shards run in the job's own thread; no executor pool is kept."""
+
+    def close(self) -> None:
+        """Nothing to release."""
