@@ -103,6 +103,7 @@ class Domain:
         self._lock = threading.Lock()
         self.stats = Statistics(stats_cache, self._observe_stats, store=registry.store)
         self.metrics = None               # server.metrics.Metrics once a server binds one: batches, cache lookups
+        self.s3_config = None             # the server's S3 settings for other stores (job outputs); None: RULEWRIGHT_S3_*
         self.limits = limits if limits is not None else Limits()
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
@@ -117,12 +118,15 @@ class Domain:
                   batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching,
                   limits=Limits.from_config(config))
         if not config.registry_uri:
-            return cls.open(config.data_dir, config.stats_cache, **kw)
-        registry = Registry.open(config.registry_uri, s3=_s3_config(config) if config.registry_uri.startswith("s3://")
-                                 else None)
-        if config.create_bucket and hasattr(registry.store, "ensure_bucket"):
-            registry.store.ensure_bucket()
-        return cls(registry, open_stats_cache(config.stats_cache), **kw)
+            domain = cls.open(config.data_dir, config.stats_cache, **kw)
+        else:
+            registry = Registry.open(config.registry_uri,
+                                     s3=_s3_config(config) if config.registry_uri.startswith("s3://") else None)
+            if config.create_bucket and hasattr(registry.store, "ensure_bucket"):
+                registry.store.ensure_bucket()
+            domain = cls(registry, open_stats_cache(config.stats_cache), **kw)
+        domain.s3_config = _s3_config(config)
+        return domain
 
     @property
     def max_resident(self) -> int:

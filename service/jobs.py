@@ -11,6 +11,8 @@
   the same ``run_shards`` and reuses ``shard_tar`` and ``publish_shard`` (``ray_jobs.RayExecutor``).
 - ``shard_tar``, ``publish_shard``: one shard's bytes and its commit, shared by every executor;
   ``render_pngs``: a shard's images from a generator an executor holds itself (Sample's bytes).
+- ``output_location(uri)``, ``OutputStores``: a caller-named output location (``s3://bucket/prefix``
+  or ``file:///path``), checked against the operator's allow-list, and the stores opened for it.
 
 Store layout (documents under ``jobs/datasets/{id}/``), append-only because the store's only
 mutation is a conditional create:
@@ -21,6 +23,14 @@ mutation is a conditional create:
 - ``done/{i:06d}.json``: shard ``i``'s commit record (samples, sha256, size), written only after
   the tar was published and read back with the expected sha256.
 - ``cancelled.json``, ``failed.json``: terminal markers; ``manifest.json``: the finished job.
+
+A job with an output location (``JobSpec.output_uri``) keeps that layout for its own records
+(``job.json``, ``done/``, the markers and a copy of the manifest, so get, list and resume work as
+for any job), but publishes its shards and its manifest into the store the location names, at
+that store's document keys ``shard-{i:06d}.tar`` and ``manifest.json`` (the registry layout puts
+documents under ``docs/``: ``{output_uri}/docs/shard-000000.tar``). The output location is part of
+the spec, so a resumed or retried shard goes to the same place, and a commit record is still
+written only after the shard was read back from the output store with the expected sha256.
 
 Why it is safe to retry or resume anything: a shard's bytes depend only on (version, seeds,
 truncation) (the sampling is deterministic, the PNG encoder and the tar headers too), and the
@@ -45,11 +55,14 @@ import secrets
 import tarfile
 import threading
 import time
+from pathlib import PurePosixPath
 from typing import Callable, Iterable, Iterator
+from urllib.parse import unquote, urlparse
 
 from rulewright.registry.blobstore import BlobStore, sha256_hex
 from rulewright.registry.errors import AlreadyExists, DataLoss, NotFound as RegistryNotFound, Reason
 from rulewright.registry.manifests import Version
+from rulewright.registry.stores import open_store
 
 from .engine.errors import Cancelled, InvalidArgument
 from .engine.progress import Progress
@@ -86,6 +99,106 @@ class JobNotFinished(Error):
     reason = "JOB_NOT_FINISHED"
 
 
+class OutputNotAllowed(Error):
+    """An output location outside every prefix the operator allowed (→ PERMISSION_DENIED)."""
+
+    code = Code.PERMISSION_DENIED
+    reason = "OUTPUT_NOT_ALLOWED"
+
+
+class OutputNotEmpty(Error):
+    """A new job's output location already holds documents (→ FAILED_PRECONDITION)."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "OUTPUT_NOT_EMPTY"
+
+
+class OutputConflict(Error):
+    """The output location holds another job's manifest (→ ABORTED)."""
+
+    code = Code.ABORTED
+    reason = "OUTPUT_CONFLICT"
+
+
+# ---- output locations --------------------------------------------------------------------------
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._~+=@-]+$")
+
+
+def _location_parts(uri: str, field: str) -> tuple[str, ...]:
+    """``uri`` as (scheme, bucket or "", segments...): what prefixes are compared on."""
+    if not isinstance(uri, str) or not uri:
+        raise InvalidArgument(field, "give s3://bucket/prefix or file:///path")
+    if uri.startswith("s3://"):
+        bucket, _, path = uri[len("s3://"):].partition("/")
+        if not _BUCKET.match(bucket):
+            raise InvalidArgument(field, f"{uri!r} does not name an S3 bucket (s3://bucket/prefix)")
+        scheme, segments = "s3", path.strip("/").split("/") if path.strip("/") else []
+    elif uri.startswith("file://"):
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost") or parsed.query or parsed.fragment:
+            raise InvalidArgument(field, f"{uri!r} must name a local path: file:///absolute/path")
+        bucket, scheme = "", "file"
+        path = unquote(parsed.path)
+        segments = [p for p in path.strip("/").split("/")] if path.strip("/") else []
+    else:
+        raise InvalidArgument(field, f"{uri!r} must start with s3:// or file://")
+    # ".." would climb out of an allowed prefix that a plain string comparison lets through.
+    bad = [p for p in segments if p in ("", ".", "..") or not _SEGMENT.match(p)]
+    if bad:
+        raise InvalidArgument(field, f"{uri!r} has a path segment {bad[0]!r}; use letters, digits and ._~+=@-")
+    return (scheme, bucket, *segments)
+
+
+def output_location(uri: str, field: str = "output_uri") -> str:
+    """``uri`` checked and normalized (no trailing slash): ``s3://bucket/prefix`` or ``file:///path``;
+    InvalidArgument naming ``field`` if it is neither."""
+    scheme, bucket, *segments = _location_parts(uri, field)
+    if scheme == "s3":
+        return "/".join([f"s3://{bucket}", *segments])
+    return PurePosixPath("/", *segments).as_uri()
+
+
+def check_output_allowed(uri: str, allowed: Iterable[str], field: str = "output_uri") -> str:
+    """The normalized ``uri`` if it lies at or under one of the ``allowed`` prefixes (compared by
+    path segment, so ``s3://b/data`` does not allow ``s3://b/database``); else OutputNotAllowed."""
+    parts = _location_parts(uri, field)
+    for prefix in allowed:
+        p = _location_parts(prefix, "job_output_prefixes")
+        if parts[:len(p)] == p:
+            return output_location(uri, field)
+    raise OutputNotAllowed(f"{field}: {uri!r} is not under an output prefix this server allows; ask its operator "
+                           f"to add it to job_output_prefixes", field=field, uri=uri)
+
+
+class OutputStores:
+    """The stores of output locations, opened once each (an S3 store keeps a client and a pool).
+
+    ``s3``: endpoint, keys and timeouts for ``s3://`` locations (the server's own S3 settings);
+    None reads ``RULEWRIGHT_S3_*`` of this process.
+    """
+
+    def __init__(self, s3=None):
+        self.s3 = s3
+        self._stores: dict[str, BlobStore] = {}
+        self._lock = threading.Lock()
+
+    def open(self, uri: str) -> BlobStore:
+        """The store ``uri`` (an already normalized output location) names."""
+        with self._lock:
+            if uri not in self._stores:
+                self._stores[uri] = open_store(uri, s3=self.s3 if uri.startswith("s3://") else None)
+            return self._stores[uri]
+
+    def close(self) -> None:
+        """Release the stores' connections."""
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            store.close()
+
+
 # ---- request and status ------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +213,7 @@ class DatasetJobRequest:
     shard_size: int = DEFAULT_SHARD_SIZE
     request_id: str = ""                         # a retry with the same id returns the first call's job
     author: str = "anonymous"
+    output_uri: str = ""                         # where shards and manifest go; empty: the registry's store
 
     def check(self, limits: Limits | None = None) -> None:
         """Seeds, truncation, image format, shard size and request id against their bounds."""
@@ -120,6 +234,8 @@ class DatasetJobRequest:
             raise InvalidArgument("shard_size", f"must be an integer from 1 to {MAX_SHARD_SIZE}, got {s!r}")
         if not isinstance(self.request_id, str) or len(self.request_id) > 128:
             raise InvalidArgument("request_id", "must be a string of at most 128 characters")
+        if self.output_uri:
+            output_location(self.output_uri)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +253,7 @@ class JobSpec:
     created: str                                 # ISO 8601, UTC
     author: str = "anonymous"
     request_id: str = ""
+    output_uri: str = ""                         # normalized output location; empty: the registry's store
 
     @property
     def version_name(self) -> str:
@@ -195,6 +312,14 @@ def _record_key(job_id: str, index: int) -> str:
     return _key(job_id, f"done/{index:06d}.json")
 
 
+def _uri(store: BlobStore, key: str) -> str:
+    """Where document ``key`` of ``store`` can be read without this API; the key if nowhere."""
+    try:
+        return store.document_uri(key)
+    except NotImplementedError:
+        return key
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -220,10 +345,12 @@ def shard_tar(spec: JobSpec, seeds: range, pngs: Iterable[bytes]) -> bytes:
 
 
 def publish_shard(store: BlobStore, spec: JobSpec, index: int, data: bytes, *, prefix: str = PREFIX,
-                  name: str | None = None) -> dict:
+                  name: str | None = None, out: BlobStore | None = None) -> dict:
     """Commit shard ``index``: publish its bytes, read them back, verify sha256, then write its record.
 
     ``prefix`` and ``name`` place another kind of job's shard (``jobs/statistics/``, ``.safetensors``).
+    ``out``: the store of the job's output location, which gets the shard at key ``name`` (the
+    record still goes to ``store``, with the job's other records); None: ``store`` gets both.
 
     ``create`` shows all of the tar or none of it; a shard an earlier attempt (a killed worker, a
     previous server) already published is verified, not rewritten. Only verified shards get a
@@ -231,13 +358,14 @@ def publish_shard(store: BlobStore, spec: JobSpec, index: int, data: bytes, *, p
     """
     sha = sha256_hex(data)
     name = name or shard_name(index)
-    key = f"{prefix}{spec.id}/{name}"
+    target = out if out is not None else store
+    key = name if out is not None else f"{prefix}{spec.id}/{name}"
     record_key = f"{prefix}{spec.id}/done/{index:06d}.json"
     try:
-        store.create(key, data)
+        target.create(key, data)
     except AlreadyExists:
         log.info("shard already published", extra={"event": "shard_exists", "job": spec.id, "shard": index})
-    stored = hashlib.sha256(store.read(key)).hexdigest()
+    stored = hashlib.sha256(target.read(key)).hexdigest()
     if stored != sha:
         raise DataLoss(Reason.BLOB_CORRUPT, f"shard {key} holds bytes hashing to {stored}, expected {sha}",
                        key=key, sha256=sha, actual=stored)
@@ -291,9 +419,11 @@ class LocalExecutor(Executor):
     GIL, and the images come from ``Domain.sample`` itself, the path Sample takes.
     """
 
-    def __init__(self, domain, max_workers: int = 2):
+    def __init__(self, domain, max_workers: int = 2, outputs: OutputStores | None = None):
         self.domain = domain
         self.max_workers = max_workers
+        # The stores of output locations, opened with the server's S3 settings (DatasetJobs shares them).
+        self.outputs = outputs if outputs is not None else OutputStores(getattr(domain, "s3_config", None))
         self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="dataset-shard")
 
     def render(self, spec: JobSpec, seeds: range, progress: Progress) -> list[bytes]:
@@ -311,7 +441,8 @@ class LocalExecutor(Executor):
         progress.check(f"shard {index}")
         seeds = spec.shard_seeds(index)
         data = shard_tar(spec, seeds, self.render(spec, seeds, progress))
-        return publish_shard(self.domain.registry.store, spec, index, data)
+        out = self.outputs.open(spec.output_uri) if spec.output_uri else None
+        return publish_shard(self.domain.registry.store, spec, index, data, out=out)
 
     def run_shards(self, spec: JobSpec, indices: list[int], progress: Progress) -> Iterator[dict]:
         """At most ``max_workers`` of this job's shards in flight; none started once stopped."""
@@ -356,10 +487,15 @@ class DatasetJobs:
     def _record(self, job_id: str, index: int) -> str:
         return self._doc(job_id, f"done/{index:06d}.json")
 
-    def __init__(self, domain, executor: Executor | None = None, max_workers: int = 2):
+    def __init__(self, domain, executor: Executor | None = None, max_workers: int = 2,
+                 output_prefixes: Iterable[str] = ()):
         self.domain = domain
         self.store: BlobStore = domain.registry.store
         self.executor = executor if executor is not None else LocalExecutor(domain, max_workers)
+        # What a caller may name as output_uri: the server writes there with its own credentials.
+        self.output_prefixes = tuple(output_location(p, "job_output_prefixes") for p in output_prefixes)
+        self.outputs: OutputStores = (getattr(self.executor, "outputs", None)
+                                      or OutputStores(getattr(domain, "s3_config", None)))
         self._runners: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -372,6 +508,7 @@ class DatasetJobs:
         """Resolve the reference, record the job in the store and start it; a known ``request_id``
         returns its job as it stands."""
         request.check(self.domain.limits)
+        output = check_output_allowed(request.output_uri, self.output_prefixes) if request.output_uri else ""
         version: Version = self.domain.resolve(request.model)
         res = self.domain.generator(version)
         try:
@@ -382,8 +519,22 @@ class DatasetJobs:
                   else f"{time.time_ns() // 1_000_000:013x}{secrets.token_hex(6)}")
         spec = JobSpec(job_id, version.model, version.number, request.seed_start, request.count,
                        float(request.truncation), request.image_format, request.shard_size, _now(), request.author,
-                       request.request_id)
+                       request.request_id, output)
+        if output and not self.store.list_keys(self._doc(job_id, "job.json"), limit=1):
+            self._check_output_empty(output)
         return self._create(spec)
+
+    def _check_output_empty(self, uri: str) -> None:
+        """Refuse a new job's output location that holds documents already: another job's shards
+        there would meet this job's (same names, other bytes) only after the work was done."""
+        if self.outputs.open(uri).list_keys("", limit=1):
+            raise OutputNotEmpty(f"output_uri: {uri} already holds documents; name an empty prefix (or delete "
+                                 f"the job that wrote there)", field="output_uri", uri=uri)
+
+    def output_store(self, spec) -> BlobStore | None:
+        """The store of the job's output location; None when it writes into the registry's store."""
+        uri = getattr(spec, "output_uri", "")
+        return self.outputs.open(uri) if uri else None
 
     def _create(self, spec) -> JobStatus:
         """Record ``spec`` as ``job.json`` and start it; a job already recorded under its id (a
@@ -466,11 +617,22 @@ class DatasetJobs:
             "number": spec.number, "lineage": self._lineage(spec), "created": spec.created,
             "seeds": {"start": spec.seed_start, "count": spec.count}, "truncation": spec.truncation,
             "image_format": spec.image_format, "shard_size": spec.shard_size, "samples": spec.count,
-            "shards": [{k: r[k] for k in ("name", "key", "samples", "first_seed", "sha256", "size_bytes")}
-                       for r in records],
+            "shards": [{**{k: r[k] for k in ("name", "key", "samples", "first_seed", "sha256", "size_bytes")},
+                        "uri": self.shard_uri(spec, r["name"])} for r in records],
+            "output_uri": spec.output_uri,
         }
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        out = self.output_store(spec)
+        if out is not None:            # the caller's copy first: a succeeded job always has it
+            try:
+                out.create("manifest.json", data)
+            except AlreadyExists:
+                prior = json.loads(out.read("manifest.json"))
+                if prior.get("job") != manifest["job"]:
+                    raise OutputConflict(f"{spec.output_uri} holds the manifest of {prior.get('job')}, not of "
+                                         f"{manifest['job']}", field="output_uri", job=spec.id) from None
         try:
-            self.store.create(self._doc(spec.id, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
+            self.store.create(self._doc(spec.id, "manifest.json"), data)
         except AlreadyExists:
             pass                        # another replica finished the same job; the shards are the same
         log.info("dataset job done", extra={"event": "dataset_job_done", "job": spec.id, "shards": spec.shards})
@@ -546,7 +708,9 @@ class DatasetJobs:
         if "manifest.json" in names:
             status.state = SUCCEEDED
             status.manifest = json.loads(self.store.read(self._doc(job_id, "manifest.json")))
-            status.manifest_uri = self._uri(self._doc(job_id, "manifest.json"))
+            out = self.output_store(spec)
+            status.manifest_uri = (_uri(out, "manifest.json") if out is not None
+                                   else self._uri(self._doc(job_id, "manifest.json")))
         elif "failed.json" in names:
             status.state, status.error = FAILED, json.loads(self.store.read(self._doc(job_id, "failed.json")))
         elif "cancelled.json" in names:
@@ -566,15 +730,14 @@ class DatasetJobs:
                 continue                # deleted meanwhile
         return out, (page[-1] if len(ids) > page_size else "")
 
-    def shard_uri(self, job_id: str, name: str) -> str:
-        """Where shard ``name`` of a job can be read (``file://`` or ``s3://``)."""
-        return self._uri(self._doc(job_id, name))
+    def shard_uri(self, spec: JobSpec, name: str) -> str:
+        """Where shard ``name`` of a job can be read (``file://`` or ``s3://``): in its output location
+        if it names one, else in the registry's store."""
+        out = self.output_store(spec)
+        return _uri(out, name) if out is not None else self._uri(self._doc(spec.id, name))
 
     def _uri(self, key: str) -> str:
-        try:
-            return self.store.document_uri(key)
-        except NotImplementedError:
-            return key
+        return _uri(self.store, key)
 
     # -- cancel, wait, delete
 
@@ -616,6 +779,12 @@ class DatasetJobs:
         status = self.get(job_id)
         if not status.done or not self.join(job_id, 0.0):
             raise JobNotFinished(f"{self.noun} job {job_id} still runs; cancel it first", field="name", job=job_id)
+        out = self.output_store(status.spec)
+        if out is not None:
+            # Only what this job verified as its own: recorded shards, and the manifest once it succeeded.
+            names = [json.loads(self.store.read(k))["name"] for k in self.store.list_keys(self._doc(job_id, "done/"))]
+            for name in names + (["manifest.json"] if status.state == SUCCEEDED else []):
+                out.delete(name)
         for key in sorted(self.store.list_keys(self._doc(job_id, "")), key=lambda k: k.endswith("job.json")):
             self.store.delete(key)     # job.json last: a half-deleted job stays visible and deletable
 
@@ -631,3 +800,4 @@ class DatasetJobs:
         for thread, _ in runners:
             thread.join(timeout_s)
         self.executor.close()
+        self.outputs.close()

@@ -13,7 +13,9 @@ resource (a head pod and autoscaled GPU worker pods), so the server only needs a
   process: open the registry from its URI (S3 endpoint and keys from the worker's own
   ``RULEWRIGHT_S3_*``, so no secret travels in a task's arguments), materialize the version's
   weights, build its generator (kept for the worker's next shards), render the shard with
-  ``jobs.render_pngs`` (Sample's bytes) and commit it with ``jobs.publish_shard``.
+  ``jobs.render_pngs`` (Sample's bytes) and commit it with ``jobs.publish_shard``; a job with an
+  output location (``spec.output_uri``, in the spec the task receives) publishes the shard there,
+  opened the same way (the worker's own ``RULEWRIGHT_S3_*``), and its record in the registry.
 - ``RayUnavailable``: the ``ray`` extra is not installed, or the cluster cannot be reached.
 
 A retried task recomputes the same bytes (sampling is deterministic) and ``publish_shard`` meets
@@ -38,7 +40,7 @@ from .engine.device import configure_determinism, select_device
 from .engine.loading import ARCHITECTURES
 from .engine.progress import Progress
 from .errors import Code, Error
-from .jobs import CANCEL_POLL_S, Executor, JobSpec, publish_shard, render_pngs, shard_tar
+from .jobs import CANCEL_POLL_S, Executor, JobSpec, OutputStores, publish_shard, render_pngs, shard_tar
 from .weights import materialize
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ def _ray():
 # ---- in the worker -----------------------------------------------------------------------------
 
 _registries: dict[tuple, Registry] = {}
+_outputs: dict[tuple, OutputStores] = {}
 _generators: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
 _worker_lock = threading.Lock()
 
@@ -76,6 +79,16 @@ def _registry(uri: str, s3: dict) -> Registry:
             options = {"s3": dataclasses.replace(S3Config.from_env(), **s3)} if uri.startswith("s3://") else {}
             _registries[key] = Registry.open(uri, **options)
         return _registries[key]
+
+
+def _output(uri: str, s3: dict):
+    """The store of a job's output location in this worker, opened once per (S3 settings)."""
+    key = tuple(sorted(s3.items()))
+    with _worker_lock:
+        if key not in _outputs:
+            _outputs[key] = OutputStores(dataclasses.replace(S3Config.from_env(), **s3))
+        outputs = _outputs[key]
+    return outputs.open(uri)
 
 
 def _generator(registry: Registry, spec: JobSpec, device: str):
@@ -107,7 +120,8 @@ def shard_task(registry_uri: str, spec_json: bytes, index: int, options: dict) -
     model = _generator(registry, spec, options.get("device", "auto"))
     seeds = spec.shard_seeds(index)
     pngs = render_pngs(model, seeds, spec.truncation, options.get("batch_size", 16), Progress())
-    return publish_shard(registry.store, spec, index, shard_tar(spec, seeds, pngs))
+    out = _output(spec.output_uri, options.get("s3", {})) if spec.output_uri else None
+    return publish_shard(registry.store, spec, index, shard_tar(spec, seeds, pngs), out=out)
 
 
 # ---- in the server -----------------------------------------------------------------------------

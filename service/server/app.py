@@ -201,6 +201,7 @@ def create_server(
     max_import_bytes: int = MAX_IMPORT_BYTES,   # largest ImportModel upload
     job_workers: int = 2,                       # dataset shards rendered at once (the local executor)
     job_executor=None,                          # jobs.Executor where shards run; None: a local thread pool
+    job_output_prefixes=(),                     # output locations a dataset job may name; empty: none
 ) -> tuple[grpc.Server, int]:
     """A started server with GeneratorService, RegistryService, JobService and google.longrunning.Operations,
     the OIP service, health and reflection; unfinished dataset jobs in the store resume."""
@@ -226,7 +227,8 @@ def create_server(
     from rulewright.service.jobs import DatasetJobs
     from rulewright.service.stat_jobs import StatisticsJobs
 
-    jobs = server.jobs = DatasetJobs(domain, job_executor, max_workers=job_workers)
+    jobs = server.jobs = DatasetJobs(domain, job_executor, max_workers=job_workers,
+                                     output_prefixes=job_output_prefixes)
     stat_jobs = server.stat_jobs = StatisticsJobs(domain)
     jobs_grpc.add_JobServiceServicer_to_server(JobServicer(jobs, stat_jobs), server)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(jobs, stat_jobs), server)
@@ -282,6 +284,11 @@ def job_executor(config, domain):
                        device=config.device, batch_size=config.max_batch, s3=s3)
 
 
+def output_prefixes(text: str) -> tuple[str, ...]:
+    """The ``job_output_prefixes`` setting as a tuple of URI prefixes (comma-separated; blanks ignored)."""
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
+
+
 def web_address(config) -> str | None:
     """Where the HTTP side listens: ``web_address`` as set; ``auto``: ``AUTO_WEB_ADDRESS`` when the
     gRPC address is loopback without TLS (the embedded default's shape), else None; ``off``/empty: None."""
@@ -333,7 +340,8 @@ def serve(config, on_ready=None) -> int:
                                      max_workers=config.max_workers, health_servicer=health_servicer, tokens=tokens,
                                      credentials=credentials, metrics=metrics,
                                      max_import_bytes=int(config.max_import_mb * 2**20),
-                                     job_workers=config.job_workers, job_executor=job_executor(config, domain))
+                                     job_workers=config.job_workers, job_executor=job_executor(config, domain),
+                                     job_output_prefixes=output_prefixes(config.job_output_prefixes))
         log.info("listening", extra={"event": "listening", "address": config.address, "port": port,
                                      "auth": bool(tokens), "tls": "mutual" if config.tls_client_ca else bool(credentials),
                                      "registry": domain.registry.store.uri,

@@ -93,6 +93,9 @@ SETTINGS = (
     Setting("ray_max_retries", int, 3, "times Ray re-runs a shard whose worker process or node died"),
     Setting("ray_gpus_per_shard", float, 0.0, "GPUs each shard's Ray task reserves (1 on GPU workers; a fraction "
                                               "shares a GPU); 0: CPU workers"),
+    Setting("job_output_prefixes", str, "", "comma-separated s3://bucket/prefix or file:///path prefixes a dataset "
+                                            "job's output_uri may lie under (written with this server's credentials); "
+                                            "empty: jobs write only into the registry's store"),
     Setting("grace_s", float, 10.0, "seconds in-flight RPCs get to finish after SIGTERM or SIGINT"),
     Setting("max_images", int, 64, "most images one Sample, OIP ModelInfer or Rewrite preview may ask for"),
     Setting("max_search_seeds", int, 10000, "most candidate seeds one SearchContext (or an edit's target search) may rank"),
@@ -204,5 +207,9 @@ def _check(c: "ServeConfig") -> None:
         raise ConfigError(f"ray_max_retries must not be negative, got {c.ray_max_retries}")
     if not (math.isfinite(c.ray_gpus_per_shard) and c.ray_gpus_per_shard >= 0):
         raise ConfigError(f"ray_gpus_per_shard must be a non-negative number, got {c.ray_gpus_per_shard}")
+    for prefix in (p.strip() for p in c.job_output_prefixes.split(",") if p.strip()):
+        scheme, sep, rest = prefix.partition("://")
+        if not sep or scheme not in ("s3", "file") or (scheme == "s3" and not rest.strip("/")):
+            raise ConfigError(f"job_output_prefixes must be s3://bucket/prefix or file:///path URIs, got {prefix!r}")
     if c.bootstrap not in ("faces", "none"):
         raise ConfigError(f"bootstrap must be faces or none, got {c.bootstrap!r}")

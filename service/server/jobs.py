@@ -52,9 +52,10 @@ def dataset_job_pb(jobs: DatasetJobs, status: JobStatus) -> jobs_pb.DatasetJob:
     msg = jobs_pb.DatasetJob(name=f"datasetJobs/{spec.id}", version=spec.version_name,
                              seeds=gen.SeedRange(start=spec.seed_start, count=spec.count),
                              truncation=spec.truncation, image_format=images_pb2.IMAGE_FORMAT_PNG,
-                             shard_size=spec.shard_size, manifest_uri=status.manifest_uri)
+                             shard_size=spec.shard_size, manifest_uri=status.manifest_uri,
+                             output_uri=spec.output_uri)
     for s in (status.manifest or {}).get("shards", []):
-        msg.shards.add(name=s["name"], uri=jobs.shard_uri(spec.id, s["name"]), samples=s["samples"],
+        msg.shards.add(name=s["name"], uri=jobs.shard_uri(spec, s["name"]), samples=s["samples"],
                        first_seed=s["first_seed"], sha256=s["sha256"], size_bytes=s["size_bytes"])
     return msg
 
@@ -120,7 +121,8 @@ def dataset_job_request(request: jobs_pb.CreateDatasetJobRequest) -> DatasetJobR
         truncation=request.truncation if request.HasField("truncation") else 1.0,
         image_format="png" if fmt in (images_pb2.IMAGE_FORMAT_UNSPECIFIED, images_pb2.IMAGE_FORMAT_PNG)
         else images_pb2.ImageFormat.Name(fmt).removeprefix("IMAGE_FORMAT_").lower(),
-        shard_size=request.shard_size or 1000, request_id=request.request_id, author=current_principal())
+        shard_size=request.shard_size or 1000, request_id=request.request_id, author=current_principal(),
+        output_uri=request.output_uri)
 
 
 def statistics_job_request(request: jobs_pb.CreateStatisticsJobRequest) -> StatisticsJobRequest:

@@ -26,7 +26,7 @@ def _first_attempt(index: int) -> bool:
         return False
 
 
-def _dying_publish(store, spec, index, data):
+def _dying_publish(store, spec, index, data, **kw):
     if index == KILL_DURING_TAR and _first_attempt(index):
         if isinstance(store, FileStore):
             store._spill(bytes(data[: len(data) // 2]))
@@ -34,7 +34,7 @@ def _dying_publish(store, spec, index, data):
     if index == KILL_BEFORE_RECORD and _first_attempt(index):
         store.create(f"jobs/datasets/{spec.id}/shard-{index:06d}.tar", data)
         os.kill(os.getpid(), signal.SIGKILL)
-    return _publish(store, spec, index, data)
+    return _publish(store, spec, index, data, **kw)     # kw: out, the job's output store if it names one
 
 
 _publish = ray_jobs.publish_shard

@@ -13,14 +13,16 @@ moto S3 server and the fault markers.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import uuid
 
 import pytest
 
 from rulewright.registry.stats_cache import open_stats_cache
 from rulewright.service.domain import Domain
-from rulewright.service.jobs import DatasetJobRequest, DatasetJobs
+from rulewright.service.jobs import PREFIX, DatasetJobRequest, DatasetJobs
 from tests.backends import REPO
 
 from .test_job_faults import BOUND_S, SEEDS, SHARD, SHARDS, assert_nothing_partial, backend, clean_run  # noqa: F401
@@ -94,6 +96,33 @@ def test_ray_worker_killed_mid_shard_is_retried_and_the_job_completes(ray_instan
     assert (ray_instance / f"killed-{ray_faults.KILL_BEFORE_RECORD}").exists()
     assert shas == clean
     assert assert_nothing_partial(backend, job_id, clean) == set(range(SHARDS))
+
+
+def test_ray_tasks_write_shards_to_the_jobs_output_location(ray_instance, backend, moto_server):
+    from rulewright.registry.stores import open_store
+    from rulewright.service.ray_jobs import RayExecutor
+
+    clean = clean_shas.get(backend.uri) or clean_run(backend)
+    bucket = f"ray-out-{uuid.uuid4().hex[:12]}"
+    with open_store(f"s3://{bucket}", s3=moto_server.config()) as store:
+        store.ensure_bucket()
+    target = f"s3://{bucket}/team-a/{backend.kind}"
+    domain = Domain(backend.registry, open_stats_cache("memory://"), device="cpu")
+    jobs = DatasetJobs(domain, RayExecutor(backend.uri, device="cpu", max_in_flight=2),
+                       output_prefixes=[f"s3://{bucket}/team-a"])
+    try:
+        status = jobs.create(DatasetJobRequest("tiny", 0, SEEDS, shard_size=SHARD, request_id="ray-out",
+                                               output_uri=target))
+        status = jobs.wait(status.spec.id, BOUND_S)
+        assert status.state == "succeeded", (status.state, status.error)
+        assert [s["sha256"] for s in status.manifest["shards"]] == clean
+        out = jobs.output_store(status.spec)        # the workers wrote there, with their own RULEWRIGHT_S3_*
+        assert out.list_keys("") == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(SHARDS)]
+        assert [hashlib.sha256(out.read(f"shard-{i:06d}.tar")).hexdigest() for i in range(SHARDS)] == clean
+        assert not [k for k in backend.registry.store.list_keys(f"{PREFIX}{status.spec.id}/") if k.endswith(".tar")]
+    finally:
+        jobs.close()
+        domain.close()
 
 
 def test_serve_settings_build_the_ray_executor(ray_instance, backend):
