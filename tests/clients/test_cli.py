@@ -225,6 +225,33 @@ def test_dataset_create_refuses_bad_input(rw):
     assert code == 1 and "shard_size" in err
 
 
+def test_dataset_create_out_writes_to_an_allowed_location_and_refuses_others(live, capsys, tmp_path):
+    from rulewright.service.server.app import create_server
+
+    allowed = (tmp_path / "datasets").as_uri()
+    server, port = create_server(live[1], job_output_prefixes=(allowed,))     # the operator's allow-list
+    try:
+        def rw(*args: str) -> tuple[int, str, str]:
+            capsys.readouterr()
+            code = cli.main(["--address", f"127.0.0.1:{port}", *args])
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        code, out, err = rw("dataset", "create", "tiny", "--seeds", "0-19", "--shard-size", "10", "--quiet",
+                            "--out", f"{allowed}/faces")
+        assert code == 0, err
+        assert f"manifest {allowed}/faces/docs/manifest.json" in out
+        assert [line.split("\t")[0] for line in out.splitlines()[2:]] == \
+            [f"{allowed}/faces/docs/shard-{i:06d}.tar" for i in range(2)]
+        with Client(f"127.0.0.1:{port}") as c:
+            job = c.dataset_job(out.split("\t")[0])
+            assert job.output_uri == f"{allowed}/faces"
+        code, _, err = rw("dataset", "create", "tiny", "--seeds", "0-9", "--out", "s3://elsewhere/x")
+        assert code == 1 and "output_uri" in err and "not under an output prefix" in err
+    finally:
+        server.stop(0).wait()
+
+
 def test_stats_create_get_list_and_the_client_call(rw, client):
     code, out, err = rw("stats", "create", "tiny@production", "--layer", "main.6", "--samples", "4096",
                         "--shard-size", "1000", "--request-id", "cli-stats")

@@ -284,7 +284,7 @@ def _follow(client: Client, job: DatasetJob, quiet: bool) -> DatasetJob:
 
 def cmd_dataset_create(client: Client, args: argparse.Namespace) -> int:
     job = client.create_dataset_job(args.model, args.seeds, shard_size=args.shard_size, truncation=args.truncation,
-                                    request_id=args.request_id)
+                                    request_id=args.request_id, output_uri=args.out or "")
     print(f"started {job.name} ({job.version}, {job.shards_total} shards)", file=sys.stderr)
     if args.no_wait:
         _print_job(job)
@@ -494,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard (1 to 10000)")
     p.add_argument("--truncation", type=float, help="truncation toward the mean latent, 0 to 1 (StyleGAN2 only)")
     p.add_argument("--request-id", help="idempotency key: creating again with it returns the same job")
+    p.add_argument("--out", metavar="URI", help="write the shards and manifest to s3://bucket/prefix or file:///path "
+                   "(a prefix the server's operator allowed) instead of the registry's store")
     p.add_argument("--no-wait", action="store_true", help="print the job's name and return at once")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_dataset_create)

@@ -459,17 +459,20 @@ class Client:
 
     def create_dataset_job(self, model: str, seeds: range, *, shard_size: int = 1000,
                            truncation: float | None = None, request_id: str | None = None,
-                           timeout: float | None = None) -> DatasetJob:
+                           output_uri: str = "", timeout: float | None = None) -> DatasetJob:
         """Start rendering ``seeds`` (a step-1 range) of ``model`` into WebDataset shards; returns at once.
 
         The job is a long-running operation: follow it with ``dataset_job``, ``wait_dataset_job``
         or ``watch_dataset_job``. A ``request_id`` (one is made up if None) makes retries return
-        the job the first attempt created.
+        the job the first attempt created. ``output_uri`` (``s3://bucket/prefix`` or ``file:///path``,
+        under a prefix the server's operator allowed) puts the shards and manifest there instead of
+        the registry's store.
         """
         if not isinstance(seeds, range) or seeds.step != 1 or len(seeds) < 1:
             raise ValueError("seeds must be a non-empty range with step 1, e.g. range(0, 10000)")
         request = jobs_pb.CreateDatasetJobRequest(model=model, seeds=gen.SeedRange(start=seeds.start, count=len(seeds)),
-                                                  shard_size=shard_size, request_id=request_id or str(uuid.uuid4()))
+                                                  shard_size=shard_size, request_id=request_id or str(uuid.uuid4()),
+                                                  output_uri=output_uri)
         if truncation is not None:
             request.truncation = truncation
         return DatasetJob.from_operation(self._unary("CreateDatasetJob", self._jobs.CreateDatasetJob, request, timeout))

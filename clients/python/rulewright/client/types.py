@@ -456,6 +456,7 @@ class DatasetJob:
     shards: tuple[DatasetShard, ...] = ()
     error: str = ""
     error_code: int = 0
+    output_uri: str = ""                # the output location the job was created with (once done); "": the registry's store
 
     @classmethod
     def from_operation(cls, op) -> "DatasetJob":
@@ -471,4 +472,4 @@ class DatasetJob:
                    done=op.done, shards_done=meta.shards_done, shards_total=meta.shards_total,
                    images_done=meta.images_done, images_total=meta.images_total, manifest_uri=result.manifest_uri,
                    shards=shards, error=op.error.message if op.HasField("error") else "",
-                   error_code=op.error.code if op.HasField("error") else 0)
+                   error_code=op.error.code if op.HasField("error") else 0, output_uri=result.output_uri)
