@@ -238,8 +238,48 @@ class DatasetJobRequest:
             output_location(self.output_uri)
 
 
+class SeedShards:
+    """What every job spec shares: a version, and ``count`` seeds from ``seed_start`` cut into
+    shards of ``shard_size`` (dataclass fields of the spec that derives from it)."""
+
+    model: str
+    number: int
+    seed_start: int
+    count: int
+    shard_size: int
+
+    @property
+    def version_name(self) -> str:
+        """``models/{model}/versions/{number}``."""
+        return f"models/{self.model}/versions/{self.number}"
+
+    @property
+    def seeds(self) -> range:
+        """Every seed of the job."""
+        return range(self.seed_start, self.seed_start + self.count)
+
+    @property
+    def shards(self) -> int:
+        """How many shards the job has."""
+        return -(-self.count // self.shard_size)
+
+    def shard_seeds(self, index: int) -> range:
+        """The seeds of shard ``index``."""
+        start = self.seed_start + index * self.shard_size
+        return range(start, min(start + self.shard_size, self.seed_start + self.count))
+
+    def to_json(self) -> bytes:
+        """The stored form."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes):
+        """Inverse of ``to_json``."""
+        return cls(**json.loads(data))
+
+
 @dataclasses.dataclass(frozen=True)
-class JobSpec:
+class JobSpec(SeedShards):
     """A created job: the request with its reference resolved to one version (``job.json``)."""
 
     id: str
@@ -254,30 +294,6 @@ class JobSpec:
     author: str = "anonymous"
     request_id: str = ""
     output_uri: str = ""                         # normalized output location; empty: the registry's store
-
-    @property
-    def version_name(self) -> str:
-        """``models/{model}/versions/{number}``."""
-        return f"models/{self.model}/versions/{self.number}"
-
-    @property
-    def shards(self) -> int:
-        """How many shards the job writes."""
-        return -(-self.count // self.shard_size)
-
-    def shard_seeds(self, index: int) -> range:
-        """The seeds of shard ``index``."""
-        start = self.seed_start + index * self.shard_size
-        return range(start, min(start + self.shard_size, self.seed_start + self.count))
-
-    def to_json(self) -> bytes:
-        """The stored form."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "JobSpec":
-        """Inverse of ``to_json``."""
-        return cls(**json.loads(data))
 
 
 @dataclasses.dataclass

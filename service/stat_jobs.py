@@ -43,7 +43,7 @@ from rulewright.registry.errors import AlreadyExists, DataLoss, NotFound as Regi
 from .engine.errors import InvalidArgument
 from .engine.progress import Progress
 from .engine.stats import _CHUNK_ROWS, SecondMoment, key_moment, load_stat
-from .jobs import RUNNING, DatasetJobs, JobStatus, _now, publish_shard
+from .jobs import RUNNING, DatasetJobs, JobStatus, SeedShards, _now, publish_shard
 from .limits import Limits
 from .requests import MAX_SEED
 from .statistics import KEY_MOMENT, durable_key, store_durable
@@ -119,7 +119,7 @@ class StatisticsJobRequest:
 
 
 @dataclasses.dataclass(frozen=True)
-class StatsJobSpec:
+class StatsJobSpec(SeedShards):
     """A created statistics job: the request with its reference and layer resolved (``job.json``)."""
 
     id: str
@@ -134,35 +134,6 @@ class StatsJobSpec:
     created: str                                 # ISO 8601, UTC
     author: str = "anonymous"
     request_id: str = ""
-
-    @property
-    def version_name(self) -> str:
-        """``models/{model}/versions/{number}``."""
-        return f"models/{self.model}/versions/{self.number}"
-
-    @property
-    def seeds(self) -> range:
-        """Every seed of the job."""
-        return range(self.seed_start, self.seed_start + self.count)
-
-    @property
-    def shards(self) -> int:
-        """How many shards the job computes."""
-        return -(-self.count // self.shard_size)
-
-    def shard_seeds(self, index: int) -> range:
-        """The seeds of shard ``index``."""
-        start = self.seed_start + index * self.shard_size
-        return range(start, min(start + self.shard_size, self.seed_start + self.count))
-
-    def to_json(self) -> bytes:
-        """The stored form."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "StatsJobSpec":
-        """Inverse of ``to_json``."""
-        return cls(**json.loads(data))
 
 
 class StatisticsJobs(DatasetJobs):

@@ -50,21 +50,23 @@ def create(job_service, count=40, shard_size=10, truncation=1.0, model="tiny", *
         shard_size=shard_size, **kw), timeout=BOUND_S)
 
 
-def metadata(op) -> jobs_pb.DatasetJobMetadata:
-    meta = jobs_pb.DatasetJobMetadata()
+def metadata(op, kind=jobs_pb.DatasetJobMetadata):
+    """The operation's metadata as ``kind`` (a dataset job's unless told)."""
+    meta = kind()
     assert op.metadata.Unpack(meta)
     return meta
 
 
-def result(op) -> jobs_pb.DatasetJob:
-    job = jobs_pb.DatasetJob()
+def result(op, kind=jobs_pb.DatasetJob):
+    """The finished operation's response as ``kind`` (a dataset job's unless told)."""
+    job = kind()
     assert op.response.Unpack(job), op
     return job
 
 
-def wait_done(operations, name: str) -> operations_pb2.Operation:
-    """WaitOperation until done (bounded: a few calls of a few seconds)."""
-    deadline = time.monotonic() + BOUND_S
+def wait_done(operations, name: str, bound_s: float = BOUND_S) -> operations_pb2.Operation:
+    """WaitOperation until done (bounded: a few calls of a few seconds, at most ``bound_s``)."""
+    deadline = time.monotonic() + bound_s
     while True:
         op = operations.WaitOperation(operations_pb2.WaitOperationRequest(
             name=name, timeout=duration_pb2.Duration(seconds=5)), timeout=10)

@@ -15,8 +15,7 @@ import time
 import grpc
 import pytest
 import torch
-from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
+from google.longrunning import operations_pb2
 
 from rulewright.registry.stats_cache import LocalStatsCache
 from rulewright.service import statistics as statistics_module
@@ -31,20 +30,12 @@ from rulewright.v1 import edit_pb2, jobs_service_pb2 as jobs_pb, jobs_service_pb
 from tests.builders import TINY_SPEC
 
 from .conftest import detail
+from .test_jobs import job_service, operations  # noqa: F401  (fixtures)
+from .test_jobs import metadata as job_metadata, result as job_result, wait_done as wait_job
 
 BOUND_S = 120.0                # every wait below gives up after this long
 SAMPLES = 100_000              # the issue's bar: at least 10^5 samples, merged from shards
 LAYER = "main.6"               # keys of 8x8 locations: 1,024 samples fill one float32 block
-
-
-@pytest.fixture
-def job_service(channel):
-    return jobs_grpc.JobServiceStub(channel)
-
-
-@pytest.fixture
-def operations(channel):
-    return operations_pb2_grpc.OperationsStub(channel)
 
 
 def create(job_service, samples=SAMPLES, shard_size=25_000, layer=LAYER, **kw) -> operations_pb2.Operation:
@@ -55,25 +46,15 @@ def create(job_service, samples=SAMPLES, shard_size=25_000, layer=LAYER, **kw) -
 
 
 def metadata(op) -> jobs_pb.StatisticsJobMetadata:
-    meta = jobs_pb.StatisticsJobMetadata()
-    assert op.metadata.Unpack(meta)
-    return meta
+    return job_metadata(op, jobs_pb.StatisticsJobMetadata)
 
 
 def result(op) -> jobs_pb.StatisticsJob:
-    job = jobs_pb.StatisticsJob()
-    assert op.response.Unpack(job), op
-    return job
+    return job_result(op, jobs_pb.StatisticsJob)
 
 
 def wait_done(operations, name: str) -> operations_pb2.Operation:
-    """WaitOperation until done (bounded: a few calls of a few seconds)."""
-    deadline = time.monotonic() + BOUND_S
-    while True:
-        op = operations.WaitOperation(operations_pb2.WaitOperationRequest(
-            name=name, timeout=duration_pb2.Duration(seconds=5)), timeout=10)
-        if op.done or time.monotonic() > deadline:
-            return op
+    return wait_job(operations, name, BOUND_S)
 
 
 def test_job_of_100k_samples_equals_one_process_and_serves_rewrite(domain, job_service, operations, server,
