@@ -6,6 +6,9 @@
 - ``check_count(n, limit, field, what, setting)``: a count against one cap.
 - ``check_images(limits, n, field, resolution)``: a count of images, and the size of the reply
   they make (raw RGB8, the larger encoding) against the message limit.
+- ``check_samples``, ``check_search_spec``, ``check_spec``, ``check_region_json``: a statistic's
+  samples, an edit's target search, an edit spec in its JSON form (regions, samples, search, the
+  declared and inflated size of each mask), one JSON region's mask.
 
 The transports' checks of their own messages live in ``server/limits.py`` and build on these.
 Every refusal is an engine ``InvalidArgument`` whose description names the setting.

@@ -1,4 +1,4 @@
-"""Dataset-job shards as Ray tasks: ``RayExecutor``, the distributed engine of issue 14.
+"""Dataset-job shards as Ray tasks: ``RayExecutor``, the distributed engine for bulk jobs.
 
 Why Ray: it is the conventional way to run PyTorch batch inference over a cluster of GPU
 machines, and on Kubernetes the KubeRay operator runs a Ray cluster as one ``RayCluster``

@@ -5,7 +5,7 @@
 - Requests: ``sample_request``, ``search_request``, ``dissect_request``, ``statistics_request``,
   ``rewrite_request``: a message as the domain's typed request (``service/requests.py``), which
   the domain checks; only what the wire format itself can get wrong is refused here.
-- Generator: ``latents_tensor``, ``interventions``, ``seeds``, ``image_format``, ``images_pb``,
+- Generator: ``latents_tensor``, ``interventions``, ``image_format``, ``images_pb``,
   ``edit_spec``, ``progress_stage``, ``progress_pb``, ``layers_pb``, ``rewrite_result_pb``,
   ``export_stream``, ``regions``, ``dissect_pb``, ``search_pb``, ``statistics_result_pb``.
 - Aliases: ``alias_request`` (SetAlias).
@@ -210,14 +210,6 @@ def interventions(items: Sequence[gen.UnitIntervention]) -> tuple[str | None, li
         mask = _mask(i.mask, f"interventions[{n}].mask") if i.HasField("mask") else None
         out.append(Intervention(units=list(i.units), mode=mode, value=i.value, mask=mask))
     return (layers.pop() or None) if layers else None, out
-
-
-def seeds(values: Sequence[int], field: str = "seeds") -> list[int] | None:
-    """Seeds as given (None for none), each 0 <= seed < 2^63, named ``{field}[i]`` when not."""
-    for i, seed in enumerate(values):
-        if seed < 0:
-            raise InvalidArgument(f"{field}[{i}]", f"must lie in [0, 2**63), got {seed}")
-    return list(values) or None
 
 
 def image_format(value: int, field: str = "image_format") -> int:
