@@ -12,7 +12,12 @@
 - ``shard_tar``, ``publish_shard``: one shard's bytes and its commit, shared by every executor;
   ``render_pngs``: a shard's images from a generator an executor holds itself (Sample's bytes).
 - ``output_location(uri)``, ``OutputStores``: a caller-named output location (``s3://bucket/prefix``
-  or ``file:///path``), checked against the operator's allow-list, and the stores opened for it.
+  or ``file:///path``), checked against the operator's allow-list, and the stores opened for it;
+  ``ConfinedFileStore``: a ``file://`` location's store, which follows no symbolic link below the
+  allowed prefix on any call (a link there is PERMISSION_DENIED, before the job or while it runs).
+- ``output_bytes(count, shards, resolution)``: the most a job's shards can take, checked at create
+  against ``Limits.max_job_output_bytes`` and the free space of the filesystem it writes to; a
+  server runs at most ``Limits.max_running_jobs`` jobs of a kind (RESOURCE_EXHAUSTED beyond).
 
 Store layout (documents under ``jobs/datasets/{id}/``), append-only because the store's only
 mutation is a conditional create:
@@ -22,9 +27,16 @@ mutation is a conditional create:
   the seed (the WebDataset convention: files sharing a key form one sample).
 - ``done/{i:06d}.json``: shard ``i``'s commit record (samples, sha256, size), written only after
   the tar was published and read back with the expected sha256.
-- ``cancelled.json``, ``failed.json``: terminal markers; ``manifest.json``: the finished job.
+- ``cancelled.json``, ``failed.json``: terminal markers (a cancel wins over a failure: whatever a
+  shard raises on its way out of a cancel is not recorded); ``manifest.json``: the finished job.
 
-A job with an output location (``JobSpec.output_uri``) keeps that layout for its own records
+A job with an output location (``JobSpec.output_uri``) claims it when it is created: ``job.json``
+in the output store, written with the store's conditional create (a link on a filesystem, a
+conditional PutObject on S3) right after the job's own ``job.json``, so of two jobs naming one
+location exactly one gets it; the other is refused (FAILED_PRECONDITION, OUTPUT_IN_USE) and its
+record removed before it did any work. Deleting the job releases the location.
+
+It keeps the registry layout for its own records
 (``job.json``, ``done/``, the markers and a copy of the manifest, so get, list and resume work as
 for any job), but publishes its shards and its manifest into the store the location names, at
 that store's document keys ``shard-{i:06d}.tar`` and ``manifest.json`` (the registry layout puts
