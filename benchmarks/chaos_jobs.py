@@ -1,4 +1,4 @@
-"""Dataset-job output locations under attack, against a real ``rulewright serve`` process: ``python -m benchmarks.chaos_jobs``.
+"""Dataset-job output locations under attack, against a real server process: ``python -m benchmarks.chaos_jobs``.
 
 A fresh server process (embedded filesystem registry, a small random DCGAN as ``faces``, output
 prefixes ``file://{tmp}/allowed`` and, when moto is installed, ``s3://{bucket}/out`` on a
