@@ -7,7 +7,7 @@ prefixes ``file://{tmp}/allowed`` and, when moto is installed, ``s3://{bucket}/o
 1. **symlinked output location**: ``allowed/link -> ../outside``, then a CreateDatasetJob with
    ``output_uri=file://{tmp}/allowed/link/e6``: the status it gets, the files written under
    ``outside/`` and the jobs the server recorded;
-2. **two jobs on one location** (per store, file and S3): a job of ``--images`` images on a fresh
+2. **two jobs on one location** (per store, file and S3): a job of ``--job-images`` images on a fresh
    location, then at once a second job on the same location: the second's status and how fast it
    came, the jobs recorded, and what the first job still did (it is cancelled afterwards).
 
@@ -37,13 +37,16 @@ from benchmarks.reliability_serving import MODEL, Server, _prepare, _row, table 
 from rulewright.v1 import generator_service_pb2 as gen, jobs_service_pb2 as jobs_pb  # noqa: E402
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc  # noqa: E402
 
+IMAGES = 2000                  # the first job on a shared location: long enough to still run when the second comes
+STORES = "file,s3"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This benchmark's flags."""
-    parser.add_argument("--images", type=int, default=2000, help="images of the first job on a shared location "
-                                                                 "(default 2000)")
-    parser.add_argument("--backends", default="file,s3", help="output stores for the shared-location scenario: "
-                                                              "file, s3 (default both; s3 needs moto)")
+    parser.add_argument("--job-images", type=int, default=IMAGES, help="images of the first job on a shared "
+                                                                       f"location (default {IMAGES})")
+    parser.add_argument("--job-stores", default=STORES, help="output stores for the shared-location scenario: "
+                                                             f"file, s3 (default {STORES}; s3 needs moto)")
 
 
 def _create(channel, output_uri: str, count: int, request_id: str):
@@ -114,8 +117,10 @@ def _model(workdir: Path) -> Path:
 
 
 def run(args) -> list[dict]:
-    """Every scenario; rows ``{"scenario", "backend", "result", "detail"}``."""
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    """Every scenario; rows ``{"scenario", "backend", "result", "detail"}`` (``args`` may lack this
+    module's flags: a combined command's namespace gets the defaults)."""
+    images = getattr(args, "job_images", IMAGES)
+    backends = [b.strip() for b in getattr(args, "job_stores", STORES).split(",") if b.strip()]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="rulewright-chaos-jobs-") as tmp:
         root = Path(tmp)
@@ -148,8 +153,7 @@ def run(args) -> list[dict]:
                 rows.append(symlinked(server, root))
                 for backend, prefix in zip(["file", "s3"], prefixes):
                     if backend in backends:
-                        rows.append(shared(server, backend, prefix if backend == "s3" else prefix + "/jobs",
-                                           args.images))
+                        rows.append(shared(server, backend, prefix if backend == "s3" else prefix + "/jobs", images))
             finally:
                 server.stop()
         finally:
