@@ -567,6 +567,11 @@ def output_bytes(count: int, shards: int, resolution: int) -> int:
     return count * (png + 511 + 3 * 512) + shards * tarfile.RECORDSIZE
 
 
+def _in_use(spec: JobSpec, holder: str) -> OutputInUse:
+    return OutputInUse(f"output_uri: {spec.output_uri} belongs to {holder}; name another location (or delete "
+                       f"that job)", field="output_uri", uri=spec.output_uri, job=holder.split("/")[-1])
+
+
 def _existing_folder(where) -> str | None:
     """The nearest existing folder of a local path or ``file://`` URI (what a write there fills); None for S3."""
     text = str(where)
@@ -807,8 +812,7 @@ class DatasetJobs:
         out = self.output_store(spec)
         holder = self._claimant(out)
         if holder:
-            raise OutputInUse(f"output_uri: {spec.output_uri} belongs to {holder}; name another location (or "
-                              f"delete that job)", field="output_uri", uri=spec.output_uri, job=holder.split("/")[-1])
+            raise _in_use(spec, holder)
         if out.list_keys("", limit=1):
             raise OutputNotEmpty(f"output_uri: {spec.output_uri} already holds documents; name an empty prefix (or "
                                  f"delete the job that wrote there)", field="output_uri", uri=spec.output_uri)
@@ -835,8 +839,7 @@ class DatasetJobs:
         except AlreadyExists:
             holder = self._claimant(out)
         if holder != mine:
-            raise OutputInUse(f"output_uri: {spec.output_uri} belongs to {holder}; name another location (or "
-                              f"delete that job)", field="output_uri", uri=spec.output_uri, job=holder.split("/")[-1])
+            raise _in_use(spec, holder)
 
     def output_store(self, spec) -> BlobStore | None:
         """The store of the job's output location; None when it writes into the registry's store."""
