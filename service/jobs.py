@@ -12,7 +12,12 @@
 - ``shard_tar``, ``publish_shard``: one shard's bytes and its commit, shared by every executor;
   ``render_pngs``: a shard's images from a generator an executor holds itself (Sample's bytes).
 - ``output_location(uri)``, ``OutputStores``: a caller-named output location (``s3://bucket/prefix``
-  or ``file:///path``), checked against the operator's allow-list, and the stores opened for it.
+  or ``file:///path``), checked against the operator's allow-list, and the stores opened for it;
+  ``ConfinedFileStore``: a ``file://`` location's store, which follows no symbolic link below the
+  allowed prefix on any call (a link there is PERMISSION_DENIED, before the job or while it runs).
+- ``output_bytes(count, shards, resolution)``: the most a job's shards can take, checked at create
+  against ``Limits.max_job_output_bytes`` and the free space of the filesystem it writes to; a
+  server runs at most ``Limits.max_running_jobs`` jobs of a kind (RESOURCE_EXHAUSTED beyond).
 
 Store layout (documents under ``jobs/datasets/{id}/``), append-only because the store's only
 mutation is a conditional create:
@@ -22,9 +27,16 @@ mutation is a conditional create:
   the seed (the WebDataset convention: files sharing a key form one sample).
 - ``done/{i:06d}.json``: shard ``i``'s commit record (samples, sha256, size), written only after
   the tar was published and read back with the expected sha256.
-- ``cancelled.json``, ``failed.json``: terminal markers; ``manifest.json``: the finished job.
+- ``cancelled.json``, ``failed.json``: terminal markers (a cancel wins over a failure: whatever a
+  shard raises on its way out of a cancel is not recorded); ``manifest.json``: the finished job.
 
-A job with an output location (``JobSpec.output_uri``) keeps that layout for its own records
+A job with an output location (``JobSpec.output_uri``) claims it when it is created: ``job.json``
+in the output store, written with the store's conditional create (a link on a filesystem, a
+conditional PutObject on S3) right after the job's own ``job.json``, so of two jobs naming one
+location exactly one gets it; the other is refused (FAILED_PRECONDITION, OUTPUT_IN_USE) and its
+record removed before it did any work. Deleting the job releases the location.
+
+It keeps the registry layout for its own records
 (``job.json``, ``done/``, the markers and a copy of the manifest, so get, list and resume work as
 for any job), but publishes its shards and its manifest into the store the location names, at
 that store's document keys ``shard-{i:06d}.tar`` and ``manifest.json`` (the registry layout puts
@@ -44,23 +56,30 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
 import re
 import secrets
+import shutil
+import stat
 import tarfile
 import threading
 import time
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
 from urllib.parse import unquote, urlparse
 
-from rulewright.registry.blobstore import BlobStore, sha256_hex
-from rulewright.registry.errors import AlreadyExists, DataLoss, NotFound as RegistryNotFound, Reason
+from rulewright.registry.blobstore import BlobStore, check_key, sha256_hex
+from rulewright.registry.errors import (AlreadyExists, DataLoss, NotFound as RegistryNotFound, Reason,
+                                       Unavailable as StoreUnavailable)
+from rulewright.registry.filestore import FileStore
 from rulewright.registry.manifests import Version
 from rulewright.registry.stores import open_store
 
@@ -80,6 +99,7 @@ MAX_SHARD_SIZE = 10_000              # a shard is built in memory: 10^4 faces PN
 MAX_DATASET_IMAGES = 10_000_000      # one job; more is several jobs (shards are per job)
 WAIT_POLL_S = 0.2                    # how often ``wait`` looks at the store
 CANCEL_POLL_S = 0.5                  # how often a runner asks the store whether its job was cancelled
+CLAIM = "job.json"                   # in an output location: the job it belongs to (one conditional create)
 _JOB_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 RUNNING, SUCCEEDED, CANCELLED, FAILED = "running", "succeeded", "cancelled", "failed"
@@ -111,6 +131,35 @@ class OutputNotEmpty(Error):
 
     code = Code.FAILED_PRECONDITION
     reason = "OUTPUT_NOT_EMPTY"
+
+
+class OutputInUse(Error):
+    """The output location is claimed by another job (→ FAILED_PRECONDITION): the location is not in
+    the state a new job needs (free), which is not the job itself already existing (ALREADY_EXISTS)."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "OUTPUT_IN_USE"
+
+
+class OutputNotFolder(Error):
+    """Something other than a folder stands where the output location needs one (→ FAILED_PRECONDITION)."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "OUTPUT_NOT_A_FOLDER"
+
+
+class TooManyJobs(Error):
+    """This server already runs as many jobs of the kind as ``max_running_jobs`` allows (→ RESOURCE_EXHAUSTED)."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "TOO_MANY_JOBS"
+
+
+class OutputSpace(Error):
+    """The filesystem a job writes to has less room than the job's worst-case output (→ RESOURCE_EXHAUSTED)."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "OUTPUT_SPACE"
 
 
 class OutputConflict(Error):
@@ -160,16 +209,181 @@ def output_location(uri: str, field: str = "output_uri") -> str:
     return PurePosixPath("/", *segments).as_uri()
 
 
-def check_output_allowed(uri: str, allowed: Iterable[str], field: str = "output_uri") -> str:
-    """The normalized ``uri`` if it lies at or under one of the ``allowed`` prefixes (compared by
-    path segment, so ``s3://b/data`` does not allow ``s3://b/database``); else OutputNotAllowed."""
+def allowed_prefix(uri: str, allowed: Iterable[str], field: str = "output_uri") -> str:
+    """The normalized prefix of ``allowed`` that ``uri`` lies at or under (compared by path segment,
+    so ``s3://b/data`` does not allow ``s3://b/database``); else OutputNotAllowed."""
     parts = _location_parts(uri, field)
     for prefix in allowed:
         p = _location_parts(prefix, "job_output_prefixes")
         if parts[:len(p)] == p:
-            return output_location(uri, field)
+            return output_location(prefix, "job_output_prefixes")
     raise OutputNotAllowed(f"{field}: {uri!r} is not under an output prefix this server allows; ask its operator "
                            f"to add it to job_output_prefixes", field=field, uri=uri)
+
+
+def check_output_allowed(uri: str, allowed: Iterable[str], field: str = "output_uri") -> str:
+    """The normalized ``uri`` if it lies at or under one of the ``allowed`` prefixes; else OutputNotAllowed."""
+    allowed_prefix(uri, allowed, field)
+    return output_location(uri, field)
+
+
+def _local_path(uri: str) -> str:
+    return unquote(urlparse(uri).path)
+
+
+class ConfinedFileStore(FileStore):
+    """The documents of a ``file://`` output location that never follow a symbolic link below its prefix.
+
+    Every call walks from the real path of the operator's prefix (links above it are the
+    operator's choice: a mount point) to its folder one name at a time with ``O_NOFOLLOW`` and
+    works relative to the folder it opened, so a link planted anywhere below the prefix, before
+    the job or while it runs, is refused (PERMISSION_DENIED) instead of followed: a path checked
+    once and written later could be swapped for a link in between.
+    """
+
+    def __init__(self, uri: str, prefix: str = ""):
+        path = PurePosixPath(_local_path(uri))
+        top = PurePosixPath(_local_path(prefix)) if prefix else path
+        missing = ()
+        while not os.path.isdir(top) and top != top.parent:     # a prefix not made yet: made like the rest
+            top, missing = top.parent, (top.name, *missing)
+        self.base = os.path.realpath(top)
+        self.parts = (*missing, *path.relative_to(PurePosixPath(top, *missing)).parts)
+        self.location = uri
+        self.root = Path(self.base, *self.parts)
+        self.uri = self.root.as_uri()
+        self._blobs, self._docs, self._tmp = self.root / "blobs" / "sha256", self.root / "docs", self.root / "tmp"
+        for folder in ("docs", "tmp"):
+            os.close(self._dir((folder,), create=True))
+
+    def __repr__(self) -> str:
+        return f"ConfinedFileStore({self.location!r})"
+
+    def _dir(self, names: tuple[str, ...], create: bool = False) -> int:
+        """A descriptor of the folder ``names`` below the location, opened without following a link."""
+        fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in (*self.parts, *names):
+                if create:
+                    try:
+                        os.mkdir(name, 0o777, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                try:
+                    inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        self._refuse(name, fd)
+                    raise
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _refuse(self, name: str, parent: int) -> None:
+        if stat.S_ISLNK(os.lstat(name, dir_fd=parent).st_mode):
+            raise OutputNotAllowed(f"output_uri: {self.location} passes through a symbolic link ({name!r}) below "
+                                   f"the allowed prefix; name a real folder", field="output_uri", uri=self.location)
+        raise OutputNotFolder(f"output_uri: {self.location} needs a folder where {name!r} is a file",
+                              field="output_uri", uri=self.location)
+
+    def _split(self, key: str) -> tuple[tuple[str, ...], str]:
+        *folders, name = check_key(key).split("/")
+        return ("docs", *folders), name
+
+    def create(self, key: str, data: bytes) -> None:
+        """Publish ``data`` at ``key``: a fsynced temporary file linked into its folder, refusing an existing name."""
+        folders, name = self._split(key)
+        tmp_name = f"upload-{secrets.token_hex(8)}"
+        tmp = out = None
+        try:
+            tmp = self._dir(("tmp",), create=True)
+            fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=tmp)
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as f:
+                    f.write(bytes(data))
+                    f.flush()
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                out = self._dir(folders, create=True)
+                os.link(tmp_name, name, src_dir_fd=tmp, dst_dir_fd=out, follow_symlinks=False)
+            except FileExistsError:
+                raise AlreadyExists(Reason.OBJECT_EXISTS, f"{key} already exists", key=key) from None
+            finally:
+                os.unlink(tmp_name, dir_fd=tmp)
+            os.fsync(out)
+        except OSError as exc:
+            raise _store_down(exc, f"create {key}") from exc
+        finally:
+            for fd in (tmp, out):
+                if fd is not None:
+                    os.close(fd)
+
+    def read(self, key: str) -> bytes:
+        """The document's bytes (a link in its place is refused, not read)."""
+        folders, name = self._split(key)
+        folder = None
+        try:
+            folder = self._dir(folders)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    self._refuse(name, folder)
+                raise
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError):
+            raise RegistryNotFound(Reason.OBJECT_NOT_FOUND, f"{key} not found", key=key) from None
+        except OSError as exc:
+            raise _store_down(exc, f"read {key}") from exc
+        finally:
+            if folder is not None:
+                os.close(folder)
+
+    def delete(self, key: str) -> None:
+        """Unlink the document (a link in its place is removed, never followed); absent is fine."""
+        folders, name = self._split(key)
+        try:
+            folder = self._dir(folders)
+        except FileNotFoundError:
+            return
+        try:
+            os.unlink(name, dir_fd=folder)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _store_down(exc, f"delete {key}") from exc
+        finally:
+            os.close(folder)
+        for depth in range(len(folders) - 1, 0, -1):     # prune folders left empty, as FileStore does
+            try:
+                parent = self._dir(folders[:depth])
+            except OSError:
+                return
+            try:
+                os.rmdir(folders[depth], dir_fd=parent)
+            except OSError:
+                return
+            finally:
+                os.close(parent)
+
+    def list_keys(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
+        """As FileStore's, once the documents folder is known not to be a link."""
+        try:
+            os.close(self._dir(("docs",)))
+        except FileNotFoundError:
+            return []
+        return super().list_keys(prefix, start_after, limit)
+
+
+def _store_down(exc: OSError, what: str) -> StoreUnavailable:
+    return StoreUnavailable(Reason.STORE_UNAVAILABLE, f"output store failed to {what}: {exc.strerror or exc}",
+                            errno=exc.errno)
 
 
 class OutputStores:
@@ -184,11 +398,15 @@ class OutputStores:
         self._stores: dict[str, BlobStore] = {}
         self._lock = threading.Lock()
 
-    def open(self, uri: str) -> BlobStore:
-        """The store ``uri`` (an already normalized output location) names."""
+    def open(self, uri: str, prefix: str = "") -> BlobStore:
+        """The store ``uri`` (an already normalized output location) names; a ``file://`` one confined
+        below ``prefix``, the allowed prefix it lies under (empty: below the location itself)."""
         with self._lock:
             if uri not in self._stores:
-                self._stores[uri] = open_store(uri, s3=self.s3 if uri.startswith("s3://") else None)
+                if uri.startswith("file://"):
+                    self._stores[uri] = ConfinedFileStore(uri, prefix)
+                else:
+                    self._stores[uri] = open_store(uri, s3=self.s3 if uri.startswith("s3://") else None)
             return self._stores[uri]
 
     def close(self) -> None:
@@ -294,6 +512,7 @@ class JobSpec(SeedShards):
     author: str = "anonymous"
     request_id: str = ""
     output_uri: str = ""                         # normalized output location; empty: the registry's store
+    output_prefix: str = ""                      # the allowed prefix it lies under (links below it are refused)
 
 
 @dataclasses.dataclass
@@ -338,6 +557,31 @@ def _uri(store: BlobStore, key: str) -> str:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def output_bytes(count: int, shards: int, resolution: int) -> int:
+    """The most bytes a dataset job's shards can take: per image a PNG no larger than its raw RGB
+    (plus a filter byte per row and the format's headers), a JSON file, and their tar headers and
+    padding; per shard the tar's end blocks and record padding."""
+    png = 3 * resolution * resolution + resolution + 256 + 5 * (3 * resolution * resolution // 65535 + 1)
+    return count * (png + 511 + 3 * 512) + shards * tarfile.RECORDSIZE
+
+
+def _in_use(spec: JobSpec, holder: str) -> OutputInUse:
+    return OutputInUse(f"output_uri: {spec.output_uri} belongs to {holder}; name another location (or delete "
+                       f"that job)", field="output_uri", uri=spec.output_uri, job=holder.split("/")[-1])
+
+
+def _existing_folder(where) -> str | None:
+    """The nearest existing folder of a local path or ``file://`` URI (what a write there fills); None for S3."""
+    text = str(where)
+    if text.startswith("s3://"):
+        return None
+    path = Path(_local_path(text) if text.startswith("file://") else text)
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            return str(folder)
+    return None
 
 
 # ---- one shard ---------------------------------------------------------------------------------
@@ -457,7 +701,7 @@ class LocalExecutor(Executor):
         progress.check(f"shard {index}")
         seeds = spec.shard_seeds(index)
         data = shard_tar(spec, seeds, self.render(spec, seeds, progress))
-        out = self.outputs.open(spec.output_uri) if spec.output_uri else None
+        out = self.outputs.open(spec.output_uri, spec.output_prefix) if spec.output_uri else None
         return publish_shard(self.domain.registry.store, spec, index, data, out=out)
 
     def run_shards(self, spec: JobSpec, indices: list[int], progress: Progress) -> Iterator[dict]:
@@ -517,6 +761,7 @@ class DatasetJobs:
         self._closed = False
         self._cancelled_ids: set[str] = set()
         self._cancel_checked: dict[str, float] = {}
+        self._admitting = 0               # creates between their admission and their runner's start
 
     # -- create and run
 
@@ -524,7 +769,8 @@ class DatasetJobs:
         """Resolve the reference, record the job in the store and start it; a known ``request_id``
         returns its job as it stands."""
         request.check(self.domain.limits)
-        output = check_output_allowed(request.output_uri, self.output_prefixes) if request.output_uri else ""
+        prefix = allowed_prefix(request.output_uri, self.output_prefixes) if request.output_uri else ""
+        output = output_location(request.output_uri) if request.output_uri else ""
         version: Version = self.domain.resolve(request.model)
         res = self.domain.generator(version)
         try:
@@ -535,38 +781,114 @@ class DatasetJobs:
                   else f"{time.time_ns() // 1_000_000:013x}{secrets.token_hex(6)}")
         spec = JobSpec(job_id, version.model, version.number, request.seed_start, request.count,
                        float(request.truncation), request.image_format, request.shard_size, _now(), request.author,
-                       request.request_id, output)
-        if output and not self.store.list_keys(self._doc(job_id, "job.json"), limit=1):
-            self._check_output_empty(output)
+                       request.request_id, output, prefix)
+        if not self.store.list_keys(self._doc(job_id, "job.json"), limit=1):      # a new job, not a retry
+            self._check_output_size(spec, res.model.resolution)
+            if output:
+                self._check_output_free(spec)
         return self._create(spec)
 
-    def _check_output_empty(self, uri: str) -> None:
-        """Refuse a new job's output location that holds documents already: another job's shards
-        there would meet this job's (same names, other bytes) only after the work was done."""
-        if self.outputs.open(uri).list_keys("", limit=1):
-            raise OutputNotEmpty(f"output_uri: {uri} already holds documents; name an empty prefix (or delete "
-                                 f"the job that wrote there)", field="output_uri", uri=uri)
+    def _check_output_size(self, spec: JobSpec, resolution: int) -> None:
+        """Refuse a job whose worst-case output is over ``max_job_output_bytes``, or over the free
+        space of the filesystem it writes to (the registry's folder or its output location)."""
+        need = output_bytes(spec.count, spec.shards, resolution)
+        limit = getattr(self.domain.limits, "max_job_output_bytes", 0)
+        if limit and need > limit:
+            raise InvalidArgument("seeds.count", f"{spec.count:,} images of {resolution}x{resolution} make up to "
+                                                 f"{need / 2**30:.2f} GiB of shards, over the {limit / 2**30:g} GiB "
+                                                 f"one job may write (server setting max_job_output_gb)")
+        folder = _existing_folder(spec.output_uri or self.store.uri)
+        if folder is None:
+            return                      # S3: no free space to ask about
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            raise OutputSpace(f"{spec.count:,} images of {resolution}x{resolution} make up to {need / 2**30:.2f} GiB "
+                              f"of shards, but {folder} has {free / 2**30:.2f} GiB free; free space or ask for fewer "
+                              f"images", field="seeds.count", needed_bytes=need, free_bytes=free)
+
+    def _check_output_free(self, spec: JobSpec) -> None:
+        """Refuse a new job's output location that another job claimed, or that holds other documents:
+        another job's shards there would meet this job's (same names, other bytes) only after the work."""
+        out = self.output_store(spec)
+        holder = self._claimant(out)
+        if holder:
+            raise _in_use(spec, holder)
+        if out.list_keys("", limit=1):
+            raise OutputNotEmpty(f"output_uri: {spec.output_uri} already holds documents; name an empty prefix (or "
+                                 f"delete the job that wrote there)", field="output_uri", uri=spec.output_uri)
+
+    @staticmethod
+    def _claimant(out: BlobStore) -> str:
+        """The job (``datasetJobs/{id}``) whose claim the output store holds; empty if none."""
+        try:
+            return json.loads(out.read(CLAIM)).get("job", "")
+        except RegistryNotFound:
+            return ""
+
+    def _claim(self, spec) -> None:
+        """Make the job's output location its own with one conditional create in the output store,
+        so that of two jobs naming it exactly one gets it, on a filesystem as on S3; a job that holds
+        it already (a retry, a resumed job) keeps it. OutputInUse if another job holds it."""
+        out = self.output_store(spec)
+        if out is None:
+            return
+        mine = f"datasetJobs/{spec.id}"
+        try:
+            out.create(CLAIM, json.dumps({"job": mine, "created": spec.created}, sort_keys=True).encode())
+            return
+        except AlreadyExists:
+            holder = self._claimant(out)
+        if holder != mine:
+            raise _in_use(spec, holder)
 
     def output_store(self, spec) -> BlobStore | None:
         """The store of the job's output location; None when it writes into the registry's store."""
         uri = getattr(spec, "output_uri", "")
-        return self.outputs.open(uri) if uri else None
+        return self.outputs.open(uri, spec.output_prefix) if uri else None
 
     def _create(self, spec) -> JobStatus:
-        """Record ``spec`` as ``job.json`` and start it; a job already recorded under its id (a
-        replayed request id) is started if need be and returned as it stands."""
+        """Record ``spec`` as ``job.json``, claim its output location and start it, within
+        ``max_running_jobs``; a job already recorded under its id (a replayed request id) is started
+        if need be and returned as it stands."""
         job_id = spec.id
-        try:
-            self.store.create(self._doc(job_id, "job.json"), spec.to_json())
-        except AlreadyExists:
-            log.info(f"{self.noun} job replayed", extra={"event": f"{self.noun}_job_replayed", "job": job_id})
-            self._start(self._spec(job_id))
-            return self.get(job_id)
-        log.info(f"{self.noun} job created", extra={"event": f"{self.noun}_job_created", "job": job_id,
-                                                   "version": spec.version_name, "samples": spec.count,
-                                                   "shards": spec.shards})
-        self._start(spec)
+        if not self.store.list_keys(self._doc(job_id, "job.json"), limit=1):
+            with self._admission():
+                try:
+                    self.store.create(self._doc(job_id, "job.json"), spec.to_json())
+                except AlreadyExists:
+                    pass                # the same request id, created at this moment by another call
+                else:
+                    try:
+                        self._claim(spec)
+                    except BaseException:
+                        self.store.delete(self._doc(job_id, "job.json"))       # refused: it never was a job
+                        raise
+                    log.info(f"{self.noun} job created", extra={"event": f"{self.noun}_job_created", "job": job_id,
+                                                               "version": spec.version_name, "samples": spec.count,
+                                                               "shards": spec.shards})
+                    self._start(spec)
+                    return self.get(job_id)
+        log.info(f"{self.noun} job replayed", extra={"event": f"{self.noun}_job_replayed", "job": job_id})
+        self._start(self._spec(job_id))
         return self.get(job_id)
+
+    @contextlib.contextmanager
+    def _admission(self) -> Iterator[None]:
+        """A slot among the ``max_running_jobs`` jobs of this kind this process runs (held until the
+        job's runner is registered), or TooManyJobs before anything is recorded."""
+        limit = getattr(self.domain.limits, "max_running_jobs", 0)
+        with self._lock:
+            running = len(self._runners) + self._admitting
+            if limit and running >= limit:
+                raise TooManyJobs(f"this server runs {running} {self.noun} jobs, its bound (server setting "
+                                  f"max_running_jobs); retry once one has finished, or cancel one",
+                                  running=running, limit=limit)
+            self._admitting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitting -= 1
 
     def resume(self) -> list[str]:
         """Start every unfinished job in the store that this process does not run; their ids."""
@@ -603,6 +925,7 @@ class DatasetJobs:
                                                   "shards_done": e.done, "shards_total": e.total, **e.info})
         progress = Progress(event, stopped)
         try:
+            self._claim(spec)           # a job created before claims existed, or whose create died after job.json
             done = self._done_indices(spec.id)
             todo = [i for i in range(spec.shards) if i not in done]
             images = sum(len(spec.shard_seeds(i)) for i in done)
@@ -617,6 +940,12 @@ class DatasetJobs:
         except Exception as exc:  # noqa: BLE001 -- recorded in the job, which the caller reads
             if stop.is_set():
                 return                  # the server is stopping: the next one resumes the job
+            if self._cancelled_safe(spec.id):
+                # What a shard raises once its job was cancelled (a queue it left, a pool shutting
+                # down) is how it stopped, not why: the job ends CANCELLED.
+                log.info(f"{self.noun} job stopped by its cancel", extra={
+                    "event": f"{self.noun}_job_cancel_error", "job": spec.id, "error": type(exc).__name__})
+                return
             self._fail(spec, exc)
         finally:
             with self._lock:
@@ -680,14 +1009,14 @@ class DatasetJobs:
 
     # -- read
 
-    def _cancelled(self, job_id: str) -> bool:
+    def _cancelled(self, job_id: str, fresh: bool = False) -> bool:
         """Whether the job was cancelled, here or by another replica (the store asked at most every
-        ``CANCEL_POLL_S``: sampling polls this often)."""
+        ``CANCEL_POLL_S``, since sampling polls this often, unless ``fresh``)."""
         with self._lock:
             if job_id in self._cancelled_ids:
                 return True
             now = time.monotonic()
-            if now - self._cancel_checked.get(job_id, -CANCEL_POLL_S) < CANCEL_POLL_S:
+            if not fresh and now - self._cancel_checked.get(job_id, -CANCEL_POLL_S) < CANCEL_POLL_S:
                 return False
             self._cancel_checked[job_id] = now
         if self.store.list_keys(self._doc(job_id, "cancelled.json"), limit=1):
@@ -695,6 +1024,13 @@ class DatasetJobs:
                 self._cancelled_ids.add(job_id)
             return True
         return False
+
+    def _cancelled_safe(self, job_id: str) -> bool:
+        """``_cancelled`` asked of the store now; False if the store cannot say (the failure is recorded then)."""
+        try:
+            return self._cancelled(job_id, fresh=True)
+        except Exception:  # noqa: BLE001 -- the store is down: record the failure the runner met
+            return False
 
     def _terminal(self, job_id: str) -> bool:
         names = {k[len(self._doc(job_id, "")):] for k in self.store.list_keys(self._doc(job_id, ""))}
@@ -727,10 +1063,10 @@ class DatasetJobs:
             out = self.output_store(spec)
             status.manifest_uri = (_uri(out, "manifest.json") if out is not None
                                    else self._uri(self._doc(job_id, "manifest.json")))
+        elif "cancelled.json" in names:
+            status.state = CANCELLED    # before a failure: a runner may have failed on its way out of a cancel
         elif "failed.json" in names:
             status.state, status.error = FAILED, json.loads(self.store.read(self._doc(job_id, "failed.json")))
-        elif "cancelled.json" in names:
-            status.state = CANCELLED
         return status
 
     def list(self, page_size: int = 50, page_token: str = "") -> tuple[list[JobStatus], str]:
@@ -801,6 +1137,8 @@ class DatasetJobs:
             names = [json.loads(self.store.read(k))["name"] for k in self.store.list_keys(self._doc(job_id, "done/"))]
             for name in names + (["manifest.json"] if status.state == SUCCEEDED else []):
                 out.delete(name)
+            if self._claimant(out) == f"datasetJobs/{job_id}":
+                out.delete(CLAIM)      # last: the location is free once nothing of the job is left in it
         for key in sorted(self.store.list_keys(self._doc(job_id, "")), key=lambda k: k.endswith("job.json")):
             self.store.delete(key)     # job.json last: a half-deleted job stays visible and deletable
 

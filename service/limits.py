@@ -1,7 +1,8 @@
 """Per-request caps as the domain knows them: the ``Limits`` settings and the checks that need no wire format.
 
 - ``Limits``: the caps (settings ``max_images``, ``max_search_seeds``, ``max_regions``,
-  ``max_stats_samples``, ``max_job_samples``, ``max_mask_pixels``, ``max_message_mb``);
+  ``max_stats_samples``, ``max_job_samples``, ``max_mask_pixels``, ``max_message_mb``,
+  ``max_running_jobs``, ``max_job_output_gb``);
   ``Limits.from_config(config)``.
 - ``check_count(n, limit, field, what, setting)``: a count against one cap.
 - ``check_images(limits, n, field, resolution)``: a count of images, and the size of the reply
@@ -37,6 +38,8 @@ class Limits:
                                           # request may then use, cached, though over max_stats_samples)
     max_mask_pixels: int = 1 << 22        # width x height of one mask
     max_message_bytes: int = 64 << 20     # the gRPC message limit a reply must fit
+    max_running_jobs: int = 4             # jobs of one kind (dataset, statistics) a server runs at once
+    max_job_output_bytes: int = 256 << 30  # worst-case size of one dataset job's shards
 
     @classmethod
     def from_config(cls, config) -> "Limits":
@@ -44,7 +47,9 @@ class Limits:
         return cls(max_images=config.max_images, max_search_seeds=config.max_search_seeds,
                    max_regions=config.max_regions, max_stats_samples=config.max_stats_samples,
                    max_job_samples=config.max_job_samples,
-                   max_mask_pixels=config.max_mask_pixels, max_message_bytes=int(config.max_message_mb * 2**20))
+                   max_mask_pixels=config.max_mask_pixels, max_message_bytes=int(config.max_message_mb * 2**20),
+                   max_running_jobs=config.max_running_jobs,
+                   max_job_output_bytes=int(config.max_job_output_gb * 2**30))
 
 
 def _over(field: str, what: str, limit: int, setting: str, got: int) -> InvalidArgument:

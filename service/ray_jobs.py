@@ -81,14 +81,14 @@ def _registry(uri: str, s3: dict) -> Registry:
         return _registries[key]
 
 
-def _output(uri: str, s3: dict):
-    """The store of a job's output location in this worker, opened once per (S3 settings)."""
+def _output(uri: str, prefix: str, s3: dict):
+    """The store of a job's output location in this worker (confined below ``prefix``), opened once per (S3 settings)."""
     key = tuple(sorted(s3.items()))
     with _worker_lock:
         if key not in _outputs:
             _outputs[key] = OutputStores(dataclasses.replace(S3Config.from_env(), **s3))
         outputs = _outputs[key]
-    return outputs.open(uri)
+    return outputs.open(uri, prefix)
 
 
 def _generator(registry: Registry, spec: JobSpec, device: str):
@@ -120,7 +120,7 @@ def shard_task(registry_uri: str, spec_json: bytes, index: int, options: dict) -
     model = _generator(registry, spec, options.get("device", "auto"))
     seeds = spec.shard_seeds(index)
     pngs = render_pngs(model, seeds, spec.truncation, options.get("batch_size", 16), Progress())
-    out = _output(spec.output_uri, options.get("s3", {})) if spec.output_uri else None
+    out = _output(spec.output_uri, spec.output_prefix, options.get("s3", {})) if spec.output_uri else None
     return publish_shard(registry.store, spec, index, shard_tar(spec, seeds, pngs), out=out)
 
 

@@ -96,6 +96,11 @@ SETTINGS = (
     Setting("job_output_prefixes", str, "", "comma-separated s3://bucket/prefix or file:///path prefixes a dataset "
                                             "job's output_uri may lie under (written with this server's credentials); "
                                             "empty: jobs write only into the registry's store"),
+    Setting("max_running_jobs", int, 4, "most dataset jobs (and, separately, statistics jobs) this server runs at "
+                                        "once; one more is refused with RESOURCE_EXHAUSTED"),
+    Setting("max_job_output_gb", float, 256.0, "largest worst-case size (raw RGB, tar headers) of one dataset "
+                                               "job's shards in GiB; a job is also refused if it cannot fit the "
+                                               "free space of a filesystem it writes to"),
     Setting("grace_s", float, 10.0, "seconds in-flight RPCs get to finish after SIGTERM or SIGINT"),
     Setting("max_images", int, 64, "most images one Sample, OIP ModelInfer or Rewrite preview may ask for"),
     Setting("max_search_seeds", int, 10000, "most candidate seeds one SearchContext (or an edit's target search) may rank"),
@@ -213,3 +218,7 @@ def _check(c: "ServeConfig") -> None:
             raise ConfigError(f"job_output_prefixes must be s3://bucket/prefix or file:///path URIs, got {prefix!r}")
     if c.bootstrap not in ("faces", "none"):
         raise ConfigError(f"bootstrap must be faces or none, got {c.bootstrap!r}")
+    if c.max_running_jobs < 1:
+        raise ConfigError(f"max_running_jobs must be at least 1, got {c.max_running_jobs}")
+    if not (math.isfinite(c.max_job_output_gb) and c.max_job_output_gb > 0):
+        raise ConfigError(f"max_job_output_gb must be a positive number, got {c.max_job_output_gb}")

@@ -162,10 +162,15 @@ def test_a_used_output_location_is_refused_but_a_retry_returns_its_job_and_delet
         with pytest.raises(grpc.RpcError) as err:
             create(jobs, count=4, shard_size=2, output_uri=allowed, request_id="out-2")
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error_info(err.value).reason == "OUTPUT_NOT_EMPTY"
+        assert error_info(err.value).reason == "OUTPUT_IN_USE"                # the first job's claim
         assert len(ops.ListOperations(operations_pb2.ListOperationsRequest(name="operations")).operations) == 1
         ops.DeleteOperation(operations_pb2.DeleteOperationRequest(name=first.name))
-        assert not list((out_dir / "docs").rglob("*.*"))                 # its shards and manifest are gone
+        assert not list((out_dir / "docs").rglob("*.*"))                 # its shards, manifest and claim are gone
+        (out_dir / "docs" / "notes.txt").write_text("someone else's")
+        with pytest.raises(grpc.RpcError) as err:
+            create(jobs, count=4, shard_size=2, output_uri=allowed, request_id="out-3")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(err.value).reason == "OUTPUT_NOT_EMPTY"
     finally:
         channel.close()
         server.stop(0).wait()
@@ -192,7 +197,7 @@ def test_restart_resumes_into_the_same_output_location(embedded, where, request)
         channel.close()
         server.stop(0).wait()                                 # the server goes away mid-job
     out = open_store(target)
-    assert out.list_keys("") == ["shard-000000.tar", "shard-000001.tar"]
+    assert out.list_keys("") == ["job.json", "shard-000000.tar", "shard-000001.tar"]       # its claim, 2 shards
 
     again = Domain(embedded.registry, embedded.stats_cache, device="cpu")
     server, channel = _serve(again, (allowed,), LocalExecutor(again, max_workers=2))
@@ -201,7 +206,7 @@ def test_restart_resumes_into_the_same_output_location(embedded, where, request)
         assert metadata(op).shards_done == 4
         job = result(op)
         assert [s.sha256 for s in job.shards] == [s.sha256 for s in clean.shards]
-        assert out.list_keys("") == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
+        assert out.list_keys("") == ["job.json", "manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
         for i, shard in enumerate(job.shards):
             assert hashlib.sha256(out.read(f"shard-{i:06d}.tar")).hexdigest() == shard.sha256
     finally:

@@ -117,7 +117,7 @@ def test_ray_tasks_write_shards_to_the_jobs_output_location(ray_instance, backen
         assert status.state == "succeeded", (status.state, status.error)
         assert [s["sha256"] for s in status.manifest["shards"]] == clean
         out = jobs.output_store(status.spec)        # the workers wrote there, with their own RULEWRIGHT_S3_*
-        assert out.list_keys("") == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(SHARDS)]
+        assert out.list_keys("") == ["job.json", "manifest.json"] + [f"shard-{i:06d}.tar" for i in range(SHARDS)]
         assert [hashlib.sha256(out.read(f"shard-{i:06d}.tar")).hexdigest() for i in range(SHARDS)] == clean
         assert not [k for k in backend.registry.store.list_keys(f"{PREFIX}{status.spec.id}/") if k.endswith(".tar")]
     finally:
