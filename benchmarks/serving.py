@@ -19,7 +19,8 @@ from elsewhere on the machine hits both alike; every ratio is taken between tota
    (``max_batch`` 16, batch delays 0, 2 and 5 ms: the service default is 2 ms) and to one whose
    domain does not (every request its own forward pass). Reported: total images/s, p50/p99
    request latency (over every round's requests), the mean forward-pass batch size,
-   and batched/unbatched images/s at the default delay. Note that an
+   batched/unbatched images/s at the default delay, and batched images/s at the default delay
+   against measurement 1's in-process figure at ``--batch`` (what full batches would give). Note that an
    unbatched single image still runs a forward pass at batch 4 (``sampling.bucket``: sizes below 4
    are padded so that images do not depend on their company); that is what the service does, so
    it is part of the baseline.
@@ -490,6 +491,11 @@ def run(batch: int = 16, seconds: float = 16.0, grpc_seconds: float = 16.0, roun
         results["concurrent_clients"] = concurrent_clients(Path(tmp), weights, clients, delays_ms, seconds,
                                                            rounds, warmup_s)
     results["concurrent_clients"]["seconds_per_config"] = seconds
+    default = results["concurrent_clients"]["configs"].get(f"batched_{DEFAULT_DELAY_MS:g}ms")
+    full = next((g for g in results["grpc_vs_in_process"] if g["batch"] == batch), None)
+    if default is not None and full is not None:     # how near single-image clients come to full batches
+        results["concurrent_clients"]["batched_vs_in_process_batch"] = \
+            default["images_per_s"] / full["in_process_images_per_s"]
     results["load_average_at_end"] = os.getloadavg()[0]
     return results
 
@@ -518,6 +524,9 @@ def print_table(r: dict) -> None:
     if "ratio" in c:
         rounds = " ".join(f"{v:.2f}" for v in c["round_ratios"])
         print(f"     batched ({DEFAULT_DELAY_MS:g} ms) / unbatched: {c['ratio']:.2f}× (per round {rounds})")
+    if "batched_vs_in_process_batch" in c:
+        print(f"     batched ({DEFAULT_DELAY_MS:g} ms) / in-process batch {r['grpc_vs_in_process'][0]['batch']} "
+              f"(measurement 1): {c['batched_vs_in_process_batch']:.2f}×")
 
 
 def main(argv: list[str] | None = None) -> int:

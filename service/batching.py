@@ -14,7 +14,8 @@
 - ``BatcherClosed``: ``submit`` after ``close``.
 - ``submit(..., should_stop)``: a caller whose client went away (cancelled, deadline passed)
   leaves the queue at once (``Cancelled``; queued jobs are matched by identity, never by their
-  tensors); if its batch already runs, the caller stops waiting and its images are dropped.
+  tensors), and a batch about to run leaves out callers that have gone; if its batch already
+  runs, the caller stops waiting and its images are dropped.
 
 Images do not depend on the company they are batched with: ``sampling.sample`` pads every
 forward pass to a fixed bucket size, and each version's low-rank terms run grouped and padded
@@ -49,6 +50,7 @@ class _Job:
     truncation: float
     change: Change | None
     arrived: float
+    should_stop: Callable[[], bool] | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     images: torch.Tensor | None = None
     error: BaseException | None = None
@@ -93,7 +95,7 @@ class SampleBatcher:
         ``should_stop()`` true (the client cancelled or its deadline passed): ``Cancelled``, and
         the request leaves the queue if its batch has not started.
         """
-        job = _Job(key, model, z, truncation, change, time.monotonic())
+        job = _Job(key, model, z, truncation, change, time.monotonic(), should_stop)
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the server is shutting down")
@@ -169,7 +171,7 @@ class SampleBatcher:
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
-            batch = self._admissible(batch)
+            batch = [job for job in self._admissible(batch) if not _left(job)]
             if not batch:
                 continue
             # Versions with the same ranks side by side, the base's own rows last: each layer's
@@ -217,6 +219,16 @@ class SampleBatcher:
                 job.error = exc
                 job.done.set()
         return ok
+
+
+def _left(job: _Job) -> bool:
+    """Whether ``job``'s caller has stopped waiting (its client left); if so it is answered ``Cancelled`` now,
+    so that a batch about to run computes no images nobody will take."""
+    if job.should_stop is None or not job.should_stop():
+        return False
+    job.error = Cancelled("sampling cancelled: the client went away or its deadline passed")
+    job.done.set()
+    return True
 
 
 def _by_ranks(job: _Job) -> tuple:
