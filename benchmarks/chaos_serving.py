@@ -35,10 +35,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.reliability_serving import MODEL, REPO, Server, _percentile, _prepare, _row, table
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # before grpc loads: no INFO line per closed connection
 
-import grpc  # noqa: E402  (reliability_serving set GRPC_VERBOSITY first)
+import grpc  # noqa: E402
 
+from benchmarks.reliability_serving import MODEL, REPO, Server, _percentile, _prepare, _row, table  # noqa: E402
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc  # noqa: E402
 from rulewright.v1 import images_pb2  # noqa: E402
 
@@ -61,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of the 32 samplers + a rewriter scenario (default 60)")
     parser.add_argument("--cancel-duration", type=float, default=20.0,
                         help="seconds of the queued cancels scenario (default 20)")
-    parser.add_argument("--cache-dir", default=os.environ.get("RULEWRIGHT_CACHE_DIR", str(REPO / ".cache" / "rulewright")),
-                        help="where the faces model is (fetched on first use)")
+    parser.add_argument("--cache-dir", help="where the faces model is (fetched on first use)",
+                        default=os.environ.get("RULEWRIGHT_CACHE_DIR", str(REPO / ".cache" / "rulewright")))
 
 
 class Scrape:
@@ -77,7 +78,8 @@ class Scrape:
             for line in reply.read().decode().splitlines():
                 if not (m := self.LINE.match(line)):
                     continue
-                name, labels, value = m.group(1), dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")), float(m.group(3))
+                name, value = m.group(1), float(m.group(3))
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
                 if name == "rulewright_requests_total":
                     self.calls[(labels.get("rpc", ""), labels.get("code", ""))] += value
                 elif name.endswith("_count"):
@@ -151,7 +153,8 @@ def queued_cancels(server: Server, metrics_url: str, log: Path, duration: float)
     later = Scrape(metrics_url)
     started = time.monotonic()
     try:
-        gen_grpc.GeneratorServiceStub(server.channel).Sample(gen.SampleRequest(model=f"{MODEL}/1", seeds=[7]), timeout=10)
+        stub = gen_grpc.GeneratorServiceStub(server.channel)
+        stub.Sample(gen.SampleRequest(model=f"{MODEL}/1", seeds=[7]), timeout=10)
         probe = f"OK in {(time.monotonic() - started) * 1e3:.0f} ms"
     except grpc.RpcError as err:
         probe = f"{err.code().name} in {(time.monotonic() - started) * 1e3:.0f} ms"
@@ -161,8 +164,8 @@ def queued_cancels(server: Server, metrics_url: str, log: Path, duration: float)
     calls = sum(codes.values())
     return [
         _row("queued cancels: INTERNAL", BACKEND, f"{internal:.0f} of {calls} calls",
-             f"{CANCEL_CLIENTS} clients x {duration:g} s, deadlines {DEADLINES_S[0] * 1e3:.0f}-{DEADLINES_S[1] * 1e3:.0f} "
-             f"ms; server error log lines {error_lines}; codes {dict(codes)}"),
+             f"{CANCEL_CLIENTS} clients x {duration:g} s, deadlines "
+             f"{DEADLINES_S[0] * 1e3:.0f}-{DEADLINES_S[1] * 1e3:.0f} ms; server error log lines {error_lines}; codes {dict(codes)}"),
         _row("queued cancels: queue drained", BACKEND, "yes" if drained else "no",
              f"forward passes 1-3 s after the clients stopped: {later.passes - settled.passes:.0f}; probe Sample "
              f"{probe}"),

@@ -247,7 +247,8 @@ def _in_process(served: Served, batch: int, seconds: float) -> dict:
     start = time.perf_counter()
     while (t0 := time.perf_counter()) - start < seconds:
         seeds = fresh_seeds(batch)
-        assert len(convert.images_pb(served.domain.sample(SampleRequest(MODEL, seeds=seeds)).images, PNG, seeds)) == batch
+        images = served.domain.sample(SampleRequest(MODEL, seeds=seeds)).images
+        assert len(convert.images_pb(images, PNG, seeds)) == batch
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
     return {"requests": batch * len(latencies), "seconds": elapsed, "images_per_s": batch * len(latencies) / elapsed,

@@ -123,11 +123,12 @@ class WorkLimiter(grpc.ServerInterceptor):
         """Pool threads the lanes can hold at once (the server's pool needs these plus ``RESERVED_WORKERS``)."""
         return sum(lane.threads for lane in self.lanes.values())
 
-    def lane(self, method: str) -> Lane:
-        """The lane a method's calls are admitted through."""
+    def lane(self, method: str, request=None) -> Lane:
+        """The lane a call of ``method`` is admitted through (``request``: a unary call's message)."""
         name = method.rpartition("/")[2]
         if name in SAMPLE_METHODS and "sample" in self.lanes:
-            return self.lanes["sample"]
+            # Samples with unit interventions run alone on their own thread: they are work, not waiting.
+            return self.lanes["work" if getattr(request, "interventions", None) else "sample"]
         if name in LONG_METHODS and method.startswith(f"/{GENERATOR_SERVICE}/") and "long" in self.lanes:
             return self.lanes["long"]
         return self.lanes["work"]
@@ -136,11 +137,13 @@ class WorkLimiter(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNLIMITED_PREFIXES):
             return handler
-        lane = self.lane(handler_call_details.method)
+        method = handler_call_details.method
+        unary = not handler.request_streaming
 
         def wrap(behavior, streaming: bool):
             if streaming:
                 def limited_stream(request_or_iterator, context):
+                    lane = self.lane(method, request_or_iterator if unary else None)
                     self._enter(lane, context)
                     try:
                         yield from behavior(request_or_iterator, context)
@@ -149,6 +152,7 @@ class WorkLimiter(grpc.ServerInterceptor):
                 return limited_stream
 
             def limited(request_or_iterator, context):
+                lane = self.lane(method, request_or_iterator if unary else None)
                 self._enter(lane, context)
                 try:
                     return behavior(request_or_iterator, context)

@@ -140,3 +140,22 @@ def test_each_lane_refuses_only_past_its_own_bound(tiny, held):
     finally:
         release.set()
         server.stop(0).wait()
+
+
+def test_lanes_by_method():
+    """Samples and ModelInfers wait in the sample lane (those with unit interventions work alone, in the
+    work lane); Rewrite, Dissect, SearchContext and ComputeStatistics in the long lane; the rest work."""
+    from rulewright.service.server.app import WorkLimiter
+
+    limiter = WorkLimiter(4, sample_calls=8, long_calls=2, long_queue=3)
+    svc = "/rulewright.v1.GeneratorService/"
+    assert limiter.lane(svc + "Sample", gen.SampleRequest(seeds=[1])).name == "sample"
+    assert limiter.lane("/inference.GRPCInferenceService/ModelInfer").name == "sample"
+    intervened = gen.SampleRequest(seeds=[1], interventions=[gen.UnitIntervention(units=[3])])
+    assert limiter.lane(svc + "Sample", intervened).name == "work"
+    assert {limiter.lane(svc + m).name for m in ("Rewrite", "Dissect", "SearchContext", "ComputeStatistics")} == {"long"}
+    assert limiter.lane(svc + "ListLayers").name == "work"
+    assert limiter.lane("/rulewright.v1.RegistryService/ImportModel").name == "work"
+    assert limiter.threads == 4 + 4 + 8 + 2 + 3
+    unbatched = WorkLimiter(4, long_calls=2, long_queue=3)            # no batcher: Samples are work
+    assert unbatched.lane(svc + "Sample", gen.SampleRequest(seeds=[1])).name == "work"
