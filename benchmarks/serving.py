@@ -19,7 +19,10 @@ from elsewhere on the machine hits both alike; every ratio is taken between tota
    (``max_batch`` 16, batch delays 0, 2 and 5 ms: the service default is 2 ms) and to one whose
    domain does not (every request its own forward pass). Reported: total images/s, p50/p99
    request latency (over every round's requests), the mean forward-pass batch size,
-   and batched/unbatched images/s at the default delay. Note that an
+   batched/unbatched images/s at the default delay. In the same rounds, ``in_process_16``: sequential
+   in-process sampling of ``--batch`` seeds with the same PNG encoding (what full batches give with
+   no serving around them; its latencies are per call of ``--batch`` images), and batched images/s
+   at the default delay against it. Note that an
    unbatched single image still runs a forward pass at batch 4 (``sampling.bucket``: sizes below 4
    are padded so that images do not depend on their company); that is what the service does, so
    it is part of the baseline.
@@ -237,17 +240,36 @@ def _drive(served: Served, clients: int, warmup_s: float, seconds: float, models
             "latencies": every, "mean_batch": served.batches.mean(), "forward_passes": len(served.batches.sizes)}
 
 
+def _in_process(served: Served, batch: int, seconds: float) -> dict:
+    """Sequential in-process ``Domain.sample`` of ``batch`` seeds plus the servicer's PNG encoding, for
+    ``seconds``: what full batches give with no serving around them (in ``_drive``'s figures)."""
+    latencies = []
+    start = time.perf_counter()
+    while (t0 := time.perf_counter()) - start < seconds:
+        seeds = fresh_seeds(batch)
+        images = served.domain.sample(SampleRequest(MODEL, seeds=seeds)).images
+        assert len(convert.images_pb(images, PNG, seeds)) == batch
+        latencies.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - start
+    return {"requests": batch * len(latencies), "seconds": elapsed, "images_per_s": batch * len(latencies) / elapsed,
+            "latencies": sorted(latencies), "mean_batch": float(batch), "forward_passes": len(latencies)}
+
+
 def concurrent_clients(data_dir: Path, weights: Path, clients: int, delays_ms: list[float], seconds: float,
-                       rounds: int, warmup_s: float) -> dict:
-    """Batched (each delay) and unbatched servers under ``clients`` single-image clients, interleaved by round."""
-    configs = [("unbatched", False, DEFAULT_DELAY_MS)] + [(f"batched_{d:g}ms", True, d) for d in delays_ms]
+                       rounds: int, warmup_s: float, batch: int = 16) -> dict:
+    """Batched (each delay) and unbatched servers under ``clients`` single-image clients, and in-process
+    sampling of ``batch`` seeds at a time, interleaved by round."""
+    full = f"in_process_{batch}"
+    configs = ([("unbatched", False, DEFAULT_DELAY_MS)] + [(f"batched_{d:g}ms", True, d) for d in delays_ms]
+               + [(full, True, DEFAULT_DELAY_MS)])
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
     for r in range(rounds):
         order = configs[r % len(configs):] + configs[:r % len(configs)]   # rotate who runs first
         for name, batching, delay in order:
             served = Served(data_dir, weights, dynamic_batching=batching, delay_ms=delay)
             try:
-                runs[name].append(_drive(served, clients, warmup_s, seconds / rounds))
+                runs[name].append(_in_process(served, batch, seconds / rounds) if name == full
+                                  else _drive(served, clients, warmup_s, seconds / rounds))
             finally:
                 served.close()
     out: dict = {"clients": clients, "channels": "one per client, own TCP connection", "configs": {}}
@@ -269,6 +291,10 @@ def concurrent_clients(data_dir: Path, weights: Path, clients: int, delays_ms: l
         b, u = out["configs"][default], out["configs"]["unbatched"]
         out["ratio"] = b["images_per_s"] / u["images_per_s"]
         out["round_ratios"] = [x / y for x, y in zip(b["round_images_per_s"], u["round_images_per_s"])]
+        f = out["configs"][full]
+        out["full_batch"] = batch
+        out["full_ratio"] = b["images_per_s"] / f["images_per_s"]
+        out["round_full_ratios"] = [x / y for x, y in zip(b["round_images_per_s"], f["round_images_per_s"])]
     return out
 
 
@@ -488,7 +514,7 @@ def run(batch: int = 16, seconds: float = 16.0, grpc_seconds: float = 16.0, roun
         finally:
             served.close()
         results["concurrent_clients"] = concurrent_clients(Path(tmp), weights, clients, delays_ms, seconds,
-                                                           rounds, warmup_s)
+                                                           rounds, warmup_s, batch)
     results["concurrent_clients"]["seconds_per_config"] = seconds
     results["load_average_at_end"] = os.getloadavg()[0]
     return results
@@ -518,6 +544,10 @@ def print_table(r: dict) -> None:
     if "ratio" in c:
         rounds = " ".join(f"{v:.2f}" for v in c["round_ratios"])
         print(f"     batched ({DEFAULT_DELAY_MS:g} ms) / unbatched: {c['ratio']:.2f}× (per round {rounds})")
+    if "full_ratio" in c:
+        rounds = " ".join(f"{v:.2f}" for v in c["round_full_ratios"])
+        print(f"     batched ({DEFAULT_DELAY_MS:g} ms) / in-process batch {c['full_batch']}: {c['full_ratio']:.2f}× "
+              f"(per round {rounds})")
 
 
 def main(argv: list[str] | None = None) -> int:

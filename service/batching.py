@@ -5,11 +5,17 @@
   every version of one import, whatever its edits and truncation) are coalesced in arrival
   order up to ``max_batch`` images; each request's images carry its own low-rank ``change``
   and truncation (``sampling.sample``). The first waits at most ``max_delay_s`` for company,
-  and requests that arrive while a batch runs join the next one without waiting.
+  and requests that arrive while a batch runs join the next one without waiting. While the
+  callers a pass just served are expected back (as many rows of the key were in flight when it
+  ended), the next batch waits for them too, up to ``FILL_SHARE`` of that pass's time (at most
+  ``FILL_MAX_S``): steady clients then share full passes instead of splitting into groups that
+  alternate (a pass is padded to its bucket, so half a batch costs nearly a whole one). A wait
+  that comes up short lowers the expectation to what came. ``max_delay_s`` 0: never wait.
 - ``BatcherClosed``: ``submit`` after ``close``.
 - ``submit(..., should_stop)``: a caller whose client went away (cancelled, deadline passed)
-  leaves the queue at once (``Cancelled``); if its batch already runs, the caller stops waiting
-  and its images are dropped.
+  leaves the queue at once (``Cancelled``; queued jobs are matched by identity, never by their
+  tensors), and a batch about to run leaves out callers that have gone; if its batch already
+  runs, the caller stops waiting and its images are dropped.
 
 Images do not depend on the company they are batched with: ``sampling.sample`` pads every
 forward pass to a fixed bucket size, and each version's low-rank terms run grouped and padded
@@ -36,7 +42,7 @@ class BatcherClosed(RuntimeError):
     """The batcher was closed (the server is shutting down)."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)     # identity: comparing fields would compare tensors
 class _Job:
     key: Hashable
     model: Generator
@@ -44,6 +50,7 @@ class _Job:
     truncation: float
     change: Change | None
     arrived: float
+    should_stop: Callable[[], bool] | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     images: torch.Tensor | None = None
     error: BaseException | None = None
@@ -53,6 +60,8 @@ class SampleBatcher:
     """Coalesces concurrent sampling of one key (versions of one base) into shared forward passes."""
 
     POLL_S = 0.05                         # how often a waiting caller checks whether its client left
+    FILL_SHARE = 0.5                      # longest wait for expected callers, as a share of the last pass
+    FILL_MAX_S = 0.1                      # and never longer than this
 
     def __init__(
         self,
@@ -70,6 +79,10 @@ class SampleBatcher:
         self._pending: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._inflight: collections.Counter = collections.Counter()   # rows inside submit, by key
+        self._expected: dict[Hashable, int] = {}    # rows of a key in flight when its last pass ended
+        self._last_pass_s = 0.0
+        self._free_at = 0.0                          # when the worker last finished a pass
         self._worker = threading.Thread(target=self._run, name="sample-batcher", daemon=True)
         self._worker.start()
 
@@ -82,24 +95,34 @@ class SampleBatcher:
         ``should_stop()`` true (the client cancelled or its deadline passed): ``Cancelled``, and
         the request leaves the queue if its batch has not started.
         """
-        job = _Job(key, model, z, truncation, change, time.monotonic())
+        job = _Job(key, model, z, truncation, change, time.monotonic(), should_stop)
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the server is shutting down")
             self._pending.append(job)
+            self._inflight[key] += z.shape[0]
             self._cond.notify()
-        while not job.done.wait(None if should_stop is None else self.POLL_S):
-            if should_stop():
-                with self._cond:
-                    try:
-                        self._pending.remove(job)      # not taken yet: its batch goes on without it
-                    except ValueError:
-                        pass                           # running: its images are dropped
-                raise Cancelled("sampling cancelled: the client went away or its deadline passed")
+        try:
+            self._wait(job, should_stop)
+        finally:
+            with self._cond:
+                self._inflight[key] -= z.shape[0]
+                if not self._inflight[key]:
+                    del self._inflight[key]
         if job.error is not None:
             raise job.error
         assert job.images is not None
         return job.images
+
+    def _wait(self, job: _Job, should_stop: Callable[[], bool] | None) -> None:
+        """Until ``job`` is done; ``Cancelled`` (and out of the queue) once ``should_stop()`` is true."""
+        while not job.done.wait(None if should_stop is None else self.POLL_S):
+            if should_stop():
+                with self._cond:
+                    if job in self._pending:           # not taken yet: its batch goes on without it
+                        self._pending.remove(job)
+                        self._cond.notify()
+                raise Cancelled("sampling cancelled: the client went away or its deadline passed")
 
     def close(self) -> None:
         """Finish what is queued, then stop the worker; later submits raise ``BatcherClosed``."""
@@ -116,13 +139,21 @@ class SampleBatcher:
                     return None
                 self._cond.wait()
             first = self._pending[0]
+            rows = self._rows(first.key)
+            expected = min(self.max_batch, self._expected.get(first.key, 0)) if self.max_delay_s > 0 else 0
             deadline = first.arrived + self.max_delay_s
-            while not self._closed:
-                rows = sum(j.z.shape[0] for j in self._pending if j.key == first.key)
+            if rows < expected:                        # callers of the last pass are on their way back
+                fill = min(self.FILL_SHARE * self._last_pass_s, self.FILL_MAX_S)
+                deadline = max(deadline, max(first.arrived, self._free_at) + fill)
+            while not self._closed and self._pending:
+                rows = self._rows(first.key)
                 left = deadline - time.monotonic()
-                if rows >= self.max_batch or left <= 0:
+                if rows >= self.max_batch or left <= 0 or (rows >= expected and
+                                                           time.monotonic() >= first.arrived + self.max_delay_s):
                     break
                 self._cond.wait(left)
+            if rows < expected:
+                self._expected[first.key] = rows       # fewer came back: expect no more next time
             batch, rows, rest = [], 0, collections.deque()
             for job in self._pending:
                 n = job.z.shape[0]
@@ -134,9 +165,13 @@ class SampleBatcher:
             self._pending = rest
             return batch
 
+    def _rows(self, key: Hashable) -> int:
+        """Rows queued for ``key`` (call holding the lock)."""
+        return sum(j.z.shape[0] for j in self._pending if j.key == key)
+
     def _run(self) -> None:
         while (batch := self._take()) is not None:
-            batch = self._admissible(batch)
+            batch = [job for job in self._admissible(batch) if not _left(job)]
             if not batch:
                 continue
             # Versions with the same ranks side by side, the base's own rows last: each layer's
@@ -147,8 +182,10 @@ class SampleBatcher:
                 if self.observe is not None:
                     self.observe(z.shape[0])
                 rows = [(j.change, float(j.truncation)) for j in batch for _ in range(j.z.shape[0])]
+                started = time.monotonic()
                 images = sample(batch[0].model, z=z, truncation=[t for _, t in rows], batch_size=self.max_batch,
                                 changes=[c for c, _ in rows])
+                self._passed(batch[0].key, time.monotonic() - started)
                 start = 0
                 for job in batch:
                     job.images = images[start:start + job.z.shape[0]]
@@ -159,6 +196,16 @@ class SampleBatcher:
             finally:
                 for job in batch:
                     job.done.set()
+
+    def _passed(self, key: Hashable, seconds: float) -> None:
+        """Note a finished pass of ``key``: its time, and the rows of ``key`` in flight now (whose callers,
+        this pass's among them, are expected in the next batch)."""
+        with self._cond:
+            self._last_pass_s = seconds
+            self._free_at = time.monotonic()
+            self._expected[key] = self._inflight.get(key, 0)
+            for gone in [k for k in self._expected if k not in self._inflight]:
+                del self._expected[gone]               # keys nobody samples now: forget them
 
     @staticmethod
     def _admissible(batch: list[_Job]) -> list[_Job]:
@@ -172,6 +219,16 @@ class SampleBatcher:
                 job.error = exc
                 job.done.set()
         return ok
+
+
+def _left(job: _Job) -> bool:
+    """Whether ``job``'s caller has stopped waiting (its client left); if so it is answered ``Cancelled`` now,
+    so that a batch about to run computes no images nobody will take."""
+    if job.should_stop is None or not job.should_stop():
+        return False
+    job.error = Cancelled("sampling cancelled: the client went away or its deadline passed")
+    job.done.set()
+    return True
 
 
 def _by_ranks(job: _Job) -> tuple:

@@ -11,11 +11,14 @@
   NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or SIGINT goes
   NOT_SERVING and stops with a grace period. TLS, metrics, S3 and Redis as configured; the HTTP
   side (``web.py``: the editor and its JSON API) where ``web_address(config)`` says.
-- ``WorkLimiter``: a server interceptor that lets at most ``max_workers`` RPCs work at once and as
-  many more wait for a slot, on a pool with ``RESERVED_WORKERS`` more threads, so health checks
-  and OIP liveness/readiness never wait behind work; more work is refused (RESOURCE_EXHAUSTED),
-  and during a drain (after SIGTERM) new work is refused with UNAVAILABLE while health answers
-  NOT_SERVING.
+- ``WorkLimiter``: a server interceptor that admits calls by lane, each with its own bound, on a
+  pool with threads for every lane and ``RESERVED_WORKERS`` more, so health checks and OIP
+  liveness/readiness never wait behind work: Sample and ModelInfer while batching dynamically
+  (``max_sample_calls``: they wait for a shared forward pass, taking no work slot), long calls
+  (Rewrite, Dissect, SearchContext, ComputeStatistics: ``max_long_calls`` at once and
+  ``long_call_queue`` waiting) and the rest (``max_workers`` at once and as many waiting). Past a
+  lane's bound RESOURCE_EXHAUSTED names its setting; during a drain (after SIGTERM) new work is
+  refused with UNAVAILABLE while health answers NOT_SERVING.
 - ``StoreWatch``: probes a store that can be probed (S3) every few seconds; while it is
   unreachable ``rulewright.v1.RegistryService`` is NOT_SERVING in health and OIP ``ServerReady``
   is false, while the server as a whole stays SERVING (resident versions still serve, and a
@@ -25,6 +28,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -67,54 +71,107 @@ RESERVED_WORKERS = 4              # pool threads only probes and discovery use (
 UNLIMITED_PREFIXES = (f"/{health.SERVICE_NAME}/", "/grpc.reflection.", f"/{OIP_SERVICE}/ServerLive",
                       f"/{OIP_SERVICE}/ServerReady")
 REGISTRY_SERVICE = SERVICES[1]
+GENERATOR_SERVICE = SERVICES[0]
+# Calls that wait for a shared forward pass (the batcher does their work) and calls that run long.
+SAMPLE_METHODS = frozenset({"Sample", "ModelInfer"})
+LONG_METHODS = frozenset({"Rewrite", "Dissect", "SearchContext", "ComputeStatistics"})
 STORE_PROBE_S = 2.0               # how often StoreWatch asks the store
 
 
-class WorkLimiter(grpc.ServerInterceptor):
-    """At most ``limit`` work RPCs at once and ``queue`` more waiting for a slot (until their deadline);
-    beyond that RESOURCE_EXHAUSTED. The rest of the pool answers probes. Refuses work while draining."""
+@dataclasses.dataclass
+class Lane:
+    """One admission lane: at most ``limit`` calls at once and ``queue`` more waiting for a slot (until
+    their deadline); beyond that RESOURCE_EXHAUSTED naming ``settings``, the server settings that bound it."""
 
-    def __init__(self, limit: int, queue: int | None = None):
-        self.limit = limit
-        self.queue = limit if queue is None else queue     # work RPCs that may wait for a slot
-        self.busy = 0
-        self.waiting = 0
+    name: str
+    limit: int
+    queue: int
+    settings: str
+    busy: int = 0
+    waiting: int = 0
+
+    @property
+    def threads(self) -> int:
+        """Pool threads this lane can hold at once (its calls and those waiting)."""
+        return self.limit + self.queue
+
+
+class WorkLimiter(grpc.ServerInterceptor):
+    """Admission by lane: Samples waiting for a shared forward pass (``sample``), long calls (``long``:
+    Rewrite, Dissect, SearchContext, ComputeStatistics) and the rest (``work``) each get their own bound,
+    so no kind can shut another out. The rest of the pool answers probes. Refuses work while draining."""
+
+    def __init__(self, limit: int, queue: int | None = None, sample_calls: int = 0, long_calls: int = 0,
+                 long_queue: int = 0):
+        work = Lane("work", limit, limit if queue is None else queue, "max_workers")
+        self.lanes = {"work": work}
+        if sample_calls > 0:          # Samples wait in the batcher, not on a worker: a lane of their own
+            self.lanes["sample"] = Lane("sample", sample_calls, 0, "max_sample_calls")
+        if long_calls > 0:
+            self.lanes["long"] = Lane("long", long_calls, long_queue, "max_long_calls and long_call_queue")
+        self.limit, self.queue = work.limit, work.queue
         self.draining = False
         self._cond = threading.Condition()
+
+    @property
+    def busy(self) -> int:
+        """Calls admitted and running, over every lane."""
+        return sum(lane.busy for lane in self.lanes.values())
+
+    @property
+    def threads(self) -> int:
+        """Pool threads the lanes can hold at once (the server's pool needs these plus ``RESERVED_WORKERS``)."""
+        return sum(lane.threads for lane in self.lanes.values())
+
+    def lane(self, method: str, request=None) -> Lane:
+        """The lane a call of ``method`` is admitted through (``request``: a unary call's message)."""
+        name = method.rpartition("/")[2]
+        if name in SAMPLE_METHODS and "sample" in self.lanes:
+            # Samples with unit interventions run alone on their own thread: they are work, not waiting.
+            return self.lanes["work" if getattr(request, "interventions", None) else "sample"]
+        if name in LONG_METHODS and method.startswith(f"/{GENERATOR_SERVICE}/") and "long" in self.lanes:
+            return self.lanes["long"]
+        return self.lanes["work"]
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNLIMITED_PREFIXES):
             return handler
+        method = handler_call_details.method
+        unary = not handler.request_streaming
+
         def wrap(behavior, streaming: bool):
             if streaming:
                 def limited_stream(request_or_iterator, context):
-                    self._enter(context)
+                    lane = self.lane(method, request_or_iterator if unary else None)
+                    self._enter(lane, context)
                     try:
                         yield from behavior(request_or_iterator, context)
                     finally:
-                        self._leave()
+                        self._leave(lane)
                 return limited_stream
 
             def limited(request_or_iterator, context):
-                self._enter(context)
+                lane = self.lane(method, request_or_iterator if unary else None)
+                self._enter(lane, context)
                 try:
                     return behavior(request_or_iterator, context)
                 finally:
-                    self._leave()
+                    self._leave(lane)
             return limited
         return rewrap(handler, wrap)
 
-    def _enter(self, context) -> None:
+    def _enter(self, lane: Lane, context) -> None:
         with self._cond:
             if self.draining:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry (another replica)")
-            if self.busy >= self.limit and self.waiting >= self.queue:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is busy: {self.limit} RPCs in progress "
-                              f"and {self.waiting} waiting (server setting max_workers)")
-            self.waiting += 1
+            if lane.busy >= lane.limit and lane.waiting >= lane.queue:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the server is busy: {lane.busy} {lane.name} calls in progress and {lane.waiting} "
+                              f"waiting (server setting {lane.settings}); retry with backoff")
+            lane.waiting += 1
             try:
-                while self.busy >= self.limit:        # a bounded queue, in arrival order of wake-ups
+                while lane.busy >= lane.limit:        # a bounded queue, in arrival order of wake-ups
                     if self.draining:
                         context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
                     left = context.time_remaining()
@@ -122,12 +179,12 @@ class WorkLimiter(grpc.ServerInterceptor):
                         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed waiting for a worker")
                     self._cond.wait(min(0.1, left))
             finally:
-                self.waiting -= 1
-            self.busy += 1
+                lane.waiting -= 1
+            lane.busy += 1
 
-    def _leave(self) -> None:
+    def _leave(self, lane: Lane) -> None:
         with self._cond:
-            self.busy -= 1
+            lane.busy -= 1
             self._cond.notify_all()
 
     def drain(self, timeout_s: float) -> bool:
@@ -193,7 +250,10 @@ def create_server(
     domain,                                     # the domain layer the servicers call
     address: str = "127.0.0.1:0",              # host:port; port 0 picks a free one
     max_message_bytes: int = MAX_MESSAGE_BYTES,  # largest request and response accepted
-    max_workers: int = 16,                      # concurrent RPCs
+    max_workers: int = 16,                      # concurrent RPCs (other than Samples and long calls)
+    max_sample_calls: int = 64,                 # Samples and ModelInfers admitted at once while batching
+    max_long_calls: int = 2,                    # Rewrites, Dissects, SearchContexts, statistics streams at once
+    long_call_queue: int = 16,                  # more long calls that may wait for a slot
     health_servicer: health.HealthServicer | None = None,  # None: SERVING if a model is registered
     tokens=None,                                # auth.Token entries; None or empty: auth off (loopback only)
     credentials: grpc.ServerCredentials | None = None,  # TLS or mTLS (see tls.py); None: plaintext
@@ -207,14 +267,15 @@ def create_server(
     the OIP service, health and reflection; unfinished dataset jobs in the store resume."""
     check_auth_config(address, tokens)
     # Metrics outermost, so refused calls (UNAUTHENTICATED, PERMISSION_DENIED, busy) are counted too.
-    limiter = WorkLimiter(max_workers)
+    limiter = WorkLimiter(max_workers, sample_calls=max_sample_calls if domain.batcher is not None else 0,
+                          long_calls=max_long_calls, long_queue=long_call_queue)
     interceptors = (([metrics.interceptor()] if metrics is not None else []) + [limiter]
                     + ([AuthInterceptor(tokens)] if tokens else []))
     if metrics is not None:
         metrics.bind(domain)
-    # Threads for the work, for as many waiting for a slot, and a few that answer health and OIP
-    # readiness however busy the server is.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * max_workers + RESERVED_WORKERS,
+    # Threads for every lane's calls and those waiting for a slot, and a few that answer health and
+    # OIP readiness however busy the server is.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limiter.threads + RESERVED_WORKERS,
                                                     thread_name_prefix="rpc"),
                          interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -337,7 +398,9 @@ def serve(config, on_ready=None) -> int:
         health_servicer = health.HealthServicer()
         set_health(health_servicer, False)
         server, port = create_server(domain, config.address, max_message_bytes=int(config.max_message_mb * 2**20),
-                                     max_workers=config.max_workers, health_servicer=health_servicer, tokens=tokens,
+                                     max_workers=config.max_workers, max_sample_calls=config.max_sample_calls,
+                                     max_long_calls=config.max_long_calls, long_call_queue=config.long_call_queue,
+                                     health_servicer=health_servicer, tokens=tokens,
                                      credentials=credentials, metrics=metrics,
                                      max_import_bytes=int(config.max_import_mb * 2**20),
                                      job_workers=config.job_workers, job_executor=job_executor(config, domain),

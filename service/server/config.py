@@ -83,7 +83,13 @@ SETTINGS = (
             "most MiB kept loaded: each base's weights once plus every version's factors; 0: no limit"),
     Setting("max_import_mb", float, 2048.0, "largest ImportModel upload in MiB"),
     Setting("max_message_mb", float, 64.0, "largest gRPC request or response in MiB"),
-    Setting("max_workers", int, 16, "RPCs served at once"),
+    Setting("max_workers", int, 16, "RPCs served at once (other than Samples waiting for a batch and long calls)"),
+    Setting("max_sample_calls", int, 64, "Sample and ModelInfer calls admitted at once while batching dynamically "
+                                         "(they wait for a shared forward pass, not for a worker); more: "
+                                         "RESOURCE_EXHAUSTED"),
+    Setting("max_long_calls", int, 2, "Rewrite, Dissect, SearchContext and ComputeStatistics calls run at once"),
+    Setting("long_call_queue", int, 16, "more such long calls that may wait for a slot (until their deadline); "
+                                        "more: RESOURCE_EXHAUSTED"),
     Setting("job_workers", int, 2, "dataset-job shards rendered at once per job (threads of the server, or Ray "
                                    "tasks in flight)"),
     Setting("job_executor", str, "local", "where dataset-job shards run: local (threads of this server) or ray "
@@ -188,6 +194,11 @@ def _check(c: "ServeConfig") -> None:
                  "max_stats_samples", "max_job_samples", "max_mask_pixels", "s3_max_attempts", "web_max_connections", "job_workers"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
+    for name in ("max_sample_calls", "max_long_calls"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(c, name)}")
+    if c.long_call_queue < 0:
+        raise ConfigError(f"long_call_queue must not be negative, got {c.long_call_queue}")
     for name in ("batch_delay_ms", "memory_budget_mb", "grace_s", "max_import_mb", "max_message_mb"):
         if not math.isfinite(getattr(c, name)):
             raise ConfigError(f"{name} must be finite, got {getattr(c, name)}")

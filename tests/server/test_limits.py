@@ -110,14 +110,14 @@ def test_a_sample_whose_deadline_passes_leaves_its_batch(server, channel, domain
 
 
 def test_health_answers_while_every_worker_is_busy(domain, monkeypatch):
-    """Two work threads held inside sampling, two more calls waiting, more refused at once: health
-    and OIP readiness still answer, from threads work cannot take."""
+    """Four Samples admitted and held inside sampling, more refused at once: health and OIP readiness
+    still answer, from threads work cannot take."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     release = threading.Event()
     real = batching.sample
     monkeypatch.setattr(batching, "sample", lambda model, z, **kw: (release.wait(20), real(model, z=z, **kw))[1])
-    server, port = create_server(domain, max_workers=2)
+    server, port = create_server(domain, max_workers=2, max_sample_calls=4)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = gen_grpc.GeneratorServiceStub(ch)
