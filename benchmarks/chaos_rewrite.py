@@ -1,11 +1,13 @@
 """Rewrites too short (or too steep) to fit, against a real ``rulewright serve`` process: ``python -m benchmarks.chaos_rewrite``.
 
-**no-op rewrite** (embedded registry, the faces model): the glasses edit (``examples/edits/glasses.json``)
-(its key statistic over 200 samples) with 3, 5 and 10 optimization steps, and as the one-layer edit (``method: single``) with lr 0.1 and
-100 steps. Each is sent as a Rewrite; a row per budget gives the status code and reason it got, the
-versions before and after it, and the goal losses (from the error's metadata, or the new version's
-metrics). A fit that stays at no edit should be refused (FAILED_PRECONDITION, EDIT_DID_NOT_IMPROVE)
-with the versions unchanged; one that fits should create a version whose goal loss is lower.
+**no-op rewrite** (embedded registry, the faces model): the glasses edit
+(``examples/edits/glasses.json``, its key statistic over 200 samples) with 3, 5 and 10
+optimization steps, and as the one-layer edit (``method: single``) with lr 0.1 and 100 steps.
+Each is sent as a Rewrite; a row per budget gives the status code and reason it got, the versions
+before and after it, and the goal losses (from the error's metadata, or the new version's
+metrics). A fit that stays at no edit should be refused (FAILED_PRECONDITION,
+EDIT_DID_NOT_IMPROVE) with the versions unchanged; one that fits should create a version whose
+goal loss is lower.
 
 ``run(args) -> list[dict]`` returns rows ``{"scenario", "backend", "result", "detail"}``; ``main()``
 prints them.
@@ -40,15 +42,16 @@ STATS_SAMPLES = 200            # fewer than the spec's 1,000: the statistic is n
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This module's flags."""
-    parser.add_argument("--cache-dir", default=os.environ.get("RULEWRIGHT_CACHE_DIR", str(REPO / ".cache" / "rulewright")),
-                        help="where the faces model is (fetched on first use)")
+    default = os.environ.get("RULEWRIGHT_CACHE_DIR", str(REPO / ".cache" / "rulewright"))
+    parser.add_argument("--cache-dir", default=default, help="where the faces model is (fetched on first use)")
 
 
 def glasses_spec(**change) -> edit_pb2.EditSpec:
     """The shipped glasses edit as the API's EditSpec (unset fields: the server's defaults), changed."""
     d = json.loads((REPO / "examples" / "edits" / "glasses.json").read_text())
     box = lambda b: images_pb2.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])   # noqa: E731
-    return edit_pb2.EditSpec(layer=d["layer"], stats=edit_pb2.StatisticsSpec(samples=STATS_SAMPLES), copy=images_pb2.Region(seed=d["copy"]["seed"], box=box(d["copy"]["box"])),
+    return edit_pb2.EditSpec(layer=d["layer"], stats=edit_pb2.StatisticsSpec(samples=STATS_SAMPLES),
+                             copy=images_pb2.Region(seed=d["copy"]["seed"], box=box(d["copy"]["box"])),
                              paste=[images_pb2.Region(seed=p["seed"], box=box(p["box"])) for p in d["paste"]],
                              **change)
 
