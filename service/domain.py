@@ -56,7 +56,7 @@ from .engine import delta as delta_codec
 from .engine import dissect
 from .engine.device import configure_determinism, select_device
 from .engine.errors import InvalidArgument
-from .engine.edit import Edit, EditSpec
+from .engine.edit import Edit, EditSpec, check_improved
 from .engine.progress import Progress
 from .engine.generators.base import Generator
 from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
@@ -320,7 +320,8 @@ class Domain:
         """Run an edit on a version and store it as a new version (unless ``dry_run``).
 
         A ``request_id`` already used returns the earlier version without recomputing; stopping
-        ``progress`` (a cancellation) or any error creates nothing.
+        ``progress`` (a cancellation) or any error creates nothing, and a fit that never did better
+        than no edit is refused (``EditDidNotImprove``), a dry run too.
         """
         request.check(self.limits)
         progress = progress or Progress()
@@ -345,6 +346,7 @@ class Domain:
         private = res.hookable()        # the engine hooks it while it gathers keys and values
         with _fields_within("spec"):
             edit = engine_rewrite(private, checked, moment=moment, progress=progress, moments=moments)
+        check_improved(edit)            # a fit that stayed at no edit is refused, dry or not, before any write
         previews = None
         if request.preview_seeds:
             # Through the factored path, as the new version will be sampled: the same bytes.

@@ -10,6 +10,7 @@
 - ``check_samples``, ``check_search_spec``, ``check_spec``, ``check_region_json``: a statistic's
   samples, an edit's target search, an edit spec in its JSON form (regions, samples, search, the
   declared and inflated size of each mask), one JSON region's mask.
+- ``check_spec_regions``: an edit spec's region count, naming the list that crosses the cap.
 
 The transports' checks of their own messages live in ``server/limits.py`` and build on these.
 Every refusal is an engine ``InvalidArgument`` whose description names the setting.
@@ -95,6 +96,17 @@ def check_search_spec(limits: Limits, targets: Any, candidates: Any, field: str)
                     "max_search_seeds")
 
 
+def check_spec_regions(limits: Limits, counts: dict[str, int], copy: bool, prefix: str = "spec") -> None:
+    """An edit spec's regions (a copy, then ``counts`` of paste, context and found) against
+    ``max_regions``; the refusal names the list whose regions cross the cap."""
+    total, field = int(copy), f"{prefix}.paste"
+    for key in ("paste", "context", "found"):
+        if total <= limits.max_regions < total + counts.get(key, 0):
+            field = f"{prefix}.{key}"
+        total += counts.get(key, 0)
+    check_count(total, limits.max_regions, field, "regions (copy, paste, context and found)", "max_regions")
+
+
 def check_spec(limits: Limits, spec: Any, prefix: str = "spec") -> None:
     """An edit spec in its JSON form: regions, statistics samples and the declared size of each mask."""
     if not isinstance(spec, dict):
@@ -106,8 +118,8 @@ def check_spec(limits: Limits, spec: Any, prefix: str = "spec") -> None:
         items = spec.get(key)
         if isinstance(items, list):
             regions += [(f"{prefix}.{key}[{i}]", r) for i, r in enumerate(items)]
-    check_count(len(regions), limits.max_regions, f"{prefix}.paste", "regions (copy, paste, context and found)",
-                "max_regions")
+    check_spec_regions(limits, {key: len(spec[key]) if isinstance(spec.get(key), list) else 0
+                                for key in ("paste", "context", "found")}, spec.get("copy") is not None, prefix)
     stats = spec.get("stats")
     if isinstance(stats, dict) and isinstance(stats.get("samples"), int):
         check_samples(limits, stats["samples"], f"{prefix}.stats.samples")

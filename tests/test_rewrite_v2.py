@@ -160,6 +160,9 @@ def test_specs_of_the_first_release_replay_as_the_one_layer_edit(small):
     ({"search": {"targets": -1}}, "search.targets"), ({"goal": "value", "method": "multilayer"}, "goal"),
     ({"found": [{"seed": 3}]}, "found[0]"),
     ({"found": [{"seed": 3, "box": [0, 0, 4, 4]}] * 257}, "found"),
+    ({"method": "single", "layers": ["main.3", "main.6"]}, "layers"),     # one layer: `layer` names it
+    ({"method": "single", "layers": ["main.6"]}, "layers"),
+    ({"op": "zero", "context": [{"seed": 3, "box": [0, 0, 4, 4]}], "layers": ["main.3"]}, "layers"),
 ])
 def test_bad_new_fields_name_the_field(small, change, field):
     from rulewright.service.engine.errors import InvalidArgument

@@ -4,6 +4,7 @@
   replayable on another version of the model. ``EditSpec.from_json(d, model)`` validates and
   completes a user's spec; ``to_json()`` gives back the full form.
 - ``Edit``: the result — low-rank deltas, the layer, the spec, metrics.
+- ``check_improved(edit)``: ``EditDidNotImprove`` for a fit that ended at no edit (its parent's pictures).
 - ``apply_edit(model, edit)`` → ``AppliedEdit``: changes the weights in place; ``remove()``
   restores them bit for bit, so an edit comes and goes without reloading the model.
 - ``apply_lineage(model, edits)``: a chain of edits, in order (removed in reverse).
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .delta import LowRankDelta
-from .errors import InvalidArgument
+from .errors import EditDidNotImprove, InvalidArgument
 from .generators.base import Generator
 from .regions import Region
 
@@ -172,6 +173,9 @@ class EditSpec:
                                       f"rewritable: {', '.join(infos)}")
         if len(set(s["layers"])) != len(s["layers"]):
             raise InvalidArgument("layers", "names a layer twice")
+        if s["method"] != "multilayer" and s["layers"]:
+            raise InvalidArgument("layers", f"method {s['method']!r} edits one layer, named by 'layer'; 'layers' "
+                                  "lists the layers of method 'multilayer'")
         if s["method"] == "multilayer":
             for name in s["layers"] or list(infos):
                 if s["rank"] > infos[name].key_shape[0]:
@@ -250,6 +254,27 @@ class Edit:
     deltas: list[LowRankDelta]
     spec: dict
     metrics: dict
+
+
+def check_improved(edit: Edit) -> None:
+    """Raise ``EditDidNotImprove`` when the fit left every factor at zero (op zero fits nothing).
+
+    The solvers hand back their best iterate, and the start (no edit) is one: when no step beats
+    it the edit draws its parent's pictures at any strength, and storing it would only add a
+    version identical to its parent.
+    """
+    spec, metrics = edit.spec, edit.metrics
+    if spec.get("op") == "zero" or any(bool(d.lam.any()) for d in edit.deltas):
+        return
+    before, after = metrics.get("goal_loss_before"), metrics.get("goal_loss_after")
+    fit = ("its least-squares solution is zero" if spec.get("solver") == "closed_form" else
+           f"none of its {spec.get('steps')} steps at lr {spec.get('lr')} lowered its loss below no edit's")
+    raise EditDidNotImprove(
+        f"the fit did not improve on no edit: {fit}, so the edit would draw its parent's pictures "
+        f"({spec.get('goal')} goal loss {before:.6g} before, {after:.6g} after); nothing was stored. "
+        "More steps or a smaller lr may help.",
+        goal=spec.get("goal"), goal_loss_before=before, goal_loss_after=after, method=spec.get("method"),
+        solver=spec.get("solver"), steps=spec.get("steps"), lr=spec.get("lr"))
 
 
 class AppliedEdit:

@@ -4,8 +4,10 @@
   with a BadRequest field violation over the API). ``field`` is a dotted path into the edit spec
   (``paste[1].mask``, ``rank``).
 - ``Cancelled``: a long job stopped because its caller asked (→ CANCELLED).
+- ``EditDidNotImprove``: a fit that ended where it started, no edit (→ FAILED_PRECONDITION), with
+  the goal losses as metadata.
 
-Both derive from ``rulewright.service.errors.Error``, the one base every layer's errors share.
+All derive from ``rulewright.service.errors.Error``, the one base every layer's errors share.
 """
 
 from __future__ import annotations
@@ -28,3 +30,10 @@ class Cancelled(Error):
 
     code = Code.CANCELLED
     reason = "CANCELLED"
+
+
+class EditDidNotImprove(Error):
+    """No step of an edit's fit did better than no edit, so its factors stayed zero: nothing to store."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "EDIT_DID_NOT_IMPROVE"

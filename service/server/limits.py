@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.v1 import images_pb2
-from ..limits import Limits, check_count
+from ..limits import Limits, check_count, check_spec_regions
 
 
 def _walk(msg: Message, path: str) -> Iterator[tuple[str, Message]]:
@@ -64,6 +64,6 @@ def check_search(limits: Limits, request) -> None:
 def check_rewrite(limits: Limits, request) -> None:
     """RewriteRequest: how many regions the spec holds, and their masks."""
     spec = request.spec
-    n = int(spec.HasField("copy")) + len(spec.paste) + len(spec.context) + len(spec.found)
-    check_count(n, limits.max_regions, "spec.paste", "regions (copy, paste, context and found)", "max_regions")
+    check_spec_regions(limits, {"paste": len(spec.paste), "context": len(spec.context), "found": len(spec.found)},
+                       spec.HasField("copy"))
     check_masks(limits, request)

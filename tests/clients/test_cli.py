@@ -96,14 +96,14 @@ def test_rewrite_from_flags_with_progress_and_promote(rw, client):
 def test_rewrite_from_spec_with_override_and_dry_run(rw, client, tmp_path):
     spec = tmp_path / "tiny.json"
     spec.write_text(json.dumps({**TINY_SPEC, "context": [{"seed": 3, "box": [0, 0, 16, 16]}]}))
-    code, out, err = rw("rewrite", "tiny", "--spec", str(spec), "--steps", "7", "--dry-run", "--quiet")
+    code, out, err = rw("rewrite", "tiny", "--spec", str(spec), "--steps", "30", "--dry-run", "--quiet")
     assert code == 0, err
     assert out.startswith("dry run") and "nothing committed" in out and err == ""
     assert [v.number for v in client.versions("tiny")] == [1]
-    code, out, _ = rw("rewrite", "tiny", "--spec", str(spec), "--steps", "7", "--quiet")
+    code, out, _ = rw("rewrite", "tiny", "--spec", str(spec), "--steps", "30", "--quiet")
     assert code == 0 and "created models/tiny/versions/2" in out
     made = client.version("tiny", 2).spec
-    assert made["steps"] == 7 and made["rank"] == 2 and made["context"] == [{"seed": 3, "box": [0, 0, 16, 16]}]
+    assert made["steps"] == 30 and made["rank"] == 2 and made["context"] == [{"seed": 3, "box": [0, 0, 16, 16]}]
 
 
 def test_rewrite_error_prints_message_and_field_violations(rw, client):

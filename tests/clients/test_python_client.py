@@ -133,7 +133,7 @@ def test_rewrite_request_id_makes_a_retry_return_the_same_version(client):
 
 
 def test_rewrite_dry_run_commits_nothing(client):
-    _, result = run(client.rewrite("tiny", {**TINY_SPEC, "steps": 5}, dry_run=True))
+    _, result = run(client.rewrite("tiny", {**TINY_SPEC, "steps": 30}, dry_run=True))
     assert result.dry_run and result.version is None and result.metrics
     assert [v.number for v in client.versions("tiny")] == [1]
 

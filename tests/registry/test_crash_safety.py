@@ -157,7 +157,7 @@ def test_retry_after_a_crash_in_the_statistics_phase_takes_over_the_dead_holders
 
     path = tmp_path / "tiny.safetensors"
     save_file(dcgan_state(), str(path))
-    edit = dict(TINY_SPEC, steps=5)
+    edit = dict(TINY_SPEC, steps=30)          # fewer leave the fit at no edit, which is refused
     domain = Domain(Registry(file_store), open_stats_cache(redis_url), device="cpu", dynamic_batching=False)
     try:
         domain.bootstrap("tiny", path)

@@ -103,7 +103,10 @@ def test_deadline_exceeded_rewrite_creates_nothing(generator, registry, server):
 
 
 def test_a_multilayer_rewrite_at_strength_zero_renders_the_parent_bit_for_bit(generator, registry, domain):
-    spec = spec_pb(steps=5)
+    # A big box and 20 steps: on this random model's nearly flat images a smaller fit stays at no
+    # edit, which is refused (tests/server/test_rewrite_no_op.py).
+    big = [4, 4, 28, 28]
+    spec = spec_pb(steps=20, copy={"seed": 1, "box": big}, paste=[{"seed": 2, "box": big}])
     spec.goal = edit_pb2.EditSpec.GOAL_IMAGE
     spec.method = edit_pb2.EditSpec.METHOD_MULTILAYER
     spec.strength = 0.0
@@ -119,7 +122,7 @@ def test_a_multilayer_rewrite_at_strength_zero_renders_the_parent_bit_for_bit(ge
     assert edited.version == result.version.name
     assert [i.data for i in edited.images] == [i.data for i in parent.images]
     # A value-space goal over the API still means the paper's one-layer edit.
-    again = list(generator.Rewrite(gen.RewriteRequest(model="tiny/1", spec=spec_pb(steps=5), dry_run=True),
+    again = list(generator.Rewrite(gen.RewriteRequest(model="tiny/1", spec=spec_pb(steps=30), dry_run=True),
                                    timeout=120))[-1].result
     assert json.loads(again.spec_json)["method"] == "single"    # GOAL_VALUE implies the one-layer edit
 

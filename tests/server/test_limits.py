@@ -150,9 +150,22 @@ def test_a_rewrites_target_search_and_found_list_are_bounded(generator):
     field, why = refused(generator.Rewrite, gen.RewriteRequest(model="tiny", spec=spec, dry_run=True))
     assert field == "spec.search.targets" and "max_regions" in why
     spec = spec_pb()
-    spec.found.extend(images_pb2.Region(seed=1000 + i, box=BOX) for i in range(70))
+    spec.found.extend(images_pb2.Region(seed=1000 + i, box=BOX) for i in range(10_000))
     field, why = refused(generator.Rewrite, gen.RewriteRequest(model="tiny", spec=spec, dry_run=True))
-    assert field == "spec.paste" and "max_regions" in why and "found" in why
+    assert field == "spec.found" and "max_regions" in why and "found" in why and "10,002" in why
+
+
+def test_the_region_cap_names_the_list_that_crosses_it():
+    from rulewright.service.engine.errors import InvalidArgument
+    from rulewright.service.limits import Limits, check_spec
+
+    region = {"seed": 1, "box": [0, 0, 4, 4]}
+    for lists, field in [({"paste": [region] * 70}, "spec.paste"), ({"context": [region] * 70}, "spec.context"),
+                         ({"paste": [region] * 40, "found": [region] * 40}, "spec.found"),
+                         ({"paste": [region] * 30, "context": [region] * 40, "found": [region]}, "spec.context")]:
+        with pytest.raises(InvalidArgument) as err:
+            check_spec(Limits(max_regions=64), {"copy": region, **lists})
+        assert err.value.field == field, (lists.keys(), err.value)
 
 
 def test_one_set_of_bounds_for_both_transports(generator):

@@ -632,7 +632,7 @@ def test_editor_requests_are_counted_in_the_metrics(web):
 
 def test_a_rewrite_result_lists_the_found_targets_and_a_pruned_list_is_used_as_given(web):
     base, domain = web
-    spec = {"layer": "main.6", "steps": 5, "stats": {"samples": 64}, "copy": {"seed": 1, "box": [4, 4, 28, 28]},
+    spec = {"layer": "main.6", "steps": 20, "stats": {"samples": 64}, "copy": {"seed": 1, "box": [4, 4, 28, 28]},
             "paste": [{"seed": 2, "box": [4, 4, 28, 28]}], "search": {"targets": 3, "candidates": 30}}
     _, stream = run_job(base, spec)
     found = stream[-1][2]["found"]

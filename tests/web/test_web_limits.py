@@ -39,7 +39,7 @@ def test_oversized_requests_are_refused_naming_field_and_setting(web):
     assert r.status == 400 and "max_search_seeds" in r.violations()["spec.search.candidates"]
     r = request(base, "POST", "/api/rewrites", {"model": "tiny", "version": 1,
                                                 "spec": {**spec, "found": [{"seed": i, "box": BOX} for i in range(70)]}})
-    assert r.status == 400 and "max_regions" in r.violations()["spec.paste"]
+    assert r.status == 400 and "max_regions" in r.violations()["spec.found"]    # the list that crosses the cap
     assert request(base, "GET", "/api/models/tiny/versions/1/images/3.png").status == 200     # still serving
 
 

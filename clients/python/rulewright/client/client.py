@@ -278,7 +278,8 @@ class Client:
         ``RewriteResult`` with the new version (none for ``dry_run``). Every call carries a
         ``request_id`` (one is generated if not given), so a retry after UNAVAILABLE returns the
         version the first attempt created. Stopping the iteration early cancels the edit, and
-        a cancelled edit creates nothing.
+        a cancelled edit creates nothing. A fit that never did better than no edit raises
+        FAILED_PRECONDITION (``EDIT_DID_NOT_IMPROVE``) and creates nothing.
         """
         if preview_format not in ("png", "raw"):
             raise ValueError(f"preview_format must be 'png' or 'raw', got {preview_format!r}")
