@@ -68,7 +68,7 @@ from .limits import Limits, check_images
 from .requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, ModelSummary, RewriteRequest,
                        RewriteResult, SampleRequest, SampleResult, SearchRequest, SearchResult, StatisticResult,
                        StatisticsRequest)
-from .statistics import KEY_MOMENT, VALUE_QUANTILE, NotCached, Statistics
+from .statistics import KEY_MOMENT, VALUE_QUANTILE, NotCached, StatisticCorrupt, Statistics
 from .engine.sampling import check_latents, latents, to_uint8
 from .engine.search import direction_for, response_threshold, search
 from .engine.stats import SecondMoment
@@ -310,9 +310,16 @@ class Domain:
         except NotCached:
             raise InvalidArgument(field, f"{samples:,} samples are more than one request computes (server setting "
                                   f"max_stats_samples: {self.limits.max_stats_samples:,}); a statistics job computes "
-                                  f"them first: rulewright stats create {version.model}/{version.number} --layer "
-                                  f"{layer} --samples {samples} --seed-start {seed_start}"
-                                  + (f" --truncation {truncation}" if truncation != 1.0 else "")) from None
+                                  f"them first: " + _stats_job_command(version, layer, samples, seed_start, truncation)
+                                  ) from None
+        except StatisticCorrupt as exc:
+            if not exc.metadata.get("statistic_key"):
+                raise
+            raise StatisticCorrupt(f"{exc.message}; more samples than one request computes (server setting "
+                                   f"max_stats_samples: {self.limits.max_stats_samples:,}), so run its statistics job "
+                                   f"again to rewrite it: "
+                                   + _stats_job_command(version, layer, samples, seed_start, truncation),
+                                   field=field, **exc.metadata) from None
         return StatisticResult(version, layer, kind, samples, seed_start, float(truncation), found.cached, found.key,
                                found.size_bytes, found.stat)
 
@@ -525,6 +532,12 @@ def _fields_within(parent: str):
         if exc.field == parent or exc.field.startswith(parent + "."):
             raise
         raise InvalidArgument(f"{parent}.{exc.field}", exc.description) from None
+
+
+def _stats_job_command(version: Version, layer: str, samples: int, seed_start: int, truncation: float) -> str:
+    """The CLI command of the statistics job that computes this statistic."""
+    return (f"rulewright stats create {version.model}/{version.number} --layer {layer} --samples {samples} "
+            f"--seed-start {seed_start}" + (f" --truncation {truncation}" if truncation != 1.0 else ""))
 
 
 def _s3_config(config):
