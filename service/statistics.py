@@ -36,7 +36,7 @@ import threading
 from typing import Callable, Hashable, Sequence
 
 from rulewright.registry.blobstore import BlobStore
-from rulewright.registry.errors import AlreadyExists, NotFound as RegistryNotFound
+from rulewright.registry.errors import AlreadyExists, NotFound as RegistryNotFound, RegistryError
 from rulewright.registry.stats_cache import StatsCache, StatsKey
 
 from .engine.errors import Cancelled
@@ -135,6 +135,9 @@ def read_durable(store: BlobStore, key: StatsKey) -> tuple[bytes | None, str]:
             store.delete(record_key(key))
     except RegistryNotFound:
         pass
+    except RegistryError as exc:      # not dropped now: the next reader judges it again
+        log.warning("could not drop a damaged statistic", extra={
+            "event": "stats_store_drop_failed", "statistic_key": durable_key(key), "error": str(exc)})
     return None, problem
 
 
@@ -174,7 +177,11 @@ def _write_record(store: BlobStore, key: StatsKey, data: bytes) -> None:
     except AlreadyExists:
         if store.read(record_key(key)) != record:     # left by a writer that died before its copy
             store.delete(record_key(key))
-            store.create(record_key(key), record)
+            try:
+                store.create(record_key(key), record)
+            except AlreadyExists:
+                pass                  # a concurrent writer's; a reader judges the pair
+
 
 
 def stat_key(fingerprint: str, layer: str, kind: str, seeds: Sequence[int], truncation: float, arch: str) -> StatsKey:
