@@ -5,7 +5,7 @@
 - ``bootstrap(name, path)``: import a model as version 1 with alias ``production`` if absent.
 - ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``;
   a resident version named by number resolves even while the store is unreachable, without
-  waiting on it: not asked once it is marked down, and waited for at most ``resident_check_s``
+  waiting on it: not asked once it is marked down, and (S3) waited for at most ``resident_check_s``
   before that (the store only confirms that the version was not deleted).
 - ``limits`` (``limits.Limits``): per-request caps.
 - ``generator(version)``: the resident version (``residency.Resident``), in one LRU bounded by a
@@ -207,14 +207,16 @@ class Domain:
         A version named by number that is resident keeps serving while the store is unreachable
         (versions are immutable; the store would only say whether it was deleted): once the store
         is marked down it is not asked at all, and before that its answer is awaited for at most
-        ``resident_check_s``. Aliases and "newest" need the store and stay UNAVAILABLE.
+        ``resident_check_s`` (a store that can hang: S3). Aliases and "newest" need the store and
+        stay UNAVAILABLE.
         """
         m = _NUMBERED.match(ref) if isinstance(ref, str) else None
         hit = self._residency.peek(m.group(1), int(m.group(2))) if m else None
         if hit is not None:
             if not self.registry.store.available():
                 return hit.version
-            return self._confirm(ref, hit)
+            if hasattr(self.registry.store, "probe"):     # a store across a network, which can hang
+                return self._confirm(ref, hit)
         try:
             return self.registry.resolve(ref)
         except Unavailable:
@@ -226,7 +228,10 @@ class Domain:
     def _confirm(self, ref: str, hit: Resident) -> Version:
         """``ref`` resolved by the store (a deletion shows as NOT_FOUND), or the resident version if
         the store fails or has not answered within ``resident_check_s``."""
-        call = self._checks.submit(contextvars.copy_context().run, self.registry.resolve, ref)  # the RPC's deadline too
+        try:
+            call = self._checks.submit(contextvars.copy_context().run, self.registry.resolve, ref)  # with the RPC's deadline
+        except RuntimeError:              # closed: a last request of a server that is stopping
+            return self.registry.resolve(ref)
         try:
             return call.result(timeout=self.resident_check_s)
         except (concurrent.futures.TimeoutError, Unavailable):

@@ -108,7 +108,7 @@ SETTINGS = (
     Setting("store_timeout_s", float, 5.0, "longest one registry store call may take, retries included (and no "
                                             "longer than the RPC's deadline); then UNAVAILABLE"),
     Setting("resident_check_s", float, 0.25, "longest a request for a resident version named by number waits for "
-                                             "the store to confirm it was not deleted before serving it anyway"),
+                                             "S3 to confirm it was not deleted before serving it anyway"),
     Setting("s3_connect_timeout_s", float, 2.0, "seconds to connect to the S3 server"),
     Setting("s3_read_timeout_s", float, 5.0, "seconds an S3 response may stall before the attempt fails"),
     Setting("s3_max_attempts", int, 2, "attempts per S3 call (botocore retries of 5xx, throttling, timeouts)"),
