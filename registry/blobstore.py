@@ -223,6 +223,10 @@ class BlobStore(abc.ABC):
     def remove_upload(self, name: str) -> None:
         """Discard one write named by ``abandoned_uploads``."""
 
+    def available(self) -> bool:
+        """False while the backend is known to be unreachable (its calls would fail or hang); True otherwise."""
+        return True
+
     def close(self) -> None:
         """Release connections (a no-op where there are none)."""
 

@@ -12,7 +12,8 @@
   across processes with a ``SET NX PX`` lock: a short lease (``LOCK_LEASE_S``) that the holder
   renews while it computes, so a holder that dies blocks the others for at most one lease before
   a waiter takes over. When Redis is unreachable it logs
-  one warning, computes, and tries Redis again on later calls.
+  one warning, computes, and tries Redis again on later calls. Each value carries its sha256 and
+  is checked on every read: a damaged one is deleted and counts as a miss (computed again).
 - ``open_stats_cache(uri)``: ``redis://...`` / ``rediss://...`` or ``memory://`` (default;
   ``$RULEWRIGHT_STATS_CACHE``).
 
@@ -45,6 +46,11 @@ KEY_FORMAT = 1
 LOCK_LEASE_S = 5.0
 # How often a waiter hears ``on_wait`` again while it waits.
 WAIT_NOTICE_S = 1.0
+# A Redis value is this header, the payload's sha256 (32 bytes) and the payload. The format is in
+# the key too (``stats:v2:``), so a replica of an earlier release, which stored bare bytes, never
+# reads a sealed value as a statistic, nor this one its unchecked bytes.
+SEAL = b"rwstat2\n"
+_SEALED_HEAD = len(SEAL) + 32
 
 
 def render_seeds(seeds: Sequence[int]) -> str:
@@ -129,6 +135,10 @@ class StatsCache(abc.ABC):
     @abc.abstractmethod
     def put(self, key: StatsKey, value: bytes) -> None:
         """Store ``value`` under ``key``."""
+
+    @abc.abstractmethod
+    def discard(self, key: StatsKey) -> None:
+        """Forget ``key`` (a value its reader found unusable); an absent key is not an error."""
 
     @abc.abstractmethod
     def get_or_compute(self, key: StatsKey, compute: Compute, on_wait: OnWait | None = None) -> bytes:
@@ -220,6 +230,12 @@ class LocalStatsCache(StatsCache):
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= len(evicted)
 
+    def discard(self, key: StatsKey) -> None:
+        """Drop the entry of ``key``, if any."""
+        with self._lock:
+            old = self._items.pop(key.digest(), None)
+            self._bytes -= len(old) if old is not None else 0
+
     def get_or_compute(self, key: StatsKey, compute: Compute, on_wait: OnWait | None = None) -> bytes:
         """Hit, or one thread computes while the others wait."""
         value = self.get(key)
@@ -243,13 +259,16 @@ class LocalStatsCache(StatsCache):
 
 # Release the lock only if we still hold it (it may have expired and been taken by another).
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+# Delete a damaged value only if it is still the one read (a replica may have stored a good one since).
+_DROP = ("if redis.call('getrange', KEYS[1], 0, tonumber(ARGV[2]) - 1) == ARGV[1] then "
+         "return redis.call('del', KEYS[1]) else return 0 end")
 _RENEW = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
 )
 
 
 class RedisStatsCache(StatsCache):
-    """Statistics in Redis under ``{namespace}:stats:{digest}``, computed once across processes.
+    """Statistics in Redis under ``{namespace}:stats:v2:{digest}``, computed once across processes.
 
     Protocol per key: GET the value; on a miss try ``SET lock token NX PX lock_ttl``. The winner
     computes (renewing the lock every third of its TTL from a heartbeat thread), SETs the value
@@ -257,6 +276,9 @@ class RedisStatsCache(StatsCache):
     with a growing interval (calling ``on_wait``); if the lock vanishes without a value (its
     holder died and the lease lapsed, or its compute failed) they race for the lock again.
     Threads of one process share one flight, so a process sends one set of requests per key.
+
+    Values are sealed with their sha256 (``SEAL``) and opened on every read; one that does not
+    open (truncated, altered, or not sealed) is logged, deleted, and treated as a miss.
 
     Redis errors never reach the caller: the first one logs a structured warning, the statistic
     is computed locally, and Redis is tried again after ``retry_after_s`` (no permanent switch-off).
@@ -287,13 +309,34 @@ class RedisStatsCache(StatsCache):
         )
         self._release = self._r.register_script(_RELEASE)
         self._renew = self._r.register_script(_RENEW)
+        self._drop = self._r.register_script(_DROP)
         self._flight = _SingleFlight()
         self._state_lock = threading.Lock()
         self._down = False
         self._retry_at = 0.0
 
     def _value_key(self, key: StatsKey) -> str:
-        return f"{self.namespace}:stats:{key.digest()}"
+        return f"{self.namespace}:stats:v2:{key.digest()}"
+
+    # ---- sealed values -----------------------------------------------------------------------
+
+    @staticmethod
+    def _seal(value: bytes) -> bytes:
+        return SEAL + hashlib.sha256(value).digest() + value
+
+    def _open(self, vkey: str, raw: bytes | None) -> bytes | None:
+        """The payload of a sealed value; None for a miss, and for a damaged value (deleted here)."""
+        if raw is None:
+            return None
+        payload = raw[_SEALED_HEAD:]
+        if raw[:len(SEAL)] == SEAL and hashlib.sha256(payload).digest() == raw[len(SEAL):_SEALED_HEAD]:
+            return payload
+        log.warning("damaged statistic in the cache; dropped, computing it again",
+                    extra={"event": "stats_cache_corrupt", "cache": self.url, "redis_key": vkey,
+                           "size_bytes": len(raw)})
+        head = raw[:_SEALED_HEAD]
+        self._drop(keys=[vkey], args=[head, len(head)])
+        return None
 
     # ---- availability ------------------------------------------------------------------------
 
@@ -335,15 +378,16 @@ class RedisStatsCache(StatsCache):
 
     def __len__(self) -> int:
         """Statistics held under this namespace (a SCAN: for operators and tests, not hot paths)."""
-        return sum(1 for k in self._r.scan_iter(match=f"{self.namespace}:stats:*", count=1000)
+        return sum(1 for k in self._r.scan_iter(match=f"{self.namespace}:stats:v2:*", count=1000)
                    if not k.endswith(b":lock"))
 
     def get(self, key: StatsKey) -> bytes | None:
-        """The cached bytes, or None (also when Redis is unreachable)."""
+        """The cached bytes, verified, or None (also when Redis is unreachable or the value is damaged)."""
         if not self._usable():
             return None
+        vkey = self._value_key(key)
         try:
-            value = self._r.get(self._value_key(key))
+            value = self._open(vkey, self._r.get(vkey))
         except self._redis_errors as exc:
             self._failed(exc, "get")
             return None
@@ -356,9 +400,20 @@ class RedisStatsCache(StatsCache):
         if not self._usable():
             return
         try:
-            self._r.set(self._value_key(key), value, px=self.ttl_ms)
+            self._r.set(self._value_key(key), self._seal(value), px=self.ttl_ms)
         except self._redis_errors as exc:
             self._failed(exc, "put")
+            return
+        self._ok()
+
+    def discard(self, key: StatsKey) -> None:
+        """DEL the value of ``key`` (nothing when Redis is unreachable: it expires with its TTL)."""
+        if not self._usable():
+            return
+        try:
+            self._r.delete(self._value_key(key))
+        except self._redis_errors as exc:
+            self._failed(exc, "discard")
             return
         self._ok()
 
@@ -395,7 +450,7 @@ class RedisStatsCache(StatsCache):
     ) -> tuple[bytes | None, bool]:
         """(value, False) on a hit, (None, True) once we hold the lock, (None, False) at the deadline."""
         while True:
-            value = self._r.get(vkey)
+            value = self._open(vkey, self._r.get(vkey))
             if value is not None:
                 return value, False
             if self._r.set(lkey, token, nx=True, px=self.lock_ttl_ms):
@@ -419,9 +474,12 @@ class RedisStatsCache(StatsCache):
             pipe = self._r.pipeline(transaction=False)
             pipe.get(vkey)
             pipe.exists(lkey)
-            value, locked = pipe.execute()
+            raw, locked = pipe.execute()
+            value = self._open(vkey, raw)
             if value is not None:
                 return value
+            if raw is not None:
+                return None               # a damaged value (now gone): race for the lock again
             if not locked:
                 return None
         return None
@@ -441,7 +499,7 @@ class RedisStatsCache(StatsCache):
         stop.set()
         beat.join()
         try:
-            self._r.set(vkey, value, px=self.ttl_ms)
+            self._r.set(vkey, self._seal(value), px=self.ttl_ms)
             self._release(keys=[lkey], args=[token])
         except self._redis_errors as exc:
             self._failed(exc, "store")  # the value is computed: hand it over anyway

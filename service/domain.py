@@ -4,7 +4,9 @@
 - ``Domain.open(data_dir)``: the embedded default (filesystem registry, in-process cache).
 - ``bootstrap(name, path)``: import a model as version 1 with alias ``production`` if absent.
 - ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``;
-  a resident version named by number resolves even while the store is unreachable.
+  a resident version named by number resolves even while the store is unreachable, without
+  waiting on it: not asked once it is marked down, and (S3) waited for at most ``resident_check_s``
+  before that (the store only confirms that the version was not deleted).
 - ``limits`` (``limits.Limits``): per-request caps.
 - ``generator(version)``: the resident version (``residency.Resident``), in one LRU bounded by a
   count and a memory budget: each base's weights once, each edited version only its low-rank
@@ -36,7 +38,9 @@ hooks never reach the samples other requests draw meanwhile.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import re
@@ -68,7 +72,7 @@ from .limits import Limits, check_images
 from .requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, ModelSummary, RewriteRequest,
                        RewriteResult, SampleRequest, SampleResult, SearchRequest, SearchResult, StatisticResult,
                        StatisticsRequest)
-from .statistics import KEY_MOMENT, VALUE_QUANTILE, NotCached, Statistics
+from .statistics import KEY_MOMENT, VALUE_QUANTILE, NotCached, StatisticCorrupt, Statistics
 from .engine.sampling import check_latents, latents, to_uint8
 from .engine.search import direction_for, response_threshold, search
 from .engine.stats import SecondMoment
@@ -93,6 +97,7 @@ class Domain:
         batch_delay_ms: float = 2.0,      # how long a Sample waits for others to share its forward pass
         dynamic_batching: bool = True,    # False: each Sample runs its own forward passes
         limits=None,                      # limits.Limits: per-request caps; None: the defaults
+        resident_check_s: float = 0.25,   # most a resident version named by number waits for the store's word
     ):
         configure_determinism()
         self.registry = registry
@@ -100,6 +105,10 @@ class Domain:
         self.device = select_device(device)
         self.stats_samples = stats_samples
         self._residency = Residency(registry, self.device, max_resident, memory_budget_bytes)
+        self.resident_check_s = resident_check_s
+        # Store lookups for resident versions run here, so a request can stop waiting for a store that
+        # hangs while the call runs on to its own timeout (and marks the store down).
+        self._checks = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="resident-check")
         self._lock = threading.Lock()
         self.stats = Statistics(stats_cache, self._observe_stats, store=registry.store)
         self.metrics = None               # server.metrics.Metrics once a server binds one: batches, cache lookups
@@ -116,7 +125,7 @@ class Domain:
         kw = dict(device=config.device, max_resident=config.max_resident,
                   memory_budget_bytes=int(config.memory_budget_mb * 2**20) or None, max_batch=config.max_batch,
                   batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching,
-                  limits=Limits.from_config(config))
+                  limits=Limits.from_config(config), resident_check_s=config.resident_check_s)
         if not config.registry_uri:
             domain = cls.open(config.data_dir, config.stats_cache, **kw)
         else:
@@ -150,6 +159,7 @@ class Domain:
         """Finish queued samples and stop the batcher (the server calls this after it stops)."""
         if self.batcher is not None:
             self.batcher.close()
+        self._checks.shutdown(wait=False, cancel_futures=True)
 
     def _observe_stats(self, kind: str, hit: bool) -> None:
         if self.metrics is not None:
@@ -195,15 +205,38 @@ class Domain:
         """One immutable version for a reference (registry errors pass through).
 
         A version named by number that is resident keeps serving while the store is unreachable
-        (versions are immutable); aliases and "newest" need the store and stay UNAVAILABLE.
+        (versions are immutable; the store would only say whether it was deleted): once the store
+        is marked down it is not asked at all, and before that its answer is awaited for at most
+        ``resident_check_s`` (a store that can hang: S3). Aliases and "newest" need the store and
+        stay UNAVAILABLE.
         """
+        m = _NUMBERED.match(ref) if isinstance(ref, str) else None
+        hit = self._residency.peek(m.group(1), int(m.group(2))) if m else None
+        if hit is not None:
+            if not self.registry.store.available():
+                return hit.version
+            if hasattr(self.registry.store, "probe"):     # a store across a network, which can hang
+                return self._confirm(ref, hit)
         try:
             return self.registry.resolve(ref)
         except Unavailable:
-            m = _NUMBERED.match(ref) if isinstance(ref, str) else None
-            hit = self._residency.peek(m.group(1), int(m.group(2))) if m else None
+            hit = hit or (self._residency.peek(m.group(1), int(m.group(2))) if m else None)
             if hit is None:
                 raise
+            return hit.version
+
+    def _confirm(self, ref: str, hit: Resident) -> Version:
+        """``ref`` resolved by the store (a deletion shows as NOT_FOUND), or the resident version if
+        the store fails or has not answered within ``resident_check_s``."""
+        try:
+            call = self._checks.submit(contextvars.copy_context().run, self.registry.resolve, ref)  # with the RPC's deadline
+        except RuntimeError:              # closed: a last request of a server that is stopping
+            return self.registry.resolve(ref)
+        try:
+            return call.result(timeout=self.resident_check_s)
+        except (concurrent.futures.TimeoutError, Unavailable):
+            log.info("resident version served without the store's answer", extra={
+                "event": "resident_unconfirmed", "model": hit.version.model, "version": hit.version.number})
             return hit.version
 
     def generator(self, version: Version) -> Resident:
@@ -310,9 +343,16 @@ class Domain:
         except NotCached:
             raise InvalidArgument(field, f"{samples:,} samples are more than one request computes (server setting "
                                   f"max_stats_samples: {self.limits.max_stats_samples:,}); a statistics job computes "
-                                  f"them first: rulewright stats create {version.model}/{version.number} --layer "
-                                  f"{layer} --samples {samples} --seed-start {seed_start}"
-                                  + (f" --truncation {truncation}" if truncation != 1.0 else "")) from None
+                                  f"them first: " + _stats_job_command(version, layer, samples, seed_start, truncation)
+                                  ) from None
+        except StatisticCorrupt as exc:
+            if not exc.metadata.get("statistic_key"):
+                raise
+            raise StatisticCorrupt(f"{exc.message}; more samples than one request computes (server setting "
+                                   f"max_stats_samples: {self.limits.max_stats_samples:,}), so run its statistics job "
+                                   f"again to rewrite it: "
+                                   + _stats_job_command(version, layer, samples, seed_start, truncation),
+                                   field=field, **exc.metadata) from None
         return StatisticResult(version, layer, kind, samples, seed_start, float(truncation), found.cached, found.key,
                                found.size_bytes, found.stat)
 
@@ -527,6 +567,12 @@ def _fields_within(parent: str):
         if exc.field == parent or exc.field.startswith(parent + "."):
             raise
         raise InvalidArgument(f"{parent}.{exc.field}", exc.description) from None
+
+
+def _stats_job_command(version: Version, layer: str, samples: int, seed_start: int, truncation: float) -> str:
+    """The CLI command of the statistics job that computes this statistic."""
+    return (f"rulewright stats create {version.model}/{version.number} --layer {layer} --samples {samples} "
+            f"--seed-start {seed_start}" + (f" --truncation {truncation}" if truncation != 1.0 else ""))
 
 
 def _s3_config(config):

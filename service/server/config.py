@@ -118,6 +118,8 @@ SETTINGS = (
     Setting("max_mask_pixels", int, 4194304, "largest mask (width x height) a request may carry"),
     Setting("store_timeout_s", float, 5.0, "longest one registry store call may take, retries included (and no "
                                             "longer than the RPC's deadline); then UNAVAILABLE"),
+    Setting("resident_check_s", float, 0.25, "longest a request for a resident version named by number waits for "
+                                             "S3 to confirm it was not deleted before serving it anyway"),
     Setting("s3_connect_timeout_s", float, 2.0, "seconds to connect to the S3 server"),
     Setting("s3_read_timeout_s", float, 5.0, "seconds an S3 response may stall before the attempt fails"),
     Setting("s3_max_attempts", int, 2, "attempts per S3 call (botocore retries of 5xx, throttling, timeouts)"),
@@ -208,6 +210,8 @@ def _check(c: "ServeConfig") -> None:
     for name in ("store_timeout_s", "s3_connect_timeout_s", "s3_read_timeout_s", "web_idle_timeout_s"):
         if not (math.isfinite(getattr(c, name)) and getattr(c, name) > 0):
             raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(c, name)}")
+    if not (math.isfinite(c.resident_check_s) and 0 <= c.resident_check_s <= c.store_timeout_s):
+        raise ConfigError(f"resident_check_s must lie in [0, store_timeout_s], got {c.resident_check_s}")
     for name in ("max_import_mb", "max_message_mb"):
         if not getattr(c, name) > 0:
             raise ConfigError(f"{name} must be positive, got {getattr(c, name)}")

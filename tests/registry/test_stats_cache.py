@@ -147,7 +147,7 @@ def test_redis_caches_under_namespace_with_ttl(redis_url):
     assert compute.calls == 1  # a second client (replica) hit the shared entry
     r = redis.Redis.from_url(redis_url)
     stored = r.keys("ns1:stats:*")
-    assert stored == [f"ns1:stats:{key().digest()}".encode()]
+    assert stored == [f"ns1:stats:v2:{key().digest()}".encode()]
     assert 0 < r.pttl(stored[0]) <= 60_000
     assert r.keys("ns1:stats:*:lock") == []  # the lock was released
     other = Counter(b"other")
@@ -184,7 +184,7 @@ def test_redis_survives_a_lock_holder_that_died(redis_url, tmp_path):
     proc.join(timeout=60)
     assert proc.exitcode == -9 and started.exists()
     r = redis.Redis.from_url(redis_url)
-    lock = f"test:stats:{StatsKey.create(FP, 'main.6', 'key_moment', range(100)).digest()}:lock"
+    lock = f"test:stats:v2:{StatsKey.create(FP, 'main.6', 'key_moment', range(100)).digest()}:lock"
     assert r.exists(lock)  # the dead holder's lock is still there …
     cache, compute = RedisStatsCache(redis_url, namespace="test"), Counter(b"recovered")
     t0 = time.monotonic()
@@ -263,7 +263,7 @@ def test_redis_stopped_mid_test_then_back(redis_server, redis_url, caplog):
         assert cache.get_or_compute(key(3), after) == b"C3"
         assert cache.get_or_compute(key(3), after) == b"C3"
     assert after.calls == 1 and cache.available  # the cache is used again
-    assert redis.Redis.from_url(redis_url).exists(f"rulewright:stats:{key(3).digest()}")
+    assert redis.Redis.from_url(redis_url).exists(f"rulewright:stats:v2:{key(3).digest()}")
     assert any(getattr(r, "event", "") == "stats_cache_recovered" for r in caplog.records)
 
 
@@ -296,3 +296,17 @@ def test_the_redis_lock_lease_is_short_by_default(redis_url):
 
     assert cache.get_or_compute(key(), compute) == b"C"
     assert len(seen) == 1 and 0 < seen[0] <= 10_000
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte flipped"])
+def test_a_damaged_redis_entry_is_dropped_and_computed_again(redis_url, damage):
+    cache = RedisStatsCache(redis_url, namespace="damaged")
+    assert cache.get_or_compute(key(), Counter(b"the statistic's bytes")) == b"the statistic's bytes"
+    r = redis.Redis.from_url(redis_url)
+    [stored] = [k for k in r.keys("damaged:stats:*") if not k.endswith(b":lock")]
+    value = r.get(stored)
+    r.set(stored, value[:-4] if damage == "truncated" else value[:-1] + bytes([value[-1] ^ 0x01]))
+    assert cache.get(key()) is None                     # never handed out
+    again = Counter(b"the statistic's bytes")
+    assert cache.get_or_compute(key(), again) == b"the statistic's bytes" and again.calls == 1
+    assert RedisStatsCache(redis_url, namespace="damaged").get(key()) == b"the statistic's bytes"
