@@ -95,7 +95,7 @@ def test_samples_waiting_for_a_batch_do_not_shut_out_a_rewrite(tiny, held):
             assert until(lambda: sum(sizes) + sum(len(j.z) for j in tiny.batcher._pending) == 8
                          or any(s.done() for s in samples))
             assert not [s for s in samples if s.done()], [s.exception() for s in samples if s.done()]
-            spec = spec_pb(steps=2)
+            spec = spec_pb(steps=30)                        # a budget that leaves no edit (fewer is refused)
             replies = list(stub.Rewrite(gen.RewriteRequest(model="tiny/1", spec=spec, dry_run=True), timeout=60))
             assert replies[-1].HasField("result")
             assert not [s for s in samples if s.done()]          # the Samples were waiting all along
