@@ -394,7 +394,8 @@ def _start_web(domain, config, address: str, tokens, health_servicer):
     tls = files if files.enabled else None
     try:
         web = create_web_server(domain, address, tokens=tokens, serving=lambda: _serving(health_servicer), tls=tls,
-                                max_connections=config.web_max_connections, idle_timeout_s=config.web_idle_timeout_s)
+                                max_connections=config.web_max_connections, idle_timeout_s=config.web_idle_timeout_s,
+                                request_timeout_s=config.web_request_timeout_s)
     except OSError as exc:
         if config.web_address != "auto":
             raise
