@@ -10,7 +10,10 @@
   registry under the data directory, in-process statistics cache, faces model): starts
   NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or SIGINT goes
   NOT_SERVING and stops with a grace period. TLS, metrics, S3 and Redis as configured; the HTTP
-  side (``web.py``: the editor and its JSON API) where ``web_address(config)`` says.
+  side (``web.py``: the editor and its JSON API) where ``web_address(config)`` says. Before it
+  returns, the worker threads of cancelled streams and editor jobs get another grace period to
+  reach their next cancellation check: the interpreter must never exit with one inside torch
+  (that aborts the process); one that still runs then makes the process leave at once (exit 0).
 - ``WorkLimiter``: a server interceptor that lets at most ``max_workers`` RPCs work at once and as
   many more wait for a slot, on a pool with ``RESERVED_WORKERS`` more threads, so health checks
   and OIP liveness/readiness never wait behind work; more work is refused (RESOURCE_EXHAUSTED),
@@ -28,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -325,6 +329,7 @@ def serve(config, on_ready=None) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     domain = metrics_http = server = health_servicer = web = None
+    still_running: list[threading.Thread] = []
     try:
         domain = Domain.from_config(config)
         metrics = None
@@ -371,14 +376,44 @@ def serve(config, on_ready=None) -> int:
             started = time.monotonic()
             server.limiter.drain(config.grace_s)              # new work: UNAVAILABLE; health still answers
             server.stop(max(config.grace_s - (time.monotonic() - started), 0.0)).wait()
+            # A stream's RPC thread can end (its call cancelled) while its worker thread is still inside
+            # torch; so can an editor job's thread. They were told to stop and do at their next check.
+            work = [*server.generator_servicer.workers, *(web.running_work() if web is not None else [])]
+            still_running = _finish(work, config.grace_s)
         if domain is not None:
             domain.close()
         if metrics_http is not None:
             metrics_http.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if still_running:
+        log.warning("work still running at exit", extra={"event": "exit_with_work_running",
+                                                         "threads": sorted(t.name for t in still_running)})
     log.info("stopped", extra={"event": "stopped"})
+    if still_running:
+        _exit_now(0)
     return 0
+
+
+def _finish(threads: list[threading.Thread], timeout_s: float) -> list[threading.Thread]:
+    """Wait up to ``timeout_s`` in all for ``threads`` (told to stop already); those still running."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in threads if t.is_alive()]
+
+
+def _exit_now(code: int) -> None:
+    """End the process without interpreter finalization, which would abort it: a daemon thread
+    that takes the GIL back inside torch during finalization is unwound through C++ code that
+    must not throw (``terminate called without an active exception``, SIGABRT)."""
+    logging.shutdown()                        # flush every handler: the log is all an operator gets
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _start_web(domain, config, address: str, tokens, health_servicer):

@@ -1081,6 +1081,10 @@ class WebServer:
 
     shutdown = stop
 
+    def running_work(self) -> list[threading.Thread]:
+        """The editor jobs' threads still running (after ``stop``: those its timeout did not see end)."""
+        return self.app.jobs.running()
+
 
 def create_web_server(domain, address: str = "127.0.0.1:0", **kw: Any) -> WebServer:
     """A started ``WebServer`` (see there for the arguments)."""
