@@ -103,7 +103,7 @@ MAX_BODY_BYTES = 1 << 20           # largest JSON request body (a mask is a few 
 SSE_KEEPALIVE_S = 15.0             # a comment line this often keeps proxies from closing an idle stream
 MAX_CONNECTIONS = 64               # open connections; more are refused with 503
 IDLE_TIMEOUT_S = 15.0              # a connection that sends nothing (or half a request) this long is closed
-REQUEST_TIMEOUT_S = 30.0           # a whole request (headers and body) must arrive this soon after the server waits for it
+REQUEST_TIMEOUT_S = 30.0           # a whole request (headers and body) must arrive this soon once awaited
 STOP_TIMEOUT_S = 5.0               # how long stop() lets requests in flight finish, by default
 
 
