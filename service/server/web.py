@@ -968,6 +968,8 @@ class _Connection(H11Protocol):
         if not self._owes_bytes():
             self._end_request_deadline()      # the server's turn: the request is all here
             return
+        if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+            self._end_request_deadline()      # not a byte of the next request yet: its deadline starts now
         if self._request_deadline is None:
             self._request_deadline = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
         if self.flow.read_paused:
