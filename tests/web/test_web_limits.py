@@ -105,8 +105,8 @@ TOP_OVER = "at most 10,000 matches per request (server setting max_search_seeds)
 QUANTILE_OUT = "must lie strictly between 0 and 1, got 1.5"
 
 
-def _drip(socks: list[socket.socket], data: bytes, rounds: int, every_s: float) -> dict[int, bytes]:
-    """Send ``data`` one byte per round to every socket, ``every_s`` apart, for at most ``rounds`` rounds;
+def _drip(socks: list[socket.socket], data: list[bytes], rounds: int, every_s: float) -> dict[int, bytes]:
+    """Send ``data[n]`` to socket n one byte per round, ``every_s`` apart, for at most ``rounds`` rounds;
     returns what each socket the server closed got back before its close, by index."""
     answers: dict[int, bytes] = {}
     for i in range(rounds):
@@ -118,7 +118,7 @@ def _drip(socks: list[socket.socket], data: bytes, rounds: int, every_s: float) 
                 answers[n] = _read_to_close(s)
                 continue
             try:
-                s.sendall(data[i % len(data):i % len(data) + 1])
+                s.sendall(data[n][i:i + 1])
             except OSError:
                 answers[n] = b""
         if len(answers) == len(socks):
@@ -144,10 +144,15 @@ def test_slow_drip_requests_lose_their_slot_at_the_request_deadline(web_server):
     server = web_server(max_connections=4, idle_timeout_s=1.0, request_timeout_s=2.0)
     url = urlsplit(server.url)
     head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: " + b"a" * 4000        # never ends
+    body = (b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4000\r\n\r\n" + b" " * 4000)                             # its headers in at once
     drips = [socket.create_connection((url.hostname, url.port), timeout=5) for _ in range(4)]
     try:
+        for s in drips[2:]:
+            s.sendall(body[:body.index(b"\r\n\r\n") + 4])
         assert request(server.url, "GET", "/healthz").status == 503                    # all four slots held
-        answers = _drip(drips, head, rounds=40, every_s=0.25)                           # at most 10 s: 5x the deadline
+        data = [head, head] + [body[body.index(b"\r\n\r\n") + 4:]] * 2                # two in the headers, two in a body
+        answers = _drip(drips, data, rounds=40, every_s=0.25)                           # at most 10 s: 5x the deadline
         assert sorted(answers) == [0, 1, 2, 3], f"{len(answers)} of 4 dripping connections were closed"
         for answer in answers.values():
             assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
