@@ -151,7 +151,7 @@ def test_slow_drip_requests_lose_their_slot_at_the_request_deadline(web_server):
         for s in drips[2:]:
             s.sendall(body[:body.index(b"\r\n\r\n") + 4])
         assert request(server.url, "GET", "/healthz").status == 503                    # all four slots held
-        data = [head, head] + [body[body.index(b"\r\n\r\n") + 4:]] * 2                # two in the headers, two in a body
+        data = [head, head] + [body[body.index(b"\r\n\r\n") + 4:]] * 2    # two in the headers, two in a body
         answers = _drip(drips, data, rounds=40, every_s=0.25)                           # at most 10 s: 5x the deadline
         assert sorted(answers) == [0, 1, 2, 3], f"{len(answers)} of 4 dripping connections were closed"
         for answer in answers.values():
