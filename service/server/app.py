@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 AUTO_WEB_ADDRESS = "127.0.0.1:8080"   # the HTTP side of the embedded default (web_address "auto")
 MAX_MESSAGE_BYTES = 64 << 20      # requests and responses (a 64-image PNG album fits easily)
 GRACE_S = 10.0                    # in-flight RPCs get this long on shutdown
+SIGNAL_POLL_S = 0.5               # longest a SIGTERM another thread caught waits to be acted on
 SERVICES = (gen.DESCRIPTOR.services_by_name["GeneratorService"].full_name,
             reg.DESCRIPTOR.services_by_name["RegistryService"].full_name, OIP_SERVICE,
             jobs_pb.DESCRIPTOR.services_by_name["JobService"].full_name,
@@ -366,7 +367,11 @@ def serve(config, on_ready=None) -> int:
             log.info("serving", extra={"event": "serving", "port": port})
             if on_ready is not None:
                 on_ready(port)
-        stop.wait()
+        # Woken now and then: a signal caught by another thread (the kernel may hand a process's
+        # signal to any thread, a busy one more often) runs its Python handler only once this
+        # thread runs Python code again; a wait without a timeout would never see it.
+        while not stop.wait(SIGNAL_POLL_S):
+            pass
     finally:
         if server is not None:
             log.info("shutting down", extra={"event": "shutdown", "grace_s": config.grace_s})
