@@ -10,7 +10,10 @@
   registry under the data directory, in-process statistics cache, faces model): starts
   NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or SIGINT goes
   NOT_SERVING and stops with a grace period. TLS, metrics, S3 and Redis as configured; the HTTP
-  side (``web.py``: the editor and its JSON API) where ``web_address(config)`` says.
+  side (``web.py``: the editor and its JSON API) where ``web_address(config)`` says. Before it
+  returns, the worker threads of cancelled streams and editor jobs get another grace period to
+  reach their next cancellation check: the interpreter must never exit with one inside torch
+  (that aborts the process); one that still runs then makes the process leave at once (exit 0).
 - ``WorkLimiter``: a server interceptor that admits calls by lane, each with its own bound, on a
   pool with threads for every lane and ``RESERVED_WORKERS`` more, so health checks and OIP
   liveness/readiness never wait behind work: Sample and ModelInfer while batching dynamically
@@ -32,6 +35,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -60,6 +64,7 @@ log = logging.getLogger(__name__)
 AUTO_WEB_ADDRESS = "127.0.0.1:8080"   # the HTTP side of the embedded default (web_address "auto")
 MAX_MESSAGE_BYTES = 64 << 20      # requests and responses (a 64-image PNG album fits easily)
 GRACE_S = 10.0                    # in-flight RPCs get this long on shutdown
+SIGNAL_POLL_S = 0.5               # longest a SIGTERM another thread caught waits to be acted on
 SERVICES = (gen.DESCRIPTOR.services_by_name["GeneratorService"].full_name,
             reg.DESCRIPTOR.services_by_name["RegistryService"].full_name, OIP_SERVICE,
             jobs_pb.DESCRIPTOR.services_by_name["JobService"].full_name,
@@ -386,6 +391,7 @@ def serve(config, on_ready=None) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     domain = metrics_http = server = health_servicer = web = None
+    still_running: list[threading.Thread] = []
     try:
         domain = Domain.from_config(config)
         metrics = None
@@ -424,7 +430,11 @@ def serve(config, on_ready=None) -> int:
             log.info("serving", extra={"event": "serving", "port": port})
             if on_ready is not None:
                 on_ready(port)
-        stop.wait()
+        # Woken now and then: a signal caught by another thread (the kernel may hand a process's
+        # signal to any thread, a busy one more often) runs its Python handler only once this
+        # thread runs Python code again; a wait without a timeout would never see it.
+        while not stop.wait(SIGNAL_POLL_S):
+            pass
     finally:
         if server is not None:
             log.info("shutting down", extra={"event": "shutdown", "grace_s": config.grace_s})
@@ -434,14 +444,44 @@ def serve(config, on_ready=None) -> int:
             started = time.monotonic()
             server.limiter.drain(config.grace_s)              # new work: UNAVAILABLE; health still answers
             server.stop(max(config.grace_s - (time.monotonic() - started), 0.0)).wait()
+            # A stream's RPC thread can end (its call cancelled) while its worker thread is still inside
+            # torch; so can an editor job's thread. They were told to stop and do at their next check.
+            work = [*server.generator_servicer.workers, *(web.running_work() if web is not None else [])]
+            still_running = _finish(work, config.grace_s)
         if domain is not None:
             domain.close()
         if metrics_http is not None:
             metrics_http.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if still_running:
+        log.warning("work still running at exit", extra={"event": "exit_with_work_running",
+                                                         "threads": sorted(t.name for t in still_running)})
     log.info("stopped", extra={"event": "stopped"})
+    if still_running:
+        _exit_now(0)
     return 0
+
+
+def _finish(threads: list[threading.Thread], timeout_s: float) -> list[threading.Thread]:
+    """Wait up to ``timeout_s`` in all for ``threads`` (told to stop already); those still running."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in threads if t.is_alive()]
+
+
+def _exit_now(code: int) -> None:
+    """End the process without interpreter finalization, which would abort it: a daemon thread
+    that takes the GIL back inside torch during finalization is unwound through C++ code that
+    must not throw (``terminate called without an active exception``, SIGABRT)."""
+    logging.shutdown()                        # flush every handler: the log is all an operator gets
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _start_web(domain, config, address: str, tokens, health_servicer):
@@ -457,7 +497,8 @@ def _start_web(domain, config, address: str, tokens, health_servicer):
     tls = files if files.enabled else None
     try:
         web = create_web_server(domain, address, tokens=tokens, serving=lambda: _serving(health_servicer), tls=tls,
-                                max_connections=config.web_max_connections, idle_timeout_s=config.web_idle_timeout_s)
+                                max_connections=config.web_max_connections, idle_timeout_s=config.web_idle_timeout_s,
+                                request_timeout_s=config.web_request_timeout_s)
     except OSError as exc:
         if config.web_address != "auto":
             raise

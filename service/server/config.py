@@ -126,6 +126,9 @@ SETTINGS = (
     Setting("web_max_connections", int, 64, "most open connections on the HTTP side; more are refused with 503"),
     Setting("web_idle_timeout_s", float, 15.0, "seconds an HTTP connection may sit idle or half-sent before it is "
                                                "closed"),
+    Setting("web_request_timeout_s", float, 30.0, "seconds an HTTP client has to send a whole request (headers and "
+                                                  "body) once the server waits for it; then 408 and the connection "
+                                                  "closes"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -207,7 +210,8 @@ def _check(c: "ServeConfig") -> None:
     for name in ("batch_delay_ms", "memory_budget_mb", "grace_s"):
         if not getattr(c, name) >= 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(c, name)}")
-    for name in ("store_timeout_s", "s3_connect_timeout_s", "s3_read_timeout_s", "web_idle_timeout_s"):
+    for name in ("store_timeout_s", "s3_connect_timeout_s", "s3_read_timeout_s", "web_idle_timeout_s",
+                 "web_request_timeout_s"):
         if not (math.isfinite(getattr(c, name)) and getattr(c, name) > 0):
             raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(c, name)}")
     if not (math.isfinite(c.resident_check_s) and 0 <= c.resident_check_s <= c.store_timeout_s):

@@ -7,11 +7,13 @@ Starlette application served by uvicorn.
   running jobs and ends their event streams. ``tls`` (``tls.TlsFiles``, the gRPC server's PEM
   files) becomes uvicorn's certificate, key and client CA. Like ``create_server``, it refuses a
   non-loopback address without tokens (``auth.check_auth_config``).
-- Connections (``_Connection``, uvicorn's HTTP/1.1 protocol with two bounds added): at most
-  ``max_connections`` open (more get 503 ``TOO_MANY_CONNECTIONS`` and are closed), and one on
-  which the client owes the next bytes (a request, the rest of one) is closed after
-  ``idle_timeout_s`` (uvicorn's keep-alive timeout, which alone covers only the time between
-  requests). Requests h11 cannot parse are answered as JSON too.
+- Connections (``_Connection``, uvicorn's HTTP/1.1 protocol with three bounds added): at most
+  ``max_connections`` open (more get 503 ``TOO_MANY_CONNECTIONS`` and are closed), one on which
+  the client owes the next bytes (a request, the rest of one) is closed after ``idle_timeout_s``
+  without any (uvicorn's keep-alive timeout, which alone covers only the time between requests),
+  and a request whose headers and body have not all arrived ``request_timeout_s`` after the
+  server began waiting for it is answered 408 ``REQUEST_TIMEOUT`` and closed (a client dripping
+  a byte at a time cannot keep a slot). Requests h11 cannot parse are answered as JSON too.
 - Routes: ``ROUTES``, one Starlette ``Route`` per endpoint, each with the gRPC method whose role it
   needs (``Route.rpc``, ``auth.METHOD_ROLES``); no route, a method the route does not take (405
   with ``Allow``) and a method no endpoint knows (501) answer JSON errors. ``_RequestLog`` adds the
@@ -101,12 +103,20 @@ MAX_BODY_BYTES = 1 << 20           # largest JSON request body (a mask is a few 
 SSE_KEEPALIVE_S = 15.0             # a comment line this often keeps proxies from closing an idle stream
 MAX_CONNECTIONS = 64               # open connections; more are refused with 503
 IDLE_TIMEOUT_S = 15.0              # a connection that sends nothing (or half a request) this long is closed
+REQUEST_TIMEOUT_S = 30.0           # a whole request (headers and body) must arrive this soon once awaited
 STOP_TIMEOUT_S = 5.0               # how long stop() lets requests in flight finish, by default
-_BUSY_BODY = json.dumps({"error": {"code": "RESOURCE_EXHAUSTED", "message": "too many open connections; retry",
-                                   "reason": "TOO_MANY_CONNECTIONS", "domain": "rulewright.dev", "metadata": {},
-                                   "field_violations": []}}).encode()
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-         b"Connection: close\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+def _raw_answer(status: str, code: str, reason: str, message: str, extra: str = "", **metadata: str) -> bytes:
+    """A whole HTTP/1.1 JSON error answer, written to a socket as is (outside any request's cycle)."""
+    body = json.dumps({"error": {"code": code, "message": message, "reason": reason, "domain": "rulewright.dev",
+                                 "metadata": metadata, "field_violations": []}}).encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}Connection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+_BUSY = _raw_answer("503 Service Unavailable", "RESOURCE_EXHAUSTED", "TOO_MANY_CONNECTIONS",
+                    "too many open connections; retry", extra="Retry-After: 1\r\n")
 _GEN = "/rulewright.v1.GeneratorService/"
 _REG = "/rulewright.v1.RegistryService/"
 _MISSING_TOKEN = "missing bearer token (header 'Authorization: Bearer <token>' or ?token=)"
@@ -914,13 +924,19 @@ class _Connection(H11Protocol):
     own ``limit_concurrency`` answers only a request that arrives, in plain text, so silent
     connections would pile up). uvicorn's keep-alive timer (``timeout_keep_alive``) runs only
     between requests; here it also runs before the first request and while a request is half
-    sent, so a silent or slow client cannot hold a connection. A request h11 cannot parse is
-    answered as JSON, like every other error.
+    sent, so a silent client cannot hold a connection. A client that keeps sending a byte now and
+    then (inside that timer) has ``request_timeout_s`` from the moment the server waits for a
+    request (the connection opened, or the last answer went out) until the request's last body
+    byte; then it gets 408 and the connection closes, so a slow drip cannot hold a slot either.
+    A request h11 cannot parse is answered as JSON, like every other error.
     """
 
-    def __init__(self, *args: Any, max_connections: int, **kwargs: Any):
+    def __init__(self, *args: Any, max_connections: int, request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
+        self.request_timeout_s = request_timeout_s
+        self._request_deadline: Any = None        # asyncio.TimerHandle while the client owes a request
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -931,17 +947,60 @@ class _Connection(H11Protocol):
             return
         self._await_client()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_request_deadline()
+        super().connection_lost(exc)
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         self._await_client()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._await_client()                  # the next request (if the connection stays open) has its own deadline
+
+    def _owes_bytes(self) -> bool:
+        return not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+
     def _await_client(self) -> None:
-        """Close the connection after ``timeout_keep_alive`` if the client owes the next bytes."""
-        if (self.transport.is_closing() or self.flow.read_paused
-                or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY)):
-            return                            # the server's turn (or reading paused until the app catches up)
+        """While the client owes the next bytes: close the connection after ``timeout_keep_alive``
+        without any, and answer 408 once the whole request has taken ``request_timeout_s``."""
+        if not self._owes_bytes():
+            self._end_request_deadline()      # the server's turn: the request is all here
+            return
+        if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+            self._end_request_deadline()      # not a byte of the next request yet: its deadline starts now
+        if self._request_deadline is None:
+            self._request_deadline = self.loop.call_later(self.request_timeout_s, self._request_timed_out)
+        if self.flow.read_paused:
+            return                            # reading paused until the app catches up: not the client's silence
         self._unset_keepalive_if_required()
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.transport.close)
+
+    def _end_request_deadline(self) -> None:
+        if self._request_deadline is not None:
+            self._request_deadline.cancel()
+            self._request_deadline = None
+
+    def _request_timed_out(self) -> None:
+        """The request deadline passed: 408 (unless an answer has begun) and close."""
+        self._request_deadline = None
+        if not self._owes_bytes():
+            return
+        if self.flow.read_paused:             # the app is behind on the body, not the client: look again later
+            self._request_deadline = self.loop.call_later(self.timeout_keep_alive, self._request_timed_out)
+            return
+        cycle = self.cycle if self.conn.their_state is h11.SEND_BODY else None
+        if cycle is None or not cycle.response_started:
+            if cycle is not None:
+                cycle.disconnected = True     # the app's own answer, if it comes, goes nowhere
+            self.transport.write(_raw_answer(
+                "408 Request Timeout", "DEADLINE_EXCEEDED", "REQUEST_TIMEOUT",
+                f"the request did not arrive whole within {self.request_timeout_s:g} s (server setting "
+                "web_request_timeout_s)", web_request_timeout_s=f"{self.request_timeout_s:g}"))
+        log.warning("web request timed out", extra={"event": "web_request_timeout",
+                                                    "request_timeout_s": self.request_timeout_s})
+        self.transport.close()                # connection_lost wakes the app's receive() with a disconnect
 
     def send_400_response(self, msg: str) -> None:
         _, body = error_body(Refused(Code.INVALID_ARGUMENT, "BAD_HTTP_REQUEST", msg, http_status=400))
@@ -965,7 +1024,8 @@ class WebServer:
 
     def __init__(self, domain, address: str = "127.0.0.1:0", tokens=None, static_dir: Path | str | None = None,
                  serving: Callable[[], bool] | None = None, tls: TlsFiles | None = None,
-                 max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S, **options: Any):
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, **options: Any):
         check_auth_config(address, tokens)
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
@@ -975,7 +1035,8 @@ class WebServer:
                           **options)
         tls = tls if tls is not None and tls.enabled else None
         config = uvicorn.Config(
-            asgi_app(self.app), interface="asgi3", http=functools.partial(_Connection, max_connections=max_connections),
+            asgi_app(self.app), interface="asgi3",
+            http=functools.partial(_Connection, max_connections=max_connections, request_timeout_s=request_timeout_s),
             ws="none", lifespan="off", loop="asyncio", backlog=128, timeout_keep_alive=idle_timeout_s,
             proxy_headers=False, server_header=False,
             headers=[("Server", "rulewright")],
@@ -1021,6 +1082,10 @@ class WebServer:
             self.thread.join(timeout + 1.0)
 
     shutdown = stop
+
+    def running_work(self) -> list[threading.Thread]:
+        """The editor jobs' threads still running (after ``stop``: those its timeout did not see end)."""
+        return self.app.jobs.running()
 
 
 def create_web_server(domain, address: str = "127.0.0.1:0", **kw: Any) -> WebServer:

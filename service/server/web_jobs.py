@@ -165,6 +165,11 @@ class Jobs:
                 if self._by_key.get(job.key) is job:
                     del self._by_key[job.key]
 
+    def running(self) -> list[threading.Thread]:
+        """The threads of jobs still running."""
+        with self._lock:
+            return [t for t in self._threads if t.is_alive()]
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop every running job, wake every subscriber, and wait up to ``timeout`` for the threads."""
         with self._lock:

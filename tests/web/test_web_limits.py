@@ -4,6 +4,7 @@ methods, and a bounded number of connections with an idle timeout, over real soc
 from __future__ import annotations
 
 import base64
+import select
 import socket
 import threading
 import time
@@ -102,3 +103,101 @@ def test_one_set_of_bounds_for_both_transports(web):
 
 TOP_OVER = "at most 10,000 matches per request (server setting max_search_seeds), got 10,001"
 QUANTILE_OUT = "must lie strictly between 0 and 1, got 1.5"
+
+
+def _drip(socks: list[socket.socket], data: list[bytes], rounds: int, every_s: float) -> dict[int, bytes]:
+    """Send ``data[n]`` to socket n one byte per round, ``every_s`` apart, for at most ``rounds`` rounds;
+    returns what each socket the server closed got back before its close, by index."""
+    answers: dict[int, bytes] = {}
+    for i in range(rounds):
+        for n, s in enumerate(socks):
+            if n in answers:
+                continue
+            readable, _, _ = select.select([s], [], [], 0)
+            if readable:                                      # the server answered or closed: the slot is free
+                answers[n] = _read_to_close(s)
+                continue
+            try:
+                s.sendall(data[n][i:i + 1])
+            except OSError:
+                answers[n] = b""
+        if len(answers) == len(socks):
+            break
+        time.sleep(every_s)
+    return answers
+
+
+def _read_to_close(s: socket.socket) -> bytes:
+    s.settimeout(5)
+    out = b""
+    try:
+        while chunk := s.recv(4096):
+            out += chunk
+    except OSError:
+        pass
+    return out
+
+
+def test_slow_drip_requests_lose_their_slot_at_the_request_deadline(web_server):
+    """Clients that send a request one byte at a time, each byte well inside the idle timeout, hold
+    every connection slot only until the request deadline: then they get 408 and health answers."""
+    server = web_server(max_connections=4, idle_timeout_s=1.0, request_timeout_s=2.0)
+    url = urlsplit(server.url)
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: " + b"a" * 4000        # never ends
+    body = (b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4000\r\n\r\n" + b" " * 4000)                             # its headers in at once
+    drips = [socket.create_connection((url.hostname, url.port), timeout=5) for _ in range(4)]
+    try:
+        for s in drips[2:]:
+            s.sendall(body[:body.index(b"\r\n\r\n") + 4])
+        assert request(server.url, "GET", "/healthz").status == 503                    # all four slots held
+        data = [head, head] + [body[body.index(b"\r\n\r\n") + 4:]] * 2    # two in the headers, two in a body
+        answers = _drip(drips, data, rounds=40, every_s=0.25)                           # at most 10 s: 5x the deadline
+        assert sorted(answers) == [0, 1, 2, 3], f"{len(answers)} of 4 dripping connections were closed"
+        for answer in answers.values():
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b'"DEADLINE_EXCEEDED"' in answer and b"web_request_timeout_s" in answer, answer
+        assert request(server.url, "GET", "/healthz").status == 200
+    finally:
+        for s in drips:
+            s.close()
+
+
+def _reply(s: socket.socket) -> bytes:
+    """One whole response (headers and its Content-Length of body) read from ``s``; b"" if it closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(rest) < length and (chunk := s.recv(65536)):
+        rest += chunk
+    return head + b"\r\n\r\n" + rest
+
+
+def test_the_request_deadline_is_per_request_and_spares_slow_but_steady_clients(web_server):
+    """On one keep-alive connection, four requests whose bytes come in over about a second each are all
+    answered, though together they take longer than the deadline: it restarts with every request,
+    also after an answer that went out before the request's body was all in (a 404)."""
+    server = web_server(max_connections=4, idle_timeout_s=1.0, request_timeout_s=2.5)
+    url = urlsplit(server.url)
+    body = b'{"model": "tiny", "version": 1}' + b" " * 600      # the headers are all in with the first piece
+
+    def post(path: bytes) -> bytes:
+        return (b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+        statuses = []
+        for path in (b"/api/nothing-here", b"/api/nothing-here", b"/api/nothing-here", b"/api/search"):
+            one = post(path)
+            for part in range(4):                                         # four pieces, 0.25 s apart
+                time.sleep(0.25)
+                s.sendall(one[part * len(one) // 4:(part + 1) * len(one) // 4])
+            reply = _reply(s)
+            statuses.append(reply.split(b" ", 2)[1] if reply else b"closed")
+        assert statuses == [b"404", b"404", b"404", b"400"], statuses
