@@ -84,7 +84,7 @@ bench-versions: venv  ## many edited versions: 16 clients on 16 versions vs one,
 bench-jobs: venv  ## a dataset job vs in-process sample + encode, and a 100k-sample statistics job (keys/s)
 	$(PY) -m benchmarks.jobs
 
-chaos: venv servers  ## fault injection and load against real servers: crash rounds, retries, 32 clients, S3 paused
+chaos: venv servers  ## fault injection and load against real servers: crash rounds, retries, 32 clients, S3 paused, queued cancels, lanes, job locations, damaged statistics, slow-drip HTTP, no-op rewrites
 	$(PY) -m benchmarks.reliability
 
 clean:
