@@ -60,7 +60,9 @@ class SampleBatcher:
     """Coalesces concurrent sampling of one key (versions of one base) into shared forward passes."""
 
     POLL_S = 0.05                         # how often a waiting caller checks whether its client left
-    FILL_SHARE = 1.0                      # longest wait for expected callers, as a share of the last pass (at 0.5, 16 clients on 2 cores still split into batches of ~10)
+    # Longest wait for expected callers, as a share of the last pass: at 0.5, 16 clients on 2 cores
+    # still split into batches of about 10.
+    FILL_SHARE = 1.0
     FILL_MAX_S = 0.1                      # and never longer than this
 
     def __init__(
