@@ -51,20 +51,29 @@ DEFAULTS: dict[str, Any] = {
     # Extra targets found by context search: the candidates whose keys in a paste box respond most
     # to the context direction get the copy pasted there too (erase: are erased there too).
     "search": {"targets": None, "candidates": 600, "seed_start": 2_000_000},
+    # How the multilayer fit draws its targets: ``batch`` targets per step drawn afresh from all of
+    # them (0: every target every step), the paste's edge ``feather`` (Gaussian sigma, pixels) in the
+    # goal pictures, and the weight of an ``edges`` term (L1 between the rendered and the goal
+    # pictures' finite differences: structure as well as colour).
+    "fit": {"batch": None, "feather": None, "edges": None},
 }
 
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # Low-rank deltas on every rewritable layer, image L1 on the (user + found) targets.
     # The fitted edit is applied at strength 0.6: on the shipped edits that gives fine-tuning's
     # efficacy at about half its side effect (README "Editing"); users dial it up or down.
-    "multilayer": {"rank": 4, "steps": 50, "lr": 2e-3, "keep_weight": 0.0, "search_targets": 16, "strength": 0.6},
+    "multilayer": {"rank": 4, "steps": 50, "lr": 2e-3, "keep_weight": 0.0, "search_targets": 16, "strength": 0.6,
+                   "fit": {"batch": 0, "feather": 0.0, "edges": 0.0}},
     # The paper's edit: one layer, the update confined to the context directions, the user's targets.
-    "single": {"rank": 8, "steps": 2001, "lr": 0.05, "keep_weight": 16.0, "search_targets": 0, "strength": 1.0},
+    "single": {"rank": 8, "steps": 2001, "lr": 0.05, "keep_weight": 16.0, "search_targets": 0, "strength": 1.0,
+               "fit": {"batch": 0, "feather": 0.0, "edges": 0.0}},
 }
 
 # Specs recorded before the multilayer method said solver "optimize" (Adam on one layer) and had
 # no search: read them as that, so a replay of an old version does what it did then.
 _LEGACY = {"method": "single", "search": {"targets": 0}}   # and strength 1, the single method's default
+# What a recorded spec (one that lists its found targets) meant before it had a "fit" field.
+_LEGACY_FIT = {"batch": 0, "feather": 0.0, "edges": 0.0}
 
 
 def _merge(defaults: dict, given: dict, field: str) -> dict:
@@ -105,6 +114,7 @@ class EditSpec:
     stats: dict
     erase: dict
     search: dict
+    fit: dict
     copy: Region | None = None
     paste: list[Region] = dataclasses.field(default_factory=list)
     context: list[Region] = dataclasses.field(default_factory=list)
@@ -133,7 +143,7 @@ class EditSpec:
         if "method" not in spec and (spec.get("solver") == "closed_form" or spec.get("goal") == "value"):
             spec["method"] = "single"                  # only the one-layer edit has them
         s = {**copy.deepcopy(DEFAULTS), **{k: v for k, v in spec.items() if k in DEFAULTS}}
-        for key in ("keep", "stats", "erase", "search"):
+        for key in ("keep", "stats", "erase", "search", "fit"):
             s[key] = _merge(DEFAULTS[key], spec.get(key) or {}, key)
         for key, allowed_values in (("op", OPS), ("method", METHODS), ("goal", GOALS), ("solver", SOLVERS),
                                     ("factors", FACTORS)):
@@ -149,6 +159,10 @@ class EditSpec:
             s["keep"]["weight"] = method["keep_weight"]
         if s["search"]["targets"] is None:
             s["search"]["targets"] = method["search_targets"]
+        fit_defaults = _LEGACY_FIT if spec.get("found") is not None and "fit" not in spec else method["fit"]
+        for key, value in fit_defaults.items():
+            if s["fit"][key] is None:
+                s["fit"][key] = value
         if s["method"] == "multilayer" and s["goal"] != "image":
             raise InvalidArgument("goal", "the multilayer method fits images; use method 'single' for goal 'value'")
         if s["method"] == "multilayer" and s["solver"] != "adam":
@@ -191,6 +205,9 @@ class EditSpec:
         _number(s["keep"], "weight", float, 0.0, 1e4, "keep.weight")
         for key, hi in (("pool_start", 2**62), ("pool_size", 100_000), ("per_step", 1024), ("seed", 2**62)):
             _number(s["keep"], key, int, 0 if key in ("pool_start", "seed") else 1, hi, f"keep.{key}")
+        _number(s["fit"], "batch", int, 0, 256, "fit.batch")
+        _number(s["fit"], "feather", float, 0.0, 16.0, "fit.feather")
+        _number(s["fit"], "edges", float, 0.0, 100.0, "fit.edges")
         _number(s["stats"], "samples", int, 1, 10_000_000, "stats.samples")
         _number(s["stats"], "seed_start", int, 0, 2**62, "stats.seed_start")
         if s["op"] == "erase":
