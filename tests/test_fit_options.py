@@ -25,7 +25,7 @@ def _spec(**kw) -> dict:
             "paste": [{"seed": 2, "box": b}, {"seed": 5, "box": b}],
             "search": {"targets": 3, "candidates": 40, "seed_start": 1000}, "steps": 20}
     spec.update(kw)
-    return spec
+    return {k: v for k, v in spec.items() if v is not None}
 
 
 def test_batched_fit_is_seeded_lowers_the_loss_over_every_target_and_replays(small):
@@ -73,3 +73,21 @@ def test_bad_fit_options_name_the_field(small, fit, field):
     with pytest.raises(InvalidArgument) as exc:
         EditSpec.from_json(_spec(fit=fit), model)
     assert exc.value.field == field
+
+
+def test_quality_picks_the_multilayer_defaults_and_a_recorded_spec_keeps_its_own(small):
+    model, _ = small
+    final = EditSpec.from_json(_spec(steps=None, search=None), model)
+    draft = EditSpec.from_json({**_spec(steps=None, search=None), "quality": "draft"}, model)
+    assert final.quality == "final" and draft.quality == "draft"
+    assert (draft.steps, draft.search["targets"], draft.fit["batch"], draft.strength) == (50, 16, 0, 0.6)  # the earlier default
+    assert final.steps > draft.steps and final.search["targets"] > draft.search["targets"]
+    assert 0 < final.fit["batch"] < final.search["targets"]
+    given = EditSpec.from_json({**_spec(), "quality": "draft"}, model)
+    assert given.steps == 20 and given.search["targets"] == 3                          # given fields win
+    recorded = {k: v for k, v in draft.to_json().items() if k not in ("quality", "fit")}
+    recorded["found"] = []
+    assert EditSpec.from_json(recorded, model).to_json() == {**draft.to_json(), "found": []}
+    with pytest.raises(InvalidArgument) as exc:
+        EditSpec.from_json({**_spec(), "quality": "best"}, model)
+    assert exc.value.field == "quality"
