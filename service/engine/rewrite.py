@@ -396,8 +396,10 @@ class Objective:
         """Goal losses (value space only for one layer's weight) and the mean change over 16 probe seeds."""
         with torch.no_grad():
             probe = self._images(candidate, self.probe_z)
-            out = {"image_loss": self.goal_loss(candidate, "image").item(),
-                   "whole_image_loss": self.goal_loss(candidate, "whole").item(),
+            g = self.goal
+            images = self._images(candidate, g.z)          # once for both image losses (64+ targets)
+            out = {"image_loss": _masked_l1(images, g.goal_image, g.image_box).item(),
+                   "whole_image_loss": _masked_l1(images, g.goal_image, self.whole).item(),
                    "probe_change": (probe - self.probe_base).abs().mean().item()}
             if not isinstance(candidate, dict):
                 out["value_loss"] = self.goal_loss(candidate, "value").item()
