@@ -3,8 +3,9 @@
 Run through ``python -m benchmarks.edit_quality --pareto`` (see that module for the flags).
 
 Each method is swept along its knob, and every point is measured on the same held-out seeds:
-- ``ours``: the default rewrite (low-rank deltas on every layer, targets found by context search),
+- ``ours``: the default (final quality) rewrite (low-rank deltas on every layer, found targets),
   fitted once and swept along its *strength* (the stored delta scaled; exact for the low-rank form);
+- ``ours_draft``: the same at the draft quality (fewer targets and steps: what shows first);
 - ``ours_context``: the same with each layer's input factor fixed to that layer's context directions;
 - ``single``: the paper's edit of one layer (rank 8, pooled keep term), swept along strength;
 - ``full_rank_keep``: an unconstrained update of the same layer with the keep term, along its weight;
@@ -144,6 +145,8 @@ def sweep_edit(model, path: Path, seeds: list[int], args) -> dict:
 
     ours = fit("ours", default)
     found = EditSpec.from_json(ours.spec, model).found
+    if "ours_draft" in args.methods:
+        fit("ours_draft", _spec(base, model, quality="draft"))
     if "ours_context" in args.methods:
         fit("ours_context", _spec(base, model, factors="context"))
     if "single" in args.methods:
