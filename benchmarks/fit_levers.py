@@ -1,6 +1,6 @@
 """The fit's levers, one at a time, on one edit: detected share, efficacy, side effect, box edge, time.
 
-``python -m benchmarks.fit_levers --edit glasses --variants default,found64_batch16 [--heldout 100]``
+``python -m benchmarks.fit_levers --edit glasses --variants default,draft [--heldout 100]``
 
 Each variant is the edit's spec with a few fields overridden (``VARIANTS``, or ``--variant
 name='{json}'``), fitted once with the same statistics and swept along strength. It measures on the
@@ -35,7 +35,8 @@ from rulewright.service.engine.stats import key_moment
 from rulewright.service.importers.faces import import_faces
 
 VARIANTS: dict[str, dict] = {
-    "default": {},
+    "default": {},                                   # the final quality
+    "draft": {"quality": "draft"},
     "steps200": {"steps": 200},
     "found64_steps200": {"search": {"targets": 64}, "steps": 200},
     "found64_batch16": {"search": {"targets": 64}, "steps": 200, "fit": {"batch": 16}},
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     """Fit every variant, print its figures along strength, and write its pictures."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.fit_levers", description=__doc__.splitlines()[0])
     p.add_argument("--edit", default="glasses", help="an edit of examples/edits/ (its name)")
-    p.add_argument("--variants", default="default,found64_batch16", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="default,draft", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--variant", action="append", default=[], help="name='{json overrides}' (repeatable)")
     p.add_argument("--heldout", type=int, default=100, help="held-out faces measured")
     p.add_argument("--strengths", default="0.6,1,1.5", help="comma-separated strengths of each fit")
