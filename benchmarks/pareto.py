@@ -178,11 +178,16 @@ def sweep_edit(model, path: Path, seeds: list[int], args) -> dict:
             "detector": detector_info, "finetune_default_steps": args.finetune_default}
 
 
-def interpolate(points: list[dict], side: float, metric: str = "efficacy") -> float | None:
-    """``metric`` at side effect ``side`` along a curve (through the origin: no edit); None beyond its reach."""
+def origin(result: dict, metric: str) -> float:
+    """``metric`` with no edit: 0, except the detector's false alarms on the unedited faces."""
+    return result.get("references", {}).get("unedited", {}).get(metric, 0.0) if metric == "detected" else 0.0
+
+
+def interpolate(points: list[dict], side: float, metric: str = "efficacy", start: float = 0.0) -> float | None:
+    """``metric`` at side effect ``side`` along a curve (from ``start`` with no edit); None beyond its reach."""
     if any(metric not in p for p in points):
         return None                                       # a curve measured before the metric existed
-    pts = sorted([(0.0, 0.0)] + [(p["side_effect"], p[metric]) for p in points])
+    pts = sorted([(0.0, start)] + [(p["side_effect"], p[metric]) for p in points])
     best = None
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= side <= x1 and x1 > x0:
@@ -220,7 +225,7 @@ def plot(results: dict, out: Path) -> None:
             for method, points in result["curves"].items():
                 if any(metric not in p for p in points):
                     continue
-                pts = sorted([(0.0, 0.0)] + [(p["side_effect"], 100 * p[metric]) for p in points])
+                pts = sorted([(0.0, 100 * origin(result, metric))] + [(p["side_effect"], 100 * p[metric]) for p in points])
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=method,
                         color=colors[method])
             ref = reference_side(result)
@@ -234,9 +239,9 @@ def plot(results: dict, out: Path) -> None:
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[m], marker="o", markersize=3, label=m) for m in methods]
-    fig.legend(handles=handles, loc="upper right", fontsize=8, title="method (dashed: fine-tune's default side "
-               "effect; dotted: half of it)", title_fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles=handles, loc="upper center", ncol=len(methods), fontsize=8, title="method (dashed: "
+               "fine-tune's default side effect; dotted: half of it)", title_fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -272,6 +277,6 @@ def report(results: dict) -> None:
             cells = []
             for metric in ("detected", "efficacy"):
                 for x in (ref, ref / 2):
-                    y = interpolate(points, x, metric)
+                    y = interpolate(points, x, metric, origin(result, metric))
                     cells.append(f"{'-' if y is None else f'{100 * y:.1f}%':>8s}")
             print(f"  {edit:15s} {method:15s} {' '.join(cells)}   {ref:7.4f}")
