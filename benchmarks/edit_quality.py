@@ -7,11 +7,17 @@
 draws the curves, prints efficacy at matched side effect, and times the default rewrite against
 the paper's single-layer Adam edit of the first release (``speedup vs adam``).
 
-For held-out seeds that took no part in the edit it prints, per method: **efficacy** — the share
-of the gap to each face's ideal result (the same copy/paste applied to its own value map and
-rendered) closed inside the paste box — and **side effect** — the mean absolute pixel change
-outside the box (pixels in [-1, 1]) — with wall time. It writes before/after grids of 16 held-out
-seeds to ``out/edit_quality.png`` (rows: original, ideal, then each method).
+For held-out seeds that took no part in the edit it prints, per method: **detected** — the share
+of held-out faces that the edit's own detector calls edited (a small CNN trained to tell each
+face's ideal result from its original, on seeds of its own; trained once and cached under
+``out/detectors/``; its seeds and held-out accuracy are printed) and its mean probability;
+**efficacy** — the share of the gap to each face's ideal result (the same copy/paste applied to its
+own value map and rendered) closed inside the paste box; **side effect** — the mean absolute pixel
+change outside the box (pixels in [-1, 1]); **box edge** — the change just inside the box's border
+minus just outside, over the change in the box (near 1: a pasted rectangle); and wall time. The
+rows ``unedited`` and ``ideal`` are the detector's false alarms and its hits on the ideal results.
+It writes before/after grids of 16 held-out seeds to ``out/edit_quality.png`` (rows: original,
+ideal, then each method).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from benchmarks import detectors
+from rulewright.service.engine.detector import model_fingerprint
 from rulewright.service.engine.device import configure_determinism, select_device
 from rulewright.service.engine.edit import EditSpec, render_edited
 from rulewright.service.engine.evaluate import heldout_metrics, ideal_images
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (figures differ within float rounding)")
     p.add_argument("--pareto", action="store_true", help="sweep every method along its knob on every shipped edit")
     p.add_argument("--edits", default="", help="--pareto: comma-separated edit names (default: every examples/edits/*.json)")
-    p.add_argument("--methods", default="ours,ours_context,single,full_rank_keep,finetune,finetune_found",
+    p.add_argument("--methods", default="ours,ours_draft,ours_context,single,full_rank_keep,finetune,finetune_found",
                    help="--pareto: methods to sweep")
     p.add_argument("--plot", default="out/pareto.png", help="--pareto: the curves, one panel per edit")
     p.add_argument("--single-steps", type=int, default=500, help="--pareto: Adam steps of the single-layer method")
@@ -112,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [model(show).detach()]
     first = EditSpec.from_json(base, model)
     rows.append(ideal_images(model, first, show))
-    results, moments = {}, {}
+    detector, detector_info = detectors.load_or_train(model, dataclasses.replace(first, found=[]))
+    print(f"  {detectors.describe(detector_info)}", file=sys.stderr, flush=True)
+    measure = lambda render: heldout_metrics(model, first, heldout, render, detect=detector.probability)  # noqa: E731
+    results, moments = {
+        "unedited": {**measure(lambda z: model(z, first.truncation)), "seconds": 0.0},
+        "ideal": {**measure(lambda z: ideal_images(model, first, z)), "seconds": 0.0}}, {}
 
     for name, spec in _variants(base, [v for v in args.variants.split(",") if v]).items():
         es = EditSpec.from_json(spec, model)
@@ -123,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         edit = rewrite(model, es, moment=moments[es.layer])
         seconds = time.perf_counter() - started
         render = lambda z, e=edit, t=es.truncation: render_edited(model, [e], z, t)  # noqa: E731
-        metrics = heldout_metrics(model, es, heldout, render)
+        metrics = measure(render)
         rows.append(render(show))
         results[name] = {**metrics, "seconds": seconds, "goal_loss_before": edit.metrics["goal_loss_before"],
                          "goal_loss_after": edit.metrics["goal_loss_after"], "layer": es.layer, "rank": es.rank,
                          "goal": es.goal}
-        print(f"  {name}: efficacy {100 * metrics['efficacy']:.1f}%, side effect {metrics['side_effect']:.4f}, "
-              f"{seconds:.1f} s", file=sys.stderr, flush=True)
+        print(f"  {name}: detected {100 * metrics['detected']:.1f}%, efficacy {100 * metrics['efficacy']:.1f}%, "
+              f"side effect {metrics['side_effect']:.4f}, {seconds:.1f} s", file=sys.stderr, flush=True)
 
     baselines = [b for b in args.baselines.split(",") if b and b != "none"]
     for name in ("full_rank", "full_rank_keep"):
@@ -142,15 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         weights, info = full_rank_update(model, spec, lr=args.full_rank_lr)
         w = next(iter(weights.values()))
         render = lambda z, w=w: edited_images(model, first.layer, w, z, first.truncation)  # noqa: E731
-        results[name] = {**heldout_metrics(model, first, heldout, render), "seconds": info["seconds"],
+        results[name] = {**measure(render), "seconds": info["seconds"],
                          "goal_loss_before": info["before"][f"{first.goal}_loss"],
                          "goal_loss_after": info["after"][f"{first.goal}_loss"]}
         with torch.no_grad():
             rows.append(render(show))
     if "finetune" in baselines:
         tuned, info = finetune_all(model, first, steps=args.finetune_steps, lr=args.finetune_lr)
-        results["finetune_all"] = {**heldout_metrics(model, first, heldout, lambda z: tuned(z, first.truncation)),
-                                   "seconds": info["seconds"]}
+        results["finetune_all"] = {**measure(lambda z: tuned(z, first.truncation)), "seconds": info["seconds"]}
         with torch.no_grad():
             rows.append(tuned(show))
 
@@ -160,15 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     Image.fromarray(picture).resize((picture.shape[1] * 2, picture.shape[0] * 2), Image.NEAREST).save(out)
 
     print(f"edit quality: {args.spec} on faces, {len(heldout)} held-out seeds from {HELDOUT_START}")
-    print(f"{'method':18s} {'efficacy':>9s} {'L1 ideal before→after':>22s} {'side effect':>11s} "
-          f"{'eff/side':>8s} {'seconds':>8s}")
+    print(detectors.describe(detector_info))
+    print(f"{'method':18s} {'detected':>8s} {'mean p':>6s} {'efficacy':>9s} {'L1 ideal before→after':>22s} "
+          f"{'side effect':>11s} {'edge':>5s} {'eff/side':>8s} {'seconds':>8s}")
     for name, r in results.items():
         ratio = r["efficacy"] / max(r["side_effect"], 1e-9)
-        print(f"{name:18s} {100 * r['efficacy']:8.1f}% {r['l1_to_ideal_before']:10.3f} → {r['l1_to_ideal_after']:.3f}"
-              f" {r['side_effect']:11.4f} {ratio:8.2f} {r['seconds']:8.1f}")
-    print(f"grid (rows: original, ideal, {', '.join(results)}): {out}")
+        print(f"{name:18s} {100 * r['detected']:7.1f}% {r['probability']:6.3f} {100 * r['efficacy']:8.1f}% "
+              f"{r['l1_to_ideal_before']:10.3f} → {r['l1_to_ideal_after']:.3f} {r['side_effect']:11.4f} "
+              f"{r['box_edge']:5.2f} {ratio:8.2f} {r['seconds']:8.1f}")
+    shown = [n for n in results if n not in ("unedited", "ideal")]
+    print(f"grid (rows: original, ideal, {', '.join(shown)}): {out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({**results, "detector": detector_info}, indent=1))
     return 0
 
 
@@ -195,6 +210,7 @@ def run_pareto(model, args) -> int:
     args.finetune_found_steps = [int(s) for s in args.finetune_found_sweep.split(",") if s]
     args.finetune_default = args.finetune_steps and 500 if 500 in args.finetune_steps else args.finetune_steps[-1]
     seeds = list(range(HELDOUT_START, HELDOUT_START + args.heldout))
+    args.fingerprint = model_fingerprint(model)
     results = {}
     for path in paths:
         print(f"  {path.stem} ...", file=sys.stderr, flush=True)
@@ -215,19 +231,22 @@ def speed(model, path: Path, seeds: list[int], pareto) -> None:
     default = EditSpec.from_json(base, model)
     s = default.stats
     C = key_moment(model, default.layer, range(s["seed_start"], s["seed_start"] + s["samples"])).moment()
-    held = pareto.Heldout(model, dataclasses.replace(default, found=[]), seeds, C)
+    user = dataclasses.replace(default, found=[])
+    held = pareto.Heldout(model, user, seeds, C, detect=detectors.load_or_train(model, user)[0].probability)
     rows = {}
-    # The editor sends the engine's defaults (rank 4, 50 steps, strength 0.6): "default" is its rewrite too.
-    for name, spec in (("first release (adam)", pareto._spec(base, model, **FIRST_RELEASE)), ("default", default)):
+    # "default" is the final quality's rewrite; "draft" the quick one (the previous default).
+    for name, spec in (("first release (adam)", pareto._spec(base, model, **FIRST_RELEASE)),
+                       ("draft", pareto._spec(base, model, quality="draft")), ("default", default)):
         started = time.perf_counter()
         edit = rewrite(model, spec, moment=C)
         seconds = time.perf_counter() - started
         rows[name] = {"seconds": seconds, **held.measure(lambda z, e=edit: render_edited(model, [e], z, spec.truncation))}
     print(f"\nspeed on {path.stem} (statistics cached for both, {torch.get_num_threads()} threads):")
     for name, r in rows.items():
-        print(f"  {name:22s} {r['seconds']:7.1f} s   efficacy {100 * r['efficacy']:5.1f}%   side effect {r['side_effect']:.4f}")
+        print(f"  {name:22s} {r['seconds']:7.1f} s   detected {100 * r['detected']:5.1f}%   "
+              f"efficacy {100 * r['efficacy']:5.1f}%   side effect {r['side_effect']:.4f}")
     ratio = rows["first release (adam)"]["seconds"] / rows["default"]["seconds"]
-    print(f"speedup vs adam: {ratio:.1f}x")
+    print(f"speedup vs adam: {ratio:.1f}x (draft: {rows['first release (adam)']['seconds'] / rows['draft']['seconds']:.1f}x)")
 
 
 if __name__ == "__main__":

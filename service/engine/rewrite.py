@@ -131,6 +131,24 @@ def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
+def _feather(alpha: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``alpha`` (R, R) blurred by a Gaussian of ``sigma`` pixels inside its own support: the
+    paste fades out towards the box's border instead of ending in a hard rectangle."""
+    if sigma <= 0:
+        return alpha
+    radius = max(1, math.ceil(2.5 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=alpha.dtype, device=alpha.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    # Eroding by 1.25 sigma first leaves about a tenth of the paste on the box's border and keeps
+    # the blurred alpha (almost) inside the box, where the user put it.
+    e = math.ceil(1.25 * sigma)
+    inner = -F.max_pool2d(-alpha[None, None], 2 * e + 1, stride=1, padding=e)
+    blurred = F.conv2d(F.conv2d(inner, k.view(1, 1, 1, -1), padding=(0, radius)), k.view(1, 1, -1, 1),
+                       padding=(radius, 0))
+    return blurred[0, 0]
+
+
 def _box_mask(alpha: torch.Tensor) -> torch.Tensor:
     """1 inside the tight box around alpha's nonzero cells."""
     out = torch.zeros_like(alpha)
@@ -200,8 +218,9 @@ def _rewrite_goal(model: Generator, spec: EditSpec, device: torch.device) -> Goa
             field = f"paste[{i}]" if i < len(spec.paste) else f"found[{i - len(spec.paste)}]"
             raise InvalidArgument(field, "the pasted copy falls outside the image")
         a_img = _shift(a_src_img, dy * cell, dx * cell)
+        a_goal = _feather(a_img, spec.fit["feather"]) if spec.method == "multilayer" else a_img
         goal_value[i] = value[i] * (1 - a_v) + _shift(v_src[0], dy, dx) * a_v
-        goal_image[i] = image[i] * (1 - a_img) + _shift(img_src[0], dy * cell, dx * cell) * a_img
+        goal_image[i] = image[i] * (1 - a_goal) + _shift(img_src[0], dy * cell, dx * cell) * a_goal
         value_box[i] = _box_mask(a_v)
         image_box[i] = _box_mask(a_img)
         offsets.append([dy * cell, dx * cell])
@@ -273,6 +292,13 @@ def _masked_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return per.mean()
 
 
+def _edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean |∇a − ∇b| over horizontal and vertical neighbour differences: where the edges are."""
+    dx = (a[..., :, 1:] - a[..., :, :-1]) - (b[..., :, 1:] - b[..., :, :-1])
+    dy = (a[..., 1:, :] - a[..., :-1, :]) - (b[..., 1:, :] - b[..., :-1, :])
+    return 0.5 * (dx.abs().mean() + dy.abs().mean())
+
+
 Weights = dict[str, torch.Tensor]      # {parameter name: replacement tensor}
 
 
@@ -300,6 +326,7 @@ class Objective:
         keep = spec.keep
         self.pool = torch.arange(keep["pool_start"], keep["pool_start"] + keep["pool_size"])
         self.gen = torch.Generator().manual_seed(keep["seed"])
+        self.fit_gen = torch.Generator().manual_seed(keep["seed"] + 1)
         self.device = device
         # Unedited pool images are rendered once when they fit in 256 MB, else per step.
         numel = keep["pool_size"] * 3 * model.resolution ** 2
@@ -340,9 +367,27 @@ class Objective:
         mask = self.outside.expand(z.shape[0], -1, -1)
         return _masked_l1(edited, base, mask)
 
-    def loss(self, candidate: torch.Tensor | Weights) -> torch.Tensor:
-        """What the solver minimizes."""
-        loss = self.goal_loss(candidate)
+    def _fit_loss(self, candidate: Weights | LowRankPaths, batch: bool = True) -> torch.Tensor:
+        """Multilayer: whole-image L1 (plus the edges term) on ``fit.batch`` targets drawn afresh."""
+        g, fit = self.goal, self.spec.fit
+        idx = None
+        if batch and 0 < fit["batch"] < len(g.z):
+            idx = torch.randperm(len(g.z), generator=self.fit_gen)[: fit["batch"]].to(g.z.device)
+        if idx is None and fit["edges"] == 0:
+            return self.goal_loss(candidate)          # the whole batch, as fitted before these options
+        z, goal = (g.z, g.goal_image) if idx is None else (g.z[idx], g.goal_image[idx])
+        images = self._images(candidate, z)
+        loss = (images - goal).abs().mean()
+        if fit["edges"] > 0:
+            loss = loss + fit["edges"] * _edge_l1(images, goal)
+        return loss
+
+    def loss(self, candidate: torch.Tensor | Weights, batch: bool = True) -> torch.Tensor:
+        """What the solver minimizes (``batch=False``: over every target, whatever ``fit.batch``)."""
+        if self.spec.method == "multilayer":
+            loss = self._fit_loss(candidate, batch)
+        else:
+            loss = self.goal_loss(candidate)
         if self.spec.keep["weight"] > 0:
             loss = loss + self.spec.keep["weight"] * self.keep_loss(candidate)
         return loss
@@ -351,8 +396,10 @@ class Objective:
         """Goal losses (value space only for one layer's weight) and the mean change over 16 probe seeds."""
         with torch.no_grad():
             probe = self._images(candidate, self.probe_z)
-            out = {"image_loss": self.goal_loss(candidate, "image").item(),
-                   "whole_image_loss": self.goal_loss(candidate, "whole").item(),
+            g = self.goal
+            images = self._images(candidate, g.z)          # once for both image losses (64+ targets)
+            out = {"image_loss": _masked_l1(images, g.goal_image, g.image_box).item(),
+                   "whole_image_loss": _masked_l1(images, g.goal_image, self.whole).item(),
                    "probe_change": (probe - self.probe_base).abs().mean().item()}
             if not isinstance(candidate, dict):
                 out["value_loss"] = self.goal_loss(candidate, "value").item()
@@ -384,12 +431,15 @@ def _cosine_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]
 
 def best_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int, lr: float,
               schedule: str = "cosine", progress: Progress | None = None,
-              stage: str = "optimize") -> tuple[float, float, int]:
+              stage: str = "optimize", final: Callable[[], torch.Tensor] | None = None) -> tuple[float, float, int]:
     """Adam that hands back its best iterate: ``params`` end at the lowest loss seen.
 
     The loss of step t is measured at the parameters step t starts from, so the starting point
     (no edit, when the factors start at zero) is a candidate, and a short or diverging run can
     never return anything worse than it. Returns (best loss, starting loss, best step).
+    With ``final`` (a loss over every target, where ``loss_fn`` draws a batch of them) the
+    candidates are the start and the last iterate, compared by ``final``: a batch's loss says
+    too little about the whole to pick among iterates.
     """
     progress = progress or Progress()
     opt = torch.optim.Adam(params, lr=lr)
@@ -405,21 +455,26 @@ def best_adam(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], s
             for keep, p in zip(saved, params):
                 keep.copy_(p.detach())
 
+    if final is not None:
+        with torch.no_grad():
+            consider(final().item(), 0)
+        start = best
     for step in range(steps):
         progress.check(f"{stage} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
         value = loss.item()
-        if step == 0:
+        if step == 0 and final is None:
             start = value
-        consider(value, step)
+        if final is None:
+            consider(value, step)
         loss.backward()
         opt.step()
         sched.step()
         if step % PROGRESS_EVERY == 0 or step == steps - 1:
             progress.report(stage, step + 1, steps, value, best_loss=best)
     with torch.no_grad():
-        consider(loss_fn().item(), steps)      # the last update, which no step measured yet
+        consider((final or loss_fn)().item(), steps)      # the last update, which no step measured yet
         for keep, p in zip(saved, params):
             p.copy_(keep)
     return best, start, best_step
@@ -594,7 +649,9 @@ def solve_multilayer(objective: Objective, spec: EditSpec, directions: dict[str,
         candidate = lambda: paths                      # noqa: E731  (same images, less work)
 
     params = [lam for *_, lam in parts] + ([d for *_, d, _ in parts] if directions is None else [])
-    best_adam(params, lambda: objective.loss(candidate()), spec.steps, spec.lr, "constant", progress)
+    batched = 0 < spec.fit["batch"] < len(objective.goal.z)
+    best_adam(params, lambda: objective.loss(candidate()), spec.steps, spec.lr, "cosine" if batched else "constant",
+              progress, final=(lambda: objective.loss(candidate(), batch=False)) if batched else None)
     deltas = []
     for layer, _, _, d, lam in parts:
         q, lam_q = orthonormalize(d.detach(), lam.detach(), layer.in_axis)
