@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from rulewright.service.engine.edit import QUALITY
 from tests.support import missing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -292,10 +293,11 @@ def test_editor_end_to_end(page, domain):
     assert run["loss"].startswith("loss ")
     shot("rewrite-done")
     # the targets its context search found, in a tray the user can prune before the next rewrite
-    assert tid(page, "found-count").inner_text() == "(16)"
+    found = QUALITY["final"]["search_targets"]              # the default rewrite's found targets
+    assert tid(page, "found-count").inner_text() == f"({found})"
     tid(page, "found-remove-0").click()
-    assert tid(page, "found-count").inner_text() == "(15)"
-    assert page.locator("[data-testid^=found-item-]").count() == 15
+    assert tid(page, "found-count").inner_text() == f"({found - 1})"
+    assert page.locator("[data-testid^=found-item-]").count() == found - 1
 
     # 7. the new version in the panel: lineage, author, spec summary
     v2 = tid(page, "version-2")
