@@ -1069,7 +1069,7 @@ async function loadSpec(file) {
     if (spec.layer) $("layer-select").value = spec.layer;
     if (spec.rank !== undefined) $("rank-input").value = String(spec.rank);
     if (spec.steps !== undefined) $("steps-input").value = String(spec.steps);
-    $("strength-input").value = String(spec.strength ?? 0.6);
+    $("strength-input").value = String(spec.strength ?? 1);
     const { model, layer, rank, steps, strength: _s, found, copy: _c, paste: _p, context: _x, ...extras } = spec;
     state.found = Array.isArray(found) ? found : null;
     state.specExtras = extras;
