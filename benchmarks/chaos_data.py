@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import signal
 import sys
@@ -37,7 +36,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc  # noqa: E402
 from google.protobuf import duration_pb2  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from benchmarks.reliability_serving import Server, _row, table, timed  # noqa: E402
+from benchmarks.reliability_serving import Server, _row, run_alone, timed  # noqa: E402
 from rulewright.v1 import edit_pb2, images_pb2  # noqa: E402
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc  # noqa: E402
 from rulewright.v1 import jobs_service_pb2 as jobs_pb, jobs_service_pb2_grpc as jobs_grpc  # noqa: E402
@@ -243,15 +242,7 @@ def run(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the scenarios and print their table."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos_data", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
-    args = parser.parse_args(argv)
-    rows = run(args)
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+    return run_alone("benchmarks.chaos_data", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import http.client
-import json
 import os
 import select
 import socket
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.reliability_serving import Server, _free_port, _row, table
+from benchmarks.reliability_serving import Server, _free_port, _row, run_alone
 
 SCENARIO = "slow-drip HTTP"
 HEADER = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: " + b"a" * 100_000     # never ends
@@ -161,15 +160,8 @@ def run(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the scenario and print its rows; 1 if health never came back."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos_http", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
-    args = parser.parse_args(argv)
-    rows = run(args)
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0 if rows[0]["result"].startswith("200") else 1
+    return run_alone("benchmarks.chaos_http", __doc__, add_arguments, run, argv,
+                     ok=lambda rows: rows[0]["result"].startswith("200"))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Loopback only; each scenario takes seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -33,7 +32,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # before grpc loads: no INFO 
 import grpc  # noqa: E402
 from google.longrunning import operations_pb2, operations_pb2_grpc  # noqa: E402
 
-from benchmarks.reliability_serving import MODEL, Server, _prepare, _row, table  # noqa: E402
+from benchmarks.reliability_serving import MODEL, Server, _prepare, _row, run_alone  # noqa: E402
 from rulewright.v1 import generator_service_pb2 as gen, jobs_service_pb2 as jobs_pb  # noqa: E402
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc  # noqa: E402
 
@@ -165,15 +164,7 @@ def run(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the scenarios and print their table."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos_jobs", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
-    args = parser.parse_args(argv)
-    rows = run(args)
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+    return run_alone("benchmarks.chaos_jobs", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

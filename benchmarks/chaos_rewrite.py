@@ -27,7 +27,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # before grpc loads: no INFO 
 import grpc  # noqa: E402
 from google.rpc import error_details_pb2, status_pb2  # noqa: E402
 
-from benchmarks.reliability_serving import MODEL, REPO, Server, _prepare, _row, table  # noqa: E402
+from benchmarks.reliability_serving import MODEL, REPO, Server, _prepare, _row, run_alone  # noqa: E402
 from rulewright.v1 import edit_pb2, images_pb2  # noqa: E402
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc  # noqa: E402
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc  # noqa: E402
@@ -108,15 +108,7 @@ def run(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the scenario and print its rows."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos_rewrite", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
-    args = parser.parse_args(argv)
-    rows = run(args)
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+    return run_alone("benchmarks.chaos_rewrite", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

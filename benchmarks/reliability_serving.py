@@ -299,9 +299,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join([line({k: k for k in keys}), line({k: "-" * widths[k] for k in keys})] + [line(r) for r in rows])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print its table."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability_serving", description=__doc__.split("\n")[0])
+def run_alone(prog: str, doc: str, add_arguments, run, argv: list[str] | None = None, ok=lambda rows: True) -> int:
+    """A scenario module's command: its flags and --json, its rows as a table; 0 when ``ok(rows)``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n")[0])
     add_arguments(parser)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -309,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+    return 0 if ok(rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its table."""
+    return run_alone("benchmarks.reliability_serving", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
