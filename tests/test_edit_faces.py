@@ -36,11 +36,11 @@ def test_glasses_edit_reaches_held_out_faces(faces, moment):
     before = {k: v.clone() for k, v in faces.state_dict().items()}
     edit = rewrite(faces, spec, moment=moment)
     assert all(torch.equal(v, before[k]) for k, v in faces.state_dict().items())   # the model is untouched
-    # The default (final quality, strength 1): inside the paste boxes 0.402 -> 0.135 measured.
+    # The default (final quality, strength 1) closes well over 30% of the loss inside the paste boxes.
     assert edit.metrics["goal_loss_after"] < 0.7 * edit.metrics["goal_loss_before"]
     heldout = range(50_000, 50_040)                       # no part in the edit, the stats or the keep pool
     metrics = heldout_metrics(faces, spec, heldout, lambda z: render_edited(faces, [edit], z))
-    # Measured with the default edit on these 40 faces: efficacy 45.0%, side effect 0.0213.
+    # The default edit reaches these 40 faces (benchmarks.edit_quality gives the measured figures).
     assert metrics["efficacy"] > 0.05, metrics
     assert metrics["side_effect"] < 0.06, metrics
     assert nethook.hook_count(faces) == 0
