@@ -36,7 +36,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc  # noqa: E402
 from google.protobuf import duration_pb2  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from benchmarks.reliability_serving import Server, _row, run_alone, timed  # noqa: E402
+from benchmarks.reliability_serving import Server, _prepare, _row, run_alone, timed  # noqa: E402
 from rulewright.v1 import edit_pb2, images_pb2  # noqa: E402
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc  # noqa: E402
 from rulewright.v1 import jobs_service_pb2 as jobs_pb, jobs_service_pb2_grpc as jobs_grpc  # noqa: E402
@@ -61,23 +61,6 @@ def _tiny_weights(workdir: Path) -> Path:
     path = workdir / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in dcgan_state(z_dim=16, widths=(32, 16, 8, 3)).items()}, str(path))
     return path
-
-
-def _prepare(registry_uri: str, weights: Path, s3=None) -> None:
-    """The tiny model as version 1 (alias production) in the registry a server will open."""
-    from rulewright.registry import Registry
-    from rulewright.service.engine.loading import ARCHITECTURES, detect_architecture, read_state_dict
-
-    registry = Registry.open(registry_uri, s3=s3)
-    if s3 is not None:
-        registry.store.ensure_bucket()
-    data = weights.read_bytes()
-    state = read_state_dict(data)
-    arch = detect_architecture(state)
-    registry.import_model(MODEL, arch=arch, config=ARCHITECTURES[arch].from_state_dict(state).config(), weights=data,
-                          author="chaos")
-    registry.set_alias(MODEL, "production", 1, expected_version=None, author="chaos")
-    registry.close()
 
 
 def _rewrite(server: Server) -> str:
@@ -121,7 +104,7 @@ def truncated_statistic(workdir: Path) -> list[dict]:
     """The truncated-statistic scenario on the embedded registry (see the module docstring)."""
     data = workdir / "data"
     (data / "registry").mkdir(parents=True)
-    _prepare((data / "registry").resolve().as_uri(), _tiny_weights(workdir))
+    _prepare((data / "registry").resolve().as_uri(), _tiny_weights(workdir), {}, author="chaos", model=MODEL)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RULEWRIGHT_")}
     start = lambda *extra: Server(workdir, env, ["--data-dir", str(data), *extra])   # noqa: E731
     low = ["--max-stats-samples", "1000"]           # below SAMPLES: only a job's copy may serve them
@@ -178,7 +161,7 @@ def _health(server: Server, service: str) -> int | None:
 
 def resident_while_store_down(workdir: Path) -> list[dict]:
     """A resident version's Sample while the paused S3 server is marked down (see the module docstring)."""
-    from rulewright.registry.s3store import S3Config, S3Store
+    from rulewright.registry.s3store import S3Store
     from tests.backends import MotoServer, moto_command
 
     command = moto_command()
@@ -192,8 +175,7 @@ def resident_while_store_down(workdir: Path) -> list[dict]:
         env.update(RULEWRIGHT_S3_ENDPOINT=cfg.endpoint, RULEWRIGHT_S3_ACCESS_KEY=cfg.access_key,
                    RULEWRIGHT_S3_SECRET_KEY=cfg.secret_key, RULEWRIGHT_S3_SECURE="false")
         uri = f"s3://chaos-{uuid.uuid4().hex[:10]}/registry"
-        _prepare(uri, _tiny_weights(workdir), S3Config(endpoint=cfg.endpoint, access_key=cfg.access_key,
-                                                       secret_key=cfg.secret_key, secure=False))
+        _prepare(uri, _tiny_weights(workdir), env, author="chaos", model=MODEL)
         server = Server(workdir, env, ["--registry-uri", uri])
         stub = gen_grpc.GeneratorServiceStub(server.channel)
         stub.Sample(gen.SampleRequest(model=f"{MODEL}/1", seeds=[0]), timeout=60)           # now resident

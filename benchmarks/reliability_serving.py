@@ -164,8 +164,9 @@ def timed(call) -> tuple[str, float]:
     return code, time.monotonic() - started
 
 
-def _prepare(registry_uri: str, faces: Path, env: dict[str, str]) -> None:
-    """The faces model as version 1 (alias production) in the registry the server will open."""
+def _prepare(registry_uri: str, faces: Path, env: dict[str, str], author: str = "benchmark",
+             model: str = MODEL) -> None:
+    """A model's weights as version 1 (alias production) in the registry the server will open."""
     from rulewright.registry import Registry
     from rulewright.registry.s3store import S3Config
     from rulewright.service.domain import Domain
@@ -181,9 +182,9 @@ def _prepare(registry_uri: str, faces: Path, env: dict[str, str]) -> None:
     data = faces.read_bytes()
     state = read_state_dict(data)
     arch = detect_architecture(state)
-    registry.import_model(MODEL, arch=arch, config=ARCHITECTURES[arch].from_state_dict(state).config(), weights=data,
-                          author="benchmark")
-    registry.set_alias(MODEL, "production", 1, expected_version=None, author="benchmark")
+    registry.import_model(model, arch=arch, config=ARCHITECTURES[arch].from_state_dict(state).config(), weights=data,
+                          author=author)
+    registry.set_alias(model, "production", 1, expected_version=None, author=author)
     del Domain    # imported only to make sure the server's package is importable here too
     registry.close()
 
