@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from rulewright.service.domain import Domain
+from rulewright.service.domain.core import Domain
 from rulewright.service.engine.sampling import png_bytes
 from rulewright.service.engine.stats import key_moment, load_stat
 from rulewright.service.importers.faces import import_faces
-from rulewright.service.jobs import DatasetJobRequest, DatasetJobs, LocalExecutor
-from rulewright.service.requests import SampleRequest
-from rulewright.service.stat_jobs import StatisticsJobRequest, StatisticsJobs
+from rulewright.service.jobs.dataset import DatasetJobRequest, DatasetJobs, LocalExecutor
+from rulewright.service.domain.requests import SampleRequest
+from rulewright.service.jobs.statistics import StatisticsJobRequest, StatisticsJobs
 
 MODEL = "faces"
 WAIT_S = 3600.0                   # the longest any one job may take before the run gives up

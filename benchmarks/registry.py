@@ -31,8 +31,8 @@ import torch
 from rulewright.registry import Registry
 from rulewright.registry.filestore import FileStore
 from rulewright.registry.stats_cache import RedisStatsCache
-from rulewright.service.statistics import cached_key_moment, moment_key
-from rulewright.service.weights import materialize
+from rulewright.service.domain.statistics import cached_key_moment, moment_key
+from rulewright.service.domain.weights import materialize
 from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict, from_bytes, to_bytes
 from rulewright.service.engine.loading import load_generator
 from rulewright.service.engine.stats import key_moment, load_stat

@@ -169,7 +169,7 @@ def _prepare(registry_uri: str, faces: Path, env: dict[str, str], author: str = 
     """A model's weights as version 1 (alias production) in the registry the server will open."""
     from rulewright.registry import Registry
     from rulewright.registry.s3store import S3Config
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from rulewright.service.engine.loading import ARCHITECTURES, detect_architecture, read_state_dict
 
     s3 = None

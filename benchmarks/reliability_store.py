@@ -225,9 +225,9 @@ def bootstrap_recovery(backends: Backends, backend: str, faces_path: Path, cache
 def statistics_recovery(backends: Backends, backend: str, faces_path: Path, redis_url: str) -> dict:
     """Kill a Rewrite while it holds the statistics lock; time its retry's wait on that lock."""
     from rulewright.registry.stats_cache import LOCK_LEASE_S, open_stats_cache
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from rulewright.service.engine.progress import Progress
-    from rulewright.service.requests import RewriteRequest
+    from rulewright.service.domain.requests import RewriteRequest
 
     store, spec = backends.new(backend)
     scenario = "retry after a crash in statistics"

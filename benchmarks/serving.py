@@ -72,11 +72,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # before grpc loads: no INFO 
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from rulewright.service.domain import Domain  # noqa: E402
+from rulewright.service.domain.core import Domain  # noqa: E402
 from rulewright.service.engine.delta import LowRankDelta, to_bytes  # noqa: E402
 from rulewright.service.engine.edit import METHOD_DEFAULTS  # noqa: E402
 from rulewright.service.importers.faces import import_faces  # noqa: E402
-from rulewright.service.requests import SampleRequest  # noqa: E402
+from rulewright.service.domain.requests import SampleRequest  # noqa: E402
 from rulewright.service.server import convert  # noqa: E402
 from rulewright.service.server.app import create_server  # noqa: E402
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc, images_pb2  # noqa: E402

@@ -10,15 +10,15 @@
 - ``gc``: ``scan`` and ``collect``; ``python -m rulewright.registry check|gc --store URI``.
 
 Nothing here imports torch: versions are materialized into weights on the service side
-(``rulewright.service.weights``).
+(``rulewright.service.domain.weights``).
 """
 
-from .blobstore import BlobInfo, BlobRef, BlobStore, default_store_uri
-from .stores import open_store
-from .errors import Code, Reason, RegistryError
-from .manifests import AliasEntry, AliasState, Model, Page, Version
-from .registry import ANY, Registry
-from .stats_cache import LocalStatsCache, RedisStatsCache, StatsCache, StatsKey, open_stats_cache
+from rulewright.registry.blobstore import BlobInfo, BlobRef, BlobStore, default_store_uri
+from rulewright.registry.stores import open_store
+from rulewright.registry.errors import Code, Reason, RegistryError
+from rulewright.registry.manifests import AliasEntry, AliasState, Model, Page, Version
+from rulewright.registry.registry import ANY, Registry
+from rulewright.registry.stats_cache import LocalStatsCache, RedisStatsCache, StatsCache, StatsKey, open_stats_cache
 
 __all__ = [
     "ANY",

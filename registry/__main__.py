@@ -19,11 +19,11 @@ import logging
 import re
 import sys
 
-from . import errors
-from .blobstore import default_store_uri
-from .stores import open_store
-from .gc import DEFAULT_GRACE_S, Report, collect, scan
-from .s3store import S3Config
+from rulewright.registry import errors
+from rulewright.registry.blobstore import default_store_uri
+from rulewright.registry.stores import open_store
+from rulewright.registry.gc import DEFAULT_GRACE_S, Report, collect, scan
+from rulewright.registry.s3store import S3Config
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

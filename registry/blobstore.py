@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
-from . import errors
-from .errors import Reason
+from rulewright.registry import errors
+from rulewright.registry.errors import Reason
 
 
 BlobSource = Union[bytes, bytearray, memoryview, BinaryIO]

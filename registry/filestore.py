@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from . import errors
-from .blobstore import CHUNK, BlobInfo, BlobRef, BlobStore, check_key, check_sha256
-from .errors import Reason
+from rulewright.registry import errors
+from rulewright.registry.blobstore import CHUNK, BlobInfo, BlobRef, BlobStore, check_key, check_sha256
+from rulewright.registry.errors import Reason
 
 log = logging.getLogger(__name__)
 

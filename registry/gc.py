@@ -28,10 +28,10 @@ import logging
 import re
 import time
 
-from . import errors
-from .blobstore import BlobInfo, BlobStore
-from .manifests import Model, Version, loads, parse_time, utc_now
-from .registry import MARKER_LEASE_S
+from rulewright.registry import errors
+from rulewright.registry.blobstore import BlobInfo, BlobStore
+from rulewright.registry.manifests import Model, Version, loads, parse_time, utc_now
+from rulewright.registry.registry import MARKER_LEASE_S
 
 log = logging.getLogger(__name__)
 

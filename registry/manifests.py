@@ -23,9 +23,9 @@ import json
 import re
 from typing import Any, Generic, TypeVar
 
-from . import errors
-from .blobstore import BlobRef
-from .errors import Reason
+from rulewright.registry import errors
+from rulewright.registry.blobstore import BlobRef
+from rulewright.registry.errors import Reason
 
 FORMAT = 1
 KINDS = ("import", "edit")

@@ -52,11 +52,11 @@ import re
 import uuid
 from typing import Any, Callable
 
-from . import errors
-from .blobstore import BlobSource, BlobStore
-from .stores import open_store
-from .errors import Reason
-from .manifests import (
+from rulewright.registry import errors
+from rulewright.registry.blobstore import BlobSource, BlobStore
+from rulewright.registry.stores import open_store
+from rulewright.registry.errors import Reason
+from rulewright.registry.manifests import (
     AliasEntry,
     AliasState,
     Model,

@@ -34,8 +34,8 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
-from . import errors
-from .errors import Reason
+from rulewright.registry import errors
+from rulewright.registry.errors import Reason
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 
-from . import errors
-from .blobstore import BlobStore, default_store_uri
-from .errors import Reason
-from .filestore import FileStore
-from .s3store import S3Config
+from rulewright.registry import errors
+from rulewright.registry.blobstore import BlobStore, default_store_uri
+from rulewright.registry.errors import Reason
+from rulewright.registry.filestore import FileStore
+from rulewright.registry.s3store import S3Config
 
 
 def open_store(uri: str | os.PathLike | None = None, s3: S3Config | None = None) -> BlobStore:
@@ -24,7 +24,7 @@ def open_store(uri: str | os.PathLike | None = None, s3: S3Config | None = None)
     """
     text = os.fspath(uri) if uri is not None else default_store_uri()
     if text.startswith("s3://"):
-        from .s3store import S3Store  # boto3 is imported only when S3 is used
+        from rulewright.registry.s3store import S3Store  # boto3 is imported only when S3 is used
 
         bucket, _, prefix = text[len("s3://") :].partition("/")
         return S3Store(bucket, prefix.strip("/"), s3 or S3Config.from_env())

@@ -41,9 +41,9 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _load(args: argparse.Namespace):
-    from .engine.device import configure_determinism, select_device
-    from .engine.loading import load_generator
-    from .importers.faces import import_faces
+    from rulewright.service.engine.device import configure_determinism, select_device
+    from rulewright.service.engine.loading import load_generator
+    from rulewright.service.importers.faces import import_faces
 
     source = import_faces(args.cache_dir) if args.model == "faces" else Path(args.model)
     configure_determinism()
@@ -51,7 +51,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_import_faces(args: argparse.Namespace) -> int:
-    from .importers.faces import import_faces
+    from rulewright.service.importers.faces import import_faces
 
     print(import_faces(args.cache_dir))
     return 0
@@ -60,7 +60,7 @@ def cmd_import_faces(args: argparse.Namespace) -> int:
 def cmd_import_pkl(args: argparse.Namespace) -> int:
     import os
 
-    from .engine.nvidia_pkl import convert_network_pickle, to_safetensors
+    from rulewright.service.engine.nvidia_pkl import convert_network_pickle, to_safetensors
 
     src = Path(args.file)
     out = Path(args.out) if args.out else src.with_suffix(".safetensors")
@@ -74,7 +74,7 @@ def cmd_import_pkl(args: argparse.Namespace) -> int:
 
 
 def cmd_album(args: argparse.Namespace) -> int:
-    from .engine.sampling import grid, sample
+    from rulewright.service.engine.sampling import grid, sample
 
     model = _load(args)
     images = sample(model, seeds=args.seeds, truncation=args.truncation, batch_size=args.batch_size)
@@ -98,8 +98,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .engine.progress import Progress
-    from .engine.stats import key_moment
+    from rulewright.service.engine.progress import Progress
+    from rulewright.service.engine.stats import key_moment
 
     model = _load(args)
     layer = args.layer or model.default_layer()
@@ -117,8 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # gRPC core's own info lines (TLS handshake failures) are not JSON; keep only its errors.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from .server.app import configure_logging, serve
-    from .server.config import resolve
+    from rulewright.service.server.app import configure_logging, serve
+    from rulewright.service.server.config import resolve
 
     config = resolve(args)          # ConfigError, TlsConfigError, AuthConfigError: ValueErrors, one line, exit 2
     configure_logging()
@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The ``serve`` flags (server/config.py's settings)."""
-    from .server.config import add_arguments
+    from rulewright.service.server.config import add_arguments
 
     add_arguments(p)
 
@@ -196,10 +196,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     """Run one subcommand; known errors print one line and exit 2."""
     from rulewright.registry.errors import RegistryError
 
-    from .engine.generators.base import StateDictMismatch
-    from .engine.loading import CheckpointError
-    from .errors import Error
-    from .importers.faces import FacesImportError
+    from rulewright.service.engine.generators.base import StateDictMismatch
+    from rulewright.service.engine.loading import CheckpointError
+    from rulewright.service.errors import Error
+    from rulewright.service.importers.faces import FacesImportError
 
     parser = parser or build_parser()
     args = parser.parse_args(argv)

@@ -166,7 +166,7 @@ def tiny_domain(tmp_path, max_resident: int = 4):
     """A Domain over a filesystem registry in ``tmp_path`` with a random DCGAN imported as ``tiny``."""
     from safetensors.torch import save_file
 
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
 
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in dcgan_state(z_dim=16, widths=(32, 16, 8, 3)).items()}, str(path))

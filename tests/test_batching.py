@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-from rulewright.service import batching
-from rulewright.service.batching import SampleBatcher
+from rulewright.service.domain import batching
+from rulewright.service.domain.batching import SampleBatcher
 from rulewright.service.engine.errors import Cancelled
 
 

@@ -9,7 +9,7 @@ from rulewright.service.engine.edit import render_edited
 from rulewright.service.engine.errors import Cancelled
 from rulewright.service.engine.progress import Progress
 from rulewright.service.engine.sampling import latents, to_uint8
-from rulewright.service.requests import RewriteRequest, SampleRequest
+from rulewright.service.domain.requests import RewriteRequest, SampleRequest
 from tests.builders import TINY_SPEC, store_edited_versions, tiny_domain
 
 SPEC = TINY_SPEC
@@ -129,7 +129,7 @@ def test_dynamic_batching_coalesces_concurrent_samples_without_changing_pixels(d
 
 
 def test_batcher_separates_keys_and_reports_errors_to_their_callers():
-    from rulewright.service.batching import BatcherClosed, SampleBatcher
+    from rulewright.service.domain.batching import BatcherClosed, SampleBatcher
     from rulewright.service.engine.generators.dcgan import DCGANGenerator
     from tests.builders import dcgan_state
 
@@ -172,7 +172,7 @@ def test_concurrent_requests_for_different_versions_share_passes_and_get_their_o
 
 
 def test_images_are_the_same_bytes_without_dynamic_batching(domain):
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
 
     refs = store_edited_versions(domain, 3)
     plain = Domain(domain.registry, domain.stats_cache, device="cpu", dynamic_batching=False)
@@ -183,7 +183,7 @@ def test_images_are_the_same_bytes_without_dynamic_batching(domain):
 def test_statistics_of_an_edited_version_are_named_and_computed_from_its_own_weights(domain):
     """An edited version's resident module is its base's; its statistics must still see its edit."""
     from rulewright.service.engine.stats import key_moment
-    from rulewright.service.requests import StatisticsRequest
+    from rulewright.service.domain.requests import StatisticsRequest
 
     domain.rewrite(RewriteRequest("tiny/1", SPEC))                         # edits main.6
     at = {(n, layer): domain.compute_statistic(StatisticsRequest(f"tiny/{n}", layer=layer, samples=16))

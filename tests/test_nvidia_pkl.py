@@ -29,7 +29,7 @@ from rulewright.service.engine.loading import load_generator
 from rulewright.service.engine.nvidia_pkl import (FIELD, PersistentObject, convert_network_pickle,
                                                   is_network_pickle, read_network_pickle, to_safetensors)
 from rulewright.service.engine.sampling import latents, to_uint8
-from rulewright.service.requests import SampleRequest
+from rulewright.service.domain.requests import SampleRequest
 from tests import nvidia_pickles as nv
 
 CFG = nv.Config(resolution=32, w_dim=32, n_mlp=2, channels=(32, 32, 16, 8), lr_multiplier=0.05)

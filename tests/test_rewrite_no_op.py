@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from rulewright.service.errors import Code, Error
-from rulewright.service.requests import RewriteRequest, SampleRequest
+from rulewright.service.domain.requests import RewriteRequest, SampleRequest
 
 GLASSES = Path(__file__).resolve().parent.parent / "examples" / "edits" / "glasses.json"
 
 
 @pytest.fixture(scope="module")
 def faces_domain(tmp_path_factory, faces_path):
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
 
     domain = Domain.open(tmp_path_factory.mktemp("no-op"), device="cpu")
     domain.bootstrap("faces", faces_path)

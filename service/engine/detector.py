@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .edit import EditSpec
-from .evaluate import ideal_images, paste_geometry
-from .regions import bbox
-from .sampling import latents
+from rulewright.service.engine.edit import EditSpec
+from rulewright.service.engine.evaluate import ideal_images, paste_geometry
+from rulewright.service.engine.regions import bbox
+from rulewright.service.engine.sampling import latents
 
 # Far above every other seed range the project draws from (see the module docstring): statistics
 # jobs may cover up to 10^7 seeds from 0, so 10^12 leaves room for all of them.

@@ -50,12 +50,12 @@ from typing import Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import nethook
-from .errors import InvalidArgument
-from .generators.base import Generator
-from .regions import Region, resample
-from .sampling import check_seeds, latents, sample
-from .stats import Quantile, value_quantiles
+from rulewright.service.engine import nethook
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.generators.base import Generator
+from rulewright.service.engine.regions import Region, resample
+from rulewright.service.engine.sampling import check_seeds, latents, sample
+from rulewright.service.engine.stats import Quantile, value_quantiles
 
 DEFAULT_QUANTILE = 0.99
 _EPS = 1e-12

@@ -20,10 +20,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .delta import LowRankDelta
-from .errors import EditDidNotImprove, InvalidArgument
-from .generators.base import Generator
-from .regions import Region
+from rulewright.service.engine.delta import LowRankDelta
+from rulewright.service.engine.errors import EditDidNotImprove, InvalidArgument
+from rulewright.service.engine.generators.base import Generator
+from rulewright.service.engine.regions import Region
 
 OPS = ("rewrite", "erase", "zero")
 GOALS = ("image", "value")

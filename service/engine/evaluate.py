@@ -24,10 +24,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import nethook
-from .edit import EditSpec
-from .rewrite import _box_mask, _center, _shift, build_goal
-from .sampling import latents
+from rulewright.service.engine import nethook
+from rulewright.service.engine.edit import EditSpec
+from rulewright.service.engine.rewrite import _box_mask, _center, _shift, build_goal
+from rulewright.service.engine.sampling import latents
 
 Render = Callable[[torch.Tensor], torch.Tensor]
 EDGE_BAND = 2              # pixels each side of the box's border that box_edge compares

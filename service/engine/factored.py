@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .delta import LowRankDelta
+from rulewright.service.engine.delta import LowRankDelta
 
 MIN_GROUP = 4          # the smallest padded group, as for whole batches (sampling.MIN_BUCKET)
 

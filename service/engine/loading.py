@@ -18,10 +18,10 @@ from typing import Mapping, Union
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from .generators.base import Generator, StateDictMismatch
-from .generators.dcgan import DCGANGenerator
-from .generators.progan import ProGANGenerator
-from .generators.stylegan2 import StyleGAN2Generator, normalize_checkpoint
+from rulewright.service.engine.generators.base import Generator, StateDictMismatch
+from rulewright.service.engine.generators.dcgan import DCGANGenerator
+from rulewright.service.engine.generators.progan import ProGANGenerator
+from rulewright.service.engine.generators.stylegan2 import StyleGAN2Generator, normalize_checkpoint
 
 ARCHITECTURES: dict[str, type[Generator]] = {
     "dcgan": DCGANGenerator,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:      # annotations only: generators/base uses Trace, so no import cycle at run time
-    from .generators.base import Generator
+    from rulewright.service.engine.generators.base import Generator
 
 
 class StopForward(Exception):

@@ -68,9 +68,9 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from .errors import InvalidArgument
-from .generators.base import check_state_dict
-from .generators.stylegan2 import ARCH, BLUR_KERNEL, Blur, StyledConv, StyleGAN2Generator, ToRGB, Upsample, make_kernel
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.generators.base import check_state_dict
+from rulewright.service.engine.generators.stylegan2 import ARCH, BLUR_KERNEL, Blur, StyledConv, StyleGAN2Generator, ToRGB, Upsample, make_kernel
 
 FIELD = "weights"                       # the request field every refusal names
 PERSISTENCE_VERSION = 6                 # torch_utils.persistence._version of StyleGAN2-ADA and StyleGAN3

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from .errors import Cancelled
+from rulewright.service.engine.errors import Cancelled
 
 
 @dataclasses.dataclass(frozen=True)

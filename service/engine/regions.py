@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidArgument
-from .sampling import MAX_SEED
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.sampling import MAX_SEED
 
 
 @dataclasses.dataclass

@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from . import nethook
-from .delta import LowRankDelta
-from .edit import Edit, EditSpec
-from .errors import InvalidArgument
-from .generators.base import Generator, LayerSpec
-from .progress import Progress
-from .regions import Region, bbox
-from .sampling import latents
-from .stats import SecondMoment, key_moment
+from rulewright.service.engine import nethook
+from rulewright.service.engine.delta import LowRankDelta
+from rulewright.service.engine.edit import Edit, EditSpec
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.generators.base import Generator, LayerSpec
+from rulewright.service.engine.progress import Progress
+from rulewright.service.engine.regions import Region, bbox
+from rulewright.service.engine.sampling import latents
+from rulewright.service.engine.stats import SecondMoment, key_moment
 
 
 PROGRESS_EVERY = 10     # optimization steps between progress events

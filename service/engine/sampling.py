@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from . import factored
-from .factored import Change
-from .generators.base import Generator
+from rulewright.service.engine import factored
+from rulewright.service.engine.factored import Change
+from rulewright.service.engine.generators.base import Generator
 
 MAX_SEED = 2**63 - 1
 
@@ -55,7 +55,7 @@ def latents(seeds: Iterable[int], z_dim: int) -> torch.Tensor:
 
 def check_latents(z: torch.Tensor, z_dim: int, field: str = "z") -> None:
     """Raise ``InvalidArgument`` unless ``z`` is a finite (N, z_dim) float tensor."""
-    from .errors import InvalidArgument
+    from rulewright.service.engine.errors import InvalidArgument
 
     if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != z_dim:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__

@@ -16,13 +16,13 @@ from typing import Sequence
 
 import torch
 
-from . import nethook
-from .errors import InvalidArgument
-from .generators.base import Generator
-from .regions import Region
-from .rewrite import _context_keys, context_direction
-from .sampling import check_seeds, latents
-from .stats import Quantile
+from rulewright.service.engine import nethook
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.generators.base import Generator
+from rulewright.service.engine.regions import Region
+from rulewright.service.engine.rewrite import _context_keys, context_direction
+from rulewright.service.engine.sampling import check_seeds, latents
+from rulewright.service.engine.stats import Quantile
 
 
 def direction_for(model: Generator, layer: str, C: torch.Tensor, regions: Sequence[Region], rank: int = 1,

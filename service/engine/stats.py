@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .generators.base import Generator
-from .nethook import latents_to_keys, latents_to_values
-from .progress import Progress
-from .sampling import check_seeds, latents
+from rulewright.service.engine.generators.base import Generator
+from rulewright.service.engine.nethook import latents_to_keys, latents_to_values
+from rulewright.service.engine.progress import Progress
+from rulewright.service.engine.sampling import check_seeds, latents
 
 # Most rows summed in the batch dtype (float32) before the float64 add: bounds the float32
 # rounding of each partial sum while keeping the per-batch work one fused multiply-add.

@@ -53,11 +53,11 @@ from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_gr
 from rulewright.v1 import jobs_service_pb2 as jobs_pb, jobs_service_pb2_grpc as jobs_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
-from .auth import AuthInterceptor, check_auth_config, is_loopback
-from .metrics import rewrap
-from .oip import SERVICE_NAME as OIP_SERVICE, InferenceServicer
-from .jobs import JobServicer, OperationsServicer
-from .servicers import MAX_IMPORT_BYTES, GeneratorServicer, RegistryServicer
+from rulewright.service.server.auth import AuthInterceptor, check_auth_config, is_loopback
+from rulewright.service.server.metrics import rewrap
+from rulewright.service.server.oip import SERVICE_NAME as OIP_SERVICE, InferenceServicer
+from rulewright.service.server.jobs import JobServicer, OperationsServicer
+from rulewright.service.server.servicers import MAX_IMPORT_BYTES, GeneratorServicer, RegistryServicer
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +290,8 @@ def create_server(
     server.generator_servicer = GeneratorServicer(domain)
     gen_grpc.add_GeneratorServiceServicer_to_server(server.generator_servicer, server)
     reg_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(domain, max_import_bytes), server)
-    from rulewright.service.jobs import DatasetJobs
-    from rulewright.service.stat_jobs import StatisticsJobs
+    from rulewright.service.jobs.dataset import DatasetJobs
+    from rulewright.service.jobs.statistics import StatisticsJobs
 
     jobs = server.jobs = DatasetJobs(domain, job_executor, max_workers=job_workers,
                                      output_prefixes=job_output_prefixes)
@@ -341,7 +341,7 @@ def job_executor(config, domain):
     whose workers open the same store, with the store's non-secret S3 settings."""
     if config.job_executor != "ray":
         return None
-    from rulewright.service.ray_jobs import RayExecutor
+    from rulewright.service.jobs.ray_executor import RayExecutor
 
     s3 = {"connect_timeout_s": config.s3_connect_timeout_s, "read_timeout_s": config.s3_read_timeout_s,
           "max_attempts": config.s3_max_attempts, "call_timeout_s": config.store_timeout_s}
@@ -373,10 +373,10 @@ def serve(config, on_ready=None) -> int:
     bootstraps the faces model unless ``bootstrap`` is ``none``, goes SERVING, and on a signal
     goes NOT_SERVING and stops with ``grace_s``. ``on_ready(port)`` is called once serving.
     """
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
 
-    from .auth import tokens_from_env
-    from .tls import TlsFiles, server_credentials
+    from rulewright.service.server.auth import tokens_from_env
+    from rulewright.service.server.tls import TlsFiles, server_credentials
 
     tokens = tokens_from_env(config.tokens_file or None)   # AuthConfigError (a ValueError): one line, exit 2
     check_auth_config(config.address, tokens)              # before anything is opened or downloaded
@@ -396,7 +396,7 @@ def serve(config, on_ready=None) -> int:
         domain = Domain.from_config(config)
         metrics = None
         if config.metrics_address:
-            from .metrics import Metrics
+            from rulewright.service.server.metrics import Metrics
 
             metrics = Metrics()
             metrics_http, metrics_port = metrics.serve_http(config.metrics_address)
@@ -490,8 +490,8 @@ def _start_web(domain, config, address: str, tokens, health_servicer):
     A busy port under ``auto`` leaves the HTTP side off (a second embedded server on one machine);
     an address that was asked for and cannot be bound stops the command.
     """
-    from .tls import TlsFiles
-    from .web import create_web_server
+    from rulewright.service.server.tls import TlsFiles
+    from rulewright.service.server.web import create_web_server
 
     files = TlsFiles(config.tls_cert or None, config.tls_key or None, config.tls_client_ca or None)
     tls = files if files.enabled else None

@@ -33,7 +33,7 @@ from typing import Iterable
 import grpc
 from grpc_status import rpc_status
 
-from .errors import PermissionDenied, Unauthenticated, to_status
+from rulewright.service.server.errors import PermissionDenied, Unauthenticated, to_status
 
 log = logging.getLogger(__name__)
 

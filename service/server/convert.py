@@ -30,15 +30,15 @@ import torch
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from PIL import Image as PILImage
 
-from rulewright.service.domain import KEY_MOMENT, VALUE_QUANTILE, _json_metrics
+from rulewright.service.domain.core import KEY_MOMENT, VALUE_QUANTILE, _json_metrics
 from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.errors import Code, Error
-from rulewright.service.limits import check_images
+from rulewright.service.domain.limits import check_images
 from rulewright.service.engine.progress import Event
 from rulewright.service.engine.sampling import png_bytes
 from rulewright.service.engine.regions import Region
-from rulewright.service.requests import (AliasRequest, DissectRequest, ModelSummary, DissectResult, LayersResult, RewriteRequest, RewriteResult,
+from rulewright.service.domain.requests import (AliasRequest, DissectRequest, ModelSummary, DissectResult, LayersResult, RewriteRequest, RewriteResult,
                                          SampleRequest, SearchRequest, SearchResult, StatisticResult,
                                          StatisticsRequest)
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
@@ -312,7 +312,7 @@ def edit_spec(msg: edit_pb2.EditSpec, field: str = "spec") -> dict:
 
 def rewrite_request(request: gen.RewriteRequest, author: str, limits) -> RewriteRequest:
     """A RewriteRequest message as the domain's request, its masks and regions counted before decoding."""
-    from .limits import check_rewrite
+    from rulewright.service.server.limits import check_rewrite
 
     check_rewrite(limits, request)
     image_format(request.preview_format, "preview_format")

@@ -17,15 +17,15 @@ from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from rulewright.service.engine.errors import InvalidArgument
-from rulewright.service.jobs import (CANCELLED, FAILED, RUNNING, SUCCEEDED, DatasetJobRequest, DatasetJobs, JobNotFound,
+from rulewright.service.jobs.dataset import (CANCELLED, FAILED, RUNNING, SUCCEEDED, DatasetJobRequest, DatasetJobs, JobNotFound,
                                      JobStatus)
-from rulewright.service.stat_jobs import DEFAULT_SHARD_SIZE as STATS_SHARD_SIZE, StatisticsJobRequest, StatisticsJobs
+from rulewright.service.jobs.statistics import DEFAULT_SHARD_SIZE as STATS_SHARD_SIZE, StatisticsJobRequest, StatisticsJobs
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, jobs_service_pb2 as jobs_pb
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc
 
-from . import convert
-from .auth import current_principal
-from .errors import DOMAIN, rpc
+from rulewright.service.server import convert
+from rulewright.service.server.auth import current_principal
+from rulewright.service.server.errors import DOMAIN, rpc
 
 OPERATIONS = "operations/"
 WAIT_DEFAULT_S = 60.0              # WaitOperation without a timeout (the call's deadline still applies)

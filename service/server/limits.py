@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.v1 import images_pb2
-from ..limits import Limits, check_count, check_spec_regions
+from rulewright.service.domain.limits import Limits, check_count, check_spec_regions
 
 
 def _walk(msg: Message, path: str) -> Iterator[tuple[str, Message]]:

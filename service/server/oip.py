@@ -37,12 +37,12 @@ from rulewright.inference import grpc_predict_v2_pb2 as oip, grpc_predict_v2_pb2
 from rulewright.registry.errors import NotFound, Reason
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.engine.progress import Progress
-from rulewright.service.requests import SampleRequest
+from rulewright.service.domain.requests import SampleRequest
 from rulewright.v1 import generator_service_pb2 as gen
 
-from . import convert
-from .errors import renamed, rpc
-from rulewright.service.limits import check_images
+from rulewright.service.server import convert
+from rulewright.service.server.errors import renamed, rpc
+from rulewright.service.domain.limits import check_images
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DEFAULT_ALIAS = "production"        # what an empty model_version means, when the model has it

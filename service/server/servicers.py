@@ -20,10 +20,10 @@ from rulewright.service.engine.progress import Progress
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
-from . import convert
-from .auth import current_principal
-from .errors import renamed, rpc
-from .limits import check_dissect, check_search
+from rulewright.service.server import convert
+from rulewright.service.server.auth import current_principal
+from rulewright.service.server.errors import renamed, rpc
+from rulewright.service.server.limits import check_dissect, check_search
 
 _DONE = object()
 NAME_FIELDS = {"model": "name", "version": "name", "alias": "name"}   # registry fields → `name`

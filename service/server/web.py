@@ -79,21 +79,21 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from rulewright.service.domain import _json_metrics
+from rulewright.service.domain.core import _json_metrics
 from rulewright.service.engine.dissect import Intervention
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.engine.progress import Event, Progress
 from rulewright.service.engine.regions import Region
 from rulewright.service.errors import Code, Error
-from rulewright.service.requests import AliasRequest, DissectRequest, RewriteRequest, SampleRequest, SearchRequest
+from rulewright.service.domain.requests import AliasRequest, DissectRequest, RewriteRequest, SampleRequest, SearchRequest
 from rulewright.v1 import images_pb2
 
-from . import convert
-from .auth import AuthInterceptor, check_auth_config, is_loopback
-from .errors import PermissionDenied, renamed, to_status
-from rulewright.service.limits import check_count, check_region_json
-from .tls import TlsFiles
-from .web_jobs import CANCELLED, FAILED, Jobs
+from rulewright.service.server import convert
+from rulewright.service.server.auth import AuthInterceptor, check_auth_config, is_loopback
+from rulewright.service.server.errors import PermissionDenied, renamed, to_status
+from rulewright.service.domain.limits import check_count, check_region_json
+from rulewright.service.server.tls import TlsFiles
+from rulewright.service.jobs.editor import CANCELLED, FAILED, Jobs
 
 log = logging.getLogger(__name__)
 

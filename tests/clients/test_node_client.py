@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rulewright.service.requests import RewriteRequest
+from rulewright.service.domain.requests import RewriteRequest
 from tests.builders import TINY_SPEC
 from tests.support import missing
 

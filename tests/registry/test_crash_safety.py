@@ -122,7 +122,7 @@ def test_first_start_killed_mid_bootstrap_starts_next_time(store, tmp_path, poin
     from safetensors.torch import save_file
 
     from rulewright.registry.stats_cache import LocalStatsCache
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from tests.builders import dcgan_state
 
     path = tmp_path / "small.safetensors"
@@ -150,10 +150,10 @@ def test_retry_after_a_crash_in_the_statistics_phase_takes_over_the_dead_holders
     from safetensors.torch import save_file
 
     from rulewright.registry.stats_cache import open_stats_cache
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from tests.builders import TINY_SPEC, dcgan_state
     from rulewright.service.engine.progress import Progress
-    from rulewright.service.requests import RewriteRequest
+    from rulewright.service.domain.requests import RewriteRequest
 
     path = tmp_path / "tiny.safetensors"
     save_file(dcgan_state(), str(path))

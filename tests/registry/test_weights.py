@@ -10,9 +10,9 @@ from safetensors.torch import save as st_save
 
 from rulewright.registry import LocalStatsCache, Registry, errors
 from rulewright.registry.errors import Reason
-from rulewright.service.statistics import cached_key_moment, moment_key
-from rulewright.service.residency import Residency
-from rulewright.service.weights import export_bytes, export_to_file, iter_export, materialize
+from rulewright.service.domain.statistics import cached_key_moment, moment_key
+from rulewright.service.domain.residency import Residency
+from rulewright.service.domain.weights import export_bytes, export_to_file, iter_export, materialize
 from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict, to_bytes
 from rulewright.service.engine.loading import load_generator
 from rulewright.service.engine.stats import key_moment

@@ -128,7 +128,7 @@ def import_killed_at(spec, model: str, weights: bytes, request_id: str, point: s
 def bootstrap_killed_at(spec, name: str, path: str, point: str) -> None:
     """Run the server's first-start import of ``path`` as ``name`` and die by SIGKILL right after ``point``."""
     from rulewright.registry.stats_cache import LocalStatsCache
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
 
     registry = _registry(spec)
     crash_after(registry.store, point)
@@ -143,9 +143,9 @@ def rewrite_killed_in_statistics(spec, redis_url: str, model: str, edit: dict, r
     import redis
 
     from rulewright.registry.stats_cache import open_stats_cache
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from rulewright.service.engine.progress import Progress
-    from rulewright.service.requests import RewriteRequest
+    from rulewright.service.domain.requests import RewriteRequest
 
     domain = Domain(_registry(spec), open_stats_cache(redis_url), device="cpu", dynamic_batching=False)
     client = redis.Redis.from_url(redis_url)

@@ -42,7 +42,7 @@ def s3_redis_domain(tmp_path, moto_server, redis_url, **settings: str):
     ``settings`` are more ``RULEWRIGHT_*`` values by setting name (``store_timeout_s="1"``)."""
     from safetensors.torch import save_file
 
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from rulewright.service.server.config import resolve
     from tests.builders import dcgan_state
 

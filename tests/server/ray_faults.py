@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 from rulewright.registry.filestore import FileStore
-from rulewright.service import ray_jobs
+from rulewright.service.jobs import ray_executor as ray_jobs
 
 KILL_DURING_TAR = 2        # dies while the tar is written (half of it spilled to tmp/ on a filesystem)
 KILL_BEFORE_RECORD = 4     # dies after the tar is published, before its commit record

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from rulewright.service import batching
+from rulewright.service.domain import batching
 from rulewright.service.server.app import create_server
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from tests.builders import tiny_domain

@@ -32,7 +32,7 @@ def health_of(channel, service: str = "") -> int:
 def test_health_serves_once_a_model_is_registered(channel, tmp_path):
     for name in ("",) + SERVICES:
         assert health_of(channel, name) == health_pb2.HealthCheckResponse.SERVING
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
 
     server, port = create_server(Domain.open(tmp_path / "empty", device="cpu"))
     try:

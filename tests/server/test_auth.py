@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rulewright.service import cli
 from rulewright.service.server import auth
-from rulewright.service.requests import RewriteRequest
+from rulewright.service.domain.requests import RewriteRequest
 from rulewright.service.server.app import JsonFormatter, create_server
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from types import SimpleNamespace
 
-from rulewright.service.domain import lineages
+from rulewright.service.domain.core import lineages
 from rulewright.service.server import convert
 
 

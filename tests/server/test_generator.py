@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rulewright.service.requests import SampleRequest
+from rulewright.service.domain.requests import SampleRequest
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2
 from rulewright.v1 import registry_service_pb2 as reg
 

@@ -39,8 +39,8 @@ from safetensors.torch import save_file
 
 from rulewright.registry import Registry
 from rulewright.registry.stats_cache import open_stats_cache
-from rulewright.service.domain import Domain
-from rulewright.service.jobs import PREFIX, DatasetJobRequest, DatasetJobs, LocalExecutor
+from rulewright.service.domain.core import Domain
+from rulewright.service.jobs.dataset import PREFIX, DatasetJobRequest, DatasetJobs, LocalExecutor
 from rulewright.v1 import generator_service_pb2 as gen, jobs_service_pb2 as jobs_pb
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc
 from tests.backends import REPO

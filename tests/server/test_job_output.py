@@ -21,8 +21,8 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import error_details_pb2
 
 from rulewright.registry.stores import open_store
-from rulewright.service.domain import Domain
-from rulewright.service.jobs import PREFIX, LocalExecutor
+from rulewright.service.domain.core import Domain
+from rulewright.service.jobs.dataset import PREFIX, LocalExecutor
 from rulewright.service.server.app import create_server
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc
 from tests.builders import tiny_domain

@@ -22,9 +22,9 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2
 
-from rulewright.service.domain import Domain
+from rulewright.service.domain.core import Domain
 from rulewright.service.engine.errors import Cancelled
-from rulewright.service.jobs import PREFIX, LocalExecutor
+from rulewright.service.jobs.dataset import PREFIX, LocalExecutor
 from rulewright.service.server.app import create_server
 from rulewright.v1 import generator_service_pb2 as gen, jobs_service_pb2 as jobs_pb
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc

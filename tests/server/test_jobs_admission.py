@@ -20,9 +20,9 @@ import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import code_pb2
 
-from rulewright.service import jobs as jobs_module
-from rulewright.service.jobs import PREFIX, LocalExecutor
-from rulewright.service.limits import Limits
+from rulewright.service.jobs import dataset as jobs_module
+from rulewright.service.jobs.dataset import PREFIX, LocalExecutor
+from rulewright.service.domain.limits import Limits
 from rulewright.service.server.config import resolve
 from rulewright.v1 import jobs_service_pb2 as jobs_pb
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc
@@ -160,7 +160,7 @@ def batching(tmp_path):
     request): two shards rendering at once spend most of their time queued in the batcher."""
     from safetensors.torch import save_file
 
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from tests.builders import dcgan_state
 
     path = tmp_path / "tiny.safetensors"

@@ -18,7 +18,7 @@ import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import code_pb2, error_details_pb2
 
-from rulewright.service.jobs import PREFIX
+from rulewright.service.jobs.dataset import PREFIX
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc
 
 from .conftest import detail, error_info

@@ -12,7 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from rulewright.inference import grpc_predict_v2_pb2 as oip, grpc_predict_v2_pb2_grpc as oip_grpc
-from rulewright.service import batching
+from rulewright.service.domain import batching
 from rulewright.service.server.app import create_server
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc, images_pb2
 
@@ -66,7 +66,7 @@ def test_oversized_requests_are_refused_naming_field_and_setting(generator, chan
 
 
 def test_a_reply_over_the_message_limit_is_refused_before_sampling(domain):
-    from rulewright.service.limits import Limits
+    from rulewright.service.domain.limits import Limits
 
     domain.limits = Limits(max_message_bytes=64 * 32 * 32 * 3)      # room for about 60 raw 32x32 images
     server, port = create_server(domain, max_message_bytes=domain.limits.max_message_bytes)
@@ -157,7 +157,7 @@ def test_a_rewrites_target_search_and_found_list_are_bounded(generator):
 
 def test_the_region_cap_names_the_list_that_crosses_it():
     from rulewright.service.engine.errors import InvalidArgument
-    from rulewright.service.limits import Limits, check_spec
+    from rulewright.service.domain.limits import Limits, check_spec
 
     region = {"seed": 1, "box": [0, 0, 4, 4]}
     for lists, field in [({"paste": [region] * 70}, "spec.paste"), ({"context": [region] * 70}, "spec.context"),

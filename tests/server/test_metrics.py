@@ -15,7 +15,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from rulewright.service.statistics import KEY_MOMENT
+from rulewright.service.domain.statistics import KEY_MOMENT
 from rulewright.service.server import auth
 from rulewright.service.server.app import create_server
 from rulewright.service.server.metrics import Metrics, rpc_label

@@ -13,12 +13,12 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from safetensors.torch import save
 
-from rulewright.service.statistics import moment_key
-from rulewright.service import statistics as statistics_module
+from rulewright.service.domain.statistics import moment_key
+from rulewright.service.domain import statistics as statistics_module
 from rulewright.service.engine import dissect
 from rulewright.service.engine.regions import Region
 from rulewright.service.engine.stats import key_moment, load_stat, value_quantiles
-from rulewright.service.requests import SearchRequest
+from rulewright.service.domain.requests import SearchRequest
 from rulewright.service.server.servicers import RegistryServicer
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc

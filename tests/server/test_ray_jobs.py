@@ -21,8 +21,8 @@ import uuid
 import pytest
 
 from rulewright.registry.stats_cache import open_stats_cache
-from rulewright.service.domain import Domain
-from rulewright.service.jobs import PREFIX, DatasetJobRequest, DatasetJobs
+from rulewright.service.domain.core import Domain
+from rulewright.service.jobs.dataset import PREFIX, DatasetJobRequest, DatasetJobs
 from tests.backends import REPO
 
 from .test_job_faults import BOUND_S, SEEDS, SHARD, SHARDS, assert_nothing_partial, backend, clean_run  # noqa: F401
@@ -33,7 +33,7 @@ ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ra
 @pytest.fixture(scope="module")
 def ray_instance(moto_server, tmp_path_factory):
     """A local Ray instance whose workers can import the tests and reach moto."""
-    from rulewright.service.ray_jobs import RayExecutor  # noqa: F401  (fails early if the module is broken)
+    from rulewright.service.jobs.ray_executor import RayExecutor  # noqa: F401  (fails early if the module is broken)
 
     faults = tmp_path_factory.mktemp("ray-faults")
     cfg = moto_server.config()
@@ -58,7 +58,7 @@ def ray_instance(moto_server, tmp_path_factory):
 
 def ray_run(backend, request_id: str, **executor) -> tuple[str, list[str]]:
     """A job of SEEDS seeds on the Ray executor; its id and its shards' sha256s."""
-    from rulewright.service.ray_jobs import RayExecutor
+    from rulewright.service.jobs.ray_executor import RayExecutor
 
     domain = Domain(backend.registry, open_stats_cache("memory://"), device="cpu")
     jobs = DatasetJobs(domain, RayExecutor(backend.uri, device="cpu", max_in_flight=2, **executor))
@@ -100,7 +100,7 @@ def test_ray_worker_killed_mid_shard_is_retried_and_the_job_completes(ray_instan
 
 def test_ray_tasks_write_shards_to_the_jobs_output_location(ray_instance, backend, moto_server):
     from rulewright.registry.stores import open_store
-    from rulewright.service.ray_jobs import RayExecutor
+    from rulewright.service.jobs.ray_executor import RayExecutor
 
     clean = clean_shas.get(backend.uri) or clean_run(backend)
     bucket = f"ray-out-{uuid.uuid4().hex[:12]}"
@@ -126,7 +126,7 @@ def test_ray_tasks_write_shards_to_the_jobs_output_location(ray_instance, backen
 
 
 def test_serve_settings_build_the_ray_executor(ray_instance, backend):
-    from rulewright.service.ray_jobs import RayExecutor
+    from rulewright.service.jobs.ray_executor import RayExecutor
     from rulewright.service.server.app import job_executor
     from rulewright.service.server.config import resolve
 

@@ -10,7 +10,7 @@ import pytest
 from google.rpc import error_details_pb2
 from safetensors.torch import load
 
-from rulewright.service.requests import RewriteRequest
+from rulewright.service.domain.requests import RewriteRequest
 from rulewright.v1 import generator_service_pb2 as gen, registry_service_pb2 as reg, resources_pb2
 
 from .conftest import SPEC, detail, error_info

@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from rulewright.registry.errors import Unavailable
-from rulewright.service.requests import SampleRequest
+from rulewright.service.domain.requests import SampleRequest
 from tests.backends import start_moto
 
 from .conftest import s3_redis_domain

@@ -65,7 +65,7 @@ def _tiny_data(tmp_path: Path) -> Path:
     """A data directory whose registry holds the tiny DCGAN as ``tiny``."""
     from safetensors.torch import save_file
 
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from tests.builders import dcgan_state
 
     data = tmp_path / "data"

@@ -10,13 +10,13 @@ import pytest
 
 from rulewright.registry.errors import NotFound
 from rulewright.registry.stats_cache import LocalStatsCache
-from rulewright.service import statistics as statistics_module
-from rulewright.service.domain import Domain
+from rulewright.service.domain import statistics as statistics_module
+from rulewright.service.domain.core import Domain
 from rulewright.service.errors import Code, Error
-from rulewright.service.limits import Limits
-from rulewright.service.requests import RewriteRequest
-from rulewright.service.stat_jobs import StatisticsJobRequest, StatisticsJobs
-from rulewright.service.statistics import durable_key, store_durable
+from rulewright.service.domain.limits import Limits
+from rulewright.service.domain.requests import RewriteRequest
+from rulewright.service.jobs.statistics import StatisticsJobRequest, StatisticsJobs
+from rulewright.service.domain.statistics import durable_key, store_durable
 from tests.builders import TINY_SPEC
 
 BOUND_S = 120.0

@@ -18,14 +18,14 @@ import torch
 from google.longrunning import operations_pb2
 
 from rulewright.registry.stats_cache import LocalStatsCache
-from rulewright.service import statistics as statistics_module
-from rulewright.service.domain import Domain
+from rulewright.service.domain import statistics as statistics_module
+from rulewright.service.domain.core import Domain
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.engine.stats import key_moment, load_stat
-from rulewright.service.limits import Limits
-from rulewright.service.requests import RewriteRequest
-from rulewright.service.stat_jobs import PREFIX, StatisticsJobRequest, StatisticsJobs, alignment
-from rulewright.service.statistics import durable_key
+from rulewright.service.domain.limits import Limits
+from rulewright.service.domain.requests import RewriteRequest
+from rulewright.service.jobs.statistics import PREFIX, StatisticsJobRequest, StatisticsJobs, alignment
+from rulewright.service.domain.statistics import durable_key
 from rulewright.v1 import edit_pb2, jobs_service_pb2 as jobs_pb, jobs_service_pb2_grpc as jobs_grpc
 from tests.builders import TINY_SPEC
 
@@ -217,7 +217,7 @@ def test_a_stopped_job_resumes_from_its_records_and_merges_the_same(domain):
 def test_a_job_on_an_edited_version_is_named_by_its_own_weights(domain, job_service, operations):
     """An edited version's resident module is its base's: the job's moment must be filed under the
     edited weights' fingerprint, where the domain looks it up, and not under the base's."""
-    from rulewright.service.requests import StatisticsRequest
+    from rulewright.service.domain.requests import StatisticsRequest
 
     edited = domain.rewrite(RewriteRequest("tiny/1", TINY_SPEC)).version          # edits main.6
     op = wait_done(operations, create(job_service, samples=2048, shard_size=1024, layer="main.9",

@@ -50,7 +50,7 @@ def web(web_server, tiny):
 
 @pytest.fixture(scope="module")
 def faces_web(tmp_path_factory, faces_path):
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from rulewright.service.server.web import WebServer
 
     domain = Domain.open(tmp_path_factory.mktemp("faces-web"), device="cpu")

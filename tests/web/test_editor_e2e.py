@@ -56,7 +56,7 @@ def built_page() -> Path:
 
 @pytest.fixture(scope="module")
 def domain(tmp_path_factory, faces_path):
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
 
     domain = Domain.open(tmp_path_factory.mktemp("editor-e2e"), device="cpu")
     domain.bootstrap("faces", faces_path)
@@ -420,7 +420,7 @@ def test_bad_input_shows_clear_messages(page, domain):
     # a version deleted meanwhile: make one, open it, delete it behind the page's back, act on it
     spec = json.loads(GLASSES.read_text())
     spec["steps"] = 20                      # fewer leave the fit at no edit, which is refused
-    from rulewright.service.requests import RewriteRequest
+    from rulewright.service.domain.requests import RewriteRequest
 
     number = domain.rewrite(RewriteRequest("faces/1", spec, author="tests")).version.number
     tid(page, "btn-refresh").click()

@@ -30,7 +30,7 @@ from starlette.routing import Match
 
 from rulewright.service.engine.dissect import Intervention
 from rulewright.service.engine.regions import Region
-from rulewright.service.requests import SampleRequest, SearchRequest
+from rulewright.service.domain.requests import SampleRequest, SearchRequest
 from rulewright.service.server.app import create_server, web_address
 from rulewright.service.server.auth import AuthConfigError, parse_tokens
 from rulewright.service.server.config import ConfigError, resolve

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..nethook import Trace
+from rulewright.service.engine.nethook import Trace
 
 
 class StateDictMismatch(ValueError):

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .base import Generator, LayerSpec, StateDictMismatch, check_state_dict, require
+from rulewright.service.engine.generators.base import Generator, LayerSpec, StateDictMismatch, check_state_dict, require
 
 ARCH = "dcgan"
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Generator, LayerSpec, StateDictMismatch, check_state_dict, require
+from rulewright.service.engine.generators.base import Generator, LayerSpec, StateDictMismatch, check_state_dict, require
 
 ARCH = "progan"
 

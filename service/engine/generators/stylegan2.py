@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import factored
-from .base import Generator, LayerSpec, StateDictMismatch, check_state_dict, require
+from rulewright.service.engine import factored
+from rulewright.service.engine.generators.base import Generator, LayerSpec, StateDictMismatch, check_state_dict, require
 
 ARCH = "stylegan2"
 BLUR_KERNEL = (1, 3, 3, 1)          # the port's only blur kernel; its buffers are (4, 4)

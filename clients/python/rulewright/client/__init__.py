@@ -16,10 +16,10 @@ Every call has a deadline and retries UNAVAILABLE with backoff; failures raise
 ``rulewright.client.cli``.
 """
 
-from .client import Client, RetryEvent
-from .errors import RulewrightError
-from .spec import edit_spec_pb, parse_region, parse_seeds, region_dict
-from .types import (Alias, AliasMove, ContextMatch, ContextSearch, DatasetJob, Dissection, Export, Import, Layer, Layers,
+from rulewright.client.client import Client, RetryEvent
+from rulewright.client.errors import RulewrightError
+from rulewright.client.spec import edit_spec_pb, parse_region, parse_seeds, region_dict
+from rulewright.client.types import (Alias, AliasMove, ContextMatch, ContextSearch, DatasetJob, Dissection, Export, Import, Layer, Layers,
                     Model, Preview, Progress, RewriteResult, SampledImage, StatisticsJob, StatisticsResult, UnitMap,
                     UnitScore, Version, version_number)
 

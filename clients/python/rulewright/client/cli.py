@@ -19,11 +19,11 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from .client import Client
-from .errors import RulewrightError
-from .images import draw_boxes, grid, heatmap_overlay
-from .spec import edit_spec_pb, parse_region, parse_seeds
-from .types import DatasetJob, Progress, RewriteResult
+from rulewright.client.client import Client
+from rulewright.client.errors import RulewrightError
+from rulewright.client.images import draw_boxes, grid, heatmap_overlay
+from rulewright.client.spec import edit_spec_pb, parse_region, parse_seeds
+from rulewright.client.types import DatasetJob, Progress, RewriteResult
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 SERVE_MISSING = "rulewright serve needs the server: pip install rulewright"

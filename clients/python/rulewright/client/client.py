@@ -32,9 +32,9 @@ from google.protobuf import duration_pb2
 from rulewright.v1 import images_pb2, jobs_service_pb2 as jobs_pb, jobs_service_pb2_grpc as jobs_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
-from .errors import RulewrightError, from_rpc_error
-from .spec import edit_spec_pb, region_pb
-from .types import (Alias, AliasMove, ContextSearch, DatasetJob, StatisticsJob, Dissection, Export, Import, Layers, Model, Preview,
+from rulewright.client.errors import RulewrightError, from_rpc_error
+from rulewright.client.spec import edit_spec_pb, region_pb
+from rulewright.client.types import (Alias, AliasMove, ContextSearch, DatasetJob, StatisticsJob, Dissection, Export, Import, Layers, Model, Preview,
                     Progress, RewriteResult, SampledImage, StatisticsResult, Version)
 
 __all__ = ["Client", "RetryEvent", "RegionLike"]

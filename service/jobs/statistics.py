@@ -40,13 +40,13 @@ from typing import Iterable, Iterator
 
 from rulewright.registry.errors import AlreadyExists, DataLoss, NotFound as RegistryNotFound, Reason
 
-from .engine.errors import InvalidArgument
-from .engine.progress import Progress
-from .engine.stats import _CHUNK_ROWS, SecondMoment, key_moment, load_stat
-from .jobs import RUNNING, DatasetJobs, JobStatus, SeedShards, _now, publish_shard
-from .limits import Limits
-from .requests import MAX_SEED
-from .statistics import KEY_MOMENT, durable_key, store_durable
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.progress import Progress
+from rulewright.service.engine.stats import _CHUNK_ROWS, SecondMoment, key_moment, load_stat
+from rulewright.service.jobs.dataset import RUNNING, DatasetJobs, JobStatus, SeedShards, _now, publish_shard
+from rulewright.service.domain.limits import Limits
+from rulewright.service.domain.requests import MAX_SEED
+from rulewright.service.domain.statistics import KEY_MOMENT, durable_key, store_durable
 
 log = logging.getLogger(__name__)
 

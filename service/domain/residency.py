@@ -35,13 +35,13 @@ from rulewright.registry.errors import Reason
 from rulewright.registry.manifests import Version
 from rulewright.registry.registry import Registry
 
-from .engine import factored
-from .engine.delta import LowRankDelta, apply_to_state_dict
-from .engine.factored import Change
-from .engine.generators.base import Generator
-from .engine.loading import ARCHITECTURES
-from .engine.sampling import sample
-from .weights import base_weights, delta_misfit, read_deltas
+from rulewright.service.engine import factored
+from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict
+from rulewright.service.engine.factored import Change
+from rulewright.service.engine.generators.base import Generator
+from rulewright.service.engine.loading import ARCHITECTURES
+from rulewright.service.engine.sampling import sample
+from rulewright.service.domain.weights import base_weights, delta_misfit, read_deltas
 
 log = logging.getLogger(__name__)
 

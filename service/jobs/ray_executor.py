@@ -36,12 +36,12 @@ from typing import Any, Callable, Iterator
 from rulewright.registry.registry import Registry
 from rulewright.registry.s3store import S3Config
 
-from .engine.device import configure_determinism, select_device
-from .engine.loading import ARCHITECTURES
-from .engine.progress import Progress
-from .errors import Code, Error
-from .jobs import CANCEL_POLL_S, Executor, JobSpec, OutputStores, publish_shard, render_pngs, shard_tar
-from .weights import materialize
+from rulewright.service.engine.device import configure_determinism, select_device
+from rulewright.service.engine.loading import ARCHITECTURES
+from rulewright.service.engine.progress import Progress
+from rulewright.service.errors import Code, Error
+from rulewright.service.jobs.dataset import CANCEL_POLL_S, Executor, JobSpec, OutputStores, publish_shard, render_pngs, shard_tar
+from rulewright.service.domain.weights import materialize
 
 log = logging.getLogger(__name__)
 

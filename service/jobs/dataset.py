@@ -83,12 +83,12 @@ from rulewright.registry.filestore import FileStore
 from rulewright.registry.manifests import Version
 from rulewright.registry.stores import open_store
 
-from .engine.errors import Cancelled, InvalidArgument
-from .engine.progress import Progress
-from .engine.sampling import png_bytes, sample, to_uint8
-from .errors import Code, Error
-from .limits import Limits
-from .requests import MAX_SEED, SampleRequest
+from rulewright.service.engine.errors import Cancelled, InvalidArgument
+from rulewright.service.engine.progress import Progress
+from rulewright.service.engine.sampling import png_bytes, sample, to_uint8
+from rulewright.service.errors import Code, Error
+from rulewright.service.domain.limits import Limits
+from rulewright.service.domain.requests import MAX_SEED, SampleRequest
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from rulewright.registry.errors import Reason
 from rulewright.registry.manifests import Version
 from rulewright.registry.registry import Registry
 
-from .engine.delta import LowRankDelta, apply_to_state_dict, from_bytes
+from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict, from_bytes
 
 
 StateDict = dict[str, torch.Tensor]

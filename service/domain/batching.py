@@ -32,10 +32,10 @@ from typing import Callable, Hashable
 
 import torch
 
-from .engine.errors import Cancelled
-from .engine.factored import Change
-from .engine.generators.base import Generator
-from .engine.sampling import sample
+from rulewright.service.engine.errors import Cancelled
+from rulewright.service.engine.factored import Change
+from rulewright.service.engine.generators.base import Generator
+from rulewright.service.engine.sampling import sample
 
 
 class BatcherClosed(RuntimeError):

@@ -39,11 +39,11 @@ from rulewright.registry.blobstore import BlobStore
 from rulewright.registry.errors import AlreadyExists, NotFound as RegistryNotFound, RegistryError
 from rulewright.registry.stats_cache import StatsCache, StatsKey
 
-from .engine.errors import Cancelled
-from .engine.generators.base import Generator
-from .engine.progress import Progress
-from .engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
-from .errors import Code, Error
+from rulewright.service.engine.errors import Cancelled
+from rulewright.service.engine.generators.base import Generator
+from rulewright.service.engine.progress import Progress
+from rulewright.service.engine.stats import Quantile, SecondMoment, Stat, key_moment, load_stat, value_quantiles
+from rulewright.service.errors import Code, Error
 
 log = logging.getLogger(__name__)
 

@@ -31,14 +31,14 @@ import torch
 from rulewright.registry.manifests import AliasState, Model, Version
 from rulewright.registry.stats_cache import StatsKey
 
-from .engine.dissect import DEFAULT_QUANTILE, Intervention, UnitScore
-from .engine.edit import Edit
-from .engine.errors import InvalidArgument
-from .engine.regions import Region
-from .engine.search import Match
-from .engine.stats import Stat
-from .limits import Limits, check_count, check_images, check_samples, check_spec
-from .statistics import KEY_MOMENT, VALUE_QUANTILE
+from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention, UnitScore
+from rulewright.service.engine.edit import Edit
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.regions import Region
+from rulewright.service.engine.search import Match
+from rulewright.service.engine.stats import Stat
+from rulewright.service.domain.limits import Limits, check_count, check_images, check_samples, check_spec
+from rulewright.service.domain.statistics import KEY_MOMENT, VALUE_QUANTILE
 
 MAX_SEED = 2**63 - 1
 STATISTICS = (KEY_MOMENT, VALUE_QUANTILE)

@@ -24,7 +24,7 @@ import math
 import zlib
 from typing import Any
 
-from .engine.errors import InvalidArgument
+from rulewright.service.engine.errors import InvalidArgument
 
 
 @dataclasses.dataclass(frozen=True)

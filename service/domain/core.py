@@ -54,28 +54,28 @@ from rulewright.registry.errors import NotFound, Unavailable
 from rulewright.registry.manifests import AliasState, Model, Version
 from rulewright.registry.registry import Registry
 from rulewright.registry.stats_cache import StatsCache, open_stats_cache
-from rulewright.service.weights import export_bytes
+from rulewright.service.domain.weights import export_bytes
 
-from .engine import delta as delta_codec
-from .engine import dissect
-from .engine.device import configure_determinism, select_device
-from .engine.errors import InvalidArgument
-from .engine.edit import Edit, EditSpec, check_improved
-from .engine.progress import Progress
-from .engine.generators.base import Generator
-from .engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
-from .engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_safetensors as nvidia_to_safetensors
-from .engine.rewrite import rewritable_layers, rewrite as engine_rewrite
-from .batching import SampleBatcher
-from .residency import Residency, Resident
-from .limits import Limits, check_images
-from .requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, ModelSummary, RewriteRequest,
+from rulewright.service.engine import delta as delta_codec
+from rulewright.service.engine import dissect
+from rulewright.service.engine.device import configure_determinism, select_device
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.edit import Edit, EditSpec, check_improved
+from rulewright.service.engine.progress import Progress
+from rulewright.service.engine.generators.base import Generator
+from rulewright.service.engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
+from rulewright.service.engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_safetensors as nvidia_to_safetensors
+from rulewright.service.engine.rewrite import rewritable_layers, rewrite as engine_rewrite
+from rulewright.service.domain.batching import SampleBatcher
+from rulewright.service.domain.residency import Residency, Resident
+from rulewright.service.domain.limits import Limits, check_images
+from rulewright.service.domain.requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, ModelSummary, RewriteRequest,
                        RewriteResult, SampleRequest, SampleResult, SearchRequest, SearchResult, StatisticResult,
                        StatisticsRequest)
-from .statistics import KEY_MOMENT, VALUE_QUANTILE, NotCached, StatisticCorrupt, Statistics
-from .engine.sampling import check_latents, latents, to_uint8
-from .engine.search import direction_for, response_threshold, search
-from .engine.stats import SecondMoment
+from rulewright.service.domain.statistics import KEY_MOMENT, VALUE_QUANTILE, NotCached, StatisticCorrupt, Statistics
+from rulewright.service.engine.sampling import check_latents, latents, to_uint8
+from rulewright.service.engine.search import direction_for, response_threshold, search
+from rulewright.service.engine.stats import SecondMoment
 
 log = logging.getLogger(__name__)
 
