@@ -31,7 +31,7 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from rulewright.service.domain import Domain
+    from rulewright.service.domain.core import Domain
     from rulewright.service.importers.faces import import_faces
     from rulewright.service.server.web import WebServer
 
