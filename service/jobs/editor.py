@@ -15,7 +15,8 @@ from rulewright.service.jobs.errors import JobNotFound, TooManyJobs
 from rulewright.service.jobs.memory import Job, MemoryJobRequest, MemoryJobs
 from rulewright.service.jobs.protocol import CANCELLED, FAILED, RUNNING, SUCCEEDED
 
-__all__ = ["CANCELLED", "FAILED", "RUNNING", "SUCCEEDED", "Job", "JobNotFound", "Jobs", "MemoryJobRequest", "TooManyJobs"]
+__all__ = ["CANCELLED", "FAILED", "RUNNING", "SUCCEEDED", "Job", "JobNotFound", "Jobs", "MemoryJobRequest",
+           "TooManyJobs"]
 
 
 class Jobs(MemoryJobs):

@@ -20,7 +20,8 @@ from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.jobs.dataset import DatasetJobRequest, DatasetJobs
 from rulewright.service.jobs.errors import JobNotFound
 from rulewright.service.jobs.protocol import CANCELLED, FAILED, RUNNING, SUCCEEDED
-from rulewright.service.jobs.statistics import DEFAULT_SHARD_SIZE as STATS_SHARD_SIZE, StatisticsJobRequest, StatisticsJobs
+from rulewright.service.jobs.statistics import (DEFAULT_SHARD_SIZE as STATS_SHARD_SIZE, StatisticsJobRequest,
+                                                StatisticsJobs)
 from rulewright.service.jobs.stored import JobStatus, StoredJobs
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, jobs_service_pb2 as jobs_pb
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc
