@@ -1,4 +1,4 @@
-"""Dataset-job shards as Ray tasks: ``RayExecutor``, the distributed engine for bulk jobs.
+"""Job shards as Ray tasks: ``RayExecutor``, the distributed engine for bulk jobs (dataset and statistics).
 
 Why Ray: it is the conventional way to run PyTorch batch inference over a cluster of GPU
 machines, and on Kubernetes the KubeRay operator runs a Ray cluster as one ``RayCluster``
@@ -12,8 +12,9 @@ resource (a head pod and autoscaled GPU worker pods), so the server only needs a
 - ``shard_task(registry_uri, spec_json, index, options)``: what a task runs, in a Ray worker
   process: open the registry from its URI (S3 endpoint and keys from the worker's own
   ``RULEWRIGHT_S3_*``, so no secret travels in a task's arguments), materialize the version's
-  weights, build its generator (kept for the worker's next shards), render the shard with
-  ``jobs.render_pngs`` (Sample's bytes) and commit it with ``jobs.publish_shard``; a job with an
+  weights, build its generator (kept for the worker's next shards), make the shard with its
+  spec's ``render_shard`` (a dataset shard's tar of Sample's bytes, a statistics shard's moment;
+  ``options["kind"]`` names the spec type) and commit it with ``shards.publish_shard``; a job with an
   output location (``spec.output_uri``, in the spec the task receives) publishes the shard there,
   opened the same way (the worker's own ``RULEWRIGHT_S3_*``), and its record in the registry.
 - ``RayUnavailable``: the ``ray`` extra is not installed, or the cluster cannot be reached.
@@ -40,13 +41,18 @@ from rulewright.service.engine.device import configure_determinism, select_devic
 from rulewright.service.engine.loading import ARCHITECTURES
 from rulewright.service.engine.progress import Progress
 from rulewright.service.errors import Code, Error
-from rulewright.service.jobs.dataset import CANCEL_POLL_S, Executor, JobSpec, OutputStores, publish_shard, render_pngs, shard_tar
+from rulewright.service.jobs.dataset import JobSpec
+from rulewright.service.jobs.outputs import OutputStores
+from rulewright.service.jobs.shards import Executor, SeedShards, publish_shard
+from rulewright.service.jobs.statistics import StatsJobSpec
+from rulewright.service.jobs.stored import CANCEL_POLL_S
 from rulewright.service.domain.weights import materialize
 
 log = logging.getLogger(__name__)
 
 STOP_WAIT_S = 30.0            # how long a stopping executor waits for its cancelled tasks to settle
 _WORKER_VERSIONS = 2          # generators a Ray worker keeps for its next shards
+SPEC_TYPES = {spec.kind: spec for spec in (JobSpec, StatsJobSpec)}    # what a task's ``options["kind"]`` names
 
 
 class RayUnavailable(Error):
@@ -91,7 +97,7 @@ def _output(uri: str, prefix: str, s3: dict):
     return outputs.open(uri, prefix)
 
 
-def _generator(registry: Registry, spec: JobSpec, device: str):
+def _generator(registry: Registry, spec: SeedShards, device: str):
     """The version's generator on ``device``, built once per worker and kept for its next shards."""
     key = (registry.store.uri, spec.model, spec.number, device)
     with _worker_lock:
@@ -112,16 +118,17 @@ def _generator(registry: Registry, spec: JobSpec, device: str):
 def shard_task(registry_uri: str, spec_json: bytes, index: int, options: dict) -> dict:
     """Render and commit shard ``index`` of a job in this (Ray worker) process; its commit record.
 
-    ``options``: ``device`` (auto, cpu, cuda), ``batch_size`` (images per forward pass) and ``s3``
-    (non-secret ``S3Config`` fields: timeouts and attempts).
+    ``options``: ``kind`` (the spec type, ``SPEC_TYPES``; dataset if absent), ``device`` (auto, cpu,
+    cuda), ``batch_size`` (images per forward pass) and ``s3`` (non-secret ``S3Config`` fields:
+    timeouts and attempts).
     """
-    spec = JobSpec.from_json(spec_json)
+    spec = SPEC_TYPES[options.get("kind", JobSpec.kind)].from_json(spec_json)
     registry = _registry(registry_uri, options.get("s3", {}))
     model = _generator(registry, spec, options.get("device", "auto"))
-    seeds = spec.shard_seeds(index)
-    pngs = render_pngs(model, seeds, spec.truncation, options.get("batch_size", 16), Progress())
-    out = _output(spec.output_uri, spec.output_prefix, options.get("s3", {})) if spec.output_uri else None
-    return publish_shard(registry.store, spec, index, shard_tar(spec, seeds, pngs), out=out)
+    data = spec.render_shard(model, index, options.get("batch_size", 16), Progress())
+    uri = getattr(spec, "output_uri", "")
+    out = _output(uri, spec.output_prefix, options.get("s3", {})) if uri else None
+    return publish_shard(registry.store, spec, index, data, out=out)
 
 
 # ---- in the server -----------------------------------------------------------------------------
@@ -162,17 +169,17 @@ class RayExecutor(Executor):
                                         "max_in_flight": max_in_flight, "max_retries": max_retries,
                                         "num_gpus": num_gpus, "device": device})
 
-    def run_shards(self, spec: JobSpec, indices: list[int], progress: Progress) -> Iterator[dict]:
+    def run_shards(self, spec: SeedShards, indices: list[int], progress: Progress) -> Iterator[dict]:
         """At most ``max_in_flight`` tasks of this job at once; none submitted once ``progress`` stops."""
         ray = _ray()
         todo = list(indices)
         running: dict[Any, int] = {}
-        spec_json = spec.to_json()
+        spec_json, options = spec.to_json(), {**self.options, "kind": spec.kind}
         try:
             while todo or running:
                 while todo and len(running) < self.max_in_flight and not progress.stopped():
                     index = todo.pop(0)
-                    running[self._remote.remote(self.registry_uri, spec_json, index, self.options)] = index
+                    running[self._remote.remote(self.registry_uri, spec_json, index, options)] = index
                 if not running:
                     return
                 # A bounded wait, so a cancel or a closing server is seen between completions.

@@ -2,9 +2,10 @@
 
 - ``StatisticsJobRequest``: model reference, layer, samples and first seed, truncation, shard size,
   idempotency key; ``check(limits)`` refuses bad input (``max_job_samples``) before any work.
-- ``StatisticsJobs(domain)``: ``create``, ``get``, ``list``, ``cancel``, ``wait``, ``delete``,
-  ``resume``, ``close`` — the store layout, commit records, cancellation and resume of
-  ``jobs.DatasetJobs``, under ``jobs/statistics/{id}/``.
+- ``StatisticsJobs(domain, executor)``: the ``stored.StoredJobs`` kind of statistics jobs
+  (``create``, ``get``, ``list``, ``cancel``, ``wait``, ``delete``, ``resume``, ``close``), under
+  ``jobs/statistics/{id}/``; its shards run on the executors dataset shards run on
+  (``LocalExecutor``, one shard at a time by default; ``RayExecutor``).
 - ``StatsJobSpec``: a created job (``job.json``), its reference resolved to one version.
 - ``alignment(rows)``: the samples per float32 block of ``SecondMoment`` at a layer with ``rows`` key
   locations per sample; shard sizes are multiples of it.
@@ -12,7 +13,7 @@
 
 Store layout (``jobs/statistics/{id}/``): ``job.json``; ``shard-{i:06d}.safetensors``, shard ``i``'s
 ``SecondMoment`` (count, float64 sum and outer product, ``Stat.to_bytes``) over its seeds;
-``done/{i:06d}.json``, its commit record (written by ``jobs.publish_shard`` only after the shard
+``done/{i:06d}.json``, its commit record (written by ``shards.publish_shard`` only after the shard
 was read back with the expected sha256); ``manifest.json`` once merged. The merged moment goes to
 ``statistics/{digest}.safetensors`` (``statistics.store_durable``) and into the statistics cache
 under ``Statistics.key`` of the version, layer, seeds and truncation, the key a Rewrite with the
@@ -31,22 +32,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import secrets
 import time
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
-from rulewright.registry.errors import AlreadyExists, DataLoss, NotFound as RegistryNotFound, Reason
+from rulewright.registry.errors import DataLoss, NotFound as RegistryNotFound, Reason
 
-from rulewright.service.engine.errors import InvalidArgument
-from rulewright.service.engine.progress import Progress
-from rulewright.service.engine.stats import _CHUNK_ROWS, SecondMoment, key_moment, load_stat
-from rulewright.service.jobs.dataset import RUNNING, DatasetJobs, JobStatus, SeedShards, _now, publish_shard
 from rulewright.service.domain.limits import Limits
 from rulewright.service.domain.requests import MAX_SEED
 from rulewright.service.domain.statistics import KEY_MOMENT, durable_key, store_durable
+from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.progress import Progress
+from rulewright.service.engine.stats import _CHUNK_ROWS, SecondMoment, key_moment, load_stat
+from rulewright.service.jobs.protocol import RUNNING
+from rulewright.service.jobs.shards import Executor, SeedShards, check_job_request, now
+from rulewright.service.jobs.stored import JobStatus, StoredJobs
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,6 @@ def alignment(rows: int) -> int:
     """Samples whose keys fill one float32 block of ``SecondMoment`` (``rows`` locations each); 1
     when ``rows`` does not divide the block (then shards merge exactly only up to float32 blocks)."""
     return _CHUNK_ROWS // rows if 0 < rows <= _CHUNK_ROWS and _CHUNK_ROWS % rows == 0 else 1
-
-
-def shard_name(index: int) -> str:
-    """The file name of shard ``index``."""
-    return f"shard-{index:06d}.safetensors"
 
 
 def merge_shards(blobs: Iterable[bytes]) -> SecondMoment:
@@ -95,8 +92,7 @@ class StatisticsJobRequest:
 
     def check(self, limits: Limits) -> None:
         """Samples (at most ``max_job_samples``), seeds, truncation, shard size and request id."""
-        if not isinstance(self.model, str) or not self.model:
-            raise InvalidArgument("model", "give a model reference (faces, faces@production, faces/3)")
+        check_job_request(self, MAX_SHARD_SIZE)
         if not isinstance(self.layer, str):
             raise InvalidArgument("layer", f"must be a layer name or empty, got {self.layer!r}")
         n = self.samples
@@ -108,44 +104,46 @@ class StatisticsJobRequest:
         s0 = self.seed_start
         if isinstance(s0, bool) or not isinstance(s0, int) or s0 < 0 or s0 + n - 1 > MAX_SEED:
             raise InvalidArgument("stats.seed_start", f"the seeds must lie in [0, 2**63), got start {s0!r}")
-        t = self.truncation
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-            raise InvalidArgument("truncation", f"must lie in [0, 1], got {t!r}")
-        s = self.shard_size
-        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_SHARD_SIZE:
-            raise InvalidArgument("shard_size", f"must be an integer from 1 to {MAX_SHARD_SIZE}, got {s!r}")
-        if not isinstance(self.request_id, str) or len(self.request_id) > 128:
-            raise InvalidArgument("request_id", "must be a string of at most 128 characters")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StatsJobSpec(SeedShards):
-    """A created statistics job: the request with its reference and layer resolved (``job.json``)."""
+    """A created statistics job: the request with its reference and layer resolved (``job.json``); its
+    ``shard_size`` is rounded to the layer's alignment."""
 
-    id: str
-    model: str
-    number: int
+    kind: ClassVar[str] = "statistics"
+    prefix: ClassVar[str] = PREFIX
+    suffix: ClassVar[str] = "safetensors"
     layer: str
-    seed_start: int
-    count: int
-    truncation: float
-    shard_size: int                              # after rounding to the layer's alignment
     batch_size: int
-    created: str                                 # ISO 8601, UTC
-    author: str = "anonymous"
-    request_id: str = ""
+
+    def compute_shard(self, domain, index: int, progress: Progress) -> bytes:
+        """Shard ``index``'s moment over a private module of the version; the bytes an earlier attempt
+        published but did not record, if there are any (they are verified and recorded, not recomputed)."""
+        try:
+            return domain.registry.store.read(self.doc(self.shard_name(index)))
+        except RegistryNotFound:
+            pass
+        res = domain.generator(domain.registry.get_version(self.model, self.number))
+        return self.render_shard(res.hookable(), index, self.batch_size, progress)     # key_moment hooks the layer
+
+    def render_shard(self, model, index: int, batch_size: int, progress: Progress) -> bytes:
+        """Shard ``index``'s moment over ``model`` in passes of the job's own batch size (it shapes the sums)."""
+        stat = key_moment(model, self.layer, self.shard_seeds(index), self.truncation, batch_size=self.batch_size,
+                          progress=Progress(should_stop=progress.stopped))
+        return stat.to_bytes()
 
 
-class StatisticsJobs(DatasetJobs):
-    """Statistics jobs over a domain's registry store: shards run one after another in the job's
-    runner thread (a forward pass already uses every core through torch's own threads)."""
+class StatisticsJobs(StoredJobs):
+    """Statistics jobs over a domain's registry store, their shards run by an ``Executor`` (by default
+    one at a time in this server: a forward pass already uses every core through torch's own threads)."""
 
-    prefix = PREFIX
     noun = "statistics"
+    resource = "statisticsJobs"
     spec_type = StatsJobSpec
 
-    def __init__(self, domain, batch_size: int = BATCH_SIZE):
-        super().__init__(domain, executor=_Unused(), max_workers=1)
+    def __init__(self, domain, executor: Executor | None = None, batch_size: int = BATCH_SIZE, max_workers: int = 1):
+        super().__init__(domain, executor, max_workers)
         self.batch_size = batch_size
 
     def create(self, request: StatisticsJobRequest) -> JobStatus:
@@ -169,29 +167,15 @@ class StatisticsJobs(DatasetJobs):
         batch = math.gcd(self.batch_size, step) if step > 1 else self.batch_size
         job_id = (hashlib.sha256(f"statistics:{request.request_id}".encode()).hexdigest()[:24] if request.request_id
                   else f"{time.time_ns() // 1_000_000:013x}{secrets.token_hex(6)}")
-        spec = StatsJobSpec(job_id, version.model, version.number, layer, request.seed_start, request.samples,
-                            float(request.truncation), shard_size, batch, _now(), request.author, request.request_id)
+        spec = StatsJobSpec(id=job_id, model=version.model, number=version.number, layer=layer,
+                            seed_start=request.seed_start, count=request.samples, truncation=float(request.truncation),
+                            shard_size=shard_size, batch_size=batch, created=now(), author=request.author,
+                            request_id=request.request_id)
         return self._create(spec)
 
-    def _run_shards(self, spec: StatsJobSpec, indices: list[int], progress: Progress) -> Iterator[dict]:
-        """Each shard's moment in order, published and recorded (a shard an earlier attempt
-        published but did not record is verified and recorded, not recomputed)."""
-        res = self.domain.generator(self.domain.registry.get_version(spec.model, spec.number))
-        private = res.hookable()                    # key_moment hooks the layer
-        for index in indices:
-            progress.check(f"statistics shard {index}")
-            key = self._doc(spec.id, shard_name(index))
-            try:
-                data = self.store.read(key)
-            except RegistryNotFound:
-                seeds = spec.shard_seeds(index)
-                stat = key_moment(private, spec.layer, seeds, spec.truncation, batch_size=spec.batch_size,
-                                  progress=Progress(should_stop=progress.stopped))
-                data = stat.to_bytes()
-            yield publish_shard(self.store, spec, index, data, prefix=self.prefix, name=shard_name(index))
-
     def _finish(self, spec: StatsJobSpec) -> None:
-        records = [json.loads(self.store.read(self._record(spec.id, i))) for i in range(spec.shards)]
+        """The shards' moments merged in seed order, stored and cached, then the manifest."""
+        records = self._records(spec)
 
         def blobs() -> Iterator[bytes]:
             for r in records:
@@ -212,7 +196,7 @@ class StatisticsJobs(DatasetJobs):
         stored = store_durable(self.store, key, data)        # first: the cache may drop it, the store keeps it
         self.domain.stats.cache.put(key, data)
         manifest = {
-            "job": f"statisticsJobs/{spec.id}", "version": spec.version_name, "model": spec.model,
+            "job": f"{self.resource}/{spec.id}", "version": spec.version_name, "model": spec.model,
             "number": spec.number, "layer": spec.layer, "created": spec.created, "kind": KEY_MOMENT,
             "seeds": {"start": spec.seed_start, "count": spec.count}, "truncation": spec.truncation,
             "shard_size": spec.shard_size, "batch_size": spec.batch_size, "samples": spec.count,
@@ -221,13 +205,7 @@ class StatisticsJobs(DatasetJobs):
             "shards": [{k: r[k] for k in ("name", "key", "samples", "first_seed", "sha256", "size_bytes")}
                        for r in records],
         }
-        try:
-            self.store.create(self._doc(spec.id, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
-        except AlreadyExists:
-            pass                        # another replica merged the same shards first
-        log.info("statistics job done", extra={"event": "statistics_job_done", "job": spec.id, "shards": spec.shards,
-                                               "samples": spec.count, "cache_key": key.digest(),
-                                               "stored": stored})
+        self._write_manifest(spec, manifest, samples=spec.count, cache_key=key.digest(), stored=stored)
 
     def statistic_uri(self, status: JobStatus) -> str:
         """Where the merged statistic of a finished job is kept (empty until it is)."""
@@ -235,9 +213,3 @@ class StatisticsJobs(DatasetJobs):
             return ""
         return self._uri(status.manifest["statistic_key"])
 
-
-class _Unused:
-    """Statistics shards run in the job's own thread; no executor pool is kept."""
-
-    def close(self) -> None:
-        """Nothing to release."""

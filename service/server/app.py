@@ -295,7 +295,7 @@ def create_server(
 
     jobs = server.jobs = DatasetJobs(domain, job_executor, max_workers=job_workers,
                                      output_prefixes=job_output_prefixes)
-    stat_jobs = server.stat_jobs = StatisticsJobs(domain)
+    stat_jobs = server.stat_jobs = StatisticsJobs(domain, job_executor)     # shards on the same executor
     jobs_grpc.add_JobServiceServicer_to_server(JobServicer(jobs, stat_jobs), server)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(jobs, stat_jobs), server)
     if health_servicer is None:

@@ -17,9 +17,12 @@ from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from rulewright.service.engine.errors import InvalidArgument
-from rulewright.service.jobs.dataset import (CANCELLED, FAILED, RUNNING, SUCCEEDED, DatasetJobRequest, DatasetJobs, JobNotFound,
-                                     JobStatus)
-from rulewright.service.jobs.statistics import DEFAULT_SHARD_SIZE as STATS_SHARD_SIZE, StatisticsJobRequest, StatisticsJobs
+from rulewright.service.jobs.dataset import DatasetJobRequest, DatasetJobs
+from rulewright.service.jobs.errors import JobNotFound
+from rulewright.service.jobs.protocol import CANCELLED, FAILED, RUNNING, SUCCEEDED
+from rulewright.service.jobs.statistics import (DEFAULT_SHARD_SIZE as STATS_SHARD_SIZE, StatisticsJobRequest,
+                                                StatisticsJobs)
+from rulewright.service.jobs.stored import JobStatus, StoredJobs
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, jobs_service_pb2 as jobs_pb
 from rulewright.v1 import jobs_service_pb2_grpc as jobs_grpc
 
@@ -71,7 +74,7 @@ def statistics_job_pb(jobs: StatisticsJobs, status: JobStatus) -> jobs_pb.Statis
                                  manifest_uri=status.manifest_uri)
 
 
-def operation_pb(jobs: DatasetJobs, status: JobStatus) -> operations_pb2.Operation:
+def operation_pb(jobs: StoredJobs, status: JobStatus) -> operations_pb2.Operation:
     """A job as an Operation: metadata always; the DatasetJob (StatisticsJob) or the error once done (AIP-151)."""
     spec = status.spec
     if isinstance(jobs, StatisticsJobs):
@@ -154,11 +157,11 @@ class JobServicer(jobs_grpc.JobServiceServicer):
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     """``google.longrunning.Operations`` over the jobs of every kind in the store."""
 
-    def __init__(self, jobs: DatasetJobs, *more: DatasetJobs):
+    def __init__(self, jobs: StoredJobs, *more: StoredJobs | None):
         self.jobs = jobs
         self.kinds = (jobs, *(m for m in more if m is not None))
 
-    def _owner(self, job: str) -> DatasetJobs:
+    def _owner(self, job: str) -> StoredJobs:
         """The kind of job that holds ``job`` (``JobNotFound`` from the first if none does)."""
         for kind in self.kinds[1:]:
             try:

@@ -2,7 +2,7 @@
 
 - ``GeneratorServicer``: ListLayers, Sample, Dissect, SearchContext, Rewrite and
   ComputeStatistics (server streaming; a worker thread runs the job, progress comes back
-  through a queue; the client's cancellation or deadline stops it).
+  through its event log; the client's cancellation or deadline stops it).
 - ``RegistryServicer``: ListModels, GetModel, ImportModel (client streaming, at most
   ``max_import_bytes``), DeleteModel, ListVersions, GetVersion, DeleteVersion, ExportVersion,
   SetAlias, RollbackAlias, ListAliasHistory.
@@ -13,10 +13,11 @@ Errors go through
 
 from __future__ import annotations
 
-import queue
-import threading
+import secrets
 
 from rulewright.service.engine.progress import Progress
+from rulewright.service.jobs.memory import Job
+from rulewright.service.jobs.protocol import FAILED, Runner
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
@@ -25,7 +26,6 @@ from rulewright.service.server.auth import current_principal
 from rulewright.service.server.errors import renamed, rpc
 from rulewright.service.server.limits import check_dissect, check_search
 
-_DONE = object()
 NAME_FIELDS = {"model": "name", "version": "name", "alias": "name"}   # registry fields → `name`
 MAX_IMPORT_BYTES = 2 << 30                                             # ImportModel's default limit
 
@@ -35,31 +35,35 @@ def _stopping(context) -> Progress:
     return Progress(None, lambda: not context.is_active())
 
 
-def _streamed(workers: set, context, work):
-    """Messages from ``work(emit, progress)`` run on a worker thread, as they come; its error last.
+def _streamed(workers: Runner, context, work):
+    """Messages from ``work(emit, progress)`` run as a job on ``workers``, as they come; its error last.
 
-    ``progress`` stops once the client cancels, its deadline passes or the server shuts down.
+    ``progress`` stops once the client cancels, its deadline passes or the server shuts down. However
+    the call ends (the client gone, the server stopping), it returns only once the worker has.
     """
-    events: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    context.add_callback(stop.set)
+    job = Job(f"stream-{secrets.token_hex(6)}")
+    context.add_callback(job.stop.set)
 
-    def run():
-        try:
-            work(events.put, Progress(None, lambda: stop.is_set() or not context.is_active()))
-        except BaseException as exc:  # noqa: BLE001 -- handed to the RPC thread, which maps it
-            events.put(exc)
-        finally:
-            events.put(_DONE)
-            workers.discard(threading.current_thread())
+    def run(emit, should_stop):
+        work(emit, Progress(None, lambda: should_stop() or not context.is_active()))
 
-    worker = threading.Thread(target=run, daemon=True)
-    workers.add(worker)
-    worker.start()
-    while (item := events.get()) is not _DONE:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    if workers.start(job.id, lambda stop: job.run(run, lambda exc: (FAILED, exc)), stop=job.stop) is None:
+        job.stop.set()              # the server is stopping: the work stops at its first check, here
+        job.run(run, lambda exc: (FAILED, exc))
+    try:
+        seen = 0
+        while True:
+            events, over = job.wait(seen, None)
+            for seen, name, item in events:
+                if name == "error":
+                    raise item
+                if name == "progress":
+                    yield item
+            if over:
+                return
+    finally:
+        job.stop.set()
+        workers.join(job.id)
 
 
 class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
@@ -67,7 +71,7 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
 
     def __init__(self, domain):
         self.domain = domain
-        self.workers: set[threading.Thread] = set()   # running streamed jobs (tests and shutdown join them)
+        self.workers = Runner("stream")                # running streamed jobs (tests and shutdown join them)
 
     @rpc()
     def ListLayers(self, request, context):

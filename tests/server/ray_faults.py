@@ -44,3 +44,11 @@ def killing_shard_task(registry_uri: str, spec_json: bytes, index: int, options:
     """``ray_jobs.shard_task`` whose worker SIGKILLs itself mid-publish on a chosen shard's first attempt."""
     ray_jobs.publish_shard = _dying_publish
     return ray_jobs.shard_task(registry_uri, spec_json, index, options)
+
+
+def recording_shard_task(registry_uri: str, spec_json: bytes, index: int, options: dict) -> dict:
+    """``ray_jobs.shard_task`` that leaves ``ran-{kind}-{index}`` holding the pid of the process that ran it."""
+    record = ray_jobs.shard_task(registry_uri, spec_json, index, options)
+    marker = Path(os.environ["RULEWRIGHT_FAULT_DIR"]) / f"ran-{options.get('kind', 'dataset')}-{index}"
+    marker.write_text(str(os.getpid()))
+    return record

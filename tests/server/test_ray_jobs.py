@@ -1,10 +1,12 @@
-"""Dataset jobs on the Ray executor, on a real local Ray instance (2 CPUs), file and S3 stores.
+"""Dataset and statistics jobs on the Ray executor, on a real local Ray instance (2 CPUs), file and S3 stores.
 
 - The Ray executor's shards are byte-identical (sha256) to a clean single-worker run of the local
   executor, which ``test_jobs`` checks against Sample.
 - A worker process SIGKILLed mid-shard (once during a tar's write, once between a tar and its
   record: ``ray_faults``) is retried by Ray; the job completes with the clean run's sha256s and
   nothing partial is ever visible in the store.
+- A statistics job's shards run as Ray tasks too, and merge to the moment the local executor's
+  shards merge to.
 
 Ray starts once for the module (it is slow to start); the workers inherit this process's
 environment, which points them at the repository (to import ``tests.server.ray_faults``), the
@@ -19,6 +21,7 @@ import time
 import uuid
 
 import pytest
+import torch
 
 from rulewright.registry.stats_cache import open_stats_cache
 from rulewright.service.domain.core import Domain
@@ -142,4 +145,41 @@ def test_serve_settings_build_the_ray_executor(ray_instance, backend):
         jobs.close()
         assert ray.is_initialized()            # it joined the Ray instance it found, so it leaves it running
     finally:
+        domain.close()
+
+
+def test_statistics_shards_run_as_ray_tasks_and_merge_like_the_local_executor(ray_instance, backend):
+    from rulewright.service.jobs.ray_executor import RayExecutor
+    from rulewright.service.jobs.statistics import StatisticsJobRequest, StatisticsJobs, merge_shards
+    from tests.server import ray_faults
+
+    def merged(status):
+        store = backend.registry.store
+        return merge_shards(store.read(s["key"]) for s in status.manifest["shards"])
+
+    for marker in ray_instance.glob("ran-statistics-*"):
+        marker.unlink()
+    domain = Domain(backend.registry, open_stats_cache("memory://"), device="cpu")
+    request = StatisticsJobRequest("tiny", samples=4096, layer="main.6", shard_size=1024)
+    local = StatisticsJobs(domain)
+    try:
+        clean = local.wait(local.create(request).spec.id, BOUND_S)
+        assert clean.state == "succeeded", (clean.state, clean.error)
+    finally:
+        local.close()
+    jobs = StatisticsJobs(domain, RayExecutor(backend.uri, device="cpu", max_in_flight=2,
+                                              shard_fn=ray_faults.recording_shard_task))
+    try:
+        status = jobs.wait(jobs.create(StatisticsJobRequest("tiny", samples=4096, layer="main.6", shard_size=1024,
+                                                            request_id="ray-stats")).spec.id, BOUND_S)
+        assert status.state == "succeeded", (status.state, status.error)
+        ran = {p.name: int(p.read_text()) for p in ray_instance.glob("ran-statistics-*")}
+        assert sorted(ran) == [f"ran-statistics-{i}" for i in range(4)] and os.getpid() not in ran.values()
+        ours, theirs = merged(status), merged(clean)
+        assert ours.count == theirs.count == 4096 * 8 * 8            # every key location of every sample
+        # Other processes sum float32 blocks with their own thread counts: equal up to float32 rounding.
+        for a, b in ((ours.moment(), theirs.moment()), (ours.mean(), theirs.mean())):
+            assert torch.linalg.norm(a - b) <= 1e-5 * torch.linalg.norm(b)
+    finally:
+        jobs.close()
         domain.close()
