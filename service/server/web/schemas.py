@@ -109,15 +109,15 @@ def boolean(body: dict, key: str) -> bool:
     return value
 
 
-def int_list(body: dict, key: str, limit: int = 1_000_000) -> list[int]:
-    """``body[key]`` as a list of at most ``limit`` integers; [] when absent or null."""
+def int_list(body: dict, key: str, limit: int, what: str, setting: str) -> list[int]:
+    """``body[key]`` as a list of integers; [] when absent or null. Its length is checked first, against
+    the domain's cap (``limit`` ``what``, the server setting ``setting``) in the domain's words."""
     value = body.get(key)
     if value is None:
         return []
     if not isinstance(value, list):
         raise InvalidArgument(key, f"must be a list of integers, got {json.dumps(value)[:80]}")
-    if len(value) > limit:
-        raise InvalidArgument(key, f"at most {limit} entries, got {len(value)}")
+    check_count(len(value), limit, key, what, setting)
     return [integer({"v": v}, "v", field=f"{key}[{i}]") for i, v in enumerate(value)]
 
 
@@ -187,7 +187,7 @@ def _seeds(body: dict, limits: Limits) -> range | list[int]:
     if (body.get("seeds") is None) == (body.get("seed_range") is None):
         raise InvalidArgument("seeds", "give exactly one of seeds and seed_range")
     if body.get("seed_range") is None:
-        return int_list(body, "seeds", limits.max_search_seeds)
+        return int_list(body, "seeds", limits.max_search_seeds, "candidate seeds", "max_search_seeds")
     span = body["seed_range"]
     if not isinstance(span, list) or len(span) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in span):
         raise InvalidArgument("seed_range", "must be [first, end) as two integers")
@@ -233,7 +233,7 @@ def rewrite_request(body: dict, author: str, limits: Limits) -> RewriteRequest:
     ref = _ref(body)
     if body.get("spec") is None:
         raise InvalidArgument("spec", "is required (an edit spec, as examples/edits/*.json)")
-    preview_seeds = int_list(body, "preview_seeds", limits.max_images)
+    preview_seeds = int_list(body, "preview_seeds", limits.max_images, "images", "max_images")
     return RewriteRequest(ref, body["spec"], author=author, request_id=string(body, "request_id", limit=128) or None,
                           dry_run=boolean(body, "dry_run"), preview_seeds=preview_seeds)
 
