@@ -1,7 +1,7 @@
 """The registry reads and deletions every transport shares, as ``Domain`` methods (``Catalog``).
 
-``Domain`` mixes this in, so no transport reaches its registry: models a page at a time with
-their aliases and newest version (``ModelSummary``), versions with their lineages
+``Domain`` mixes this in, so no transport reaches its registry: its store, models a page at a
+time with their aliases and newest version (``ModelSummary``), versions with their lineages
 (``VersionSummary``), aliases and their history, and the two deletions. Names are checked and
 errors raised by the registry, as for every other call.
 """
@@ -15,6 +15,11 @@ from rulewright.service.domain.requests import ModelSummary, VersionSummary
 class Catalog:
     """Listings, lookups and deletions of models, versions and aliases; needs ``self.registry`` and
     the ``Domain``'s ``describe_model`` and ``lineages``."""
+
+    @property
+    def store(self):
+        """The registry's store: what health probes, logs name and remote workers open (its ``uri``)."""
+        return self.registry.store
 
     def list_models(self, page_size: int = 0, page_token: str = "") -> Page[ModelSummary]:
         """Models in name order, a page at a time, each with its aliases and newest version."""

@@ -206,7 +206,7 @@ class StoreWatch:
     """
 
     def __init__(self, domain, health_servicer: health.HealthServicer, period_s: float = STORE_PROBE_S):
-        self.store = domain.registry.store
+        self.store = domain.store
         self.health = health_servicer
         self.period_s = period_s
         self.available = True
@@ -369,7 +369,7 @@ def job_executor(config, domain):
 
     s3 = {"connect_timeout_s": config.s3_connect_timeout_s, "read_timeout_s": config.s3_read_timeout_s,
           "max_attempts": config.s3_max_attempts, "call_timeout_s": config.store_timeout_s}
-    return RayExecutor(domain.registry.store.uri, address=config.ray_address, max_in_flight=config.job_workers,
+    return RayExecutor(domain.store.uri, address=config.ray_address, max_in_flight=config.job_workers,
                        max_retries=config.ray_max_retries, num_gpus=config.ray_gpus_per_shard,
                        device=config.device, batch_size=config.max_batch, s3=s3)
 
@@ -484,7 +484,7 @@ def _create_from_config(domain, config, health_servicer, tokens, credentials, me
                                  job_output_prefixes=output_prefixes(config.job_output_prefixes))
     log.info("listening", extra={"event": "listening", "address": config.address, "port": port,
                                  "auth": bool(tokens), "tls": "mutual" if config.tls_client_ca else bool(credentials),
-                                 "registry": domain.registry.store.uri,
+                                 "registry": domain.store.uri,
                                  "stats_cache": _redacted(config.stats_cache), "device": str(domain.device),
                                  "dynamic_batching": config.dynamic_batching, "max_batch": config.max_batch})
     return server, port
