@@ -67,6 +67,7 @@ from rulewright.service.engine.loading import ARCHITECTURES, is_safetensors, rea
 from rulewright.service.engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_safetensors as nvidia_to_safetensors
 from rulewright.service.engine.rewrite import rewritable_layers, rewrite as engine_rewrite
 from rulewright.service.domain.batching import SampleBatcher
+from rulewright.service.domain.catalog import Catalog
 from rulewright.service.domain.residency import Residency, Resident
 from rulewright.service.domain.limits import Limits, check_images
 from rulewright.service.domain.requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, ModelSummary, RewriteRequest,
@@ -82,8 +83,9 @@ log = logging.getLogger(__name__)
 _NUMBERED = re.compile(r"^([^/@]+)/([0-9]+)$")     # model/N: a version by number
 
 
-class Domain:
-    """Resolves references, keeps versions resident and runs the engine and registry for servicers."""
+class Domain(Catalog):
+    """Resolves references, keeps versions resident and runs the engine and registry for servicers
+    (the registry's listings, lookups and deletions: ``Catalog``)."""
 
     def __init__(
         self,

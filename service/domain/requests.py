@@ -11,7 +11,7 @@ any work, and ``Domain`` calls it first):
 - ``AliasRequest``: move (or unset) an alias under a compare-and-set expectation.
 
 Results: ``ModelSummary``, ``SampleResult``, ``LayersResult``, ``SearchResult``, ``DissectResult``,
-``StatisticResult``, ``RewriteResult``. Each carries the resolved ``Version`` (so answers can
+``StatisticResult``, ``RewriteResult``, ``VersionSummary``. Each carries the resolved ``Version`` (so answers can
 echo it) and what a transport needs to render it (the image resolution for heatmaps), so no
 transport reaches into a generator.
 
@@ -34,6 +34,8 @@ from rulewright.registry.stats_cache import StatsKey
 from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention, UnitScore
 from rulewright.service.engine.edit import Edit
 from rulewright.service.engine.errors import InvalidArgument
+# The progress long work reports and takes its cancellation from: transports import it from here.
+from rulewright.service.engine.progress import Event, Progress  # noqa: F401
 from rulewright.service.engine.regions import Region
 from rulewright.service.engine.search import Match
 from rulewright.service.engine.stats import Stat
@@ -251,6 +253,14 @@ class ModelSummary:
     model: Model
     latest: int | None
     aliases: list[AliasState]
+
+
+@dataclasses.dataclass
+class VersionSummary:
+    """A version and its lineage (version numbers, root first, ending with its own)."""
+
+    version: Version
+    lineage: list[int]
 
 
 @dataclasses.dataclass

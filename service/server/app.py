@@ -10,7 +10,7 @@
   registry under the data directory, in-process statistics cache, faces model): starts
   NOT_SERVING, bootstraps the faces model, goes SERVING, and on SIGTERM or SIGINT goes
   NOT_SERVING and stops with a grace period. TLS, metrics, S3 and Redis as configured; the HTTP
-  side (``web.py``: the editor and its JSON API) where ``web_address(config)`` says. Before it
+  side (``web``: the editor and its JSON API) where ``web_address(config)`` says. Before it
   returns, the worker threads of cancelled streams and editor jobs get another grace period to
   reach their next cancellation check: the interpreter must never exit with one inside torch
   (that aborts the process); one that still runs then makes the process leave at once (exit 0).
@@ -26,14 +26,12 @@
   unreachable ``rulewright.v1.RegistryService`` is NOT_SERVING in health and OIP ``ServerReady``
   is false, while the server as a whole stays SERVING (resident versions still serve, and a
   liveness probe must not restart every replica over a store outage).
-- ``JsonFormatter`` / ``configure_logging()``: one JSON object per log line.
+- ``JsonFormatter`` / ``configure_logging()`` (from ``logs``): one JSON object per log line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import json
 import logging
 import os
 import signal
@@ -54,6 +52,7 @@ from rulewright.v1 import jobs_service_pb2 as jobs_pb, jobs_service_pb2_grpc as 
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
 from rulewright.service.server.auth import AuthInterceptor, check_auth_config, is_loopback
+from rulewright.service.server.logs import JsonFormatter, configure_logging  # noqa: F401 -- the server's log format
 from rulewright.service.server.metrics import rewrap
 from rulewright.service.server.oip import SERVICE_NAME as OIP_SERVICE, InferenceServicer
 from rulewright.service.server.jobs import JobServicer, OperationsServicer
@@ -207,7 +206,7 @@ class StoreWatch:
     """
 
     def __init__(self, domain, health_servicer: health.HealthServicer, period_s: float = STORE_PROBE_S):
-        self.store = domain.registry.store
+        self.store = domain.store
         self.health = health_servicer
         self.period_s = period_s
         self.available = True
@@ -287,9 +286,31 @@ def create_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ])
+    server.limiter = limiter
     server.generator_servicer = GeneratorServicer(domain)
     gen_grpc.add_GeneratorServiceServicer_to_server(server.generator_servicer, server)
     reg_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(domain, max_import_bytes), server)
+    runners = _add_job_services(server, domain, job_workers, job_executor, job_output_prefixes)
+    watch = _add_health_services(server, domain, health_servicer)
+    port = _bind(server, address, credentials)
+    server.start()
+    _resume(runners)
+    stop = server.stop
+
+    def stop_all(grace):
+        """grpc.Server.stop, and the store watch and this server's job runners with it (their jobs resume
+        on the next start)."""
+        watch.stop()
+        for runner in runners:
+            runner.close()
+        return stop(grace)
+    server.stop = stop_all
+    return server, port
+
+
+def _add_job_services(server: grpc.Server, domain, job_workers: int, job_executor, job_output_prefixes) -> tuple:
+    """JobService and google.longrunning.Operations over dataset and statistics jobs: (jobs, stat_jobs),
+    also set as ``server.jobs`` and ``server.stat_jobs``."""
     from rulewright.service.jobs.dataset import DatasetJobs
     from rulewright.service.jobs.statistics import StatisticsJobs
 
@@ -298,11 +319,16 @@ def create_server(
     stat_jobs = server.stat_jobs = StatisticsJobs(domain, job_executor)     # shards on the same executor
     jobs_grpc.add_JobServiceServicer_to_server(JobServicer(jobs, stat_jobs), server)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(jobs, stat_jobs), server)
+    return jobs, stat_jobs
+
+
+def _add_health_services(server: grpc.Server, domain, health_servicer: health.HealthServicer | None) -> "StoreWatch":
+    """Health (None: SERVING if a model is registered), the OIP service whose readiness follows it and
+    the store, and reflection; the store watch they read."""
     if health_servicer is None:
         health_servicer = health.HealthServicer()
-        set_health(health_servicer, bool(domain.registry.list_models(page_size=1).items))
+        set_health(health_servicer, domain.has_models())
     server.health_servicer = health_servicer
-    server.limiter = limiter
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     watch = server.store_watch = StoreWatch(domain, health_servicer)
     # OIP ServerReady follows the overall health status (both probes agree during startup and shutdown)
@@ -310,30 +336,28 @@ def create_server(
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(domain, lambda: _serving(health_servicer) and watch.available), server)
     reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return watch
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """The port ``address`` bound (TLS when ``credentials``); ``OSError`` naming it when it cannot be."""
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:       # grpcio raises rather than returning 0 for an address in use
         raise OSError(f"could not bind {address}: {exc}") from None
     if port == 0:
         raise OSError(f"could not bind {address}")
-    server.start()
-    for kind in (jobs, stat_jobs):
+    return port
+
+
+def _resume(runners) -> None:
+    """Jobs a stopped server left unfinished, from their state in the store."""
+    for kind in runners:
         try:
-            kind.resume()             # jobs a stopped server left unfinished, from their state in the store
+            kind.resume()
         except Exception as exc:  # noqa: BLE001 -- an unreachable store must not keep the server from serving
             log.warning(f"{kind.noun} jobs not resumed", extra={"event": f"{kind.noun}_jobs_not_resumed",
                                                                 "error": str(exc)})
-    stop = server.stop
-
-    def stop_all(grace):
-        """grpc.Server.stop, and the store watch and this server's job runners with it (their jobs resume
-        on the next start)."""
-        watch.stop()
-        jobs.close()
-        stat_jobs.close()
-        return stop(grace)
-    server.stop = stop_all
-    return server, port
 
 
 def job_executor(config, domain):
@@ -345,7 +369,7 @@ def job_executor(config, domain):
 
     s3 = {"connect_timeout_s": config.s3_connect_timeout_s, "read_timeout_s": config.s3_read_timeout_s,
           "max_attempts": config.s3_max_attempts, "call_timeout_s": config.store_timeout_s}
-    return RayExecutor(domain.registry.store.uri, address=config.ray_address, max_in_flight=config.job_workers,
+    return RayExecutor(domain.store.uri, address=config.ray_address, max_in_flight=config.job_workers,
                        max_retries=config.ray_max_retries, num_gpus=config.ray_gpus_per_shard,
                        device=config.device, batch_size=config.max_batch, s3=s3)
 
@@ -375,57 +399,21 @@ def serve(config, on_ready=None) -> int:
     """
     from rulewright.service.domain.core import Domain
 
-    from rulewright.service.server.auth import tokens_from_env
-    from rulewright.service.server.tls import TlsFiles, server_credentials
-
-    tokens = tokens_from_env(config.tokens_file or None)   # AuthConfigError (a ValueError): one line, exit 2
-    check_auth_config(config.address, tokens)              # before anything is opened or downloaded
-    web_at = web_address(config)
-    if web_at:
-        check_auth_config(web_at, tokens)                  # the HTTP side obeys the same rule
-    if config.metrics_address:
-        # /metrics has no auth of its own: without tokens (a loopback-only server) it stays on loopback too
-        check_auth_config(config.metrics_address, tokens)
-    credentials = server_credentials(TlsFiles(config.tls_cert or None, config.tls_key or None,
-                                              config.tls_client_ca or None))
+    tokens, web_at, credentials = _checked_settings(config)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    domain = metrics_http = server = health_servicer = web = None
+    domain = metrics_http = server = web = None
     still_running: list[threading.Thread] = []
     try:
         domain = Domain.from_config(config)
-        metrics = None
-        if config.metrics_address:
-            from rulewright.service.server.metrics import Metrics
-
-            metrics = Metrics()
-            metrics_http, metrics_port = metrics.serve_http(config.metrics_address)
-            log.info("metrics", extra={"event": "metrics", "address": config.metrics_address, "port": metrics_port})
+        metrics, metrics_http = _start_metrics(config)
         health_servicer = health.HealthServicer()
         set_health(health_servicer, False)
-        server, port = create_server(domain, config.address, max_message_bytes=int(config.max_message_mb * 2**20),
-                                     max_workers=config.max_workers, max_sample_calls=config.max_sample_calls,
-                                     max_long_calls=config.max_long_calls, long_call_queue=config.long_call_queue,
-                                     health_servicer=health_servicer, tokens=tokens,
-                                     credentials=credentials, metrics=metrics,
-                                     max_import_bytes=int(config.max_import_mb * 2**20),
-                                     job_workers=config.job_workers, job_executor=job_executor(config, domain),
-                                     job_output_prefixes=output_prefixes(config.job_output_prefixes))
-        log.info("listening", extra={"event": "listening", "address": config.address, "port": port,
-                                     "auth": bool(tokens), "tls": "mutual" if config.tls_client_ca else bool(credentials),
-                                     "registry": domain.registry.store.uri,
-                                     "stats_cache": _redacted(config.stats_cache), "device": str(domain.device),
-                                     "dynamic_batching": config.dynamic_batching, "max_batch": config.max_batch})
+        server, port = _create_from_config(domain, config, health_servicer, tokens, credentials, metrics)
         if web_at:
             web = _start_web(domain, config, web_at, tokens, health_servicer)
         if not stop.is_set():
-            if config.bootstrap == "faces":
-                from rulewright.service.importers.faces import import_faces
-
-                version = domain.bootstrap("faces", import_faces(config.cache_dir or None))
-                domain.generator(version)                     # loaded before the first request
-                log.info("bootstrapped", extra={"event": "bootstrapped", "model": version.model,
-                                                "version": version.number})
+            _bootstrap(domain, config)
             set_health(health_servicer, True)
             log.info("serving", extra={"event": "serving", "port": port})
             if on_ready is not None:
@@ -437,17 +425,7 @@ def serve(config, on_ready=None) -> int:
             pass
     finally:
         if server is not None:
-            log.info("shutting down", extra={"event": "shutdown", "grace_s": config.grace_s})
-            health_servicer.enter_graceful_shutdown()         # NOT_SERVING, answered until the drain ends
-            if web is not None:
-                web.shutdown()                                # running editor jobs are cancelled: they create nothing
-            started = time.monotonic()
-            server.limiter.drain(config.grace_s)              # new work: UNAVAILABLE; health still answers
-            server.stop(max(config.grace_s - (time.monotonic() - started), 0.0)).wait()
-            # A stream's RPC thread can end (its call cancelled) while its worker thread is still inside
-            # torch; so can an editor job's thread. They were told to stop and do at their next check.
-            work = [*server.generator_servicer.workers, *(web.running_work() if web is not None else [])]
-            still_running = _finish(work, config.grace_s)
+            still_running = _shut_down(server, web, config.grace_s)
         if domain is not None:
             domain.close()
         if metrics_http is not None:
@@ -461,6 +439,82 @@ def serve(config, on_ready=None) -> int:
     if still_running:
         _exit_now(0)
     return 0
+
+
+def _checked_settings(config) -> tuple:
+    """(tokens, web address or None, gRPC credentials or None), every address checked against the
+    auth rule before anything is opened or downloaded (``AuthConfigError``: one line, exit 2)."""
+    from rulewright.service.server.auth import tokens_from_env
+    from rulewright.service.server.tls import TlsFiles, server_credentials
+
+    tokens = tokens_from_env(config.tokens_file or None)
+    check_auth_config(config.address, tokens)
+    web_at = web_address(config)
+    if web_at:
+        check_auth_config(web_at, tokens)                  # the HTTP side obeys the same rule
+    if config.metrics_address:
+        # /metrics has no auth of its own: without tokens (a loopback-only server) it stays on loopback too
+        check_auth_config(config.metrics_address, tokens)
+    credentials = server_credentials(TlsFiles(config.tls_cert or None, config.tls_key or None,
+                                              config.tls_client_ca or None))
+    return tokens, web_at, credentials
+
+
+def _start_metrics(config) -> tuple:
+    """(metrics, its HTTP server) on ``metrics_address``; (None, None) without one."""
+    if not config.metrics_address:
+        return None, None
+    from rulewright.service.server.metrics import Metrics
+
+    metrics = Metrics()
+    metrics_http, metrics_port = metrics.serve_http(config.metrics_address)
+    log.info("metrics", extra={"event": "metrics", "address": config.metrics_address, "port": metrics_port})
+    return metrics, metrics_http
+
+
+def _create_from_config(domain, config, health_servicer, tokens, credentials, metrics) -> tuple[grpc.Server, int]:
+    """``create_server`` with the settings' limits, jobs and security; logs where it listens."""
+    server, port = create_server(domain, config.address, max_message_bytes=int(config.max_message_mb * 2**20),
+                                 max_workers=config.max_workers, max_sample_calls=config.max_sample_calls,
+                                 max_long_calls=config.max_long_calls, long_call_queue=config.long_call_queue,
+                                 health_servicer=health_servicer, tokens=tokens,
+                                 credentials=credentials, metrics=metrics,
+                                 max_import_bytes=int(config.max_import_mb * 2**20),
+                                 job_workers=config.job_workers, job_executor=job_executor(config, domain),
+                                 job_output_prefixes=output_prefixes(config.job_output_prefixes))
+    log.info("listening", extra={"event": "listening", "address": config.address, "port": port,
+                                 "auth": bool(tokens), "tls": "mutual" if config.tls_client_ca else bool(credentials),
+                                 "registry": domain.store.uri,
+                                 "stats_cache": _redacted(config.stats_cache), "device": str(domain.device),
+                                 "dynamic_batching": config.dynamic_batching, "max_batch": config.max_batch})
+    return server, port
+
+
+def _bootstrap(domain, config) -> None:
+    """The faces model imported (once) and loaded before the first request, unless ``bootstrap`` is none."""
+    if config.bootstrap != "faces":
+        return
+    from rulewright.service.importers.faces import import_faces
+
+    version = domain.bootstrap("faces", import_faces(config.cache_dir or None))
+    domain.generator(version)
+    log.info("bootstrapped", extra={"event": "bootstrapped", "model": version.model, "version": version.number})
+
+
+def _shut_down(server: grpc.Server, web, grace_s: float) -> list[threading.Thread]:
+    """NOT_SERVING, the HTTP side stopped, then the gRPC server drained and stopped within ``grace_s``;
+    the work threads still running after that."""
+    log.info("shutting down", extra={"event": "shutdown", "grace_s": grace_s})
+    server.health_servicer.enter_graceful_shutdown()          # NOT_SERVING, answered until the drain ends
+    if web is not None:
+        web.shutdown()                                        # running editor jobs are cancelled: they create nothing
+    started = time.monotonic()
+    server.limiter.drain(grace_s)                             # new work: UNAVAILABLE; health still answers
+    server.stop(max(grace_s - (time.monotonic() - started), 0.0)).wait()
+    # A stream's RPC thread can end (its call cancelled) while its worker thread is still inside
+    # torch; so can an editor job's thread. They were told to stop and do at their next check.
+    work = [*server.generator_servicer.workers, *(web.running_work() if web is not None else [])]
+    return _finish(work, grace_s)
 
 
 def _finish(threads: list[threading.Thread], timeout_s: float) -> list[threading.Thread]:
@@ -485,7 +539,7 @@ def _exit_now(code: int) -> None:
 
 
 def _start_web(domain, config, address: str, tokens, health_servicer):
-    """The HTTP side (``web.py``) with the server's tokens and TLS files; its health follows gRPC's.
+    """The HTTP side (``web``) with the server's tokens and TLS files; its health follows gRPC's.
 
     A busy port under ``auto`` leaves the HTTP side off (a second embedded server on one machine);
     an address that was asked for and cannot be bound stops the command.
@@ -515,43 +569,3 @@ def _redacted(uri: str) -> str:
     if "@" in rest:
         return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"
     return uri
-
-
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the record's extra fields, exc."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
-        out.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """A stream handler that writes to whatever ``sys.stderr`` is when a record comes.
-
-    Why: a handler bound to the stream of its day keeps writing to it after it is closed (an
-    embedding program or a test that swapped stderr), and every later record fails.
-    """
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """Send every log record to stderr as JSON lines."""
-    handler = _StderrHandler()
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)

@@ -127,11 +127,10 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
 
 
 class RegistryServicer(reg_grpc.RegistryServiceServicer):
-    """RegistryService over the domain's ``Registry``."""
+    """RegistryService over the ``Domain``'s registry work."""
 
     def __init__(self, domain, max_import_bytes: int = MAX_IMPORT_BYTES):
         self.domain = domain
-        self.registry = domain.registry
         self.max_import_bytes = max_import_bytes    # ImportModel uploads above it: RESOURCE_EXHAUSTED
 
     def _version_pb(self, version):
@@ -145,8 +144,8 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
 
     @rpc()
     def ListModels(self, request, context):
-        page = self.registry.list_models(request.page_size, request.page_token)
-        return reg.ListModelsResponse(models=[convert.model_pb(self.domain.describe_model(m)) for m in page.items],
+        page = self.domain.list_models(request.page_size, request.page_token)
+        return reg.ListModelsResponse(models=[convert.model_pb(summary) for summary in page.items],
                                       next_page_token=page.next_page_token)
 
     @rpc(fields=NAME_FIELDS)
@@ -155,24 +154,26 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
 
     @rpc(fields=NAME_FIELDS)
     def DeleteModel(self, request, context):
-        self.registry.delete_model(convert.parse_model(request.name), force=request.force, author=current_principal())
+        self.domain.delete_model(convert.parse_model(request.name), force=request.force, author=current_principal())
         return convert.empty()
 
     @rpc(fields={"model": "parent"})
     def ListVersions(self, request, context):
-        page = self.registry.list_versions(convert.parse_model(request.parent, "parent"), request.page_size,
-                                           request.page_token)
-        return reg.ListVersionsResponse(versions=convert.version_pbs(page.items, self.domain.lineages(page.items)),
+        page = self.domain.list_versions(convert.parse_model(request.parent, "parent"), request.page_size,
+                                         request.page_token)
+        return reg.ListVersionsResponse(versions=convert.version_pbs([s.version for s in page.items],
+                                                                     [s.lineage for s in page.items]),
                                         next_page_token=page.next_page_token)
 
     @rpc(fields=NAME_FIELDS)
     def GetVersion(self, request, context):
-        return self._version_pb(self.registry.get_version(*convert.parse_version(request.name)))
+        found = self.domain.get_version(*convert.parse_version(request.name))
+        return convert.version_pb(found.version, found.lineage)
 
     @rpc(fields=NAME_FIELDS)
     def DeleteVersion(self, request, context):
-        self.registry.delete_version(*convert.parse_version(request.name), reason=request.reason,
-                                     author=current_principal())
+        self.domain.delete_version(*convert.parse_version(request.name), reason=request.reason,
+                                   author=current_principal())
         return convert.empty()
 
     @rpc(fields=NAME_FIELDS)
@@ -195,6 +196,6 @@ class RegistryServicer(reg_grpc.RegistryServiceServicer):
     @rpc(fields={"model": "parent", "alias": "parent"})
     def ListAliasHistory(self, request, context):
         model, alias = convert.parse_alias(request.parent, "parent")
-        page = self.registry.alias_history(model, alias, request.page_size, request.page_token)
+        page = self.domain.alias_history(model, alias, request.page_size, request.page_token)
         return reg.ListAliasHistoryResponse(moves=map(convert.alias_move_pb, page.items),
                                             next_page_token=page.next_page_token)

@@ -1,4 +1,4 @@
-"""The HTTP side (service/server/web.py) on a free loopback port over the tiny random DCGAN, and a
+"""The HTTP side (service/server/web/) on a free loopback port over the tiny random DCGAN, and a
 small HTTP client for the tests (``http.client``: real sockets, no test client in between).
 
 - ``tiny``: a Domain with model ``tiny`` (32×32, z 16, rewritable ``main.6``), version 1 aliased

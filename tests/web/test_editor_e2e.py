@@ -66,7 +66,7 @@ def domain(tmp_path_factory, faces_path):
 
 @pytest.fixture(scope="module")
 def base_url(domain, built_page) -> str:
-    """The real HTTP side (service/server/web.py) on a free loopback port."""
+    """The real HTTP side (service/server/web/) on a free loopback port."""
     from rulewright.service.server import web
 
     server = web.WebServer(domain, "127.0.0.1:0").start()

@@ -1,4 +1,4 @@
-"""The editor's HTTP JSON API (docs/web-api.md) over real HTTP against ``service/server/web.py``.
+"""The editor's HTTP JSON API (docs/web-api.md) over real HTTP against ``service/server/web/``.
 
 Every endpoint; images equal gRPC Sample's bytes; ablation; rewrite jobs as server-sent events
 (progress, then the result; replay to late subscribers; cancel creates nothing; request_id

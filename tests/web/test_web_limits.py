@@ -11,6 +11,11 @@ import time
 import zlib
 from urllib.parse import urlsplit
 
+import pytest
+
+from rulewright.service.domain.requests import RewriteRequest
+from rulewright.service.engine.errors import InvalidArgument
+
 from .conftest import request
 
 BOX = [8, 8, 16, 16]
@@ -99,6 +104,22 @@ def test_one_set_of_bounds_for_both_transports(web):
     assert r.status == 400 and r.violations()["top"] == "must be a positive integer, got 0"
     r = request(base, "POST", "/api/search", {**search, "quantile": 1.5})
     assert r.status == 400 and r.violations()["quantile"] == QUANTILE_OUT
+
+
+def test_list_caps_are_the_domains_own(web):
+    """Lists over a cap are refused before they are walked, in the domain's words and naming its
+    setting: a rewrite's preview seeds (``max_images``) and a search's seeds (``max_search_seeds``)."""
+    base, domain = web
+    too_many = list(range(domain.limits.max_images + 1))
+    with pytest.raises(InvalidArgument) as refused:
+        RewriteRequest("tiny/1", {}, preview_seeds=too_many).check(domain.limits)
+    r = request(base, "POST", "/api/rewrites", {"model": "tiny", "version": 1, "spec": {}, "preview_seeds": too_many})
+    assert r.status == 400 and r.violations() == {"preview_seeds": refused.value.description}
+    assert "max_images" in refused.value.description
+    seeds = list(range(domain.limits.max_search_seeds + 1))
+    r = request(base, "POST", "/api/search", {"model": "tiny", "version": 1, "context": [{"seed": 0, "box": BOX}],
+                                              "seeds": seeds})
+    assert r.status == 400 and "server setting max_search_seeds" in r.violations()["seeds"]
 
 
 TOP_OVER = "at most 10,000 matches per request (server setting max_search_seeds), got 10,001"

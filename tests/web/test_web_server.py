@@ -1,4 +1,4 @@
-"""The HTTP side's server (uvicorn, service/server/web.py) over real sockets: the connection cap's
+"""The HTTP side's server (uvicorn, service/server/web/) over real sockets: the connection cap's
 JSON 503, idle and half-sent connections closed while slow endpoints are not cut off, endpoints
 off the event loop, TLS and mutual TLS from the gRPC server's files, IPv6, a taken port, and
 ``stop()`` ending event streams and cancelling jobs."""

@@ -1,0 +1,58 @@
+"""The registry reads and deletions every transport shares, as ``Domain`` methods (``Catalog``).
+
+``Domain`` mixes this in, so no transport reaches its registry: its store, models a page at a
+time with their aliases and newest version (``ModelSummary``), versions with their lineages
+(``VersionSummary``), aliases and their history, and the two deletions. Names are checked and
+errors raised by the registry, as for every other call.
+"""
+
+from __future__ import annotations
+
+from rulewright.registry.manifests import AliasEntry, AliasState, Page
+from rulewright.service.domain.requests import ModelSummary, VersionSummary
+
+
+class Catalog:
+    """Listings, lookups and deletions of models, versions and aliases; needs ``self.registry`` and
+    the ``Domain``'s ``describe_model`` and ``lineages``."""
+
+    @property
+    def store(self):
+        """The registry's store: what health probes, logs name and remote workers open (its ``uri``)."""
+        return self.registry.store
+
+    def list_models(self, page_size: int = 0, page_token: str = "") -> Page[ModelSummary]:
+        """Models in name order, a page at a time, each with its aliases and newest version."""
+        page = self.registry.list_models(page_size, page_token)
+        return Page([self.describe_model(m) for m in page.items], page.next_page_token)
+
+    def has_models(self) -> bool:
+        """Whether the registry holds any model (what a server that bootstraps none serves)."""
+        return bool(self.registry.list_models(page_size=1).items)
+
+    def delete_model(self, model: str, force: bool = False, author: str = "anonymous") -> None:
+        """Delete a model; without ``force`` only one whose versions are all deleted."""
+        self.registry.delete_model(model, force=force, author=author)
+
+    def list_versions(self, model: str, page_size: int = 0, page_token: str = "") -> Page[VersionSummary]:
+        """Live versions in number order, a page at a time, each with its lineage."""
+        page = self.registry.list_versions(model, page_size, page_token)
+        chains = self.lineages(page.items)
+        return Page([VersionSummary(v, chain) for v, chain in zip(page.items, chains)], page.next_page_token)
+
+    def get_version(self, model: str, number: int) -> VersionSummary:
+        """One version with its lineage."""
+        version = self.registry.get_version(model, number)
+        return VersionSummary(version, self.lineages([version])[0])
+
+    def delete_version(self, model: str, number: int, reason: str = "", author: str = "anonymous") -> None:
+        """Delete a version no alias points to and no version builds on."""
+        self.registry.delete_version(model, number, reason=reason, author=author)
+
+    def list_aliases(self, model: str) -> list[AliasState]:
+        """Every alias of ``model`` that is set, by name."""
+        return self.registry.list_aliases(model)
+
+    def alias_history(self, model: str, alias: str, page_size: int = 0, page_token: str = "") -> Page[AliasEntry]:
+        """Every move of ``alias``, oldest first, a page at a time."""
+        return self.registry.alias_history(model, alias, page_size, page_token)
