@@ -1,7 +1,7 @@
 """rulewright's one error base class, shared by every layer (it imports nothing of ours).
 
 - ``Code``: the canonical codes an error can carry; the names are gRPC's (``grpc.StatusCode``), so
-  every transport maps them with one table (HTTP statuses in ``server/web.py``).
+  every transport maps them with one table (HTTP statuses in ``server/web/errors.py``).
 - ``Error``: the base of every error the service raises on purpose: ``code``, a stable
   UPPER_SNAKE ``reason`` (``google.rpc.ErrorInfo.reason``), a ``domain``, the ``field`` at fault
   (a request path such as ``spec.paste[1].mask``; empty when none), string ``metadata`` and the

@@ -186,7 +186,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         """The entry of ``secret`` if its role may call ``method`` (a full gRPC method name).
 
         Raises ``Unauthenticated`` (TOKEN_MISSING, TOKEN_INVALID) or ``PermissionDenied``
-        (ROLE_INSUFFICIENT); the HTTP side (``web.py``) calls this with its endpoints' methods.
+        (ROLE_INSUFFICIENT); the HTTP side (``server/web/``) calls this with its endpoints' methods.
         """
         required = METHOD_ROLES.get(method, "admin")
         if not secret:

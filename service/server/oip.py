@@ -207,8 +207,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         shape = self.domain.list_layers(f"{version.model}/{version.number}")
         numbers, token = [], ""
         while True:
-            page = self.domain.registry.list_versions(version.model, page_token=token)
-            numbers += [str(v.number) for v in page.items]
+            page = self.domain.list_versions(version.model, page_token=token)
+            numbers += [str(summary.version.number) for summary in page.items]
             if not (token := page.next_page_token):
                 break
         side = shape.resolution
