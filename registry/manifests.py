@@ -46,12 +46,8 @@ T = TypeVar("T")
 
 def _check_label(value: Any, field: str) -> str:
     if not isinstance(value, str) or not _LABEL_RE.match(value):
-        raise errors.InvalidArgument(
-            Reason.INVALID_NAME,
-            f"{field} must be a lowercase DNS label (a-z, 0-9, '-', 1-63 characters, no leading or "
-            f"trailing '-'), got {value!r}",
-            field=field,
-        )
+        raise errors.invalid(Reason.INVALID_NAME, field, "must be a lowercase DNS label (a-z, 0-9, '-', "
+                             f"1-63 characters, no leading or trailing '-'), got {value!r}")
     return value
 
 
@@ -64,16 +60,14 @@ def check_alias_name(name: Any) -> str:
     """An alias name: a lowercase DNS label that is not all digits (so ``faces/3`` and ``faces@3`` never clash)."""
     _check_label(name, "alias")
     if name.isdigit():
-        raise errors.InvalidArgument(Reason.INVALID_NAME, f"alias must not be a number, got {name!r}", field="alias")
+        raise errors.invalid(Reason.INVALID_NAME, "alias", f"must not be a number, got {name!r}")
     return name
 
 
 def check_version(number: Any, field: str = "version") -> int:
     """A version number: an int ≥ 1, else INVALID_ARGUMENT (INVALID_VERSION)."""
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise errors.InvalidArgument(
-            Reason.INVALID_VERSION, f"{field} must be an integer ≥ 1, got {number!r}", field=field
-        )
+        raise errors.invalid(Reason.INVALID_VERSION, field, f"must be an integer ≥ 1, got {number!r}")
     return number
 
 
@@ -87,22 +81,16 @@ def check_request_id(request_id: Any) -> str | None:
         or not request_id.isprintable()
         or not request_id.isascii()
     ):
-        raise errors.InvalidArgument(
-            Reason.INVALID_ARGUMENT, "request_id must be 1-128 printable ASCII characters", field="request_id"
-        )
+        raise errors.invalid(Reason.INVALID_ARGUMENT, "request_id", "must be 1-128 printable ASCII characters")
     return request_id
 
 
 def check_page_size(page_size: Any) -> int:
     """0 → the default, above the maximum → the maximum (AIP-158), negative → INVALID_ARGUMENT."""
     if isinstance(page_size, bool) or not isinstance(page_size, int):
-        raise errors.InvalidArgument(
-            Reason.INVALID_PAGE_SIZE, f"page_size must be an integer, got {page_size!r}", field="page_size"
-        )
+        raise errors.invalid(Reason.INVALID_PAGE_SIZE, "page_size", f"must be an integer, got {page_size!r}")
     if page_size < 0:
-        raise errors.InvalidArgument(
-            Reason.INVALID_PAGE_SIZE, f"page_size must not be negative, got {page_size}", field="page_size"
-        )
+        raise errors.invalid(Reason.INVALID_PAGE_SIZE, "page_size", f"must not be negative, got {page_size}")
     return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
@@ -151,9 +139,7 @@ def decode_page_token(token: str, scope: str) -> str:
     except (ValueError, TypeError, UnicodeDecodeError):
         after = None
     if not after:
-        raise errors.InvalidArgument(
-            Reason.INVALID_PAGE_TOKEN, "page_token is not a token this listing returned", field="page_token"
-        )
+        raise errors.invalid(Reason.INVALID_PAGE_TOKEN, "page_token", "not a token this listing returned")
     return after
 
 
@@ -205,17 +191,13 @@ def check_json_object(value: Any, field: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, f"{field} must be a JSON object", field=field)
+        raise errors.invalid(Reason.INVALID_ARGUMENT, field, "must be a JSON object")
     try:
         data = dumps(value)
     except (TypeError, ValueError) as exc:
-        raise errors.InvalidArgument(
-            Reason.INVALID_ARGUMENT, f"{field} is not JSON-serializable: {exc}", field=field
-        ) from None
+        raise errors.invalid(Reason.INVALID_ARGUMENT, field, f"not JSON-serializable: {exc}") from None
     if len(data) > MAX_DOCUMENT_BYTES // 2:
-        raise errors.InvalidArgument(
-            Reason.INVALID_ARGUMENT, f"{field} is {len(data)} bytes of JSON; store large data as a blob", field=field
-        )
+        raise errors.invalid(Reason.INVALID_ARGUMENT, field, f"{len(data)} bytes of JSON; store large data as a blob")
     return json.loads(data)
 
 
@@ -414,5 +396,5 @@ def parse_etag(etag: str) -> int:
     """The alias seq an etag names; INVALID_ARGUMENT if it is not one of ours."""
     m = re.fullmatch(r'(?:W/)?"?(\d+)"?', etag.strip()) if isinstance(etag, str) else None
     if not m:
-        raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, f"not an alias etag: {etag!r}", field="etag")
+        raise errors.invalid(Reason.INVALID_ARGUMENT, "etag", f"not an alias etag: {etag!r}")
     return int(m.group(1))

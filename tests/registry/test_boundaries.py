@@ -57,7 +57,7 @@ def test_codes_are_grpc_status_names():
 def test_errors_carry_reason_domain_and_string_metadata():
     exc = errors.error(Reason.ALIAS_CONFLICT, "moved", current_version=3, etag=None)
     assert isinstance(exc, errors.Aborted) and exc.code is Code.ABORTED
-    assert exc.reason is Reason.ALIAS_CONFLICT and exc.domain == errors.DOMAIN
+    assert exc.reason is Reason.ALIAS_CONFLICT and exc.domain == errors.REGISTRY_DOMAIN
     assert exc.metadata == {"current_version": "3", "etag": ""}
 
 
