@@ -205,6 +205,24 @@ def _corrupt(what: str, exc: Exception) -> errors.DataLoss:
     return errors.DataLoss(Reason.MANIFEST_CORRUPT, f"{what} is malformed: {type(exc).__name__}: {exc}", object=what)
 
 
+def _document(**fields: Any) -> dict:
+    """A stored document: the format tag, then ``fields``, times in their text form."""
+    return {"format": FORMAT, **{k: format_time(v) if isinstance(v, dt.datetime) else v for k, v in fields.items()}}
+
+
+def _parser(default_what: str):
+    """Decorator for ``from_dict(cls, d)``: anything missing or mistyped becomes DATA_LOSS naming ``what``."""
+    def wrap(parse):
+        def from_dict(cls, d: dict, what: str = default_what):
+            try:
+                return parse(cls, d)
+            except (KeyError, TypeError, ValueError) as exc:       # InvalidArgument is a ValueError
+                raise _corrupt(what, exc) from None
+        from_dict.__doc__ = parse.__doc__
+        return classmethod(from_dict)
+    return wrap
+
+
 # ---- documents ------------------------------------------------------------------------------
 
 
@@ -230,34 +248,17 @@ class Model:
 
     def to_dict(self) -> dict:
         """JSON-ready form (what is stored)."""
-        return {
-            "format": FORMAT,
-            "name": self.name,
-            "arch": self.arch,
-            "config": self.config,
-            "description": self.description,
-            "author": self.author,
-            "created_at": format_time(self.created_at),
-            "request_id": self.request_id,
-            **({"weights": self.weights.to_dict()} if self.weights is not None else {}),
-        }
+        weights = {"weights": self.weights.to_dict()} if self.weights is not None else {}
+        return _document(name=self.name, arch=self.arch, config=self.config, description=self.description,
+                         author=self.author, created_at=self.created_at, request_id=self.request_id, **weights)
 
-    @classmethod
-    def from_dict(cls, d: dict, what: str = "model manifest") -> "Model":
+    @_parser("model manifest")
+    def from_dict(cls, d: dict) -> "Model":
         """Inverse of ``to_dict``; DATA_LOSS if fields are missing or mistyped."""
-        try:
-            return cls(
-                name=str(d["name"]),
-                arch=str(d["arch"]),
-                config=dict(d["config"]),
-                description=str(d.get("description", "")),
-                author=str(d["author"]),
-                created_at=parse_time(d["created_at"]),
-                request_id=d.get("request_id"),
-                weights=BlobRef.from_dict(d["weights"]) if d.get("weights") else None,
-            )
-        except (KeyError, TypeError, ValueError, errors.InvalidArgument) as exc:
-            raise _corrupt(what, exc) from None
+        return cls(name=str(d["name"]), arch=str(d["arch"]), config=dict(d["config"]),
+                   description=str(d.get("description", "")), author=str(d["author"]),
+                   created_at=parse_time(d["created_at"]), request_id=d.get("request_id"),
+                   weights=BlobRef.from_dict(d["weights"]) if d.get("weights") else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,42 +288,21 @@ class Version:
 
     def to_dict(self) -> dict:
         """JSON-ready form (what is stored)."""
-        return {
-            "format": FORMAT,
-            "model": self.model,
-            "number": self.number,
-            "parent": self.parent,
-            "kind": self.kind,
-            "spec": self.spec,
-            "blobs": {k: b.to_dict() for k, b in sorted(self.blobs.items())},
-            "metrics": self.metrics,
-            "author": self.author,
-            "created_at": format_time(self.created_at),
-            "request_id": self.request_id,
-        }
+        return _document(model=self.model, number=self.number, parent=self.parent, kind=self.kind, spec=self.spec,
+                         blobs={k: b.to_dict() for k, b in sorted(self.blobs.items())}, metrics=self.metrics,
+                         author=self.author, created_at=self.created_at, request_id=self.request_id)
 
-    @classmethod
-    def from_dict(cls, d: dict, what: str = "version manifest") -> "Version":
+    @_parser("version manifest")
+    def from_dict(cls, d: dict) -> "Version":
         """Inverse of ``to_dict``; DATA_LOSS if fields are missing or mistyped."""
-        try:
-            kind = str(d["kind"])
-            if kind not in KINDS:
-                raise ValueError(f"unknown kind {kind!r}")
-            parent = d.get("parent")
-            return cls(
-                model=str(d["model"]),
-                number=int(d["number"]),
-                parent=None if parent is None else int(parent),
-                kind=kind,
-                spec=dict(d["spec"]),
-                blobs={k: BlobRef.from_dict(v) for k, v in d["blobs"].items()},
-                metrics=dict(d.get("metrics") or {}),
-                author=str(d["author"]),
-                created_at=parse_time(d["created_at"]),
-                request_id=d.get("request_id"),
-            )
-        except (KeyError, TypeError, ValueError, errors.InvalidArgument) as exc:
-            raise _corrupt(what, exc) from None
+        kind = str(d["kind"])
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        parent = d.get("parent")
+        return cls(model=str(d["model"]), number=int(d["number"]), parent=None if parent is None else int(parent),
+                   kind=kind, spec=dict(d["spec"]), blobs={k: BlobRef.from_dict(v) for k, v in d["blobs"].items()},
+                   metrics=dict(d.get("metrics") or {}), author=str(d["author"]),
+                   created_at=parse_time(d["created_at"]), request_id=d.get("request_id"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,34 +325,16 @@ class AliasEntry:
 
     def to_dict(self) -> dict:
         """JSON-ready form (what is stored)."""
-        return {
-            "format": FORMAT,
-            "model": self.model,
-            "alias": self.alias,
-            "seq": self.seq,
-            "from": self.from_version,
-            "to": self.to_version,
-            "author": self.author,
-            "time": format_time(self.time),
-            "reason": self.reason,
-        }
+        return _document(model=self.model, alias=self.alias, seq=self.seq, author=self.author, time=self.time,
+                         reason=self.reason, **{"from": self.from_version, "to": self.to_version})
 
-    @classmethod
-    def from_dict(cls, d: dict, what: str = "alias entry") -> "AliasEntry":
+    @_parser("alias entry")
+    def from_dict(cls, d: dict) -> "AliasEntry":
         """Inverse of ``to_dict``; DATA_LOSS if fields are missing or mistyped."""
-        try:
-            return cls(
-                model=str(d["model"]),
-                alias=str(d["alias"]),
-                seq=int(d["seq"]),
-                from_version=None if d.get("from") is None else int(d["from"]),
-                to_version=None if d.get("to") is None else int(d["to"]),
-                author=str(d["author"]),
-                time=parse_time(d["time"]),
-                reason=str(d.get("reason", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(what, exc) from None
+        return cls(model=str(d["model"]), alias=str(d["alias"]), seq=int(d["seq"]),
+                   from_version=None if d.get("from") is None else int(d["from"]),
+                   to_version=None if d.get("to") is None else int(d["to"]), author=str(d["author"]),
+                   time=parse_time(d["time"]), reason=str(d.get("reason", "")))
 
 
 @dataclasses.dataclass(frozen=True)
