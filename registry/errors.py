@@ -10,6 +10,8 @@
   ``DataLoss``, ``Unavailable``, ``Internal``.
 - ``InvalidArgument``: the service's one error for a malformed field (``rulewright.service.errors``);
   the registry raises it through ``invalid(reason, field, message)``, with its reason and domain.
+- ``REGISTRY_DOMAIN`` (``registry.rulewright.dev``): the ``ErrorInfo.domain`` of every registry error,
+  defined with the service's ``DOMAIN`` in ``rulewright.service.errors``.
 
 Backends translate their own errors (``OSError``, botocore, redis-py) into these at the store
 boundary, so nothing above the store ever sees a backend exception.

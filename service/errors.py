@@ -7,6 +7,8 @@
   (a request path such as ``spec.paste[1].mask``; empty when none), string ``metadata`` and the
   human message. Subclasses fix ``code`` (and usually ``reason``) as class attributes.
 
+- ``DOMAIN`` (``rulewright.dev``) and ``REGISTRY_DOMAIN`` (``registry.rulewright.dev``): the
+  ``ErrorInfo.domain`` values clients see, defined here once.
 - ``InvalidArgument(field, message)``: the one error for a malformed request field, whichever
   layer finds it (a ``ValueError`` too); the registry raises it with its own reasons and domain.
 
