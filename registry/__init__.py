@@ -1,9 +1,11 @@
 """rulewright's registry: versioned weights on object storage, aliases with history, a statistics cache.
 
 - ``Registry`` (``registry``): models, immutable numbered versions, aliases with compare-and-set
-  and an append-only history; ``Registry.open(uri)``.
+  and an append-only history; ``Registry.open(uri)``. Each resource has its module (``models``,
+  ``versions``, ``aliases``) over the shared ``documents`` (keys, tombstones, deletion markers).
 - ``open_store(uri)`` (``stores``): ``BlobStore`` backends by scheme, ``FileStore``
-  (``file://``, the default) and ``S3Store`` (``s3://``, configured by ``S3Config``).
+  (``file://``, the default) and ``S3Store`` (``s3://``, configured by ``S3Config``); the store
+  contract (``blobstore``) includes ``call_deadline``, the caller's deadline for store calls.
 - ``errors``: ``RegistryError`` with a closed set of ``Code`` and stable ``Reason`` values.
 - ``manifests``: ``Model``, ``Version``, ``AliasEntry``, ``AliasState``, ``Page``.
 - ``stats_cache``: ``StatsKey``, ``LocalStatsCache``, ``RedisStatsCache``, ``open_stats_cache``.

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 report = scan(store, verify=not args.no_verify, grace_s=args.grace)
             else:
                 report = collect(store, grace_s=args.grace, dry_run=args.dry_run, verify=args.verify)
-    except errors.RegistryError as exc:
+    except (errors.RegistryError, errors.InvalidArgument) as exc:
         print(f"error: {exc.reason.value}: {exc.message}", file=sys.stderr)
         return 2
     if args.json:

@@ -7,6 +7,8 @@
 - ``open_store(uri)`` lives in ``stores`` (it knows the backends; this module knows none).
 - ``default_store_uri()``: ``$RULEWRIGHT_REGISTRY_URI``, else a folder in the local cache.
 - ``sha256_hex(data)``, ``check_sha256(text)``: hashing and digest validation helpers.
+- ``call_deadline(seconds)``: store calls made inside end by then (the caller's deadline, e.g. an
+  RPC's); a backend that can block reads what is left with ``deadline_left()``.
 
 No torch here: clients import this module.
 """
@@ -14,11 +16,14 @@ No torch here: clients import this module.
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
@@ -73,14 +78,14 @@ def sha256_hex(data: bytes | bytearray | memoryview) -> str:
 def check_sha256(text: str) -> str:
     """``text`` if it is a lowercase hex sha256, else INVALID_ARGUMENT."""
     if not isinstance(text, str) or not _SHA_RE.match(text):
-        raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, f"not a sha256 digest: {text!r}", field="sha256")
+        raise errors.invalid(Reason.INVALID_ARGUMENT, "sha256", f"not a sha256 digest: {text!r}")
     return text
 
 
 def check_key(key: str) -> str:
     """``key`` if it is a safe document key (lowercase path segments, no ``..``), else INVALID_ARGUMENT."""
     if not isinstance(key, str) or not _KEY_RE.match(key) or any(p in (".", "..") for p in key.split("/")):
-        raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, f"not a valid object key: {key!r}", field="key")
+        raise errors.invalid(Reason.INVALID_ARGUMENT, "key", f"not a valid object key: {key!r}")
     return key
 
 
@@ -91,12 +96,36 @@ def blob_corrupt(sha: str, actual: str) -> errors.DataLoss:
     )
 
 
+# When (time.monotonic()) the current caller stops waiting for store calls; None: no deadline.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("rulewright_store_deadline", default=None)
+
+
+@contextlib.contextmanager
+def call_deadline(seconds: float | None):
+    """Store calls made inside (on this thread) give up once ``seconds`` have passed (None: no bound)."""
+    token = _DEADLINE.set(None if seconds is None else time.monotonic() + max(seconds, 0.0))
+    try:
+        yield
+    finally:
+        try:
+            _DEADLINE.reset(token)
+        except ValueError:        # a streaming RPC's generator closed from another thread's context
+            pass
+
+
+def deadline_left() -> float | None:
+    """Seconds left of the innermost ``call_deadline`` (may be ≤ 0); None when there is none."""
+    deadline = _DEADLINE.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
 class BlobStore(abc.ABC):
     """Content-addressed blobs plus conditionally created documents, on one backend.
 
     Subclasses implement the underscore-free abstract primitives below and ``_write_blob`` /
     ``_blob_chunks``; hashing, spooling and verification are shared here so every backend verifies
-    the same way.
+    the same way. A backend whose calls can block (a network) ends each one by the caller's
+    ``call_deadline`` (``deadline_left()``), failing with ``Unavailable``; a local one need not.
     """
 
     uri: str = ""

@@ -7,7 +7,11 @@
   ``.field`` (the request field at fault, also in ``.metadata``), ``.metadata`` (string pairs for
   ``google.rpc.ErrorInfo``) and the human message.
 - One subclass per code: ``NotFound``, ``AlreadyExists``, ``FailedPrecondition``, ``Aborted``,
-  ``DataLoss``, ``Unavailable``, ``InvalidArgument``, ``Internal``.
+  ``DataLoss``, ``Unavailable``, ``Internal``.
+- ``InvalidArgument``: the service's one error for a malformed field (``rulewright.service.errors``);
+  the registry raises it through ``invalid(reason, field, message)``, with its reason and domain.
+- ``REGISTRY_DOMAIN`` (``registry.rulewright.dev``): the ``ErrorInfo.domain`` of every registry error,
+  defined with the service's ``DOMAIN`` in ``rulewright.service.errors``.
 
 Backends translate their own errors (``OSError``, botocore, redis-py) into these at the store
 boundary, so nothing above the store ever sees a backend exception.
@@ -20,9 +24,7 @@ from typing import Any
 
 # The one error base (and its codes) every layer shares; it imports nothing, so the registry
 # still loads without torch or the server.
-from rulewright.service.errors import Code, Error
-
-DOMAIN = "registry.rulewright.dev"
+from rulewright.service.errors import REGISTRY_DOMAIN, Code, Error, InvalidArgument
 
 
 class Reason(str, enum.Enum):
@@ -98,7 +100,7 @@ class RegistryError(Error):
     """A registry failure with a canonical ``code``, a stable ``reason`` and string ``metadata``."""
 
     code: Code = Code.INTERNAL
-    domain = DOMAIN
+    domain = REGISTRY_DOMAIN
 
     def __init__(self, reason: Reason, message: str, **metadata: Any):
         expected = REASON_CODES[reason]
@@ -115,60 +117,44 @@ class RegistryError(Error):
         return f"{type(self).__name__}({self.reason.value}: {self.message})"
 
 
-class NotFound(RegistryError):
-    """A model, version, alias or blob does not exist (→ NOT_FOUND)."""
-
-    code = Code.NOT_FOUND
+def _kind(name: str, code: Code, doc: str) -> type[RegistryError]:
+    return type(name, (RegistryError,), {"code": code, "__doc__": doc, "__module__": __name__})
 
 
-class AlreadyExists(RegistryError):
-    """A create found the name taken (→ ALREADY_EXISTS); also the store's conditional-create failure."""
-
-    code = Code.ALREADY_EXISTS
-
-
-class FailedPrecondition(RegistryError):
-    """The registry's state forbids the operation, e.g. deleting a version an alias uses (→ FAILED_PRECONDITION)."""
-
-    code = Code.FAILED_PRECONDITION
-
-
-class Aborted(RegistryError):
-    """A compare-and-set lost a race (→ ABORTED); re-read and retry."""
-
-    code = Code.ABORTED
-
-
-class DataLoss(RegistryError):
-    """Stored bytes do not match their sha256, or a manifest is unreadable (→ DATA_LOSS)."""
-
-    code = Code.DATA_LOSS
-
-
-class Unavailable(RegistryError):
-    """The object store cannot be reached right now (→ UNAVAILABLE); retrying may help."""
-
-    code = Code.UNAVAILABLE
-
-
-class InvalidArgument(RegistryError):
-    """A malformed name, version, page size, page token or reference (→ INVALID_ARGUMENT)."""
-
-    code = Code.INVALID_ARGUMENT
-
-
-class Internal(RegistryError):
-    """The deployment is misconfigured (bucket missing, credentials refused) (→ INTERNAL)."""
-
-    code = Code.INTERNAL
+# One subclass per code but INVALID_ARGUMENT (that is the shared ``InvalidArgument``).
+NotFound = _kind("NotFound", Code.NOT_FOUND, "A model, version, alias or blob does not exist (→ NOT_FOUND).")
+AlreadyExists = _kind("AlreadyExists", Code.ALREADY_EXISTS,
+                      "A create found the name taken (→ ALREADY_EXISTS), also a store's conditional create's.")
+FailedPrecondition = _kind("FailedPrecondition", Code.FAILED_PRECONDITION,
+                           "The registry's state forbids the operation, e.g. deleting a version an alias uses.")
+Aborted = _kind("Aborted", Code.ABORTED, "A compare-and-set lost a race (→ ABORTED); re-read and retry.")
+DataLoss = _kind("DataLoss", Code.DATA_LOSS,
+                 "Stored bytes do not match their sha256, or a manifest is unreadable (→ DATA_LOSS).")
+Unavailable = _kind("Unavailable", Code.UNAVAILABLE,
+                    "The object store cannot be reached right now (→ UNAVAILABLE); retrying may help.")
+Internal = _kind("Internal", Code.INTERNAL,
+                 "The deployment is misconfigured (bucket missing, credentials refused) (→ INTERNAL).")
 
 
 ERROR_CLASSES: dict[Code, type[RegistryError]] = {
     cls.code: cls
-    for cls in (NotFound, AlreadyExists, FailedPrecondition, Aborted, DataLoss, Unavailable, InvalidArgument, Internal)
+    for cls in (NotFound, AlreadyExists, FailedPrecondition, Aborted, DataLoss, Unavailable, Internal)
 }
 
 
-def error(reason: Reason, message: str, **metadata: Any) -> RegistryError:
+def invalid(reason: Reason, field: str, message: str, **metadata: Any) -> InvalidArgument:
+    """The shared ``InvalidArgument`` for ``field``, with a registry ``reason`` and the registry's domain."""
+    if REASON_CODES[reason] is not Code.INVALID_ARGUMENT:
+        raise TypeError(f"reason {reason.value} belongs to {REASON_CODES[reason].value}, not INVALID_ARGUMENT")
+    exc = InvalidArgument(field, message, domain=REGISTRY_DOMAIN, **metadata)
+    exc.reason = reason                     # the enum (a str), as on every registry error
+    if field:
+        exc.metadata["field"] = field
+    return exc
+
+
+def error(reason: Reason, message: str, **metadata: Any) -> Error:
     """The exception of the right class for ``reason`` (for code that picks the reason at run time)."""
+    if REASON_CODES[reason] is Code.INVALID_ARGUMENT:
+        return invalid(reason, str(metadata.pop("field", "") or ""), message, **metadata)
     return ERROR_CLASSES[REASON_CODES[reason]](reason, message, **metadata)

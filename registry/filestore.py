@@ -253,7 +253,7 @@ class FileStore(BlobStore):
     def remove_upload(self, name: str) -> None:
         """Remove one temporary file named by ``abandoned_uploads``."""
         if "/" in name or name in ("", ".", ".."):
-            raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, f"not an upload name: {name!r}")
+            raise errors.invalid(Reason.INVALID_ARGUMENT, "", f"not an upload name: {name!r}")
         _unlink_quietly(str(self._tmp / name))
 
 

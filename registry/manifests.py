@@ -46,12 +46,8 @@ T = TypeVar("T")
 
 def _check_label(value: Any, field: str) -> str:
     if not isinstance(value, str) or not _LABEL_RE.match(value):
-        raise errors.InvalidArgument(
-            Reason.INVALID_NAME,
-            f"{field} must be a lowercase DNS label (a-z, 0-9, '-', 1-63 characters, no leading or "
-            f"trailing '-'), got {value!r}",
-            field=field,
-        )
+        raise errors.invalid(Reason.INVALID_NAME, field, "must be a lowercase DNS label (a-z, 0-9, '-', "
+                             f"1-63 characters, no leading or trailing '-'), got {value!r}")
     return value
 
 
@@ -64,16 +60,14 @@ def check_alias_name(name: Any) -> str:
     """An alias name: a lowercase DNS label that is not all digits (so ``faces/3`` and ``faces@3`` never clash)."""
     _check_label(name, "alias")
     if name.isdigit():
-        raise errors.InvalidArgument(Reason.INVALID_NAME, f"alias must not be a number, got {name!r}", field="alias")
+        raise errors.invalid(Reason.INVALID_NAME, "alias", f"must not be a number, got {name!r}")
     return name
 
 
 def check_version(number: Any, field: str = "version") -> int:
     """A version number: an int ≥ 1, else INVALID_ARGUMENT (INVALID_VERSION)."""
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise errors.InvalidArgument(
-            Reason.INVALID_VERSION, f"{field} must be an integer ≥ 1, got {number!r}", field=field
-        )
+        raise errors.invalid(Reason.INVALID_VERSION, field, f"must be an integer ≥ 1, got {number!r}")
     return number
 
 
@@ -87,22 +81,16 @@ def check_request_id(request_id: Any) -> str | None:
         or not request_id.isprintable()
         or not request_id.isascii()
     ):
-        raise errors.InvalidArgument(
-            Reason.INVALID_ARGUMENT, "request_id must be 1-128 printable ASCII characters", field="request_id"
-        )
+        raise errors.invalid(Reason.INVALID_ARGUMENT, "request_id", "must be 1-128 printable ASCII characters")
     return request_id
 
 
 def check_page_size(page_size: Any) -> int:
     """0 → the default, above the maximum → the maximum (AIP-158), negative → INVALID_ARGUMENT."""
     if isinstance(page_size, bool) or not isinstance(page_size, int):
-        raise errors.InvalidArgument(
-            Reason.INVALID_PAGE_SIZE, f"page_size must be an integer, got {page_size!r}", field="page_size"
-        )
+        raise errors.invalid(Reason.INVALID_PAGE_SIZE, "page_size", f"must be an integer, got {page_size!r}")
     if page_size < 0:
-        raise errors.InvalidArgument(
-            Reason.INVALID_PAGE_SIZE, f"page_size must not be negative, got {page_size}", field="page_size"
-        )
+        raise errors.invalid(Reason.INVALID_PAGE_SIZE, "page_size", f"must not be negative, got {page_size}")
     return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
@@ -151,9 +139,7 @@ def decode_page_token(token: str, scope: str) -> str:
     except (ValueError, TypeError, UnicodeDecodeError):
         after = None
     if not after:
-        raise errors.InvalidArgument(
-            Reason.INVALID_PAGE_TOKEN, "page_token is not a token this listing returned", field="page_token"
-        )
+        raise errors.invalid(Reason.INVALID_PAGE_TOKEN, "page_token", "not a token this listing returned")
     return after
 
 
@@ -205,22 +191,36 @@ def check_json_object(value: Any, field: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, f"{field} must be a JSON object", field=field)
+        raise errors.invalid(Reason.INVALID_ARGUMENT, field, "must be a JSON object")
     try:
         data = dumps(value)
     except (TypeError, ValueError) as exc:
-        raise errors.InvalidArgument(
-            Reason.INVALID_ARGUMENT, f"{field} is not JSON-serializable: {exc}", field=field
-        ) from None
+        raise errors.invalid(Reason.INVALID_ARGUMENT, field, f"not JSON-serializable: {exc}") from None
     if len(data) > MAX_DOCUMENT_BYTES // 2:
-        raise errors.InvalidArgument(
-            Reason.INVALID_ARGUMENT, f"{field} is {len(data)} bytes of JSON; store large data as a blob", field=field
-        )
+        raise errors.invalid(Reason.INVALID_ARGUMENT, field, f"{len(data)} bytes of JSON; store large data as a blob")
     return json.loads(data)
 
 
 def _corrupt(what: str, exc: Exception) -> errors.DataLoss:
     return errors.DataLoss(Reason.MANIFEST_CORRUPT, f"{what} is malformed: {type(exc).__name__}: {exc}", object=what)
+
+
+def _document(**fields: Any) -> dict:
+    """A stored document: the format tag, then ``fields``, times in their text form."""
+    return {"format": FORMAT, **{k: format_time(v) if isinstance(v, dt.datetime) else v for k, v in fields.items()}}
+
+
+def _parser(default_what: str):
+    """Decorator for ``from_dict(cls, d)``: anything missing or mistyped becomes DATA_LOSS naming ``what``."""
+    def wrap(parse):
+        def from_dict(cls, d: dict, what: str = default_what):
+            try:
+                return parse(cls, d)
+            except (KeyError, TypeError, ValueError) as exc:       # InvalidArgument is a ValueError
+                raise _corrupt(what, exc) from None
+        from_dict.__doc__ = parse.__doc__
+        return classmethod(from_dict)
+    return wrap
 
 
 # ---- documents ------------------------------------------------------------------------------
@@ -248,34 +248,17 @@ class Model:
 
     def to_dict(self) -> dict:
         """JSON-ready form (what is stored)."""
-        return {
-            "format": FORMAT,
-            "name": self.name,
-            "arch": self.arch,
-            "config": self.config,
-            "description": self.description,
-            "author": self.author,
-            "created_at": format_time(self.created_at),
-            "request_id": self.request_id,
-            **({"weights": self.weights.to_dict()} if self.weights is not None else {}),
-        }
+        weights = {"weights": self.weights.to_dict()} if self.weights is not None else {}
+        return _document(name=self.name, arch=self.arch, config=self.config, description=self.description,
+                         author=self.author, created_at=self.created_at, request_id=self.request_id, **weights)
 
-    @classmethod
-    def from_dict(cls, d: dict, what: str = "model manifest") -> "Model":
+    @_parser("model manifest")
+    def from_dict(cls, d: dict) -> "Model":
         """Inverse of ``to_dict``; DATA_LOSS if fields are missing or mistyped."""
-        try:
-            return cls(
-                name=str(d["name"]),
-                arch=str(d["arch"]),
-                config=dict(d["config"]),
-                description=str(d.get("description", "")),
-                author=str(d["author"]),
-                created_at=parse_time(d["created_at"]),
-                request_id=d.get("request_id"),
-                weights=BlobRef.from_dict(d["weights"]) if d.get("weights") else None,
-            )
-        except (KeyError, TypeError, ValueError, errors.InvalidArgument) as exc:
-            raise _corrupt(what, exc) from None
+        return cls(name=str(d["name"]), arch=str(d["arch"]), config=dict(d["config"]),
+                   description=str(d.get("description", "")), author=str(d["author"]),
+                   created_at=parse_time(d["created_at"]), request_id=d.get("request_id"),
+                   weights=BlobRef.from_dict(d["weights"]) if d.get("weights") else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,42 +288,21 @@ class Version:
 
     def to_dict(self) -> dict:
         """JSON-ready form (what is stored)."""
-        return {
-            "format": FORMAT,
-            "model": self.model,
-            "number": self.number,
-            "parent": self.parent,
-            "kind": self.kind,
-            "spec": self.spec,
-            "blobs": {k: b.to_dict() for k, b in sorted(self.blobs.items())},
-            "metrics": self.metrics,
-            "author": self.author,
-            "created_at": format_time(self.created_at),
-            "request_id": self.request_id,
-        }
+        return _document(model=self.model, number=self.number, parent=self.parent, kind=self.kind, spec=self.spec,
+                         blobs={k: b.to_dict() for k, b in sorted(self.blobs.items())}, metrics=self.metrics,
+                         author=self.author, created_at=self.created_at, request_id=self.request_id)
 
-    @classmethod
-    def from_dict(cls, d: dict, what: str = "version manifest") -> "Version":
+    @_parser("version manifest")
+    def from_dict(cls, d: dict) -> "Version":
         """Inverse of ``to_dict``; DATA_LOSS if fields are missing or mistyped."""
-        try:
-            kind = str(d["kind"])
-            if kind not in KINDS:
-                raise ValueError(f"unknown kind {kind!r}")
-            parent = d.get("parent")
-            return cls(
-                model=str(d["model"]),
-                number=int(d["number"]),
-                parent=None if parent is None else int(parent),
-                kind=kind,
-                spec=dict(d["spec"]),
-                blobs={k: BlobRef.from_dict(v) for k, v in d["blobs"].items()},
-                metrics=dict(d.get("metrics") or {}),
-                author=str(d["author"]),
-                created_at=parse_time(d["created_at"]),
-                request_id=d.get("request_id"),
-            )
-        except (KeyError, TypeError, ValueError, errors.InvalidArgument) as exc:
-            raise _corrupt(what, exc) from None
+        kind = str(d["kind"])
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        parent = d.get("parent")
+        return cls(model=str(d["model"]), number=int(d["number"]), parent=None if parent is None else int(parent),
+                   kind=kind, spec=dict(d["spec"]), blobs={k: BlobRef.from_dict(v) for k, v in d["blobs"].items()},
+                   metrics=dict(d.get("metrics") or {}), author=str(d["author"]),
+                   created_at=parse_time(d["created_at"]), request_id=d.get("request_id"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,34 +325,16 @@ class AliasEntry:
 
     def to_dict(self) -> dict:
         """JSON-ready form (what is stored)."""
-        return {
-            "format": FORMAT,
-            "model": self.model,
-            "alias": self.alias,
-            "seq": self.seq,
-            "from": self.from_version,
-            "to": self.to_version,
-            "author": self.author,
-            "time": format_time(self.time),
-            "reason": self.reason,
-        }
+        return _document(model=self.model, alias=self.alias, seq=self.seq, author=self.author, time=self.time,
+                         reason=self.reason, **{"from": self.from_version, "to": self.to_version})
 
-    @classmethod
-    def from_dict(cls, d: dict, what: str = "alias entry") -> "AliasEntry":
+    @_parser("alias entry")
+    def from_dict(cls, d: dict) -> "AliasEntry":
         """Inverse of ``to_dict``; DATA_LOSS if fields are missing or mistyped."""
-        try:
-            return cls(
-                model=str(d["model"]),
-                alias=str(d["alias"]),
-                seq=int(d["seq"]),
-                from_version=None if d.get("from") is None else int(d["from"]),
-                to_version=None if d.get("to") is None else int(d["to"]),
-                author=str(d["author"]),
-                time=parse_time(d["time"]),
-                reason=str(d.get("reason", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(what, exc) from None
+        return cls(model=str(d["model"]), alias=str(d["alias"]), seq=int(d["seq"]),
+                   from_version=None if d.get("from") is None else int(d["from"]),
+                   to_version=None if d.get("to") is None else int(d["to"]), author=str(d["author"]),
+                   time=parse_time(d["time"]), reason=str(d.get("reason", "")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,5 +358,5 @@ def parse_etag(etag: str) -> int:
     """The alias seq an etag names; INVALID_ARGUMENT if it is not one of ours."""
     m = re.fullmatch(r'(?:W/)?"?(\d+)"?', etag.strip()) if isinstance(etag, str) else None
     if not m:
-        raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, f"not an alias etag: {etag!r}", field="etag")
+        raise errors.invalid(Reason.INVALID_ARGUMENT, "etag", f"not an alias etag: {etag!r}")
     return int(m.group(1))

@@ -10,7 +10,7 @@
 
 Every call is bounded: botocore's connect and read timeouts and a bounded number of attempts
 (``S3Config``), and on top of them ``call_timeout_s`` for the whole call and whatever is left of
-the caller's deadline (``call_deadline``, which the gRPC servicers set from the RPC's deadline):
+the caller's deadline (``blobstore.call_deadline``, which the gRPC servicers set from the RPC's deadline):
 the call runs on a small thread pool and the caller stops waiting when its time is up
 (``STORE_UNAVAILABLE``). After such a failure the store counts as *down*: calls fail at once,
 except ``probe()`` (the server's store watch calls it every few seconds) and, when nothing has
@@ -30,8 +30,6 @@ content). Against MinIO it needs path-style addressing (the default here) and Si
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import contextvars
 import dataclasses
 import logging
 import os
@@ -40,7 +38,16 @@ import time
 from typing import Any, BinaryIO, Callable, Iterator
 
 from rulewright.registry import errors
-from rulewright.registry.blobstore import CHUNK, BlobInfo, BlobRef, BlobStore, check_key, check_sha256
+from rulewright.registry.blobstore import (
+    CHUNK,
+    BlobInfo,
+    BlobRef,
+    BlobStore,
+    call_deadline,
+    check_key,
+    check_sha256,
+    deadline_left,
+)
 from rulewright.registry.errors import Reason
 
 log = logging.getLogger(__name__)
@@ -72,22 +79,7 @@ _MISCONFIGURED_CODES = {
 }
 
 
-# When (time.monotonic()) the current caller stops waiting for store calls; None: no deadline.
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("rulewright_store_deadline", default=None)
 _POOL_THREADS = 16         # concurrent S3 calls per store; a hung server holds at most these (and only briefly)
-
-
-@contextlib.contextmanager
-def call_deadline(seconds: float | None):
-    """Store calls made inside (on this thread) give up once ``seconds`` have passed (None: no bound)."""
-    token = _DEADLINE.set(None if seconds is None else time.monotonic() + max(seconds, 0.0))
-    try:
-        yield
-    finally:
-        try:
-            _DEADLINE.reset(token)
-        except ValueError:        # a streaming RPC's generator closed from another thread's context
-            pass
 
 
 def _truthy(text: str | None, default: bool) -> bool:
@@ -213,9 +205,8 @@ class S3Store(BlobStore):
         from botocore.exceptions import ConnectionError as BotoConnectionError
 
         budget = self.config.call_timeout_s if whole_call_bound else None
-        deadline = _DEADLINE.get()
-        if deadline is not None:
-            left = deadline - time.monotonic()
+        left = deadline_left()
+        if left is not None:
             left -= min(0.5, 0.1 * left)            # give up a moment early: the caller can still answer UNAVAILABLE
             budget = left if budget is None else min(budget, left)
         if budget is not None and budget <= 0:
@@ -522,7 +513,7 @@ class S3Store(BlobStore):
 
         key, sep, upload_id = name.rpartition("#")
         if not sep or not key.startswith(self._base):
-            raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, f"not an upload name: {name!r}")
+            raise errors.invalid(Reason.INVALID_ARGUMENT, "", f"not an upload name: {name!r}")
         try:
             self._call(self._client.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id)
         except (ClientError, BotoCoreError) as exc:

@@ -57,9 +57,9 @@ def render_seeds(seeds: Sequence[int]) -> str:
     """``"start-stop"`` (stop exclusive) for a contiguous ascending range, else a digest of the list."""
     seeds = list(seeds)
     if not seeds:
-        raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, "seeds must not be empty", field="seeds")
+        raise errors.invalid(Reason.INVALID_ARGUMENT, "seeds", "must not be empty")
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, "seeds must be non-negative integers", field="seeds")
+        raise errors.invalid(Reason.INVALID_ARGUMENT, "seeds", "must be non-negative integers")
     if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
         return f"{seeds[0]}-{seeds[0] + len(seeds)}"
     return "list:" + hashlib.sha256(",".join(map(str, seeds)).encode()).hexdigest()
@@ -83,11 +83,9 @@ class StatsKey:
     ) -> "StatsKey":
         """A key from the seeds themselves (rendered as a range when contiguous)."""
         if not isinstance(fingerprint, str) or not fingerprint:
-            raise errors.InvalidArgument(
-                Reason.INVALID_ARGUMENT, "fingerprint must be a non-empty string", field="fingerprint"
-            )
+            raise errors.invalid(Reason.INVALID_ARGUMENT, "fingerprint", "must be a non-empty string")
         if not layer or not kind:
-            raise errors.InvalidArgument(Reason.INVALID_ARGUMENT, "layer and kind must be non-empty", field="layer")
+            raise errors.invalid(Reason.INVALID_ARGUMENT, "layer", "layer and kind must be non-empty")
         seeds = list(seeds)
         return cls(
             fingerprint, layer, kind, len(seeds), render_seeds(seeds), float(truncation), tuple(sorted(params.items()))
@@ -533,6 +531,6 @@ def open_stats_cache(uri: str | None = None, **options: Any) -> StatsCache:
         return RedisStatsCache(uri, **options)
     if uri in ("", "memory://"):
         return LocalStatsCache(**options)
-    raise errors.InvalidArgument(
-        Reason.INVALID_STORE_URI, f"unknown statistics cache {uri!r}; use redis:// or memory://", uri=uri
+    raise errors.invalid(
+        Reason.INVALID_STORE_URI, "", f"unknown statistics cache {uri!r}; use redis:// or memory://", uri=uri
     )

@@ -33,11 +33,11 @@ def open_store(uri: str | os.PathLike | None = None, s3: S3Config | None = None)
 
         parsed = urlparse(text)
         if parsed.netloc not in ("", "localhost"):
-            raise errors.InvalidArgument(Reason.INVALID_STORE_URI, f"file URI must name a local path: {text}", uri=text)
+            raise errors.invalid(Reason.INVALID_STORE_URI, "", f"file URI must name a local path: {text}", uri=text)
         path = unquote(parsed.path)
     elif "://" in text:
-        raise errors.InvalidArgument(
-            Reason.INVALID_STORE_URI, f"unknown store scheme in {text!r}; use file:// or s3://", uri=text
+        raise errors.invalid(
+            Reason.INVALID_STORE_URI, "", f"unknown store scheme in {text!r}; use file:// or s3://", uri=text
         )
     else:
         path = text

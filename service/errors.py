@@ -7,9 +7,14 @@
   (a request path such as ``spec.paste[1].mask``; empty when none), string ``metadata`` and the
   human message. Subclasses fix ``code`` (and usually ``reason``) as class attributes.
 
-The engine's ``InvalidArgument`` and ``Cancelled``, the registry's ``RegistryError`` family and the
-server's auth and limit errors all derive from it; anything else a request raises is a bug and
-answers INTERNAL.
+- ``DOMAIN`` (``rulewright.dev``) and ``REGISTRY_DOMAIN`` (``registry.rulewright.dev``): the
+  ``ErrorInfo.domain`` values clients see, defined here once.
+- ``InvalidArgument(field, message)``: the one error for a malformed request field, whichever
+  layer finds it (a ``ValueError`` too); the registry raises it with its own reasons and domain.
+
+The engine's ``Cancelled``, the registry's ``RegistryError`` family and the server's auth and
+limit errors all derive from ``Error``; anything else a request raises is a bug and answers
+INTERNAL.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import enum
 from typing import Any
 
 DOMAIN = "rulewright.dev"
+# The registry's errors carry their own domain, a subdomain of this one.
+REGISTRY_DOMAIN = f"registry.{DOMAIN}"
 
 
 class Code(str, enum.Enum):
@@ -59,4 +66,17 @@ class Error(Exception):
         self.metadata = {k: "" if v is None else str(v) for k, v in metadata.items()}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.reason}: {self.message})"
+        return f"{type(self).__name__}({getattr(self.reason, 'value', self.reason)}: {self.message})"
+
+
+class InvalidArgument(Error, ValueError):
+    """A request field is malformed; ``field`` names it, the message says what is wrong.
+
+    ``details`` are ``Error``'s keywords: a more specific ``reason``, another ``domain``, metadata.
+    """
+
+    code = Code.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str, **details: Any):
+        super().__init__(f"{field}: {message}" if field else message, field=field, description=message, **details)

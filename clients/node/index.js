@@ -311,14 +311,8 @@ export async function createDatasetJob(
   model,
   { start = 0, count, shardSize = 1000, truncation, requestId = '' },
 ) {
-  const request = {
-    model,
-    seeds: { start: String(start), count: String(count) },
-    shard_size: shardSize,
-    request_id: requestId,
-  };
-  if (truncation !== undefined) request.truncation = truncation;
-  return operationToJob(await unary(client.jobs, 'CreateDatasetJob', request, client.timeoutMs));
+  const seeds = { start: String(start), count: String(count) };
+  return createJob(client, 'CreateDatasetJob', { model, seeds }, { shardSize, truncation, requestId });
 }
 
 /**
@@ -334,15 +328,15 @@ export async function createStatisticsJob(
   model,
   { samples, seedStart = 0, layer = '', shardSize = 10_000, truncation, requestId = '' },
 ) {
-  const request = {
-    model,
-    layer,
-    stats: { samples: String(samples), seed_start: String(seedStart) },
-    shard_size: shardSize,
-    request_id: requestId,
-  };
+  const stats = { samples: String(samples), seed_start: String(seedStart) };
+  return createJob(client, 'CreateStatisticsJob', { model, layer, stats }, { shardSize, truncation, requestId });
+}
+
+// The fields every job's create shares, added to what names the work; the job as created.
+async function createJob(client, method, work, { shardSize, truncation, requestId }) {
+  const request = { ...work, shard_size: shardSize, request_id: requestId };
   if (truncation !== undefined) request.truncation = truncation;
-  return operationToJob(await unary(client.jobs, 'CreateStatisticsJob', request, client.timeoutMs));
+  return operationToJob(await unary(client.jobs, method, request, client.timeoutMs));
 }
 
 /**

@@ -2,7 +2,7 @@
 
 - ``InvalidArgument(field, message)``: a ``ValueError`` for one request field (→ INVALID_ARGUMENT
   with a BadRequest field violation over the API). ``field`` is a dotted path into the edit spec
-  (``paste[1].mask``, ``rank``).
+  (``paste[1].mask``, ``rank``). Defined once in ``rulewright.service.errors``, re-exported here.
 - ``Cancelled``: a long job stopped because its caller asked (→ CANCELLED).
 - ``EditDidNotImprove``: a fit that ended where it started, no edit (→ FAILED_PRECONDITION), with
   the goal losses as metadata.
@@ -12,17 +12,9 @@ All derive from ``rulewright.service.errors.Error``, the one base every layer's 
 
 from __future__ import annotations
 
-from rulewright.service.errors import Code, Error
+from rulewright.service.errors import Code, Error, InvalidArgument
 
-
-class InvalidArgument(Error, ValueError):
-    """A request field is malformed; ``field`` names it, the message says what is wrong."""
-
-    code = Code.INVALID_ARGUMENT
-    reason = "INVALID_ARGUMENT"
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}", field=field, description=message)
+__all__ = ["Cancelled", "EditDidNotImprove", "InvalidArgument"]
 
 
 class Cancelled(Error):

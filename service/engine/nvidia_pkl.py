@@ -1,40 +1,13 @@
 """Read NVIDIA's StyleGAN2-ADA network pickles as data and convert their ``G_ema`` to ``stylegan2``.
 
-- ``is_network_pickle(data)``: whether bytes begin like a pickle (protocol 2 to 5).
-- ``read_network_pickle(data)``: the pickle's objects, read by a restricted unpickler; every
-  persistent object (``torch_utils.persistence``) becomes a ``PersistentObject`` record.
+- ``is_network_pickle(data)``, ``read_network_pickle(data)``: from ``nvidia_unpickle``, the
+  restricted unpickler that reads the pickle as data and never runs its code (why that is safe
+  is told there).
 - ``convert_network_pickle(data)``: a ``Conversion``: ``G_ema`` in the ``stylegan2`` layout
   (what ``StyleGAN2Generator.from_state_dict`` reads) and a JSON summary of what was found.
 - ``to_safetensors(conversion)``: the converted weights as a safetensors file (same input, same bytes).
 
 Every refusal is an ``InvalidArgument`` on field ``weights`` that names what the reader found.
-
-**Why reading is safe.** NVIDIA's own loader unpickles classes whose Python source travels
-inside the pickle and runs that source. This reader never imports or executes anything the
-pickle names. ``find_class`` resolves only these names, to the reader's own functions:
-
-- ``torch_utils.persistence._reconstruct_persistent_obj``: records its argument (class name,
-  module source, format version, state) as a ``PersistentObject``. The source is kept as text.
-- ``torch._utils._rebuild_tensor_v2``, ``_rebuild_parameter``, ``_rebuild_parameter_with_state``:
-  a strided view of a storage this reader decoded, bounds-checked; hooks and metadata refused.
-- ``torch.storage._load_from_bytes``: decodes torch's legacy storage serialization (a magic
-  number, a header, one storage reference, raw little-endian numbers) with a second restricted
-  unpickler that resolves only storage type names (``torch.FloatStorage`` …) to dtypes.
-- ``numpy.dtype`` and ``numpy.core.multiarray.scalar`` (also ``numpy._core``): a number type code
-  and the scalar's bytes decoded with ``struct`` (object scalars refused).
-- ``numpy.ndarray`` with ``numpy.core.multiarray._reconstruct`` and ``numpy.core.numeric._frombuffer``
-  (also ``numpy._core``): an array's shape, type code and raw bytes, kept as bytes (object
-  arrays refused). StyleGAN3 stores sizes in arrays; reading them lets it be named and refused.
-- ``collections.OrderedDict``, ``builtins.set``, ``builtins.frozenset``: containers.
-- ``dnnlib.util.EasyDict`` (also ``dnnlib.EasyDict``): a plain ``dict`` subclass.
-
-Each of these only builds containers, numbers, strings or tensors out of the pickle's own bytes,
-so a pickle can describe data but never reach code. Classes the reader hands out are created
-per read and its functions are bound methods (whose attributes cannot be set), so a pickle that
-sets attributes on what it names (BUILD) cannot affect another read. Storages saved on a GPU
-read the same (their device is ignored: everything lands on the CPU). Any other name
-(``os.system``, ``builtins.eval``, a TensorFlow-era ``dnnlib.tflib.network.Network``) stops the
-read before the object that names it is built.
 
 **Conversion.** NVIDIA's layers (``training/networks.py``) and the ``stylegan2`` port compute the
 same functions with different stored scales; each tensor is rescaled so that the product the
@@ -53,16 +26,10 @@ float16 blocks (the port renders in float32, as NVIDIA's ``force_fp32=True`` doe
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-import io
 import json
 import math
-import pickle
-import reprlib
-import struct
-import sys
 from typing import Any
 
 import torch
@@ -71,332 +38,15 @@ from safetensors.torch import save as save_safetensors
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.engine.generators.base import check_state_dict
 from rulewright.service.engine.generators.stylegan2 import ARCH, BLUR_KERNEL, Blur, StyledConv, StyleGAN2Generator, ToRGB, Upsample, make_kernel
+from rulewright.service.engine.nvidia_unpickle import FIELD, PersistentObject, is_network_pickle, read_network_pickle
+from rulewright.service.engine.nvidia_unpickle import refuse as _refuse
+from rulewright.service.engine.nvidia_unpickle import short_repr as _short
 
-FIELD = "weights"                       # the request field every refusal names
-PERSISTENCE_VERSION = 6                 # torch_utils.persistence._version of StyleGAN2-ADA and StyleGAN3
+__all__ = ["FIELD", "FORMAT", "Conversion", "PersistentObject", "convert_network_pickle", "is_network_pickle",
+           "read_network_pickle", "to_safetensors"]
+
 FORMAT = "stylegan2-ada-pytorch network pickle"
-
-# torch.save's legacy (non-zip) format, which pickled storages use inside _load_from_bytes.
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL = 1001
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "UntypedStorage": torch.uint8,
-}
-# numpy scalar type codes (as numpy pickles a dtype) → struct format characters.
-_NUMPY_FORMATS = {"f2": "e", "f4": "f", "f8": "d", "i1": "b", "i2": "h", "i4": "i", "i8": "q",
-                  "u1": "B", "u2": "H", "u4": "I", "u8": "Q", "b1": "?"}
-_BYTE_ORDERS = {"<": "<", ">": ">", "|": "<", "=": "="}
 _TENSOR_KINDS = ("_parameters", "_buffers")
-
-
-def _refuse(message: str) -> InvalidArgument:
-    return InvalidArgument(FIELD, message)
-
-
-def is_network_pickle(data: bytes) -> bool:
-    """Whether bytes begin like a pickle of protocol 2 to 5 (how every network pickle begins)."""
-    return len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-@dataclasses.dataclass(repr=False)
-class PersistentObject:
-    """One object ``torch_utils.persistence`` saved with its module's source: recorded, never built."""
-
-    class_name: str                     # the class's name in its module
-    module_src: str                     # the module's Python source, kept as text and never run
-    version: int                        # the persistence format's version
-    state: dict                         # the object's __dict__ (an nn.Module's: _parameters, _modules, …)
-
-    def __repr__(self) -> str:
-        return f"<persistent {self.class_name}>"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Storage:
-    flat: torch.Tensor                  # the storage's elements, 1-d
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-    name: str
-    dtype: torch.dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageRef:
-    key: str
-    dtype: torch.dtype
-    numel: int
-    view: tuple | None
-
-
-def _refusal_for(module: str, name: str) -> str:
-    qualified = f"{module}.{name}"
-    if module.startswith("dnnlib.tflib"):
-        return (f"a TensorFlow-era network pickle ({qualified}): only StyleGAN2-ADA PyTorch pickles can be "
-                "read; TensorFlow networks are stored as TensorFlow variables, not PyTorch tensors")
-    return (f"the pickle refers to {qualified}, which is not on the reader's allow-list "
-            "(only tensors, containers, numbers and persistent-object records are read)")
-
-
-class _NoGlobals(pickle.Unpickler):
-    """Numbers, strings and containers only (the headers of a legacy storage)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise _refuse(f"a storage header refers to {module}.{name}; headers hold plain values only")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise _refuse("a storage header holds a persistent id; headers hold plain values only")
-
-
-class _StorageReference(pickle.Unpickler):
-    """The reference pickle of a legacy storage: a storage type name and a persistent id."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
-            return _StorageType(f"{module}.{name}", _STORAGE_DTYPES[name])
-        raise _refuse(f"a storage refers to {module}.{name}, which is not a storage type")
-
-    def persistent_load(self, pid: Any) -> Any:
-        ok = (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
-              and isinstance(pid[2], str) and isinstance(pid[3], str) and _is_int(pid[4]) and pid[4] >= 0)
-        view = pid[5] if ok else None
-        if ok and view is not None:
-            ok = (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str) and _is_int(view[1])
-                  and _is_int(view[2]) and view[1] >= 0 and view[2] >= 0 and view[1] + view[2] <= pid[4])
-        if not ok:
-            raise _refuse(f"a storage's persistent id is malformed: {_short(pid)}")
-        return _StorageRef(pid[2], pid[1].dtype, pid[4], view)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-# Bounded in depth and breadth: a pickle's memo can share one list many times over, and a plain
-# repr of such a structure grows exponentially.
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
-
-
-def _short(v: Any) -> str:
-    try:
-        return _REPR.repr(v)
-    except Exception:  # noqa: BLE001 -- e.g. an integer too long to print
-        return f"<{type(v).__name__}>"
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
-def _decode_storage(blob: Any) -> _Storage:
-    """One storage from torch's legacy serialization (what ``torch.storage._load_from_bytes`` reads)."""
-    if not isinstance(blob, bytes):
-        raise _refuse(f"torch.storage._load_from_bytes got a {type(blob).__name__}, not bytes")
-    f = io.BytesIO(blob)
-    if _NoGlobals(f).load() != _LEGACY_MAGIC or _NoGlobals(f).load() != _LEGACY_PROTOCOL:
-        raise _refuse("a storage is not in torch's legacy serialization (wrong magic number or protocol)")
-    info = _NoGlobals(f).load()
-    if not isinstance(info, dict) or info.get("little_endian") is not True:
-        raise _refuse("a storage was written big-endian or without a header; only little-endian storages are read")
-    ref = _StorageReference(f).load()
-    if not isinstance(ref, _StorageRef):
-        raise _refuse(f"a storage pickle holds a {type(ref).__name__}, not a storage reference")
-    keys = _NoGlobals(f).load()
-    if keys != [ref.key]:
-        raise _refuse(f"a storage pickle lists storages {_short(keys)}, expected exactly [{ref.key!r}]")
-    head = f.read(8)
-    if len(head) != 8:
-        raise _refuse("a storage ends before its element count (truncated)")
-    count = int.from_bytes(head, "little")
-    if count != ref.numel:
-        raise _refuse(f"a storage holds {count} elements, its reference says {ref.numel}")
-    nbytes = count * _element_size(ref.dtype)
-    raw = f.read(nbytes)
-    if len(raw) != nbytes:
-        raise _refuse(f"a storage ends after {len(raw)} of its {nbytes} bytes (truncated)")
-    if sys.byteorder != "little":
-        raise _refuse("storages are little-endian and this host is not; convert the pickle on a little-endian one")
-    flat = torch.frombuffer(bytearray(raw), dtype=ref.dtype) if nbytes else torch.empty(0, dtype=ref.dtype)
-    if ref.view is not None:
-        flat = flat[ref.view[1]:ref.view[1] + ref.view[2]]
-    return _Storage(flat)
-
-
-class _Reader(pickle.Unpickler):
-    """The restricted unpickler: the allow-list of the module docstring, resolved to our own code."""
-
-    def __init__(self, data: bytes):
-        super().__init__(io.BytesIO(data))
-        # Fresh classes per read and bound methods (whose attributes cannot be set): a pickle
-        # can set attributes on what it names (BUILD), and that must not reach the next read.
-        easydict = type("EasyDict", (dict,), {"__module__": __name__, "__doc__": "dnnlib.EasyDict, as a dict"})
-        self._dtype = _numpy_dtype_class()
-        self._ndarray = _numpy_array_class(self._dtype)
-        self._globals: dict[tuple[str, str], Any] = {
-            ("torch_utils.persistence", "_reconstruct_persistent_obj"): self._reconstruct,
-            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
-            ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
-            ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
-            ("torch.storage", "_load_from_bytes"): self._load_storage,
-            ("collections", "OrderedDict"): collections.OrderedDict,
-            ("builtins", "set"): set,
-            ("builtins", "frozenset"): frozenset,
-            ("dnnlib.util", "EasyDict"): easydict,
-            ("dnnlib", "EasyDict"): easydict,
-            ("numpy", "dtype"): self._dtype,
-            ("numpy.core.multiarray", "scalar"): self._numpy_scalar,
-            ("numpy._core.multiarray", "scalar"): self._numpy_scalar,
-            # numpy arrays (StyleGAN3 keeps sizes in them): read so that the generator can be
-            # named for what it is, never used in the conversion.
-            ("numpy", "ndarray"): self._ndarray,
-            ("numpy.core.multiarray", "_reconstruct"): self._numpy_reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): self._numpy_reconstruct,
-            ("numpy.core.numeric", "_frombuffer"): self._numpy_frombuffer,
-            ("numpy._core.numeric", "_frombuffer"): self._numpy_frombuffer,
-        }
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = self._globals.get((module, name))
-        if found is None:
-            raise _refuse(_refusal_for(module, name))
-        return found
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise _refuse(f"the pickle holds a persistent id ({_short(pid)}); network pickles have none")
-
-    def _reconstruct(self, meta: Any = None, *extra: Any) -> PersistentObject:
-        if extra or not isinstance(meta, dict):
-            raise _refuse("torch_utils.persistence._reconstruct_persistent_obj got something other than one meta dict")
-        missing = sorted({"type", "version", "module_src", "class_name", "state"} - set(meta))
-        if missing:
-            raise _refuse(f"a persistent object's meta dict lacks {', '.join(missing)}")
-        if meta["type"] != "class":
-            raise _refuse(f"a persistent object has type {_short(meta['type'])}; only 'class' objects are read")
-        if meta["version"] != PERSISTENCE_VERSION:
-            raise _refuse(f"a persistent object has format version {_short(meta['version'])}; "
-                          f"this reader knows version {PERSISTENCE_VERSION}")
-        if not isinstance(meta["class_name"], str) or not isinstance(meta["module_src"], str):
-            raise _refuse("a persistent object's class_name and module_src must be strings")
-        if not isinstance(meta["state"], dict):
-            raise _refuse(f"persistent object {meta['class_name']} has a {type(meta['state']).__name__} "
-                          "for a state, not a dict")
-        return PersistentObject(meta["class_name"], meta["module_src"], meta["version"], dict(meta["state"]))
-
-    def _rebuild_tensor(self, storage: Any = None, offset: Any = None, size: Any = None, stride: Any = None,
-                        requires_grad: Any = False, backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
-        if not isinstance(storage, _Storage):
-            raise _refuse(f"torch._utils._rebuild_tensor_v2 got a {type(storage).__name__}, not a storage")
-        ok = (_is_int(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
-              and len(size) == len(stride) and all(_is_int(s) and s >= 0 for s in size + stride))
-        if not ok:
-            raise _refuse(f"a tensor has a malformed offset, size or stride: {_short((offset, size, stride))}")
-        if backward_hooks or metadata:
-            raise _refuse("a tensor carries backward hooks or metadata; network weights have neither")
-        numel = storage.flat.numel()
-        last = offset + sum((s - 1) * st for s, st in zip(size, stride)) if math.prod(size) else offset - 1
-        if last >= numel or offset > numel:
-            raise _refuse(f"a tensor of size {size} at offset {offset} reaches past its storage of {numel} elements")
-        return torch.as_strided(storage.flat, size, stride, offset)
-
-    def _rebuild_parameter(self, data: Any = None, requires_grad: Any = False, backward_hooks: Any = None,
-                           state: Any = None) -> torch.Tensor:
-        if type(data) is not torch.Tensor:
-            raise _refuse(f"torch._utils._rebuild_parameter got a {type(data).__name__}, not a tensor")
-        if backward_hooks:
-            raise _refuse("a parameter carries backward hooks; network weights have none")
-        return data
-
-    def _load_storage(self, blob: Any = None) -> _Storage:
-        return _decode_storage(blob)
-
-    def _numpy_reconstruct(self, subtype: Any = None, shape: Any = None, code: Any = None) -> Any:
-        if subtype is not self._ndarray:
-            raise _refuse(f"numpy.core.multiarray._reconstruct of {_short(subtype)}; only numpy.ndarray is read")
-        return self._ndarray()
-
-    def _numpy_frombuffer(self, buf: Any = None, dtype: Any = None, shape: Any = None, order: Any = "C") -> Any:
-        if order not in ("C", "F"):
-            raise _refuse(f"a numpy array has memory order {_short(order)}")
-        return self._ndarray().set(shape, dtype, buf)
-
-    def _numpy_scalar(self, dtype: Any = None, data: Any = None) -> int | float | bool:
-        if not isinstance(dtype, self._dtype) or not isinstance(data, bytes):
-            raise _refuse(f"numpy scalar of {_short(dtype)} is not a number stored as bytes")
-        try:
-            return struct.unpack(_BYTE_ORDERS[dtype.byteorder] + _NUMPY_FORMATS[dtype.code], data)[0]
-        except struct.error:
-            raise _refuse(f"numpy scalar of type {dtype.code} has {len(data)} bytes") from None
-
-
-def _numpy_array_class(dtype_class: type) -> type:
-    class NumpyArray:
-        """numpy.ndarray, as data: its shape, number type code and raw bytes, checked for size."""
-
-        shape: tuple | None = None
-        code: str | None = None
-        raw: bytes = b""
-
-        def set(self, shape: Any, dtype: Any, raw: Any) -> "NumpyArray":
-            if not (isinstance(shape, tuple) and all(_is_int(n) and n >= 0 for n in shape)):
-                raise _refuse(f"a numpy array has a malformed shape {_short(shape)}")
-            if not isinstance(dtype, dtype_class):
-                raise _refuse(f"a numpy array holds {_short(dtype)}, not numbers (object arrays are not read)")
-            size = math.prod(shape) * struct.calcsize(_NUMPY_FORMATS[dtype.code])
-            if not isinstance(raw, (bytes, bytearray)) or len(raw) != size:
-                raise _refuse(f"a numpy array of shape {shape} and type {dtype.code} does not hold {size} bytes")
-            self.shape, self.code, self.raw = shape, dtype.code, bytes(raw)
-            return self
-
-        def __setstate__(self, state: Any) -> None:
-            if not (isinstance(state, tuple) and len(state) == 5):
-                raise _refuse(f"a numpy array has a malformed state {_short(state)}")
-            self.set(state[1], state[2], state[4])
-
-    return NumpyArray
-
-
-def _numpy_dtype_class() -> type:
-    class NumpyDType:
-        """numpy.dtype, as far as a pickled number needs it: its type code and byte order."""
-
-        def __init__(self, code: Any = None, align: Any = False, copy: Any = True):
-            if code not in _NUMPY_FORMATS:
-                raise _refuse(f"numpy.dtype {_short(code)} is not a number type (only bool, int, uint, float)")
-            self.code = code
-            self.byteorder = "="
-
-        def __setstate__(self, state: Any) -> None:
-            if not (isinstance(state, tuple) and len(state) >= 2 and state[1] in _BYTE_ORDERS):
-                raise _refuse(f"numpy.dtype {self.code} has a malformed state {_short(state)}")
-            self.byteorder = state[1]
-
-    return NumpyDType
-
-
-def read_network_pickle(data: bytes) -> Any:
-    """The pickle's top-level object, read as data (see the module docstring for what is resolved)."""
-    if not is_network_pickle(data):
-        raise _refuse("not a pickle (a network pickle begins with the PROTO opcode, protocol 2 to 5)")
-    try:
-        return _Reader(data).load()
-    except InvalidArgument:
-        raise
-    except (EOFError, pickle.UnpicklingError) as exc:
-        text = str(exc) or type(exc).__name__
-        if isinstance(exc, EOFError) or "truncated" in text or "Ran out" in text:
-            raise _refuse(f"the pickle ends early (truncated): {text}") from None
-        raise _refuse(f"malformed pickle: {text}") from None
-    except Exception as exc:  # noqa: BLE001 -- any other failure of a hostile stream is bad input
-        raise _refuse(f"malformed pickle ({type(exc).__name__}: {_short(str(exc))})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,10 +300,29 @@ def convert_network_pickle(data: bytes) -> Conversion:
         raise _refuse(f"cannot convert the network ({type(exc).__name__}: {_short(str(exc))})") from None
 
 
+@dataclasses.dataclass
+class _Network:
+    """The parts of a checked ``Generator`` the conversion reads, and its sizes."""
+
+    g: _Node
+    mapping: _Node
+    blocks: dict[int, _Node]          # resolution → SynthesisBlock
+    res: int
+    w_dim: int
+    n_mlp: int
+    channels: list[int]
+    kernel: int
+    clamps: set = dataclasses.field(default_factory=set)   # the layers' conv_clamp values, noted while converting
+
+
 def _convert(data: bytes) -> Conversion:
-    g = _generator(read_network_pickle(data))
-    g.expect("Generator")
-    _refuse_other_generators(g)
+    net = _network(_generator(read_network_pickle(data)))
+    state = _convert_tensors(net)
+    return Conversion(state, _source(data, net))
+
+
+def _check_sizes(g: _Node) -> int:
+    """The generator's resolution, once its sizes are ones the port draws."""
     z_dim, c_dim, w_dim = g.attr("z_dim", int), g.attr("c_dim", int), g.attr("w_dim", int)
     res, img_channels = g.attr("img_resolution", int), g.attr("img_channels", int)
     if c_dim != 0:
@@ -666,15 +335,11 @@ def _convert(data: bytes) -> Conversion:
     log_res = int(math.log2(res)) if res >= 4 else 0
     if 2**log_res != res:
         raise _refuse(f"img_resolution {res} is not a power of two >= 4")
-    g.only({"mapping", "synthesis"}, set())
-    mapping = g.child("mapping", "MappingNetwork")
-    synthesis = g.child("synthesis", "SynthesisNetwork")
+    return res
 
-    n_mlp = mapping.attr("num_layers", int)
-    if n_mlp < 0:
-        raise _refuse(f"{mapping.path}.num_layers is {n_mlp}")
-    mapping.only({f"fc{i}" for i in range(n_mlp)}, {"w_avg"})
-    resolutions = [2**i for i in range(2, log_res + 1)]
+
+def _skip_blocks(synthesis: _Node, resolutions: list[int]) -> dict[int, _Node]:
+    """The synthesis blocks by resolution, each checked to be a 'skip' block with the port's filter."""
     synthesis.only({f"b{r}" for r in resolutions}, set())
     blocks = {r: synthesis.child(f"b{r}", "SynthesisBlock") for r in resolutions}
     for r, block in blocks.items():
@@ -687,6 +352,23 @@ def _convert(data: bytes) -> Conversion:
         block.only({"conv1", "torgb"} if r == 4 else {"conv0", "conv1", "torgb"},
                    {"const", "resample_filter"} if r == 4 else {"resample_filter"})
         _check_filter(block, "resample_filter")
+    return blocks
+
+
+def _network(g: _Node) -> _Network:
+    """``g`` checked to be a generator the port can draw, with its parts and sizes."""
+    g.expect("Generator")
+    _refuse_other_generators(g)
+    res = _check_sizes(g)
+    g.only({"mapping", "synthesis"}, set())
+    mapping = g.child("mapping", "MappingNetwork")
+    synthesis = g.child("synthesis", "SynthesisNetwork")
+    n_mlp = mapping.attr("num_layers", int)
+    if n_mlp < 0:
+        raise _refuse(f"{mapping.path}.num_layers is {n_mlp}")
+    mapping.only({f"fc{i}" for i in range(n_mlp)}, {"w_avg"})
+    resolutions = [2**i for i in range(2, int(math.log2(res)) + 1)]
+    blocks = _skip_blocks(synthesis, resolutions)
     channels = [blocks[4].shape("const", 3)[0]]
     channels += [blocks[r].child("conv0", "SynthesisLayer").shape("weight", 4)[0] for r in resolutions[1:]]
     kernel = blocks[4].child("conv1", "SynthesisLayer").shape("weight", 4)[-1]
@@ -694,50 +376,59 @@ def _convert(data: bytes) -> Conversion:
         raise _refuse(f"{blocks[4].path}.conv1 has {kernel}x{kernel} kernels; only StyleGAN2's 3x3 are converted")
     if min(channels) < 1:
         raise _refuse(f"{synthesis.path} has a block without channels: {channels}")
+    return _Network(g, mapping, blocks, res, g.attr("w_dim", int), n_mlp, channels, kernel)
 
+
+def _convert_tensors(net: _Network) -> dict[str, torch.Tensor]:
+    """Every tensor in the port's layout, rescaled to the port's conventions (``net.clamps`` noted)."""
+    w_dim, blocks, mapping = net.w_dim, net.blocks, net.mapping
     # The port's own layers, for the scales its forward pass applies (read, never duplicated here).
-    port = StyleGAN2Generator(res, w_dim, n_mlp, channels, kernel)
+    port = StyleGAN2Generator(net.res, w_dim, net.n_mlp, net.channels, net.kernel)
     out: dict[str, torch.Tensor] = {}
-    clamps: set = set()
-    for i in range(n_mlp):
+    clamps = net.clamps
+    for i in range(net.n_mlp):
         _linear(mapping.child(f"fc{i}", "FullyConnectedLayer"), port.style[i + 1], f"style.{i + 1}", "lrelu",
                 (w_dim, w_dim), out)
     if "w_avg" in mapping.tensors():
         out["latent_avg"] = mapping.tensor("w_avg", (w_dim,)).clone()
-    out["input.input"] = blocks[4].tensor("const", (channels[0], 4, 4))[None].clone()
+    out["input.input"] = blocks[4].tensor("const", (net.channels[0], 4, 4))[None].clone()
     _styled(blocks[4].child("conv1", "SynthesisLayer"), port.conv1, "conv1", "noises.noise_0", 4, 1, w_dim, out,
             clamps)
     _to_rgb(blocks[4].child("torgb", "ToRGBLayer"), port.to_rgb1, "to_rgb1", w_dim, out, clamps)
-    for j, r in enumerate(resolutions[1:]):
+    for j, r in enumerate(sorted(blocks)[1:]):
         b = blocks[r]
         _styled(b.child("conv0", "SynthesisLayer"), port.convs[2 * j], f"convs.{2 * j}",
                 f"noises.noise_{2 * j + 1}", r, 2, w_dim, out, clamps)
         _styled(b.child("conv1", "SynthesisLayer"), port.convs[2 * j + 1], f"convs.{2 * j + 1}",
                 f"noises.noise_{2 * j + 2}", r, 1, w_dim, out, clamps)
         _to_rgb(b.child("torgb", "ToRGBLayer"), port.to_rgbs[j], f"to_rgbs.{j}", w_dim, out, clamps)
-
-    expected = StyleGAN2Generator.expected_shapes(res, w_dim, n_mlp, channels, kernel)
+    expected = StyleGAN2Generator.expected_shapes(net.res, w_dim, net.n_mlp, net.channels, net.kernel)
     if "latent_avg" in out:
         expected["latent_avg"] = (w_dim,)
     check_state_dict(ARCH, expected, out)      # a converter bug, not bad input, if this ever fails
+    return out
 
-    fc0 = mapping.children().get("fc0")
-    clamp_values = sorted({float(c) for c in clamps if c is not None})
-    source = {
+
+def _source(data: bytes, net: _Network) -> dict:
+    """The JSON summary of what the pickle held, recorded beside the import."""
+    g = net.g
+    fc0 = net.mapping.children().get("fc0")
+    clamp_values = sorted({float(c) for c in net.clamps if c is not None})
+    return {
         "format": FORMAT,
         "sha256": hashlib.sha256(data).hexdigest(),
         "network": g.path,
-        "z_dim": z_dim, "w_dim": w_dim, "c_dim": c_dim, "img_resolution": res, "img_channels": img_channels,
-        "mapping_layers": n_mlp,
+        "z_dim": g.attr("z_dim", int), "w_dim": net.w_dim, "c_dim": g.attr("c_dim", int),
+        "img_resolution": net.res, "img_channels": g.attr("img_channels", int),
+        "mapping_layers": net.n_mlp,
         "mapping_lr_multiplier": fc0.number("bias_gain") if fc0 is not None else None,
-        "channels": {str(r): c for r, c in zip(resolutions, channels)},
+        "channels": {str(r): c for r, c in zip(sorted(net.blocks), net.channels)},
         "architecture": "skip",
-        "fp16_blocks": [r for r, b in blocks.items() if b.has("use_fp16") and b.attr("use_fp16", bool)],
+        "fp16_blocks": [r for r, b in net.blocks.items() if b.has("use_fp16") and b.attr("use_fp16", bool)],
         "conv_clamp": clamp_values[0] if len(clamp_values) == 1 else (clamp_values or None),
         "init_args": _json(g.obj.state.get("_init_args", [])),
         "init_kwargs": _json(g.obj.state.get("_init_kwargs", {})),
     }
-    return Conversion(out, source)
 
 
 def to_safetensors(conversion: Conversion) -> bytes:
@@ -745,4 +436,3 @@ def to_safetensors(conversion: Conversion) -> bytes:
     meta = {"arch": ARCH, "source": conversion.source}
     tensors = {k: conversion.state[k].contiguous() for k in sorted(conversion.state)}
     return save_safetensors(tensors, metadata={"rulewright": json.dumps(meta, sort_keys=True)})
-

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import json
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from safetensors.torch import load as st_load
@@ -285,6 +285,40 @@ def _batches(seeds: Sequence[int], batch_size: int):
         yield seeds[start : start + batch_size]
 
 
+S = TypeVar("S", SecondMoment, Quantile)
+
+
+def _tally(
+    model: Generator,
+    seeds: Sequence[int],
+    truncation: float,
+    batch_size: int,
+    progress: Progress | None,
+    what: str,                                             # names the work in a cancellation
+    rows_of: Callable[[torch.Tensor], torch.Tensor],       # latents → the layer's maps
+    new_stat: Callable[[int], S],                          # the empty statistic for that many columns
+) -> S:
+    """One statistic over every location of every seed's sample, batch by batch."""
+    progress = progress or Progress()
+    seeds = check_seeds(seeds)
+    model.check_truncation(truncation)
+    stat: S | None = None
+    device = next(model.parameters()).device
+    done = 0
+    with torch.no_grad():
+        for chunk in _batches(seeds, batch_size):
+            progress.check(what)
+            rows = _flatten(rows_of(latents(chunk, model.z_dim).to(device)))
+            if stat is None:
+                stat = new_stat(rows.shape[1])
+            stat.add(rows)
+            done += len(chunk)
+            progress.report("statistics", done, len(seeds))
+    if stat is None:
+        raise ValueError("seeds must not be empty")
+    return stat
+
+
 def key_moment(
     model: Generator,
     layer: str,
@@ -294,25 +328,8 @@ def key_moment(
     progress: Progress | None = None,     # "statistics" events per batch; checked between batches
 ) -> SecondMoment:
     """The second moment of ``layer``'s keys over every location of every seed's sample."""
-    progress = progress or Progress()
-    seeds = check_seeds(seeds)
-    model.check_truncation(truncation)
-    stat: SecondMoment | None = None
-    device = next(model.parameters()).device
-    done = 0
-    with torch.no_grad():
-        for chunk in _batches(seeds, batch_size):
-            progress.check("key statistics")
-            keys = latents_to_keys(model, layer, latents(chunk, model.z_dim).to(device), truncation).key
-            rows = _flatten(keys)
-            if stat is None:
-                stat = SecondMoment(rows.shape[1])
-            stat.add(rows)
-            done += len(chunk)
-            progress.report("statistics", done, len(seeds))
-    if stat is None:
-        raise ValueError("seeds must not be empty")
-    return stat
+    return _tally(model, seeds, truncation, batch_size, progress, "key statistics",
+                  lambda z: latents_to_keys(model, layer, z, truncation).key, SecondMoment)
 
 
 def value_quantiles(
@@ -325,22 +342,5 @@ def value_quantiles(
     progress: Progress | None = None,     # "statistics" events per batch; checked between batches
 ) -> Quantile:
     """Per-unit quantiles of ``layer``'s values over every location of every seed's sample."""
-    progress = progress or Progress()
-    seeds = check_seeds(seeds)
-    model.check_truncation(truncation)
-    stat: Quantile | None = None
-    device = next(model.parameters()).device
-    done = 0
-    with torch.no_grad():
-        for chunk in _batches(seeds, batch_size):
-            progress.check("value statistics")
-            values = latents_to_values(model, layer, latents(chunk, model.z_dim).to(device), truncation)
-            rows = _flatten(values)
-            if stat is None:
-                stat = Quantile(rows.shape[1], capacity)
-            stat.add(rows)
-            done += len(chunk)
-            progress.report("statistics", done, len(seeds))
-    if stat is None:
-        raise ValueError("seeds must not be empty")
-    return stat
+    return _tally(model, seeds, truncation, batch_size, progress, "value statistics",
+                  lambda z: latents_to_values(model, layer, z, truncation), lambda dim: Quantile(dim, capacity))

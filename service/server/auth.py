@@ -17,10 +17,13 @@
 - ``current_principal()``: the authenticated principal of the RPC running on this thread
   (``"anonymous"`` with auth off); the servicers record it as the author of what they change.
 - ``check_auth_config(address, tokens)``: auth may be off only on a loopback address.
+- ``around(behavior, response_streaming, scope)``: a gRPC method's behaviour run inside a context
+  manager (until its stream ends), for interceptors that scope a call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hmac
 import ipaddress
@@ -28,7 +31,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, ContextManager, Iterable
 
 import grpc
 from grpc_status import rpc_status
@@ -230,22 +233,29 @@ def _replace(handler, wrap, streaming_response: bool | None = None) -> grpc.RpcM
                 response_serializer=handler.response_serializer)
 
 
-def _with_principal(handler, principal: str) -> grpc.RpcMethodHandler:
-    def wrap(behavior):
-        if handler.response_streaming:
-            def streaming(request_or_iterator, context):
-                _principal.set(principal)
-                try:
-                    yield from behavior(request_or_iterator, context)
-                finally:                                  # may be closed from another context
-                    _principal.set(ANONYMOUS)
-            return streaming
+def around(behavior, response_streaming: bool, scope: Callable[[], ContextManager]):
+    """``behavior`` (a gRPC method's) run inside ``scope()``; for a stream, until the stream ends."""
+    if response_streaming:
+        def streaming(request_or_iterator, context):
+            with scope():
+                yield from behavior(request_or_iterator, context)
+        return streaming
 
-        def unary(request_or_iterator, context):
-            reset = _principal.set(principal)
-            try:
-                return behavior(request_or_iterator, context)
-            finally:
-                _principal.reset(reset)
-        return unary
-    return _replace(handler, wrap)
+    def unary(request_or_iterator, context):
+        with scope():
+            return behavior(request_or_iterator, context)
+    return unary
+
+
+@contextlib.contextmanager
+def _acting_as(principal: str):
+    _principal.set(principal)
+    try:
+        yield
+    finally:                  # set, not reset: a stream may be closed from another context
+        _principal.set(ANONYMOUS)
+
+
+def _with_principal(handler, principal: str) -> grpc.RpcMethodHandler:
+    return _replace(handler, lambda behavior: around(behavior, handler.response_streaming,
+                                                     lambda: _acting_as(principal)))

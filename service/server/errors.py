@@ -9,7 +9,7 @@
   BadRequest for INVALID_ARGUMENT; PreconditionFailure for FAILED_PRECONDITION).
 - ``rpc(fields=...)``: decorator for unary and server-streaming methods; turns any exception into
   an abort with ``grpc-status-details-bin`` and logs one line per call; store calls the method
-  makes end with the RPC's deadline (``s3store.call_deadline``).
+  makes end with the RPC's deadline (the store contract's ``call_deadline``).
 - ``renamed(names)``: a context that renames error fields where a transport spells them
   differently from the domain.
 
@@ -31,13 +31,12 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from rulewright.registry.s3store import call_deadline
+from rulewright.registry.blobstore import call_deadline
 from rulewright.service.engine.errors import InvalidArgument
-from rulewright.service.errors import Code, Error
+from rulewright.service.errors import DOMAIN, Code, Error
 
 log = logging.getLogger(__name__)
 
-DOMAIN = "rulewright.dev"
 GENERIC_INTERNAL = "internal error; see the server log"
 
 

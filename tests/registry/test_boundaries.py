@@ -57,10 +57,45 @@ def test_codes_are_grpc_status_names():
 def test_errors_carry_reason_domain_and_string_metadata():
     exc = errors.error(Reason.ALIAS_CONFLICT, "moved", current_version=3, etag=None)
     assert isinstance(exc, errors.Aborted) and exc.code is Code.ABORTED
-    assert exc.reason is Reason.ALIAS_CONFLICT and exc.domain == errors.DOMAIN
+    assert exc.reason is Reason.ALIAS_CONFLICT and exc.domain == errors.REGISTRY_DOMAIN
     assert exc.metadata == {"current_version": "3", "etag": ""}
 
 
 def test_a_reason_raised_under_the_wrong_class_is_a_bug_caught_at_once():
     with pytest.raises(TypeError):
         errors.NotFound(Reason.ALIAS_CONFLICT, "wrong class")
+
+
+def test_a_bad_argument_is_the_one_invalid_argument_with_the_registry_reason_and_domain(tmp_path):
+    # One InvalidArgument for every layer: what catches the engine's catches the registry's too,
+    # while the wire still names the registry's reason, domain and field.
+    from rulewright.registry import Registry
+    from rulewright.service.engine import errors as engine_errors
+    from rulewright.service.errors import REGISTRY_DOMAIN, InvalidArgument
+
+    assert errors.InvalidArgument is InvalidArgument is engine_errors.InvalidArgument
+    with pytest.raises(InvalidArgument) as info:
+        Registry.open(str(tmp_path / "s")).get_model("Not_A_Label")
+    exc = info.value
+    assert isinstance(exc, ValueError) and exc.code is Code.INVALID_ARGUMENT
+    assert exc.reason is Reason.INVALID_NAME and exc.domain == REGISTRY_DOMAIN == "registry.rulewright.dev"
+    assert exc.field == "model" and exc.metadata["field"] == "model" and "Not_A_Label" in exc.description
+    via_factory = errors.error(Reason.INVALID_PAGE_SIZE, "must not be negative", field="page_size")
+    assert type(via_factory) is InvalidArgument and via_factory.reason is Reason.INVALID_PAGE_SIZE
+    with pytest.raises(TypeError):                       # an invalid-argument reason only
+        errors.invalid(Reason.ALIAS_CONFLICT, "alias", "wrong code")
+
+
+def test_call_deadline_is_part_of_the_store_contract():
+    from rulewright.registry.blobstore import call_deadline, deadline_left
+
+    assert deadline_left() is None
+    with call_deadline(30.0):
+        outer = deadline_left()
+        assert outer is not None and 0 < outer <= 30.0
+        with call_deadline(None):
+            assert deadline_left() is None
+        with call_deadline(-1.0):                            # a passed deadline counts as none left
+            assert deadline_left() <= 0
+        assert deadline_left() is not None
+    assert deadline_left() is None

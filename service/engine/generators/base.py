@@ -196,6 +196,12 @@ class Generator(nn.Module, abc.ABC):
         if not self.supports_truncation and truncation != 1.0:
             raise ValueError(f"{self.arch} has no truncation trick; truncation must be 1, got {truncation}")
 
+    def check_latents(self, z: torch.Tensor, truncation: float | torch.Tensor = 1.0) -> None:
+        """Reject latents that are not (N, z_dim), and a truncation ``check_truncation`` refuses (ValueError)."""
+        self.check_truncation(truncation)
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"latents must have shape (N, {self.z_dim}), got {tuple(z.shape)}")
+
     def layer_infos(self) -> list[LayerInfo]:
         """Shapes of every rewritable layer, measured once by tracing one latent."""
         if self._layer_infos is None:

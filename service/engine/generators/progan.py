@@ -166,9 +166,7 @@ class ProGANGenerator(Generator):
 
     def forward(self, z: torch.Tensor, truncation: float = 1.0) -> torch.Tensor:
         """Images in [-1, 1], (N, 3, R, R), for latents (N, z_dim)."""
-        self.check_truncation(truncation)
-        if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"latents must have shape (N, {self.z_dim}), got {tuple(z.shape)}")
+        self.check_latents(z, truncation)
         return self.blocks(z[:, :, None, None])
 
     def layer_specs(self) -> list[LayerSpec]:

@@ -6,8 +6,8 @@
 - ``normalize_checkpoint(obj)``: a checkpoint (``{"g_ema": {...}, "latent_avg": ...}`` or flat keys
   prefixed ``g_ema.``) to the flat dict ``from_state_dict`` reads.
 - Building blocks, bottom-up: ``upfirdn2d``, ``make_kernel``, ``PixelNorm``, ``EqualLinear``,
-  ``Blur``, ``Upsample``, ``ModulatedConv2d``, ``NoiseInjection``, ``FusedLeakyReLU``,
-  ``StyledConv``, ``ToRGB``, ``ConstantInput``.
+  ``Blur``, ``Upsample``, ``FusedLeakyReLU`` (from ``stylegan2_ops``), then ``ModulatedConv2d``,
+  ``NoiseInjection``, ``StyledConv``, ``ToRGB``, ``ConstantInput``.
 
 The split that makes a layer rewritable: the port's modulated convolution scales the weight per
 sample, ``W_b = scale · W · s_b`` (modulation along the input axis), then divides each output
@@ -40,146 +40,18 @@ from torch import nn
 
 from rulewright.service.engine import factored
 from rulewright.service.engine.generators.base import Generator, LayerSpec, StateDictMismatch, check_state_dict, require
+from rulewright.service.engine.generators.stylegan2_ops import (Blur, EqualLinear, FusedLeakyReLU, PixelNorm, Upsample,
+                                                                fused_leaky_relu, make_kernel, upfirdn2d)
+
+__all__ = ["ARCH", "BLUR_KERNEL", "Blur", "ConstantInput", "EqualLinear", "FusedLeakyReLU", "ModulatedConv2d",
+           "NoiseInjection", "PixelNorm", "StyleGAN2Generator", "StyledConv", "ToRGB", "Upsample", "fused_leaky_relu",
+           "make_kernel", "normalize_checkpoint", "upfirdn2d"]
 
 ARCH = "stylegan2"
 BLUR_KERNEL = (1, 3, 3, 1)          # the port's only blur kernel; its buffers are (4, 4)
 MEAN_LATENT_SAMPLES = 4096          # the port's sampling script's truncation_mean
 MEAN_LATENT_SEED = 0
 _RGB = 3
-
-
-# ---------------------------------------------------------------------------------------------
-# Resampling
-
-
-def make_kernel(taps: Sequence[float]) -> torch.Tensor:
-    """A separable 2-d FIR kernel from 1-d taps (outer product), normalized to sum 1."""
-    k = torch.tensor(taps, dtype=torch.float32)
-    k = k[None, :] * k[:, None]
-    return k / k.sum()
-
-
-def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """Upsample by zero insertion, zero-pad, filter — each channel separately.
-
-    ``x`` (N, C, H, W); every pixel is followed by ``up - 1`` zeros along each spatial axis, each
-    side is padded by ``pad[0]`` before and ``pad[1]`` after (negative crops), and the result is
-    correlated with the flipped ``kernel`` (i.e. convolved with it), no padding.
-    """
-    n, c, h, w = x.shape
-    if up > 1:
-        x = x.reshape(n, c, h, 1, w, 1)
-        x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
-        x = x.reshape(n, c, h * up, w * up)
-    x = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
-    kh, kw = kernel.shape
-    weight = torch.flip(kernel, [0, 1]).to(x.dtype)[None, None].expand(c, 1, kh, kw)
-    return F.conv2d(x, weight, groups=c)
-
-
-class Blur(nn.Module):
-    """Low-pass filter after a transposed convolution (keys: ``kernel``)."""
-
-    def __init__(
-        self,
-        taps: Sequence[float],          # 1-d filter taps
-        pad: tuple[int, int],           # zero padding before / after, per spatial side
-        upsample_factor: int = 1,       # the preceding upsampling, whose zeros cost gain factor**2
-    ):
-        super().__init__()
-        self.register_buffer("kernel", make_kernel(taps) * upsample_factor**2)
-        self.pad = tuple(pad)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upfirdn2d(x, self.kernel, up=1, pad=self.pad)
-
-    def extra_repr(self) -> str:
-        return f"kernel={tuple(self.kernel.shape)}, pad={self.pad}"
-
-
-class Upsample(nn.Module):
-    """Filtered ×``factor`` upsampling of the RGB skip path (keys: ``kernel``)."""
-
-    def __init__(
-        self,
-        taps: Sequence[float],          # 1-d filter taps
-        factor: int = 2,                # upsampling factor
-    ):
-        super().__init__()
-        self.factor = factor
-        self.register_buffer("kernel", make_kernel(taps) * factor**2)
-        p = len(taps) - factor
-        self.pad = ((p + 1) // 2 + factor - 1, p // 2)   # output exactly factor × input
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
-
-    def extra_repr(self) -> str:
-        return f"factor={self.factor}, kernel={tuple(self.kernel.shape)}, pad={self.pad}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Equalized layers and activations
-
-
-class PixelNorm(nn.Module):
-    """Normalize each latent to unit root-mean-square (no parameters)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(torch.mean(x * x, dim=1, keepdim=True) + 1e-8)
-
-
-def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope: float = 0.2,
-                     scale: float = math.sqrt(2)) -> torch.Tensor:
-    """``leaky_relu(x + bias) · scale``, with ``bias`` broadcast along axis 1."""
-    shape = (1, bias.shape[0]) + (1,) * (x.ndim - 2)
-    return F.leaky_relu(x + bias.reshape(shape), negative_slope) * scale
-
-
-class FusedLeakyReLU(nn.Module):
-    """Bias, leaky ReLU and gain ``sqrt(2)`` in one (keys: ``bias``)."""
-
-    def __init__(
-        self,
-        channels: int,                  # length of the bias (axis 1 of the input)
-    ):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_leaky_relu(x, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.bias.shape[0]}"
-
-
-class EqualLinear(nn.Module):
-    """Linear layer with equalized learning rate: weights stored unscaled, scaled at run time
-    (keys: ``weight`` (out, in), ``bias`` (out,))."""
-
-    def __init__(
-        self,
-        in_dim: int,                    # input features
-        out_dim: int,                   # output features
-        bias_init: float = 0.0,         # initial bias (1 for modulations: styles start at identity)
-        lr_mul: float = 1.0,            # learning-rate multiplier baked into both weight and bias
-        activation: bool = False,       # follow with the fused leaky ReLU
-    ):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_dim, in_dim) / lr_mul)
-        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
-        self.scale = lr_mul / math.sqrt(in_dim)
-        self.lr_mul = lr_mul
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation:
-            return fused_leaky_relu(F.linear(x, self.weight * self.scale), self.bias * self.lr_mul)
-        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
-
-    def extra_repr(self) -> str:
-        out_dim, in_dim = self.weight.shape
-        return f"in={in_dim}, out={out_dim}, lr_mul={self.lr_mul}, activation={self.activation}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,9 +435,7 @@ class StyleGAN2Generator(Generator):
 
     def forward(self, z: torch.Tensor, truncation: float | torch.Tensor = 1.0) -> torch.Tensor:
         """Images (N, 3, size, size) for latents (N, style_dim); ``truncation`` in [0, 1], or (N,) of them."""
-        self.check_truncation(truncation)
-        if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"latents must have shape (N, {self.z_dim}), got {tuple(z.shape)}")
+        self.check_latents(z, truncation)
         return self.synthesize(self.mapping(z, truncation))
 
     def mapping(self, z: torch.Tensor, truncation: float | torch.Tensor = 1.0) -> torch.Tensor:
