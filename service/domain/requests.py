@@ -222,14 +222,18 @@ class RewriteRequest:
     request_id: str | None = None                # a retry with the same id returns the earlier version
     dry_run: bool = False
     preview_seeds: Sequence[int] = ()            # render these with the edit applied
+    _parsed: EditDraft | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def typed(self, limits: Limits) -> "RewriteRequest":
-        """This request with its spec parsed (a JSON spec checked before its masks are decoded, once)."""
+        """This request with its spec parsed (a JSON spec checked before its masks are decoded,
+        once however often it is asked)."""
         if isinstance(self.spec, EditDraft):
             return self
         if not isinstance(self.spec, dict):
             raise InvalidArgument("spec", f"must be an object (an edit spec), got {type(self.spec).__name__}")
-        return dataclasses.replace(self, spec=parse_spec(limits, self.spec))
+        if self._parsed is None:
+            object.__setattr__(self, "_parsed", parse_spec(limits, self.spec))
+        return dataclasses.replace(self, spec=self._parsed)
 
     def check(self, limits: Limits) -> None:
         """Preview seeds and the spec's regions, samples and search against their bounds.

@@ -92,6 +92,8 @@ def test_a_typed_reference_resolves_and_checks_without_text(tmp_path):
         call = rewrite_request_json({"model": "tiny", "version": 1, "spec": TINY_SPEC}, "a", domain.limits)
         checked = domain.check_edit(call.spec, call.model)
         assert checked.layer == "main.6" and checked.rank == 2 and checked.copy.box == (8, 8, 16, 16)
-        assert isinstance(RewriteRequest("tiny", TINY_SPEC).typed(domain.limits).spec, EditDraft)
+        as_json = RewriteRequest("tiny", TINY_SPEC)
+        assert isinstance(as_json.typed(domain.limits).spec, EditDraft)
+        assert as_json.typed(domain.limits).spec is as_json.typed(domain.limits).spec     # parsed once
     finally:
         domain.close()
