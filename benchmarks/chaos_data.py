@@ -66,10 +66,10 @@ def _tiny_weights(workdir: Path) -> Path:
 def _rewrite(server: Server) -> str:
     """A dry-run Rewrite over the job's samples: its status code name (and whether the error names the copy)."""
     spec = edit_pb2.EditSpec(
-        layer=LAYER, rank=2, goal=edit_pb2.EditSpec.GOAL_VALUE, steps=20,
+        layer=LAYER, rank=2, goal="value", steps=20,
         stats=edit_pb2.StatisticsSpec(samples=SAMPLES), keep=edit_pb2.KeepSpec(weight=0.0),
-        copy=images_pb2.Region(seed=1, box=images_pb2.Box(x0=8, y0=8, x1=16, y1=16)),
-        paste=[images_pb2.Region(seed=2, box=images_pb2.Box(x0=8, y0=8, x1=16, y1=16))])
+        copy=images_pb2.Region(seed=1, box=[8, 8, 16, 16]),
+        paste=[images_pb2.Region(seed=2, box=[8, 8, 16, 16])])
     try:
         list(gen_grpc.GeneratorServiceStub(server.channel).Rewrite(
             gen.RewriteRequest(model=f"{MODEL}/1", spec=spec, dry_run=True), timeout=BOUND_S))

@@ -35,7 +35,7 @@ from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc
 SCENARIO = "no-op rewrite"
 # (label, spec changes): the budgets that stored a version identical to its parent before.
 CASES = [("steps 3", {"steps": 3}), ("steps 5", {"steps": 5}), ("steps 10", {"steps": 10}),
-         ("single lr 0.1 steps 100", {"method": edit_pb2.EditSpec.METHOD_SINGLE, "lr": 0.1, "steps": 100})]
+         ("single lr 0.1 steps 100", {"method": "single", "lr": 0.1, "steps": 100})]
 DEADLINE_S = 300.0             # one Rewrite gives up after this long
 STATS_SAMPLES = 200            # fewer than the spec's 1,000: the statistic is not what is measured here
 
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def glasses_spec(**change) -> edit_pb2.EditSpec:
     """The shipped glasses edit as the API's EditSpec (unset fields: the server's defaults), changed."""
     d = json.loads((REPO / "examples" / "edits" / "glasses.json").read_text())
-    box = lambda b: images_pb2.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])   # noqa: E731
+    box = list
     return edit_pb2.EditSpec(layer=d["layer"], stats=edit_pb2.StatisticsSpec(samples=STATS_SAMPLES),
                              copy=images_pb2.Region(seed=d["copy"]["seed"], box=box(d["copy"]["box"])),
                              paste=[images_pb2.Region(seed=p["seed"], box=box(p["box"])) for p in d["paste"]],

@@ -49,9 +49,9 @@ DEADLINES_S = (0.05, 0.4)
 SAMPLERS = 32
 SAMPLE_DEADLINE_S = 10.0
 REWRITE_DEADLINE_S = 120.0
-BOX = images_pb2.Box(x0=24, y0=24, x1=40, y1=40)
+BOX = [24, 24, 40, 40]
 REWRITE = gen.RewriteRequest(model=f"{MODEL}/1", dry_run=True, spec=edit_pb2.EditSpec(
-    layer="main.6", rank=1, goal=edit_pb2.EditSpec.GOAL_VALUE, steps=30, stats=edit_pb2.StatisticsSpec(samples=256),
+    layer="main.6", rank=1, goal="value", steps=30, stats=edit_pb2.StatisticsSpec(samples=256),
     keep=edit_pb2.KeepSpec(weight=0.0), copy=images_pb2.Region(seed=1, box=BOX),
     paste=[images_pb2.Region(seed=2, box=BOX)]))
 

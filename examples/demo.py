@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from tqdm import tqdm
@@ -44,25 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def region_pb(d: dict) -> images_pb2.Region:
-    """An edit-spec region (``{"seed", "box": [x0, y0, x1, y1]}``) as the API's Region."""
-    if "box" not in d:
-        raise SystemExit("this demo sends box regions only")
-    x0, y0, x1, y1 = d["box"]
-    return images_pb2.Region(seed=d["seed"], box=images_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1))
-
-
 def spec_pb(d: dict) -> edit_pb2.EditSpec:
-    """An edit spec JSON (examples/edits/*.json) as the API's EditSpec (unset fields: server defaults)."""
-    spec = edit_pb2.EditSpec(layer=d.get("layer", ""), rank=d.get("rank", 0), steps=d.get("steps", 0),
-                             description=d.get("description", ""))
-    if "strength" in d:
-        spec.strength = float(d["strength"])
-    if "copy" in d:
-        spec.copy.CopyFrom(region_pb(d["copy"]))
-    spec.paste.extend(region_pb(r) for r in d.get("paste", []))
-    spec.context.extend(region_pb(r) for r in d.get("context", []))
-    return spec
+    """An edit spec JSON (examples/edits/*.json) as the API's EditSpec: the file is the message's
+    JSON form (unset fields: server defaults)."""
+    return json_format.ParseDict(d, edit_pb2.EditSpec())
 
 
 def grid(images: list[Image.Image], columns: int = 8, scale: int = 2) -> Image.Image:

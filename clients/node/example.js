@@ -5,7 +5,7 @@
 
 import { parseArgs } from 'node:util';
 
-import { createClient, getModel, listVersions, sample, statusName, timestampToISO } from './index.js';
+import { createClient, describeOrigin, getModel, listVersions, sample, statusName, timestampToISO } from './index.js';
 
 const USAGE = 'usage: node example.js --address HOST:PORT [--token T] [--model faces] [--seeds 0,1,2] [--tls]';
 
@@ -49,6 +49,7 @@ async function main() {
       const parent = Number(v.parent_version) ? `parent ${v.parent_version}` : 'no parent';
       const kind = v.kind.replace('KIND_', '').toLowerCase();
       console.log(`  ${v.name}  ${kind}  ${parent}  ${timestampToISO(v.create_time)}  by ${v.author || '?'}`);
+      console.log(`    ${describeOrigin(v)}`);
     }
 
     const model = await getModel(client, modelId);

@@ -253,6 +253,30 @@ export function getModel(client, model) {
 }
 
 /**
+ * A region of an edit spec as text: `seed [x0,y0,x1,y1]`, or `seed (mask WxH)`.
+ * @param {{seed: string, box: number[], mask?: {width: number, height: number}|null}} region
+ */
+function regionText(region) {
+  return region.box.length ? `${region.seed} [${region.box.join(',')}]` : `${region.seed} (mask ${region.mask.width}x${region.mask.height})`;
+}
+
+/**
+ * How a version was made, in one line: an edit's op, layer and regions (its structured `spec`,
+ * rulewright.v1.EditSpec), or where an import's weights came from (`source_json`).
+ * @param {object} version a rulewright.v1.Version message
+ * @returns {string}
+ */
+export function describeOrigin(version) {
+  if (version.origin !== 'spec') return `imported from ${version.source_json || '{}'}`;
+  const spec = version.spec;
+  const parts = [`${spec.op || 'rewrite'} layer ${spec.layer || '(default)'}`];
+  if (spec.copy) parts.push(`copy ${regionText(spec.copy)}`);
+  if (spec.paste.length) parts.push(`paste ${spec.paste.map(regionText).join('; ')}`);
+  if (spec.context.length) parts.push(`context ${spec.context.map(regionText).join('; ')}`);
+  return parts.join(', ');
+}
+
+/**
  * A google.protobuf.Timestamp as an ISO 8601 string ('' when unset).
  * @param {{seconds: string, nanos: number} | null | undefined} ts
  */

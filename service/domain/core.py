@@ -39,7 +39,6 @@ hooks never reach the samples other requests draw meanwhile.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -60,7 +59,7 @@ from rulewright.service.engine import delta as delta_codec
 from rulewright.service.engine import dissect
 from rulewright.service.engine.device import configure_determinism, select_device
 from rulewright.service.engine.errors import InvalidArgument
-from rulewright.service.engine.edit import Edit, EditSpec, check_improved
+from rulewright.service.engine.edit import Edit, EditDraft, EditSpec, check_improved
 from rulewright.service.engine.progress import Progress
 from rulewright.service.engine.generators.base import Generator
 from rulewright.service.engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
@@ -69,10 +68,10 @@ from rulewright.service.engine.rewrite import rewritable_layers, rewrite as engi
 from rulewright.service.domain.batching import SampleBatcher
 from rulewright.service.domain.catalog import Catalog
 from rulewright.service.domain.residency import Residency, Resident
-from rulewright.service.domain.limits import Limits, check_images
+from rulewright.service.domain.limits import Limits, check_images, fields_within, parse_spec
 from rulewright.service.domain.requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, ModelSummary, RewriteRequest,
                        RewriteResult, SampleRequest, SampleResult, SearchRequest, SearchResult, StatisticResult,
-                       StatisticsRequest)
+                       StatisticsRequest, VersionRef)
 from rulewright.service.domain.statistics import KEY_MOMENT, VALUE_QUANTILE, NotCached, StatisticCorrupt, Statistics
 from rulewright.service.engine.sampling import check_latents, latents, to_uint8
 from rulewright.service.engine.search import direction_for, response_threshold, search
@@ -81,6 +80,12 @@ from rulewright.service.engine.stats import SecondMoment
 log = logging.getLogger(__name__)
 
 _NUMBERED = re.compile(r"^([^/@]+)/([0-9]+)$")     # model/N: a version by number
+
+
+def _numbered(ref: str) -> VersionRef | None:
+    """``model/N`` as a VersionRef; None for an alias, a bare model or anything else."""
+    m = _NUMBERED.match(ref) if isinstance(ref, str) else None
+    return VersionRef(m.group(1), int(m.group(2))) if m else None
 
 
 class Domain(Catalog):
@@ -203,37 +208,39 @@ class Domain(Catalog):
             self.registry.set_alias(name, alias, 1, expected_version=None, author=author, reason="bootstrap")
         return self.registry.resolve(f"{name}@{alias}")
 
-    def resolve(self, ref: str) -> Version:
+    def resolve(self, ref: str | VersionRef) -> Version:
         """One immutable version for a reference (registry errors pass through).
 
-        A version named by number that is resident keeps serving while the store is unreachable
-        (versions are immutable; the store would only say whether it was deleted): once the store
-        is marked down it is not asked at all, and before that its answer is awaited for at most
-        ``resident_check_s`` (a store that can hang: S3). Aliases and "newest" need the store and
-        stay UNAVAILABLE.
+        A version named by number (``faces/3``, or a ``VersionRef``) that is resident keeps
+        serving while the store is unreachable (versions are immutable; the store would only say
+        whether it was deleted): once the store is marked down it is not asked at all, and before
+        that its answer is awaited for at most ``resident_check_s`` (a store that can hang: S3).
+        Aliases and "newest" need the store and stay UNAVAILABLE.
         """
-        m = _NUMBERED.match(ref) if isinstance(ref, str) else None
-        hit = self._residency.peek(m.group(1), int(m.group(2))) if m else None
+        numbered = ref if isinstance(ref, VersionRef) else _numbered(ref)
+        lookup = ((lambda: self.registry.get_version(numbered.model, numbered.number)) if isinstance(ref, VersionRef)
+                  else (lambda: self.registry.resolve(ref)))
+        hit = self._residency.peek(numbered.model, numbered.number) if numbered else None
         if hit is not None:
             if not self.registry.store.available():
                 return hit.version
             if hasattr(self.registry.store, "probe"):     # a store across a network, which can hang
-                return self._confirm(ref, hit)
+                return self._confirm(lookup, hit)
         try:
-            return self.registry.resolve(ref)
+            return lookup()
         except Unavailable:
-            hit = hit or (self._residency.peek(m.group(1), int(m.group(2))) if m else None)
+            hit = hit or (self._residency.peek(numbered.model, numbered.number) if numbered else None)
             if hit is None:
                 raise
             return hit.version
 
-    def _confirm(self, ref: str, hit: Resident) -> Version:
-        """``ref`` resolved by the store (a deletion shows as NOT_FOUND), or the resident version if
-        the store fails or has not answered within ``resident_check_s``."""
+    def _confirm(self, lookup, hit: Resident) -> Version:
+        """The store's answer (``lookup()``: a deletion shows as NOT_FOUND), or the resident version
+        if the store fails or has not answered within ``resident_check_s``."""
         try:
-            call = self._checks.submit(contextvars.copy_context().run, self.registry.resolve, ref)  # with the RPC's deadline
+            call = self._checks.submit(contextvars.copy_context().run, lookup)  # with the RPC's deadline
         except RuntimeError:              # closed: a last request of a server that is stopping
-            return self.registry.resolve(ref)
+            return lookup()
         try:
             return call.result(timeout=self.resident_check_s)
         except (concurrent.futures.TimeoutError, Unavailable):
@@ -365,6 +372,7 @@ class Domain(Catalog):
         ``progress`` (a cancellation) or any error creates nothing, and a fit that never did better
         than no edit is refused (``EditDidNotImprove``), a dry run too.
         """
+        request = request.typed(self.limits)          # a JSON spec parsed here, once
         request.check(self.limits)
         progress = progress or Progress()
         parent = self.resolve(request.model)
@@ -386,7 +394,7 @@ class Domain(Catalog):
                                              checked.truncation, progress=progress, field="spec.stats.samples")
                        for name in rewritable_layers(model, checked) if name != checked.layer}
         private = res.hookable()        # the engine hooks it while it gathers keys and values
-        with _fields_within("spec"):
+        with fields_within("spec"):
             edit = engine_rewrite(private, checked, moment=moment, progress=progress, moments=moments)
         check_improved(edit)            # a fit that stayed at no edit is refused, dry or not, before any write
         previews = None
@@ -402,12 +410,14 @@ class Domain(Catalog):
             metrics=_json_metrics(edit.metrics), author=request.author, request_id=request.request_id)
         return RewriteResult(parent, version, edit, previews)
 
-    def check_edit(self, spec: dict, model: Generator | str) -> EditSpec:
-        """An edit spec checked against a model (a generator or a reference); errors name ``spec.<field>``."""
-        if isinstance(model, str):
+    def check_edit(self, spec: EditDraft | dict, model: Generator | str | VersionRef) -> EditSpec:
+        """An edit spec (parsed, or its JSON form) checked against a model (a generator or a
+        reference); errors name ``spec.<field>``."""
+        if not isinstance(model, Generator):
             model = self._resident_for(model).model
-        with _fields_within("spec"):
-            return EditSpec.from_json(spec, model)
+        draft = spec if isinstance(spec, EditDraft) else parse_spec(self.limits, spec)
+        with fields_within("spec"):
+            return EditSpec.complete(draft, model)
 
     def search(self, request: SearchRequest, progress: Progress | None = None) -> SearchResult:
         """The best matches for context regions, and the threshold that highlights them.
@@ -558,17 +568,6 @@ def lineages(registry: Registry, versions: Sequence[Version]) -> list[list[int]]
 
     return [lineage(v.model, v.number) for v in versions]
 
-
-
-@contextlib.contextmanager
-def _fields_within(parent: str):
-    """The engine names a spec's fields relative to the spec; requests hold it as ``parent``."""
-    try:
-        yield
-    except InvalidArgument as exc:
-        if exc.field == parent or exc.field.startswith(parent + "."):
-            raise
-        raise InvalidArgument(f"{parent}.{exc.field}", exc.description) from None
 
 
 def _stats_job_command(version: Version, layer: str, samples: int, seed_start: int, truncation: float) -> str:

@@ -7,24 +7,27 @@
 - ``check_count(n, limit, field, what, setting)``: a count against one cap.
 - ``check_images(limits, n, field, resolution)``: a count of images, and the size of the reply
   they make (raw RGB8, the larger encoding) against the message limit.
-- ``check_samples``, ``check_search_spec``, ``check_spec``, ``check_region_json``: a statistic's
-  samples, an edit's target search, an edit spec in its JSON form (regions, samples, search, the
-  declared and inflated size of each mask), one JSON region's mask.
+- ``check_samples``, ``check_search_spec``: a statistic's samples, an edit's target search.
+- ``check_mask_pixels``: a mask's declared size, before it is decoded (the transports call it
+  for their own messages' masks); ``check_region_json``: one JSON region's mask.
 - ``check_spec_regions``: an edit spec's region count, naming the list that crosses the cap.
+- ``check_spec`` (an edit spec in its JSON form, before anything in it is decoded: regions,
+  samples, search, each mask's declared size), ``parse_spec`` (checked, then parsed into an
+  ``EditDraft``), ``check_draft`` (a parsed spec); ``fields_within``: the engine's field names
+  under the request's (``spec.copy.mask``).
 
-The transports' checks of their own messages live in ``server/limits.py`` and build on these.
 Every refusal is an engine ``InvalidArgument`` whose description names the setting.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import dataclasses
-import math
-import zlib
 from typing import Any
 
+from rulewright.service.engine.edit import REGION_LISTS, EditDraft
 from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.engine.regions import mask_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,45 +110,70 @@ def check_spec_regions(limits: Limits, counts: dict[str, int], copy: bool, prefi
     check_count(total, limits.max_regions, field, "regions (copy, paste, context and found)", "max_regions")
 
 
+def check_mask_pixels(limits: Limits, field: str, width: int, height: int) -> None:
+    """A mask's declared width x height at most ``max_mask_pixels`` (checked before it is decoded)."""
+    if width * height > limits.max_mask_pixels:
+        raise InvalidArgument(field, f"a mask of {width}x{height} is over {limits.max_mask_pixels:,} pixels "
+                              "(server setting max_mask_pixels)")
+
+
+def check_settings(limits: Limits, settings: dict, prefix: str = "spec") -> None:
+    """An edit spec's statistics samples and context search, as given."""
+    stats = settings.get("stats")
+    if isinstance(stats, dict) and isinstance(stats.get("samples"), int):
+        check_samples(limits, stats["samples"], f"{prefix}.stats.samples")
+    search = settings.get("search")
+    if isinstance(search, dict):
+        check_search_spec(limits, search.get("targets"), search.get("candidates"), f"{prefix}.search")
+
+
+def check_draft(limits: Limits, draft: EditDraft, prefix: str = "spec") -> None:
+    """A parsed edit spec (``EditDraft``): its regions, statistics samples and search."""
+    check_spec_regions(limits, {key: len(getattr(draft, key) or ()) for key in REGION_LISTS},
+                       draft.copy is not None, prefix)
+    check_settings(limits, draft.settings, prefix)
+
+
 def check_spec(limits: Limits, spec: Any, prefix: str = "spec") -> None:
-    """An edit spec in its JSON form: regions, statistics samples and the declared size of each mask."""
+    """An edit spec in its JSON form, before anything in it is decoded: regions, statistics
+    samples, search and the declared size of each mask."""
     if not isinstance(spec, dict):
         return                                   # the engine's own check names the problem
     regions: list[tuple[str, Any]] = []
     if spec.get("copy") is not None:
         regions.append((f"{prefix}.copy", spec["copy"]))
-    for key in ("paste", "context", "found"):
+    for key in REGION_LISTS:
         items = spec.get(key)
         if isinstance(items, list):
             regions += [(f"{prefix}.{key}[{i}]", r) for i, r in enumerate(items)]
     check_spec_regions(limits, {key: len(spec[key]) if isinstance(spec.get(key), list) else 0
-                                for key in ("paste", "context", "found")}, spec.get("copy") is not None, prefix)
-    stats = spec.get("stats")
-    if isinstance(stats, dict) and isinstance(stats.get("samples"), int):
-        check_samples(limits, stats["samples"], f"{prefix}.stats.samples")
-    search = spec.get("search")
-    if isinstance(search, dict):
-        check_search_spec(limits, search.get("targets"), search.get("candidates"), f"{prefix}.search")
+                                for key in REGION_LISTS}, spec.get("copy") is not None, prefix)
+    check_settings(limits, spec, prefix)
     for field, region in regions:
         check_region_json(limits, region, field)
 
 
 def check_region_json(limits: Limits, region: Any, field: str) -> None:
-    """A JSON region's mask: its declared size at most ``max_mask_pixels`` (before it is inflated)."""
-    mask = region.get("mask") if isinstance(region, dict) else None
-    size = mask.get("size") if isinstance(mask, dict) else None
-    if not (isinstance(size, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
-        return                                   # malformed: the engine's decoder names it
-    pixels = math.prod(size)
-    if pixels > limits.max_mask_pixels:
-        raise InvalidArgument(f"{field}.mask", f"a mask of {'x'.join(map(str, size))} is over "
-                              f"{limits.max_mask_pixels:,} pixels (server setting max_mask_pixels)")
-    # A small body can inflate to gigabytes: inflate at most one byte past the declared size first.
+    """A JSON region's mask: its declared size at most ``max_mask_pixels`` (the decoder never
+    inflates past the declared size)."""
+    size = mask_size(region.get("mask")) if isinstance(region, dict) and region.get("mask") is not None else None
+    if size is not None:
+        check_mask_pixels(limits, f"{field}.mask", size[1], size[0])
+
+
+def parse_spec(limits: Limits, spec: Any, prefix: str = "spec") -> EditDraft:
+    """An edit spec's JSON form checked (``check_spec``) and then parsed, its masks decoded once."""
+    check_spec(limits, spec, prefix)
+    with fields_within(prefix):
+        return EditDraft.from_json(spec)
+
+
+@contextlib.contextmanager
+def fields_within(parent: str):
+    """The engine names a spec's fields relative to the spec; requests hold it as ``parent``."""
     try:
-        data = base64.b64decode(mask.get("data") or "", validate=True)
-        inflated = zlib.decompressobj().decompress(data, max(pixels, 0) + 1)
-    except (TypeError, ValueError, zlib.error):
-        return                                   # malformed: the engine's decoder names it
-    if len(inflated) > pixels:
-        raise InvalidArgument(f"{field}.mask", f"inflates to more than the {'x'.join(map(str, size))} its size "
-                              "declares")
+        yield
+    except InvalidArgument as exc:
+        if exc.field == parent or exc.field.startswith(parent + "."):
+            raise
+        raise InvalidArgument(f"{parent}.{exc.field}", exc.description) from None

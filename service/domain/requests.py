@@ -7,7 +7,9 @@ any work, and ``Domain`` calls it first):
 - ``SearchRequest``: the samples whose keys best match a context.
 - ``DissectRequest``: a layer's units ranked against regions.
 - ``StatisticsRequest``: a layer's key moment or value quantiles, into the shared cache.
-- ``RewriteRequest``: an edit spec (the ``examples/edits/*.json`` form) run on a version.
+- ``RewriteRequest``: an edit spec run on a version: an ``EditDraft`` a transport built once
+  (its regions decoded), or the JSON form (``examples/edits/*.json``), parsed by ``typed``.
+- ``VersionRef``: a version by model and number, for a transport that holds them apart.
 - ``AliasRequest``: move (or unset) an alias under a compare-and-set expectation.
 
 Results: ``ModelSummary``, ``SampleResult``, ``LayersResult``, ``SearchResult``, ``DissectResult``,
@@ -32,14 +34,14 @@ from rulewright.registry.manifests import AliasState, Model, Version
 from rulewright.registry.stats_cache import StatsKey
 
 from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention, UnitScore
-from rulewright.service.engine.edit import Edit
+from rulewright.service.engine.edit import Edit, EditDraft
 from rulewright.service.engine.errors import InvalidArgument
 # The progress long work reports and takes its cancellation from: transports import it from here.
 from rulewright.service.engine.progress import Event, Progress  # noqa: F401
 from rulewright.service.engine.regions import Region
 from rulewright.service.engine.search import Match
 from rulewright.service.engine.stats import Stat
-from rulewright.service.domain.limits import Limits, check_count, check_images, check_samples, check_spec
+from rulewright.service.domain.limits import Limits, check_count, check_draft, check_images, check_samples, parse_spec
 from rulewright.service.domain.statistics import KEY_MOMENT, VALUE_QUANTILE
 
 MAX_SEED = 2**63 - 1
@@ -201,27 +203,49 @@ class StatisticsRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class VersionRef:
+    """One version by model and number: a reference a transport already holds apart, never
+    joined into text and parsed back."""
+
+    model: str
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.model}/{self.number}"
+
+
+@dataclasses.dataclass(frozen=True)
 class RewriteRequest:
     """Run the edit ``spec`` on ``model`` and store the result as a new version (unless ``dry_run``)."""
 
-    model: str
-    spec: dict                                   # the examples/edits/*.json form
+    model: str | VersionRef                      # faces, faces@production, faces/3, or a VersionRef
+    spec: EditDraft | dict                       # parsed, its regions decoded; or the JSON form (``typed``)
     author: str = "anonymous"
     request_id: str | None = None                # a retry with the same id returns the earlier version
     dry_run: bool = False
     preview_seeds: Sequence[int] = ()            # render these with the edit applied
+    _parsed: EditDraft | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def typed(self, limits: Limits) -> "RewriteRequest":
+        """This request with its spec parsed (a JSON spec checked before its masks are decoded,
+        once however often it is asked)."""
+        if isinstance(self.spec, EditDraft):
+            return self
+        if not isinstance(self.spec, dict):
+            raise InvalidArgument("spec", f"must be an object (an edit spec), got {type(self.spec).__name__}")
+        if self._parsed is None:
+            object.__setattr__(self, "_parsed", parse_spec(limits, self.spec))
+        return dataclasses.replace(self, spec=self._parsed)
 
     def check(self, limits: Limits) -> None:
-        """Preview seeds and the spec's regions, samples, search and masks against their bounds.
+        """Preview seeds and the spec's regions, samples and search against their bounds.
 
         The spec's meaning (layers, ranks, regions inside the image) is the engine's to check,
         once the model is known.
         """
         check_images(limits, len(self.preview_seeds), "preview_seeds")
         _seeds(self.preview_seeds, "preview_seeds")
-        if not isinstance(self.spec, dict):
-            raise InvalidArgument("spec", f"must be an object (an edit spec), got {type(self.spec).__name__}")
-        check_spec(limits, self.spec)
+        check_draft(limits, self.typed(limits).spec)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,13 @@
 """Edit specs, edits, and applying them to a loaded model.
 
+- ``EditDraft``: a spec as given, its regions decoded once (``EditDraft.from_json(d)`` parses the
+  JSON form; a transport may build one from its own message).
 - ``EditSpec``: the complete, JSON-serializable description of an edit (every default filled in),
-  replayable on another version of the model. ``EditSpec.from_json(d, model)`` validates and
-  completes a user's spec; ``to_json()`` gives back the full form.
+  replayable on another version of the model. ``EditSpec.complete(draft, model)`` migrates what
+  an earlier release recorded, fills in the defaults and checks the bounds;
+  ``EditSpec.from_json(d, model)`` is parse then complete; ``to_json()`` gives back the full form
+  (the JSON form of the API's EditSpec, what a version records).
+- ``upgrade_json(d)``: a first-release spec's JSON in today's shape (its masks, ``found_given``).
 - ``Edit``: the result — low-rank deltas, the layer, the spec, metrics.
 - ``check_improved(edit)``: ``EditDidNotImprove`` for a fit that ended at no edit (its parent's pictures).
 - ``apply_edit(model, edit)`` → ``AppliedEdit``: changes the weights in place; ``remove()``
@@ -23,7 +28,7 @@ import torch
 from rulewright.service.engine.delta import LowRankDelta
 from rulewright.service.engine.errors import EditDidNotImprove, InvalidArgument
 from rulewright.service.engine.generators.base import Generator
-from rulewright.service.engine.regions import Region
+from rulewright.service.engine.regions import Region, upgrade_region
 
 OPS = ("rewrite", "erase", "zero")
 GOALS = ("image", "value")
@@ -89,6 +94,11 @@ _LEGACY = {"method": "single", "search": {"targets": 0}}   # and strength 1, the
 _LEGACY_FIT = {"batch": 0, "feather": 0.0, "edges": 0.0}
 
 
+# The fields of a spec that are not regions, and its lists of regions.
+SETTINGS = frozenset(DEFAULTS) | {"layer", "model", "name", "description"}
+REGION_LISTS = ("paste", "context", "found")
+
+
 def _merge(defaults: dict, given: dict, field: str) -> dict:
     unknown = set(given) - set(defaults)
     if unknown:
@@ -104,6 +114,186 @@ def _number(spec: dict, key: str, kind: type, lo: float, hi: float, field: str) 
         raise InvalidArgument(field, f"must be {'an integer' if kind is int else 'a number'}, got {v!r}")
     if not lo <= v <= hi or v != v:
         raise InvalidArgument(field, f"must lie in [{lo}, {hi}], got {v}")
+
+
+def upgrade_json(spec: dict) -> dict:
+    """A spec's JSON in today's shape: first-release masks rewritten (bytes unchanged), and
+    ``found_given`` set where a ``found`` list is given (even empty), as the API's EditSpec holds it."""
+    out = dict(spec)
+    if out.get("copy") is not None:
+        out["copy"] = upgrade_region(out["copy"])
+    for key in REGION_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [upgrade_region(r) for r in out[key]]
+    if out.get("found") is not None:
+        out["found_given"] = True
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EditDraft:
+    """An edit spec as given: its settings (absent ones left out) and its regions, decoded once.
+
+    What a transport builds from its request; ``EditSpec.complete(draft, model)`` checks it
+    against a model and fills in every default. ``found`` is None when no list was given.
+    """
+
+    settings: dict
+    copy: Region | None = None
+    paste: tuple[Region, ...] = ()
+    context: tuple[Region, ...] = ()
+    found: tuple[Region, ...] | None = None
+
+    @classmethod
+    def from_json(cls, spec: Any) -> "EditDraft":
+        """Parse a spec's JSON form (masks decoded here, once); InvalidArgument names the field."""
+        if not isinstance(spec, dict):
+            raise InvalidArgument("spec", "must be a JSON object")
+        spec = upgrade_json(spec)
+        unknown = set(spec) - SETTINGS - {"copy", "found_given", *REGION_LISTS}
+        if unknown:
+            raise InvalidArgument("spec", f"unknown fields {sorted(unknown)}")
+        lists = {}
+        for key in REGION_LISTS:
+            items = spec.get(key) or []
+            if not isinstance(items, list):
+                raise InvalidArgument(key, "must be a list of regions")
+            lists[key] = tuple(Region.from_spec(item, f"{key}[{i}]") for i, item in enumerate(items))
+        return cls(settings={k: v for k, v in spec.items() if k in SETTINGS},
+                   copy=Region.from_spec(spec["copy"], "copy") if spec.get("copy") is not None else None,
+                   paste=lists["paste"], context=lists["context"],
+                   found=lists["found"] if spec.get("found_given") else None)
+
+    def regions(self) -> int:
+        """How many regions the spec holds (copy, paste, context, found)."""
+        return int(self.copy is not None) + len(self.paste) + len(self.context) + len(self.found or ())
+
+
+def _migrate(given: dict, recorded: bool) -> dict:
+    """What a spec recorded by an earlier release meant, in today's terms (``recorded``: it lists
+    its found targets)."""
+    s = dict(given)
+    if s.get("solver") == "optimize":          # the name Adam had before "adam"
+        s["solver"] = "adam"
+        if "method" not in s:
+            s["method"] = _LEGACY["method"]
+            s["search"] = {**_LEGACY["search"], **(s.get("search") or {})}
+    if recorded and "quality" not in s:
+        s["quality"] = "draft"                 # recorded before there was a choice: the draft's defaults
+    if recorded and "fit" not in s:
+        s["fit"] = dict(_LEGACY_FIT)
+    return s
+
+
+def _defaults(given: dict) -> dict:
+    """Every setting (the layer apart): the given ones, the method's and the quality's defaults for the rest."""
+    s = {**copy.deepcopy(DEFAULTS), **{k: v for k, v in given.items() if k in DEFAULTS}}
+    if "method" not in given and (given.get("solver") == "closed_form" or given.get("goal") == "value"):
+        s["method"] = "single"                     # only the one-layer edit has them
+    for key in ("keep", "stats", "erase", "search", "fit"):
+        s[key] = _merge(DEFAULTS[key], given.get(key) or {}, key)
+    for key, allowed_values in (("op", OPS), ("method", METHODS), ("goal", GOALS), ("solver", SOLVERS),
+                                ("factors", FACTORS), ("quality", QUALITIES)):
+        if s[key] not in allowed_values:
+            raise InvalidArgument(key, f"must be one of {list(allowed_values)}, got {s[key]!r}")
+    if s["method"] == "multilayer" and s["op"] == "zero":
+        s["method"] = "single"                     # zero removes a direction of one layer: nothing to fit
+    method = dict(METHOD_DEFAULTS[s["method"]])
+    if s["method"] == "multilayer":
+        method.update(QUALITY[s["quality"]])
+    for key in ("rank", "steps", "lr", "strength"):
+        if s[key] is None:
+            s[key] = method[key]
+    if s["keep"]["weight"] is None:
+        s["keep"]["weight"] = method["keep_weight"]
+    if s["search"]["targets"] is None:
+        s["search"]["targets"] = method["search_targets"]
+    for key, value in method["fit"].items():
+        if s["fit"][key] is None:
+            s["fit"][key] = value
+    if s["method"] == "multilayer" and s["goal"] != "image":
+        raise InvalidArgument("goal", "the multilayer method fits images; use method 'single' for goal 'value'")
+    if s["method"] == "multilayer" and s["solver"] != "adam":
+        raise InvalidArgument("solver", "the multilayer method is solved by adam; closed_form needs method 'single'")
+    return s
+
+
+def _check_layers(s: dict, layer: str, model: Generator):
+    """The edited layer (its LayerInfo), ``layers`` and the rank against the model's layers."""
+    infos = {i.name: i for i in model.layer_infos()}
+    if layer not in infos:
+        raise InvalidArgument("layer", f"{layer!r} is not a rewritable layer of this {model.arch}; "
+                              f"rewritable: {', '.join(infos)}")
+    info = infos[layer]
+    _number(s, "rank", int, 1, 1 << 30, "rank")
+    if s["rank"] > info.key_shape[0]:
+        raise InvalidArgument("rank", f"rank {s['rank']} exceeds the key dimension {info.key_shape[0]} of {layer}")
+    if not isinstance(s["layers"], list) or not all(isinstance(n, str) for n in s["layers"]):
+        raise InvalidArgument("layers", "must be a list of layer names")
+    for i, name in enumerate(s["layers"]):
+        if name not in infos:
+            raise InvalidArgument(f"layers[{i}]", f"{name!r} is not a rewritable layer of this {model.arch}; "
+                                  f"rewritable: {', '.join(infos)}")
+    if len(set(s["layers"])) != len(s["layers"]):
+        raise InvalidArgument("layers", "names a layer twice")
+    if s["method"] != "multilayer" and s["layers"]:
+        raise InvalidArgument("layers", f"method {s['method']!r} edits one layer, named by 'layer'; 'layers' "
+                              "lists the layers of method 'multilayer'")
+    if s["method"] == "multilayer":
+        for name in s["layers"] or list(infos):
+            if s["rank"] > infos[name].key_shape[0]:
+                raise InvalidArgument("rank", f"rank {s['rank']} exceeds the key dimension of layer {name}")
+    return info
+
+
+def _check_bounds(s: dict, info, model: Generator) -> None:
+    """Every number of the settings within its bounds (the erase units and the solver against ``info``)."""
+    _number(s, "strength", float, -10.0, 10.0, "strength")
+    _number(s["search"], "targets", int, 0, 256, "search.targets")
+    _number(s["search"], "candidates", int, 1, 100_000, "search.candidates")
+    _number(s["search"], "seed_start", int, 0, 2**62, "search.seed_start")
+    _number(s, "steps", int, 1, 100_000, "steps")
+    _number(s, "lr", float, 1e-8, 10.0, "lr")
+    _number(s, "ridge", float, 0.0, 1.0, "ridge")
+    _number(s, "truncation", float, 0.0, 1.0, "truncation")
+    try:
+        model.check_truncation(s["truncation"])
+    except ValueError as exc:
+        raise InvalidArgument("truncation", str(exc)) from None
+    _number(s["keep"], "weight", float, 0.0, 1e4, "keep.weight")
+    for key, hi in (("pool_start", 2**62), ("pool_size", 100_000), ("per_step", 1024), ("seed", 2**62)):
+        _number(s["keep"], key, int, 0 if key in ("pool_start", "seed") else 1, hi, f"keep.{key}")
+    _number(s["fit"], "batch", int, 0, 256, "fit.batch")
+    _number(s["fit"], "feather", float, 0.0, 16.0, "fit.feather")
+    _number(s["fit"], "edges", float, 0.0, 100.0, "fit.edges")
+    _number(s["stats"], "samples", int, 1, 10_000_000, "stats.samples")
+    _number(s["stats"], "seed_start", int, 0, 2**62, "stats.seed_start")
+    if s["op"] == "erase":
+        _number(s["erase"], "units", int, 1, info.value_shape[0], "erase.units")
+    if s["solver"] == "closed_form" and (s["goal"] != "value" or not info.linear):
+        raise InvalidArgument("solver", "closed_form needs goal 'value' on a layer whose value is linear "
+                              f"in its weight ({info.name} linear={info.linear}, goal={s['goal']})")
+
+
+def _check_regions(op: str, draft: EditDraft, resolution: int) -> None:
+    """The regions inside the image, and those the op needs."""
+    if draft.copy is not None:
+        draft.copy.validate(resolution, "copy")
+    for key in REGION_LISTS:
+        for i, region in enumerate(getattr(draft, key) or ()):
+            region.validate(resolution, f"{key}[{i}]")
+    # A spec that lists its found targets (a recorded one, or a pruned list) is replayed as is.
+    if draft.found is not None and len(draft.found) > 256:
+        raise InvalidArgument("found", f"at most 256 found targets, got {len(draft.found)}")
+    if op == "zero" and draft.found:
+        raise InvalidArgument("found", "op zero has no targets to add")
+    if op == "rewrite":
+        if draft.copy is None:
+            raise InvalidArgument("copy", "a rewrite needs a copy region (seed + mask or box)")
+        if not draft.paste:
+            raise InvalidArgument("paste", "a rewrite needs at least one paste target")
+    elif not draft.context:
+        raise InvalidArgument("context", f"{op} needs at least one context region")
 
 
 @dataclasses.dataclass
@@ -140,135 +330,19 @@ class EditSpec:
         return list(self.paste) + list(self.found or [])
 
     @classmethod
-    def from_json(cls, spec: dict, model: Generator) -> "EditSpec":
-        """Validate ``spec`` against ``model`` and fill in every default; InvalidArgument names the field."""
-        if not isinstance(spec, dict):
-            raise InvalidArgument("spec", "must be a JSON object")
-        allowed = set(DEFAULTS) | {"layer", "copy", "paste", "context", "found", "model", "name", "description"}
-        unknown = set(spec) - allowed
-        if unknown:
-            raise InvalidArgument("spec", f"unknown fields {sorted(unknown)}")
-        spec = dict(spec)
-        if spec.get("solver") == "optimize":          # the name Adam had before "adam"
-            spec["solver"] = "adam"
-            if "method" not in spec:
-                spec["method"] = _LEGACY["method"]
-                spec["search"] = {**_LEGACY["search"], **(spec.get("search") or {})}
-        if "method" not in spec and (spec.get("solver") == "closed_form" or spec.get("goal") == "value"):
-            spec["method"] = "single"                  # only the one-layer edit has them
-        s = {**copy.deepcopy(DEFAULTS), **{k: v for k, v in spec.items() if k in DEFAULTS}}
-        for key in ("keep", "stats", "erase", "search", "fit"):
-            s[key] = _merge(DEFAULTS[key], spec.get(key) or {}, key)
-        for key, allowed_values in (("op", OPS), ("method", METHODS), ("goal", GOALS), ("solver", SOLVERS),
-                                    ("factors", FACTORS)):
-            if s[key] not in allowed_values:
-                raise InvalidArgument(key, f"must be one of {list(allowed_values)}, got {s[key]!r}")
-        if s["method"] == "multilayer" and s["op"] == "zero":
-            s["method"] = "single"                     # zero removes a direction of one layer: nothing to fit
-        if s["quality"] not in QUALITIES:
-            raise InvalidArgument("quality", f"must be one of {list(QUALITIES)}, got {s['quality']!r}")
-        recorded = spec.get("found") is not None
-        if recorded and "quality" not in spec:
-            s["quality"] = "draft"                     # recorded before there was a choice: the draft's defaults
-        method = dict(METHOD_DEFAULTS[s["method"]])
-        if s["method"] == "multilayer":
-            method.update(QUALITY[s["quality"]])
-        for key in ("rank", "steps", "lr", "strength"):
-            if s[key] is None:
-                s[key] = method[key]
-        if s["keep"]["weight"] is None:
-            s["keep"]["weight"] = method["keep_weight"]
-        if s["search"]["targets"] is None:
-            s["search"]["targets"] = method["search_targets"]
-        fit_defaults = _LEGACY_FIT if recorded and "fit" not in spec else method["fit"]
-        for key, value in fit_defaults.items():
-            if s["fit"][key] is None:
-                s["fit"][key] = value
-        if s["method"] == "multilayer" and s["goal"] != "image":
-            raise InvalidArgument("goal", "the multilayer method fits images; use method 'single' for goal 'value'")
-        if s["method"] == "multilayer" and s["solver"] != "adam":
-            raise InvalidArgument("solver", "the multilayer method is solved by adam; closed_form needs method 'single'")
-        layer = spec.get("layer") or model.default_layer()
-        try:
-            info = {i.name: i for i in model.layer_infos()}[layer]
-        except KeyError:
-            names = ", ".join(i.name for i in model.layer_infos())
-            raise InvalidArgument("layer", f"{layer!r} is not a rewritable layer of this {model.arch}; "
-                                  f"rewritable: {names}") from None
-        _number(s, "rank", int, 1, 1 << 30, "rank")
-        if s["rank"] > info.key_shape[0]:
-            raise InvalidArgument("rank", f"rank {s['rank']} exceeds the key dimension {info.key_shape[0]} of {layer}")
-        infos = {i.name: i for i in model.layer_infos()}
-        if not isinstance(s["layers"], list) or not all(isinstance(n, str) for n in s["layers"]):
-            raise InvalidArgument("layers", "must be a list of layer names")
-        for i, name in enumerate(s["layers"]):
-            if name not in infos:
-                raise InvalidArgument(f"layers[{i}]", f"{name!r} is not a rewritable layer of this {model.arch}; "
-                                      f"rewritable: {', '.join(infos)}")
-        if len(set(s["layers"])) != len(s["layers"]):
-            raise InvalidArgument("layers", "names a layer twice")
-        if s["method"] != "multilayer" and s["layers"]:
-            raise InvalidArgument("layers", f"method {s['method']!r} edits one layer, named by 'layer'; 'layers' "
-                                  "lists the layers of method 'multilayer'")
-        if s["method"] == "multilayer":
-            for name in s["layers"] or list(infos):
-                if s["rank"] > infos[name].key_shape[0]:
-                    raise InvalidArgument("rank", f"rank {s['rank']} exceeds the key dimension of layer {name}")
-        _number(s, "strength", float, -10.0, 10.0, "strength")
-        _number(s["search"], "targets", int, 0, 256, "search.targets")
-        _number(s["search"], "candidates", int, 1, 100_000, "search.candidates")
-        _number(s["search"], "seed_start", int, 0, 2**62, "search.seed_start")
-        _number(s, "steps", int, 1, 100_000, "steps")
-        _number(s, "lr", float, 1e-8, 10.0, "lr")
-        _number(s, "ridge", float, 0.0, 1.0, "ridge")
-        _number(s, "truncation", float, 0.0, 1.0, "truncation")
-        try:
-            model.check_truncation(s["truncation"])
-        except ValueError as exc:
-            raise InvalidArgument("truncation", str(exc)) from None
-        _number(s["keep"], "weight", float, 0.0, 1e4, "keep.weight")
-        for key, hi in (("pool_start", 2**62), ("pool_size", 100_000), ("per_step", 1024), ("seed", 2**62)):
-            _number(s["keep"], key, int, 0 if key in ("pool_start", "seed") else 1, hi, f"keep.{key}")
-        _number(s["fit"], "batch", int, 0, 256, "fit.batch")
-        _number(s["fit"], "feather", float, 0.0, 16.0, "fit.feather")
-        _number(s["fit"], "edges", float, 0.0, 100.0, "fit.edges")
-        _number(s["stats"], "samples", int, 1, 10_000_000, "stats.samples")
-        _number(s["stats"], "seed_start", int, 0, 2**62, "stats.seed_start")
-        if s["op"] == "erase":
-            _number(s["erase"], "units", int, 1, info.value_shape[0], "erase.units")
-        if s["solver"] == "closed_form" and (s["goal"] != "value" or not info.linear):
-            raise InvalidArgument("solver", "closed_form needs goal 'value' on a layer whose value is linear "
-                                  f"in its weight ({layer} linear={info.linear}, goal={s['goal']})")
+    def from_json(cls, spec: Any, model: Generator) -> "EditSpec":
+        """Validate ``spec`` (the JSON form) against ``model`` and fill in every default; InvalidArgument names the field."""
+        return cls.complete(EditDraft.from_json(spec), model)
 
-        res = model.resolution
-        regions = {}
-        for key in ("copy",):
-            regions[key] = Region.from_spec(spec[key], key) if spec.get(key) is not None else None
-        for key in ("paste", "context", "found"):
-            items = spec.get(key) or []
-            if not isinstance(items, list):
-                raise InvalidArgument(key, "must be a list of regions")
-            regions[key] = [Region.from_spec(item, f"{key}[{i}]") for i, item in enumerate(items)]
-        if regions["copy"] is not None:
-            regions["copy"].validate(res, "copy")
-        for key in ("paste", "context", "found"):
-            for i, region in enumerate(regions[key]):
-                region.validate(res, f"{key}[{i}]")
-        # A spec that lists its found targets (a recorded one, or a pruned list) is replayed as is.
-        found = regions["found"] if spec.get("found") is not None else None
-        if found is not None and len(found) > 256:
-            raise InvalidArgument("found", f"at most 256 found targets, got {len(found)}")
-        if s["op"] == "zero" and found:
-            raise InvalidArgument("found", "op zero has no targets to add")
-        if s["op"] == "rewrite":
-            if regions["copy"] is None:
-                raise InvalidArgument("copy", "a rewrite needs a copy region (seed + mask or box)")
-            if not regions["paste"]:
-                raise InvalidArgument("paste", "a rewrite needs at least one paste target")
-        elif not regions["context"]:
-            raise InvalidArgument("context", f"{s['op']} needs at least one context region")
-        return cls(layer=layer, copy=regions["copy"], paste=regions["paste"], context=regions["context"],
-                   found=found, **{k: s[k] for k in DEFAULTS})
+    @classmethod
+    def complete(cls, draft: EditDraft, model: Generator) -> "EditSpec":
+        """A parsed spec migrated, completed with its defaults and checked against ``model``."""
+        s = _defaults(_migrate(draft.settings, draft.found is not None))
+        layer = draft.settings.get("layer") or model.default_layer()
+        _check_bounds(s, _check_layers(s, layer, model), model)
+        _check_regions(s["op"], draft, model.resolution)
+        return cls(layer=layer, copy=draft.copy, paste=list(draft.paste), context=list(draft.context),
+                   found=None if draft.found is None else list(draft.found), **{k: s[k] for k in DEFAULTS})
 
     def to_json(self) -> dict:
         """The complete spec as JSON (what versions record and replays read)."""

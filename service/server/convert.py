@@ -3,11 +3,16 @@
 - Names: ``model_name``, ``version_name``, ``parse_model``, ``parse_version``, ``parse_alias``.
 - Resources: ``model_pb``, ``version_pb``, ``alias_pb``, ``alias_move_pb``, ``layer_pb``.
 - Requests: ``sample_request``, ``search_request``, ``dissect_request``, ``statistics_request``,
-  ``rewrite_request``: a message as the domain's typed request (``service/requests.py``), which
+  ``rewrite_request``: a message as the domain's typed request (``domain/requests.py``), which
   the domain checks; only what the wire format itself can get wrong is refused here.
+  ``rewrite_request_json``: the HTTP side's rewrite body, read as the JSON form of a RewriteRequest.
+- Guards before decoding: ``check_masks`` (every mask's declared size), ``check_dissect``,
+  ``check_search`` (region counts, then masks); the bounds are the domain's (``domain/limits.py``).
+- Edits: ``edit_draft`` (an EditSpec as the domain's ``EditDraft``, masks decoded once),
+  ``spec_pb`` (a recorded spec's JSON as an EditSpec), ``region``, ``regions``.
 - Generator: ``latents_tensor``, ``interventions``, ``image_format``, ``images_pb``,
-  ``edit_spec``, ``progress_stage``, ``progress_pb``, ``layers_pb``, ``rewrite_result_pb``,
-  ``export_stream``, ``regions``, ``dissect_pb``, ``search_pb``, ``statistics_result_pb``.
+  ``progress_stage``, ``progress_pb``, ``layers_pb``, ``rewrite_result_pb``,
+  ``export_stream``, ``dissect_pb``, ``search_pb``, ``statistics_result_pb``.
 - Aliases: ``alias_request`` (SetAlias).
 - Import: ``import_upload`` (the client stream: metadata, then chunks, checked for size and
   sha256; ``ImportTooLarge`` → RESOURCE_EXHAUSTED), ``import_args``, ``import_pb``.
@@ -17,30 +22,28 @@ Conversion errors are engine ``InvalidArgument``s naming the field as the reques
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import re
-import zlib
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from PIL import Image as PILImage
+from google.protobuf.message import Message
 
 from rulewright.service.domain.core import KEY_MOMENT, VALUE_QUANTILE, _json_metrics
 from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.errors import Code, Error
-from rulewright.service.domain.limits import check_images
+from rulewright.service.domain.limits import check_count, check_images, check_mask_pixels, check_spec_regions
+from rulewright.service.engine.edit import EditDraft, upgrade_json
 from rulewright.service.engine.progress import Event
 from rulewright.service.engine.sampling import png_bytes
-from rulewright.service.engine.regions import Region
+from rulewright.service.engine.regions import Region, decode_pixels
 from rulewright.service.domain.requests import (AliasRequest, DissectRequest, ModelSummary, DissectResult, LayersResult, RewriteRequest, RewriteResult,
                                          SampleRequest, SearchRequest, SearchResult, StatisticResult,
-                                         StatisticsRequest)
+                                         StatisticsRequest, VersionRef)
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
 from rulewright.v1 import resources_pb2
 
@@ -122,10 +125,11 @@ def version_pbs(versions, chains: list[list[int]]) -> list[resources_pb2.Version
     out = []
     for v, chain in zip(versions, chains):
         kind = {"import": resources_pb2.Version.KIND_IMPORT, "edit": resources_pb2.Version.KIND_EDIT}[v.kind]
+        origin = ({"spec": spec_pb(v.spec or {})} if v.kind == "edit"
+                  else {"source_json": json.dumps(v.spec or {}, sort_keys=True)})
         out.append(resources_pb2.Version(
-            name=version_name(v), number=v.number, parent_version=v.parent or 0, kind=kind,
-            spec_json=json.dumps(v.spec or {}, sort_keys=True), metrics=_struct(v.metrics), author=v.author,
-            create_time=_time(v.created_at),
+            name=version_name(v), number=v.number, parent_version=v.parent or 0, kind=kind, **origin,
+            metrics=_struct(v.metrics), author=v.author, create_time=_time(v.created_at),
             blobs=[resources_pb2.Blob(role=r, sha256=b.sha256, size_bytes=b.size) for r, b in sorted(v.blobs.items())],
             lineage=chain, request_id=v.request_id or ""))
     return out
@@ -169,34 +173,43 @@ def latents_tensor(msg: gen.Latents) -> torch.Tensor:
 
 
 def _mask(msg: images_pb2.Mask, field: str) -> torch.Tensor:
-    if msg.encoding == images_pb2.Mask.ENCODING_RAW:
-        if len(msg.data) != msg.width * msg.height or msg.width < 1:
-            raise InvalidArgument(f"{field}.data", f"holds {len(msg.data)} bytes, width x height is "
-                                  f"{msg.width * msg.height}")
-        pixels = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.width)
-    elif msg.encoding == images_pb2.Mask.ENCODING_PNG:
-        try:
-            image = PILImage.open(io.BytesIO(msg.data))
-            if image.size != (msg.width, msg.height):      # before decoding: a small PNG can declare a huge image
-                raise InvalidArgument(f"{field}.data", f"PNG is {image.size[0]}x{image.size[1]}, width x height "
-                                      f"says {msg.width}x{msg.height}")
-            pixels = np.asarray(image.convert("L"))
-        except InvalidArgument:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- any decoder failure is bad input
-            raise InvalidArgument(f"{field}.data", f"not a readable PNG ({exc})") from None
-        if pixels.shape != (msg.height, msg.width):
-            raise InvalidArgument(f"{field}.data", f"PNG is {pixels.shape[1]}x{pixels.shape[0]}, "
-                                  f"width x height says {msg.width}x{msg.height}")
-    else:
-        raise InvalidArgument(f"{field}.encoding", "must be ENCODING_PNG or ENCODING_RAW")
-    return torch.from_numpy(pixels.copy())
+    """A Mask message's pixels (H, W) uint8, by the engine's one decoder; its size was checked first."""
+    encoding = images_pb2.Mask.Encoding.Name(msg.encoding) if msg.encoding in images_pb2.Mask.Encoding.values() else ""
+    return decode_pixels(encoding, msg.width, msg.height, msg.data, field)
 
 
-def _mask_spec(msg: images_pb2.Mask, field: str) -> dict:
-    m = _mask(msg, field)
-    return {"encoding": "zlib-base64-u8", "size": list(m.shape),
-            "data": base64.b64encode(zlib.compress(m.numpy().tobytes())).decode("ascii")}
+def _walk(msg: Message, path: str) -> Iterator[tuple[str, Message]]:
+    """Every sub-message of ``msg`` with its path as the request spells it (``context[1].mask``)."""
+    for fd, value in msg.ListFields():
+        if fd.message_type is None or fd.message_type.GetOptions().map_entry:
+            continue
+        name = f"{path}.{fd.name}" if path else fd.name
+        if fd.is_repeated:
+            for i, item in enumerate(value):
+                yield f"{name}[{i}]", item
+                yield from _walk(item, f"{name}[{i}]")
+        else:
+            yield name, value
+            yield from _walk(value, name)
+
+
+def check_masks(limits, msg: Message) -> None:
+    """Every mask in ``msg``: width x height at most ``max_mask_pixels``, before any is decoded."""
+    for path, sub in _walk(msg, ""):
+        if isinstance(sub, images_pb2.Mask):
+            check_mask_pixels(limits, path, sub.width, sub.height)
+
+
+def check_dissect(limits, request: gen.DissectRequest) -> None:
+    """DissectRequest: how many regions, and their masks, before anything is decoded."""
+    check_count(len(request.regions), limits.max_regions, "regions", "regions", "max_regions")
+    check_masks(limits, request)
+
+
+def check_search(limits, request: gen.SearchContextRequest) -> None:
+    """SearchContextRequest: how many context regions, and their masks, before anything is decoded."""
+    check_count(len(request.context), limits.max_regions, "context", "regions", "max_regions")
+    check_masks(limits, request)
 
 
 def interventions(items: Sequence[gen.UnitIntervention]) -> tuple[str | None, list[Intervention]]:
@@ -255,70 +268,86 @@ def images_pb(images: torch.Tensor, fmt: int, seeds: Sequence[int] | None = None
 
 # ---- edits -----------------------------------------------------------------------------------
 
-def _region(msg: images_pb2.Region, field: str) -> dict:
-    out: dict = {"seed": msg.seed}
-    area = msg.WhichOneof("area")
-    if area == "box":
-        out["box"] = [msg.box.x0, msg.box.y0, msg.box.x1, msg.box.y1]
-    elif area == "mask":
-        out["mask"] = _mask_spec(msg.mask, f"{field}.mask")
-    return out
+def region(msg: images_pb2.Region, field: str) -> Region:
+    """An engine Region for a Region message, its mask decoded (validated later by the engine)."""
+    mask = _mask(msg.mask, f"{field}.mask") if msg.HasField("mask") else None
+    return Region(seed=msg.seed, mask=mask, box=tuple(msg.box) if msg.box else None)
 
 
-def edit_spec(msg: edit_pb2.EditSpec, field: str = "spec") -> dict:
-    """The engine's JSON spec for a proto EditSpec: zero and absent fields left to the defaults."""
-    S = edit_pb2.EditSpec
-    for key, enum_type in (("op", S.Op), ("goal", S.Goal), ("solver", S.Solver), ("method", S.Method)):
-        if getattr(msg, key) not in enum_type.values():   # proto3 enums are open: an unknown number arrives as is
-            raise InvalidArgument(f"{field}.{key}", f"unknown {enum_type.DESCRIPTOR.name} value {getattr(msg, key)}")
-    spec: dict = {
-        "op": {S.OP_ERASE: "erase", S.OP_ZERO: "zero"}.get(msg.op, "rewrite"),
-        "goal": {S.GOAL_VALUE: "value"}.get(msg.goal, "image"),
-    }
-    if msg.solver:
-        spec["solver"] = {S.SOLVER_CLOSED_FORM: "closed_form"}.get(msg.solver, "adam")
-    if msg.method:
-        spec["method"] = {S.METHOD_SINGLE: "single"}.get(msg.method, "multilayer")
+def _present(msg: Message, names: Sequence[str]) -> dict:
+    """The fields of ``msg`` that are set: present where the field tracks presence, else nonzero."""
+    return {k: getattr(msg, k) for k in names
+            if (msg.HasField(k) if msg.DESCRIPTOR.fields_by_name[k].has_presence else getattr(msg, k))}
+
+
+_SETTINGS = ("op", "method", "goal", "solver", "factors", "quality", "layer", "rank", "steps", "lr", "ridge",
+             "truncation", "strength", "description", "name", "model")
+_PARTS = {"keep": ("weight", "pool_start", "pool_size", "per_step", "seed"), "stats": ("samples", "seed_start"),
+          "erase": ("units",), "search": ("targets", "candidates", "seed_start"), "fit": ("batch", "feather", "edges")}
+
+
+def edit_draft(msg: edit_pb2.EditSpec, field: str = "spec") -> EditDraft:
+    """The domain's parsed spec for an EditSpec message, its masks decoded once: zero and absent
+    fields are left to the defaults (a ``fit`` that is present, even empty, counts as given)."""
+    settings = _present(msg, _SETTINGS)
     if msg.layers:
-        spec["layers"] = list(msg.layers)
-    if msg.HasField("strength"):
-        spec["strength"] = msg.strength
-    search = {k: getattr(msg.search, k) for k in ("targets", "seed_start") if msg.search.HasField(k)}
-    if msg.search.candidates:
-        search["candidates"] = msg.search.candidates
-    if search:
-        spec["search"] = search
-    if msg.found or msg.found_given:
-        spec["found"] = [_region(r, f"{field}.found[{i}]") for i, r in enumerate(msg.found)]
-    for key in ("layer", "rank", "steps", "lr", "description"):
-        if getattr(msg, key):
-            spec[key] = getattr(msg, key)
-    for key in ("ridge", "truncation"):
-        if msg.HasField(key):
-            spec[key] = getattr(msg, key)
-    keep = {k: getattr(msg.keep, k) for k in ("weight", "pool_start") if msg.keep.HasField(k)}
-    keep.update({k: getattr(msg.keep, k) for k in ("pool_size", "per_step", "seed") if getattr(msg.keep, k)})
-    stats = {k: getattr(msg.stats, k) for k in ("samples", "seed_start") if getattr(msg.stats, k)}
-    for key, value in (("keep", keep), ("stats", stats), ("erase", {"units": msg.erase.units} if msg.erase.units else {})):
-        if value:
-            spec[key] = value
-    if msg.HasField("copy"):
-        spec["copy"] = _region(msg.copy, f"{field}.copy")
-    for key in ("paste", "context"):
-        if getattr(msg, key):
-            spec[key] = [_region(r, f"{field}.{key}[{i}]") for i, r in enumerate(getattr(msg, key))]
-    return spec
+        settings["layers"] = list(msg.layers)
+    for key, names in _PARTS.items():
+        part = _present(getattr(msg, key), names)
+        if part or (key == "fit" and msg.HasField("fit")):
+            settings[key] = part
+    lists = {key: tuple(region(r, f"{field}.{key}[{i}]") for i, r in enumerate(getattr(msg, key)))
+             for key in ("paste", "context", "found")}
+    return EditDraft(settings, copy=region(msg.copy, f"{field}.copy") if msg.HasField("copy") else None,
+                     paste=lists["paste"], context=lists["context"],
+                     found=lists["found"] if msg.found or msg.found_given else None)
 
 
-def rewrite_request(request: gen.RewriteRequest, author: str, limits) -> RewriteRequest:
-    """A RewriteRequest message as the domain's request, its masks and regions counted before decoding."""
-    from rulewright.service.server.limits import check_rewrite
+def spec_pb(spec: dict) -> edit_pb2.EditSpec:
+    """A spec's JSON form (what a version records, any release's) as an EditSpec message."""
+    return json_format.ParseDict(upgrade_json(spec), edit_pb2.EditSpec())
 
-    check_rewrite(limits, request)
+
+def rewrite_request(request: gen.RewriteRequest, author: str, limits, model: str | VersionRef | None = None
+                    ) -> RewriteRequest:
+    """A RewriteRequest message as the domain's request: its regions counted and masks sized
+    before any is decoded, then each decoded once. ``model``: the parent, when the transport
+    holds it apart (a ``VersionRef``)."""
+    spec = request.spec
+    check_spec_regions(limits, {key: len(getattr(spec, key)) for key in ("paste", "context", "found")},
+                       spec.HasField("copy"))
+    check_masks(limits, request)
     image_format(request.preview_format, "preview_format")
-    return RewriteRequest(request.model, edit_spec(request.spec), author=author,
+    return RewriteRequest(request.model if model is None else model, edit_draft(spec), author=author,
                           request_id=request.request_id or None, dry_run=request.dry_run,
                           preview_seeds=list(request.preview_seeds))
+
+
+_PARSE_AT = re.compile(r'at "RewriteRequest\.([\w.\[\]]+)"')
+
+
+def rewrite_request_json(body: Any, author: str, limits) -> RewriteRequest:
+    """The HTTP side's rewrite body (``{"model", "version", "spec", "request_id", "dry_run",
+    "preview_seeds"}``, the spec as ``examples/edits/*.json``) as the domain's request: the JSON form
+    of a RewriteRequest (``version`` apart), read as gRPC reads it."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", "must be a JSON object")
+    version = body.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidArgument("version", f"is required: a version number of at least 1, got {json.dumps(version)}")
+    if body.get("spec") is None:
+        raise InvalidArgument("spec", "is required (an edit spec, as examples/edits/*.json)")
+    message = {k: v for k, v in body.items() if k != "version"}
+    if isinstance(message["spec"], dict):
+        message["spec"] = upgrade_json(message["spec"])
+    try:
+        request = json_format.ParseDict(message, gen.RewriteRequest())
+    except json_format.ParseError as exc:
+        at = _PARSE_AT.search(str(exc))
+        raise InvalidArgument(at.group(1) if at else "body", str(exc)) from None
+    if not request.model:
+        raise InvalidArgument("model", "is required")
+    return rewrite_request(request, author, limits, VersionRef(request.model, version))
 
 
 # The stages the API streams (every transport): engine stage → API stage; others are not streamed.
@@ -344,7 +373,7 @@ def progress_pb(event: Event) -> gen.Progress | None:
 
 def rewrite_result_pb(result: RewriteResult, chain: list[int] | None) -> gen.RewriteResult:
     """Rewrite's result; ``chain`` is the new version's lineage (None for a dry run)."""
-    out = gen.RewriteResult(parent=version_name(result.parent), spec_json=json.dumps(result.edit.spec, sort_keys=True),
+    out = gen.RewriteResult(parent=version_name(result.parent), spec=spec_pb(result.edit.spec),
                             metrics=_struct(result.edit.metrics), dry_run=result.version is None)
     if result.version is not None:
         out.version.CopyFrom(version_pb(result.version, chain or []))
@@ -371,13 +400,7 @@ def alias_request(request: reg.SetAliasRequest, model: str, alias: str, author: 
 
 def regions(items: Sequence[images_pb2.Region], field: str) -> list[Region]:
     """Engine regions (validated later by the engine, which names ``{field}[i]...``)."""
-    out = []
-    for i, r in enumerate(items):
-        area = r.WhichOneof("area")
-        box = (r.box.x0, r.box.y0, r.box.x1, r.box.y1) if area == "box" else None
-        mask = _mask(r.mask, f"{field}[{i}].mask") if area == "mask" else None
-        out.append(Region(seed=r.seed, mask=mask, box=box))
-    return out
+    return [region(r, f"{field}[{i}]") for i, r in enumerate(items)]
 
 
 def dissect_request(request: gen.DissectRequest) -> DissectRequest:

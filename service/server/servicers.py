@@ -24,7 +24,7 @@ from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc
 from rulewright.service.server import convert
 from rulewright.service.server.auth import current_principal
 from rulewright.service.server.errors import renamed, rpc
-from rulewright.service.server.limits import check_dissect, check_search
+from rulewright.service.server.convert import check_dissect, check_search
 
 NAME_FIELDS = {"model": "name", "version": "name", "alias": "name"}   # registry fields → `name`
 MAX_IMPORT_BYTES = 2 << 30                                             # ImportModel's default limit

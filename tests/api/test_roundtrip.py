@@ -8,7 +8,7 @@ import hashlib
 
 import grpc
 import pytest
-from google.protobuf import any_pb2, empty_pb2, struct_pb2
+from google.protobuf import any_pb2, empty_pb2, json_format, struct_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -95,13 +95,14 @@ class Generator(gen_grpc.GeneratorServiceServicer):
         ]))
         metrics = struct_pb2.Struct()
         metrics.update({"goal_loss_before": 0.5, "goal_loss_after": 0.25})
-        spec_json = '{"op": "rewrite", "paste": [{"seed": 9223372036854775807, "box": [0, 0, 2, 2]}]}'
+        spec = json_format.ParseDict({"op": "rewrite", "paste": [{"seed": 9223372036854775807, "box": [0, 0, 2, 2]}]},
+                                     edit_pb2.EditSpec())
         version = None if request.dry_run else resources_pb2.Version(
             name="models/faces/versions/4", number=4, parent_version=3, kind=resources_pb2.Version.KIND_EDIT,
-            spec_json=spec_json, metrics=metrics, author="alice", request_id=request.request_id, lineage=[1, 3, 4],
+            spec=spec, metrics=metrics, author="alice", request_id=request.request_id, lineage=[1, 3, 4],
         )
         yield gen.RewriteResponse(result=gen.RewriteResult(
-            version=version, parent=VERSION, spec_json=spec_json, metrics=metrics, dry_run=request.dry_run))
+            version=version, parent=VERSION, spec=spec, metrics=metrics, dry_run=request.dry_run))
 
 
 class Registry(reg_grpc.RegistryServiceServicer):
@@ -201,9 +202,9 @@ def test_sample_round_trip(channel):
 def test_rewrite_streams_progress_then_preview_then_result(channel):
     stub = gen_grpc.GeneratorServiceStub(channel)
     spec = edit_pb2.EditSpec(
-        op=edit_pb2.EditSpec.OP_REWRITE, layer="main.6", rank=8, steps=100,
-        copy=images_pb2.Region(seed=35, box=images_pb2.Box(x0=22, y0=26, x1=42, y1=34)),
-        paste=[images_pb2.Region(seed=1, box=images_pb2.Box(x0=20, y0=26, x1=44, y1=34))],
+        op="rewrite", layer="main.6", rank=8, steps=100,
+        copy=images_pb2.Region(seed=35, box=[22, 26, 42, 34]),
+        paste=[images_pb2.Region(seed=1, box=[20, 26, 44, 34])],
         keep=edit_pb2.KeepSpec(weight=16.0),
     )
     events = list(stub.Rewrite(gen.RewriteRequest(
@@ -220,7 +221,7 @@ def test_rewrite_streams_progress_then_preview_then_result(channel):
     assert result.version.request_id == "r-1"
     assert list(result.version.lineage) == [1, 3, 4]
     assert result.metrics["goal_loss_after"] == 0.25
-    assert '"seed": 9223372036854775807' in result.version.spec_json
+    assert result.version.spec.paste[0].seed == 9223372036854775807 == result.spec.paste[0].seed
 
     dry = list(stub.Rewrite(gen.RewriteRequest(model="faces", spec=spec, dry_run=True), timeout=10))[-1].result
     assert dry.dry_run and not dry.HasField("version")

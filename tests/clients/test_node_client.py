@@ -62,6 +62,10 @@ def test_example_prints_sizes_versions_and_aliases(node, live):
     (_, kind1, parent1, time1, _), (_, kind2, parent2, time2, _) = versions
     assert (kind1, parent1) == ("import", "no parent")
     assert (kind2, parent2) == ("edit", "parent 1")
+    # Each version's origin, read from its structured spec (an edit) or source_json (an import).
+    origins = re.findall(r"^    (.+)$", out, re.M)
+    assert origins[0].startswith("imported from {") and origins[1] == "rewrite layer main.6, copy 1 [8,8,16,16], " \
+        "paste 2 [8,8,16,16]", out
     # Timestamps are decoded from google.protobuf.Timestamp, not printed as "[object Object]".
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", time2), time2
     assert time1 <= time2

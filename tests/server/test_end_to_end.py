@@ -60,7 +60,7 @@ def import_faces(registry, faces_path: Path) -> None:
 
 def glasses_spec(steps: int) -> edit_pb2.EditSpec:
     d = json.loads((EXAMPLES / "glasses.json").read_text())
-    box = lambda b: images_pb2.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])   # noqa: E731
+    box = list
     return edit_pb2.EditSpec(layer=d["layer"], steps=steps,
                              copy=images_pb2.Region(seed=d["copy"]["seed"], box=box(d["copy"]["box"])),
                              paste=[images_pb2.Region(seed=p["seed"], box=box(p["box"])) for p in d["paste"]])

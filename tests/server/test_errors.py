@@ -85,7 +85,7 @@ def test_unknown_model_is_not_found_with_its_reason(generator, registry):
 
 def test_bad_spec_field_is_named_as_the_request_spells_it(generator):
     spec = spec_pb()
-    spec.paste[0].box.x1 = 99
+    spec.paste[0].box[2] = 99                    # x1
     err = fails(lambda r, timeout: list(generator.Rewrite(r, timeout=timeout)), gen.RewriteRequest(model="tiny", spec=spec))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     violations = detail(err, error_details_pb2.BadRequest).field_violations

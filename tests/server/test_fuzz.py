@@ -146,6 +146,8 @@ def bad_sample(draw) -> gen.SampleRequest:
 # ---- strategies: defects of a RewriteRequest -----------------------------------------------------
 
 BAD_ENUM = st.integers(3, 2**31 - 1) | st.integers(-(2**31), -1)
+# Choices the spec does not know (op, goal and solver are strings, as its JSON form spells them).
+BAD_CHOICE = st.sampled_from(["OP_ERASE", "GOAL_VALUE", "pixels", "Adam", "rewrite ", "3", "\u00e9"])
 
 
 def _box(region: images_pb2.Region, draw) -> None:
@@ -165,7 +167,9 @@ def _box(region: images_pb2.Region, draw) -> None:
             box = dict(x0=x0, y0=y0 + 1, x1=RESOLUTION, y1=draw(st.integers(0, y0)))
     else:
         box = dict(x0=x0, y0=y0, x1=x0, y1=draw(st.integers(y0, RESOLUTION)))
-    region.box.CopyFrom(images_pb2.Box(**box))
+    region.ClearField("mask")
+    del region.box[:]
+    region.box.extend(box[k] for k in ("x0", "y0", "x1", "y1"))
 
 
 def _mask(region: images_pb2.Region, draw) -> None:
@@ -183,10 +187,11 @@ def _mask(region: images_pb2.Region, draw) -> None:
         m = images_pb2.Mask(encoding=images_pb2.Mask.ENCODING_PNG, width=w, height=h,
                             data=draw(st.binary(min_size=1, max_size=64)))
     elif kind == "encoding":
-        m = images_pb2.Mask(encoding=draw(st.sampled_from([0, 3, 99, -1])), width=w, height=h, data=b"\xff" * w * h)
+        m = images_pb2.Mask(encoding=draw(st.sampled_from([0, 4, 99, -1])), width=w, height=h, data=b"\xff" * w * h)
     else:   # the right size for the image, but it selects nothing
         m = images_pb2.Mask(encoding=images_pb2.Mask.ENCODING_RAW, width=RESOLUTION, height=RESOLUTION,
                             data=bytes(RESOLUTION * RESOLUTION))
+    del region.box[:]
     region.mask.CopyFrom(m)
 
 
@@ -202,7 +207,7 @@ def bad_rewrite(draw) -> gen.RewriteRequest:
     s = req.spec
     for defect in defects:
         if defect in ("op", "goal", "solver"):
-            setattr(s, defect, draw(BAD_ENUM))
+            setattr(s, defect, draw(BAD_CHOICE))
         elif defect == "rank":
             s.rank = draw(st.one_of(st.integers(-(2**31), -1), st.integers(9, 2**31 - 1)))
         elif defect == "steps":

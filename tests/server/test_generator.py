@@ -7,6 +7,7 @@ import io
 import json
 
 import grpc
+from google.protobuf import json_format
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,9 +22,9 @@ from .conftest import SPEC, wait_idle
 def spec_pb(**overrides) -> edit_pb2.EditSpec:
     """SPEC (tests/test_domain.py) as a proto EditSpec."""
     s = {**SPEC, **overrides}
-    box = lambda b: images_pb2.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])  # noqa: E731
+    box = list
     return edit_pb2.EditSpec(
-        layer=s["layer"], rank=s["rank"], goal=edit_pb2.EditSpec.GOAL_VALUE, steps=s["steps"],
+        layer=s["layer"], rank=s["rank"], goal="value", steps=s["steps"],
         stats=edit_pb2.StatisticsSpec(samples=s["stats"]["samples"]), keep=edit_pb2.KeepSpec(weight=0.0),
         copy=images_pb2.Region(seed=s["copy"]["seed"], box=box(s["copy"]["box"])),
         paste=[images_pb2.Region(seed=p["seed"], box=box(p["box"])) for p in s["paste"]])
@@ -69,7 +70,7 @@ def test_rewrite_streams_progress_previews_then_a_version_and_replays_its_reques
     assert optimize and optimize[-1].step == optimize[-1].steps == 60 and optimize[-1].HasField("loss")
     result = events[-1].result
     assert result.version.name == "models/tiny/versions/2" and result.parent == "models/tiny/versions/1"
-    assert result.version.request_id == "req-1" and json.loads(result.spec_json)["layer"] == "main.6"
+    assert result.version.request_id == "req-1" and result.spec.layer == "main.6"
     assert list(result.version.lineage) == [1, 2]
     edited = domain.sample(SampleRequest("tiny/2", seeds=[5])).images
     assert events[-2].preview.images[0].data == edited[0].numpy().tobytes()
@@ -107,13 +108,13 @@ def test_a_multilayer_rewrite_at_strength_zero_renders_the_parent_bit_for_bit(ge
     # edit, which is refused (tests/server/test_rewrite_no_op.py).
     big = [4, 4, 28, 28]
     spec = spec_pb(steps=20, copy={"seed": 1, "box": big}, paste=[{"seed": 2, "box": big}])
-    spec.goal = edit_pb2.EditSpec.GOAL_IMAGE
-    spec.method = edit_pb2.EditSpec.METHOD_MULTILAYER
+    spec.goal = "image"
+    spec.method = "multilayer"
     spec.strength = 0.0
     spec.search.targets = 2
     spec.search.candidates = 20
     result = list(generator.Rewrite(gen.RewriteRequest(model="tiny@production", spec=spec), timeout=120))[-1].result
-    recorded = json.loads(result.spec_json)
+    recorded = json_format.MessageToDict(result.spec, preserving_proto_field_name=True)
     assert recorded["method"] == "multilayer" and recorded["strength"] == 0.0 and len(recorded["found"]) == 2
     raw = images_pb2.IMAGE_FORMAT_RAW_RGB8
     parent = generator.Sample(gen.SampleRequest(model="tiny/1", seeds=[3, 4], image_format=raw), timeout=30)
@@ -124,7 +125,7 @@ def test_a_multilayer_rewrite_at_strength_zero_renders_the_parent_bit_for_bit(ge
     # A value-space goal over the API still means the paper's one-layer edit.
     again = list(generator.Rewrite(gen.RewriteRequest(model="tiny/1", spec=spec_pb(steps=30), dry_run=True),
                                    timeout=120))[-1].result
-    assert json.loads(again.spec_json)["method"] == "single"    # GOAL_VALUE implies the one-layer edit
+    assert again.spec.method == "single"    # GOAL_VALUE implies the one-layer edit
 
 
 def test_concurrent_clients_on_different_versions_share_passes_and_get_their_own_bytes(generator, domain, channel):

@@ -42,7 +42,7 @@ def test_a_network_pickle_is_converted_and_served(registry, generator):
     data = nv.dumps(nv.network_pickle(nv.generator(t, CFG)))
     r = registry.ImportModel(upload(data, size_bytes=len(data), spec_json='{"source": "snapshot.pkl"}'), timeout=60)
     assert r.model.arch == "stylegan2" and json.loads(r.model.config_json)["size"] == 16
-    spec = json.loads(r.version.spec_json)
+    spec = json.loads(r.version.source_json)
     assert spec["source"] == "snapshot.pkl"
     assert spec["converted_from"]["sha256"] == convert_network_pickle(data).source["sha256"]
     images = generator.Sample(gen.SampleRequest(model="mini", seeds=[0, 1],

@@ -19,7 +19,7 @@ from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_serv
 from .conftest import detail
 from .test_generator import spec_pb
 
-BOX = images_pb2.Box(x0=8, y0=8, x1=16, y1=16)
+BOX = [8, 8, 16, 16]
 
 
 def refused(call, request, **kw) -> tuple[str, str]:

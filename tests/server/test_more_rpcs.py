@@ -26,7 +26,7 @@ from tests.builders import dcgan_state
 
 from .conftest import detail, error_info, wait_idle
 
-BOX = images_pb2.Box(x0=8, y0=8, x1=16, y1=16)
+BOX = [8, 8, 16, 16]
 
 
 def field_of(err: grpc.RpcError) -> str:
@@ -83,7 +83,7 @@ def test_dissect_matches_rank_units_and_reuses_the_thresholds(generator, domain,
 
 
 def test_dissect_errors_name_the_field(generator):
-    bad = images_pb2.Region(seed=1, box=images_pb2.Box(x0=8, y0=8, x1=99, y1=16))
+    bad = images_pb2.Region(seed=1, box=[8, 8, 99, 16])
     err = fail(generator.Dissect, gen.DissectRequest(model="tiny", regions=[bad],
                                                      thresholds=edit_pb2.StatisticsSpec(samples=8)), timeout=30)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(err) == "regions[0].box"

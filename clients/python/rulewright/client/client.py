@@ -521,11 +521,7 @@ class Client:
 
     def wait_dataset_job(self, name: str, *, timeout: float | None = None) -> DatasetJob:
         """The dataset job once it is done (or as it stands when ``timeout`` passes)."""
-        job = None
-        for job in self.watch_dataset_job(name, timeout=timeout):
-            pass
-        assert job is not None
-        return job
+        return _last(self.watch_dataset_job(name, timeout=timeout))
 
     # ---- statistics jobs (google.longrunning.Operations) ----------------------------------
 
@@ -573,11 +569,16 @@ class Client:
 
     def wait_statistics_job(self, name: str, *, timeout: float | None = None) -> StatisticsJob:
         """The statistics job once it is done (or as it stands when ``timeout`` passes)."""
-        job = None
-        for job in self.watch_statistics_job(name, timeout=timeout):
-            pass
-        assert job is not None
-        return job
+        return _last(self.watch_statistics_job(name, timeout=timeout))
+
+
+def _last(jobs: Iterator[Any]) -> Any:
+    """The last state a watch yields (it yields at least one)."""
+    job = None
+    for job in jobs:
+        pass
+    assert job is not None
+    return job
 
 
 def _operation(name: str) -> str:

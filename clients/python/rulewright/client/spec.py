@@ -1,62 +1,63 @@
 """Edit specs and regions: the JSON form (``examples/edits/*.json``) as the API's messages.
 
-- ``edit_spec_pb(d)``: an edit spec dict as ``rulewright.v1.EditSpec`` (absent fields: the
-  server's defaults), every field of the engine's JSON form included (op, goal, solver, keep,
-  stats, erase, box or mask regions).
+- ``edit_spec_pb(d)``: an edit spec dict as ``rulewright.v1.EditSpec``: the dict is the
+  message's JSON form (absent fields: the server's defaults); first-release masks are read too.
+- ``spec_dict(spec)``: an EditSpec back as that dict (what ``Version.spec`` holds).
 - ``region_pb(d)``: ``{"seed": 35, "box": [x0, y0, x1, y1]}`` (or a ``mask``) as a Region.
 - ``parse_region("35:8,22,56,38")`` and ``parse_seeds("0-15,20")``: the command line's forms.
 """
 
 from __future__ import annotations
 
-import base64
-import zlib
 from typing import Any, Mapping
+
+from google.protobuf import descriptor, json_format
 
 from rulewright.v1 import edit_pb2, images_pb2
 
-__all__ = ["edit_spec_pb", "region_pb", "region_dict", "parse_region", "parse_seeds", "SPEC_FIELDS"]
+__all__ = ["edit_spec_pb", "region_pb", "region_dict", "spec_dict", "parse_region", "parse_seeds", "SPEC_FIELDS"]
 
-# What an edit spec JSON may hold (the engine's EditSpec.to_json, plus its bookkeeping keys).
-SPEC_FIELDS = {"op", "method", "layers", "factors", "layer", "rank", "goal", "solver", "steps", "lr", "ridge",
-               "truncation", "strength", "keep", "stats", "erase", "search", "copy", "paste", "context", "found",
-               "description", "name", "model"}
-_OPS = {"rewrite": edit_pb2.EditSpec.OP_REWRITE, "erase": edit_pb2.EditSpec.OP_ERASE,
-        "zero": edit_pb2.EditSpec.OP_ZERO}
-_GOALS = {"image": edit_pb2.EditSpec.GOAL_IMAGE, "value": edit_pb2.EditSpec.GOAL_VALUE}
-_SOLVERS = {"adam": edit_pb2.EditSpec.SOLVER_OPTIMIZE, "optimize": edit_pb2.EditSpec.SOLVER_OPTIMIZE,
-            "closed_form": edit_pb2.EditSpec.SOLVER_CLOSED_FORM}
-_METHODS = {"multilayer": edit_pb2.EditSpec.METHOD_MULTILAYER, "single": edit_pb2.EditSpec.METHOD_SINGLE}
+# What an edit spec JSON may hold: the API's EditSpec fields, in its JSON form.
+SPEC_FIELDS = frozenset(edit_pb2.EditSpec.DESCRIPTOR.fields_by_name)
+# The choices the server knows (checked here too, so a typo fails before anything is sent);
+# solver "optimize" is what first-release versions recorded.
+_CHOICES = {"op": ("rewrite", "erase", "zero"), "goal": ("image", "value"), "solver": ("adam", "closed_form", "optimize"),
+            "method": ("multilayer", "single"), "factors": ("free", "context"), "quality": ("final", "draft")}
+_LEGACY_MASK = "zlib-base64-u8"       # first-release masks: {"encoding", "size": [H, W], "data"}, zlib bytes
+
+
+def _region_json(d: Any, field: str) -> Any:
+    """A region dict with a first-release mask in the API's JSON form (the zlib bytes as they are)."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{field}: must be an object with seed and box or mask")
+    mask = d.get("mask")
+    if not (isinstance(mask, Mapping) and mask.get("encoding") == _LEGACY_MASK):
+        return dict(d)
+    try:
+        h, w = (int(v) for v in mask["size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{field}.mask: malformed ({exc})") from None
+    return {**d, "mask": {"encoding": "ENCODING_ZLIB", "width": w, "height": h, "data": mask.get("data", "")}}
+
+
+def _parse(d: Mapping[str, Any], message, field: str):
+    try:
+        return json_format.ParseDict(d, message)
+    except json_format.ParseError as exc:
+        raise ValueError(f"{field}: {exc}") from None
 
 
 def region_pb(d: Mapping[str, Any], field: str = "region") -> images_pb2.Region:
-    """A region dict (``seed`` plus ``box`` [x0, y0, x1, y1] or an engine ``mask``) as a Region.
-
-    Masks in the engine's form (``{"encoding": "zlib-base64-u8", "size": [H, W], "data"}``) are
-    sent raw. ValueError names ``field`` for anything malformed.
-    """
-    if not isinstance(d, Mapping) or "seed" not in d:
+    """A region dict (``seed`` plus ``box`` [x0, y0, x1, y1] or a ``mask``, the API's JSON form or
+    a first-release ``zlib-base64-u8`` one) as a Region. ValueError names ``field``."""
+    region = _region_json(d, field)
+    if "seed" not in region:
         raise ValueError(f"{field}: must be an object with seed and box or mask")
-    if ("box" in d) == ("mask" in d):
+    if ("box" in region) == ("mask" in region):
         raise ValueError(f"{field}: give exactly one of box or mask")
-    region = images_pb2.Region(seed=int(d["seed"]))
-    if "box" in d:
-        box = d["box"]
-        if len(box) != 4:
-            raise ValueError(f"{field}.box: must be [x0, y0, x1, y1], got {box!r}")
-        x0, y0, x1, y1 = (int(v) for v in box)
-        region.box.CopyFrom(images_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1))
-    else:
-        m = d["mask"]
-        try:
-            if m["encoding"] != "zlib-base64-u8":
-                raise ValueError(f"unknown encoding {m['encoding']!r}")
-            h, w = (int(v) for v in m["size"])
-            raw = zlib.decompress(base64.b64decode(m["data"], validate=True))
-        except (KeyError, TypeError, ValueError, zlib.error) as exc:
-            raise ValueError(f"{field}.mask: malformed ({exc})") from None
-        region.mask.CopyFrom(images_pb2.Mask(encoding=images_pb2.Mask.ENCODING_RAW, width=w, height=h, data=raw))
-    return region
+    if "box" in region and (not isinstance(region["box"], list) or len(region["box"]) != 4):
+        raise ValueError(f"{field}.box: must be [x0, y0, x1, y1], got {region['box']!r}")
+    return _parse(region, images_pb2.Region(), field)
 
 
 def region_dict(seed: int, box: tuple[int, int, int, int]) -> dict[str, Any]:
@@ -64,19 +65,11 @@ def region_dict(seed: int, box: tuple[int, int, int, int]) -> dict[str, Any]:
     return {"seed": int(seed), "box": [int(v) for v in box]}
 
 
-def _enum(d: Mapping[str, Any], key: str, table: Mapping[str, int]) -> int:
-    value = d.get(key)
-    if value is None:
-        return 0
-    if value not in table:
-        raise ValueError(f"{key}: must be one of {sorted(table)}, got {value!r}")
-    return table[value]
-
-
 def edit_spec_pb(d: Mapping[str, Any] | edit_pb2.EditSpec) -> edit_pb2.EditSpec:
-    """An edit spec (the JSON form of ``examples/edits/*.json``, or already an EditSpec) as the
-    API's EditSpec. Absent fields stay unset, so the server fills in its defaults; ``model`` and
-    ``name`` are bookkeeping and not sent. ValueError names an unknown or malformed field."""
+    """An edit spec (the JSON of ``examples/edits/*.json`` or of a version's spec, any release's; or
+    already an EditSpec) as the API's EditSpec: its JSON form, so absent fields stay unset and the
+    server fills in its defaults. A ``found`` list, even empty, is sent as given. ValueError names
+    an unknown or malformed field."""
     if isinstance(d, edit_pb2.EditSpec):
         return d
     if not isinstance(d, Mapping):
@@ -84,51 +77,44 @@ def edit_spec_pb(d: Mapping[str, Any] | edit_pb2.EditSpec) -> edit_pb2.EditSpec:
     unknown = set(d) - SPEC_FIELDS
     if unknown:
         raise ValueError(f"spec: unknown fields {sorted(unknown)}")
-    spec = edit_pb2.EditSpec(op=_enum(d, "op", _OPS), goal=_enum(d, "goal", _GOALS),
-                             solver=_enum(d, "solver", _SOLVERS), layer=d.get("layer") or "",
-                             rank=int(d.get("rank") or 0), steps=int(d.get("steps") or 0),
-                             lr=float(d.get("lr") or 0.0), description=d.get("description") or "")
-    if d.get("factors") not in (None, "free"):
-        raise ValueError("factors: only 'free' travels over the API")
-    # A recorded spec that says solver "optimize" without a method is a first-release edit.
-    legacy = d.get("solver") == "optimize" and "method" not in d
-    spec.method = edit_pb2.EditSpec.METHOD_SINGLE if legacy else _enum(d, "method", _METHODS)
-    spec.layers.extend(str(n) for n in d.get("layers") or [])
-    for key in ("ridge", "truncation", "strength"):
-        if d.get(key) is not None:
-            setattr(spec, key, float(d[key]))
-    search = d.get("search") or {}
-    if search.get("targets") is not None:
-        spec.search.targets = int(search["targets"])
-    elif legacy:
-        spec.search.targets = 0
-    if search.get("candidates"):
-        spec.search.candidates = int(search["candidates"])
-    if search.get("seed_start") is not None:
-        spec.search.seed_start = int(search["seed_start"])
-    if d.get("found") is not None:
-        spec.found_given = True
-        spec.found.extend(region_pb(r, f"found[{i}]") for i, r in enumerate(d["found"]))
-    keep = d.get("keep") or {}
-    if keep.get("weight") is not None:
-        spec.keep.weight = float(keep["weight"])
-    if keep.get("pool_start") is not None:
-        spec.keep.pool_start = int(keep["pool_start"])
-    for key in ("pool_size", "per_step", "seed"):
-        if keep.get(key):
-            setattr(spec.keep, key, int(keep[key]))
-    stats = d.get("stats") or {}
-    for key in ("samples", "seed_start"):
-        if stats.get(key):
-            setattr(spec.stats, key, int(stats[key]))
-    if (d.get("erase") or {}).get("units"):
-        spec.erase.units = int(d["erase"]["units"])
-    if d.get("copy") is not None:
-        spec.copy.CopyFrom(region_pb(d["copy"], "copy"))
-    for key in ("paste", "context"):
-        spec_list = getattr(spec, key)
-        spec_list.extend(region_pb(r, f"{key}[{i}]") for i, r in enumerate(d.get(key) or []))
-    return spec
+    for key, allowed in _CHOICES.items():
+        if d.get(key) not in (None, "", *allowed):
+            raise ValueError(f"{key}: must be one of {list(allowed)}, got {d[key]!r}")
+    spec = dict(d)
+    if spec.get("copy") is not None:
+        spec["copy"] = _region_json(spec["copy"], "copy")
+    for key in ("paste", "context", "found"):
+        if isinstance(spec.get(key), list):
+            spec[key] = [_region_json(r, f"{key}[{i}]") for i, r in enumerate(spec[key])]
+    if spec.get("found") is not None:
+        spec["found_given"] = True
+    return _parse(spec, edit_pb2.EditSpec(), "spec")
+
+
+def spec_dict(spec: edit_pb2.EditSpec) -> dict[str, Any]:
+    """An EditSpec in its JSON form, as ``examples/edits/*.json`` spell it: 64-bit integers as
+    numbers, and ``found`` as a list whenever it was given (even empty)."""
+    out = _numbers(spec, json_format.MessageToDict(spec, preserving_proto_field_name=True))
+    if out.pop("found_given", False):
+        out.setdefault("found", [])
+    return out
+
+
+_INT64 = {descriptor.FieldDescriptor.CPPTYPE_INT64, descriptor.FieldDescriptor.CPPTYPE_UINT64}
+
+
+def _numbers(msg, d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (``msg`` as MessageToDict wrote it) with its 64-bit integers back as numbers."""
+    for fd, value in msg.ListFields():
+        if fd.message_type is not None and fd.name in d:
+            items = value if fd.is_repeated else [value]
+            parts = d[fd.name] if fd.is_repeated else [d[fd.name]]
+            for item, part in zip(items, parts):
+                if isinstance(part, dict):
+                    _numbers(item, part)
+        elif fd.cpp_type in _INT64 and fd.name in d:
+            d[fd.name] = [int(v) for v in d[fd.name]] if fd.is_repeated else int(d[fd.name])
+    return d
 
 
 def parse_region(text: str) -> dict[str, Any]:

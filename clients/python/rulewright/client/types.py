@@ -12,6 +12,7 @@ import numpy as np
 from google.protobuf import json_format
 from PIL import Image
 
+from rulewright.client.spec import spec_dict
 from rulewright.v1 import generator_service_pb2 as gen
 from rulewright.v1 import images_pb2, jobs_service_pb2 as jobs_pb, registry_service_pb2 as reg, resources_pb2
 
@@ -243,8 +244,9 @@ class Version:
     def from_pb(cls, v: resources_pb2.Version) -> "Version":
         """From the API's Version."""
         kind = {resources_pb2.Version.KIND_IMPORT: "import", resources_pb2.Version.KIND_EDIT: "edit"}.get(v.kind, "")
+        spec = spec_dict(v.spec) if v.WhichOneof("origin") == "spec" else _json(v.source_json)
         return cls(name=v.name, model=v.name.split("/")[1] if v.name.count("/") >= 3 else "", number=v.number,
-                   parent_version=v.parent_version, kind=kind, spec=_json(v.spec_json), metrics=_struct(v.metrics),
+                   parent_version=v.parent_version, kind=kind, spec=spec, metrics=_struct(v.metrics),
                    author=v.author, create_time=_time(v.create_time), lineage=list(v.lineage),
                    request_id=v.request_id, blobs=[Blob(b.role, b.sha256, b.size_bytes) for b in v.blobs])
 
@@ -264,7 +266,7 @@ class RewriteResult:
     def from_pb(cls, r: gen.RewriteResult) -> "RewriteResult":
         """From the API's RewriteResult."""
         return cls(version=Version.from_pb(r.version) if r.HasField("version") else None, parent=r.parent,
-                   spec=_json(r.spec_json), metrics=_struct(r.metrics), dry_run=r.dry_run)
+                   spec=spec_dict(r.spec), metrics=_struct(r.metrics), dry_run=r.dry_run)
 
 
 @dataclass(frozen=True)
@@ -421,18 +423,10 @@ class StatisticsJob:
     @classmethod
     def from_operation(cls, op) -> "StatisticsJob":
         """From a google.longrunning.Operation whose metadata is a StatisticsJobMetadata."""
-        meta = jobs_pb.StatisticsJobMetadata()
-        op.metadata.Unpack(meta)
-        result = jobs_pb.StatisticsJob()
-        if op.HasField("response"):
-            op.response.Unpack(result)
-        return cls(name=op.name, job=meta.job, version=meta.version, layer=meta.layer,
-                   state=_JOB_STATES.get(meta.state, "unspecified"), done=op.done, shards_done=meta.shards_done,
-                   shards_total=meta.shards_total, samples_done=meta.samples_done, samples_total=meta.samples_total,
+        meta, result, common = _operation(op, jobs_pb.StatisticsJobMetadata(), jobs_pb.StatisticsJob())
+        return cls(**common, layer=meta.layer, samples_done=meta.samples_done, samples_total=meta.samples_total,
                    seed_start=result.stats.seed_start, shard_size=result.shard_size, cache_key=result.cache_key,
-                   statistic_uri=result.statistic_uri, sha256=result.sha256,
-                   error=op.error.message if op.HasField("error") else "",
-                   error_code=op.error.code if op.HasField("error") else 0)
+                   statistic_uri=result.statistic_uri, sha256=result.sha256)
 
 
 @dataclass(frozen=True)
@@ -461,15 +455,20 @@ class DatasetJob:
     @classmethod
     def from_operation(cls, op) -> "DatasetJob":
         """From a google.longrunning.Operation whose metadata is a DatasetJobMetadata."""
-        meta = jobs_pb.DatasetJobMetadata()
-        op.metadata.Unpack(meta)
-        result = jobs_pb.DatasetJob()
-        if op.HasField("response"):
-            op.response.Unpack(result)
+        meta, result, common = _operation(op, jobs_pb.DatasetJobMetadata(), jobs_pb.DatasetJob())
         shards = tuple(DatasetShard(s.name, s.uri, s.samples, s.first_seed, s.sha256, s.size_bytes)
                        for s in result.shards)
-        return cls(name=op.name, job=meta.job, version=meta.version, state=_JOB_STATES.get(meta.state, "unspecified"),
-                   done=op.done, shards_done=meta.shards_done, shards_total=meta.shards_total,
-                   images_done=meta.images_done, images_total=meta.images_total, manifest_uri=result.manifest_uri,
-                   shards=shards, error=op.error.message if op.HasField("error") else "",
-                   error_code=op.error.code if op.HasField("error") else 0, output_uri=result.output_uri)
+        return cls(**common, images_done=meta.images_done, images_total=meta.images_total,
+                   manifest_uri=result.manifest_uri, shards=shards, output_uri=result.output_uri)
+
+
+def _operation(op, meta, result) -> tuple[Any, Any, dict[str, Any]]:
+    """A job's operation unpacked: (metadata, response, the fields every kind of job has)."""
+    op.metadata.Unpack(meta)
+    if op.HasField("response"):
+        op.response.Unpack(result)
+    failed = op.HasField("error")
+    return meta, result, {"name": op.name, "job": meta.job, "version": meta.version,
+                          "state": _JOB_STATES.get(meta.state, "unspecified"), "done": op.done,
+                          "shards_done": meta.shards_done, "shards_total": meta.shards_total,
+                          "error": op.error.message if failed else "", "error_code": op.error.code if failed else 0}
