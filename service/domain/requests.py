@@ -36,9 +36,14 @@ from rulewright.registry.stats_cache import StatsKey
 from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention, UnitScore
 from rulewright.service.engine.edit import Edit, EditDraft
 from rulewright.service.engine.errors import InvalidArgument
-# The progress long work reports and takes its cancellation from: transports import it from here.
-from rulewright.service.engine.progress import Event, Progress  # noqa: F401
 from rulewright.service.engine.regions import Region
+# The engine's value types and wire codecs a transport may name, imported from here (the transports
+# import the domain, not the engine): progress events and their cancellation, an edit spec's JSON
+# upgrade, masks decoded, images encoded.
+from rulewright.service.engine.edit import upgrade_json  # noqa: F401
+from rulewright.service.engine.progress import Event, Progress  # noqa: F401
+from rulewright.service.engine.regions import decode_pixels  # noqa: F401
+from rulewright.service.engine.sampling import png_bytes  # noqa: F401
 from rulewright.service.engine.search import Match
 from rulewright.service.engine.stats import Stat
 from rulewright.service.domain.limits import Limits, check_count, check_draft, check_images, check_samples, parse_spec

@@ -33,17 +33,14 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from rulewright.service.domain.core import KEY_MOMENT, VALUE_QUANTILE, _json_metrics
-from rulewright.service.engine.dissect import DEFAULT_QUANTILE, Intervention
-from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.errors import InvalidArgument
 from rulewright.service.errors import Code, Error
 from rulewright.service.domain.limits import check_count, check_images, check_mask_pixels, check_spec_regions
-from rulewright.service.engine.edit import EditDraft, upgrade_json
-from rulewright.service.engine.progress import Event
-from rulewright.service.engine.sampling import png_bytes
-from rulewright.service.engine.regions import Region, decode_pixels
-from rulewright.service.domain.requests import (AliasRequest, DissectRequest, ModelSummary, DissectResult, LayersResult, RewriteRequest, RewriteResult,
-                                         SampleRequest, SearchRequest, SearchResult, StatisticResult,
-                                         StatisticsRequest, VersionRef)
+from rulewright.service.domain.requests import (DEFAULT_QUANTILE, AliasRequest, DissectRequest, DissectResult, EditDraft,
+                                               Event, Intervention, LayersResult, ModelSummary, Region, RewriteRequest,
+                                               RewriteResult, SampleRequest, SearchRequest, SearchResult,
+                                               StatisticResult, StatisticsRequest, VersionRef, decode_pixels, png_bytes,
+                                               upgrade_json)
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
 from rulewright.v1 import resources_pb2
 

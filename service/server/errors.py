@@ -32,7 +32,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from rulewright.registry.blobstore import call_deadline
-from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.errors import InvalidArgument
 from rulewright.service.errors import DOMAIN, Code, Error
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.errors import InvalidArgument
 from rulewright.service.jobs.dataset import DatasetJobRequest, DatasetJobs
 from rulewright.service.jobs.errors import JobNotFound
 from rulewright.service.jobs.protocol import CANCELLED, FAILED, RUNNING, SUCCEEDED

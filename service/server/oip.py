@@ -35,8 +35,8 @@ import numpy as np
 
 from rulewright.inference import grpc_predict_v2_pb2 as oip, grpc_predict_v2_pb2_grpc as oip_grpc
 from rulewright.registry.errors import NotFound, Reason
-from rulewright.service.engine.errors import InvalidArgument
-from rulewright.service.engine.progress import Progress
+from rulewright.service.errors import InvalidArgument
+from rulewright.service.domain.requests import Progress
 from rulewright.service.domain.requests import SampleRequest
 from rulewright.v1 import generator_service_pb2 as gen
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 
-from rulewright.service.engine.progress import Progress
+from rulewright.service.domain.requests import Progress
 from rulewright.service.jobs.memory import Job
 from rulewright.service.jobs.protocol import FAILED, Runner
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc

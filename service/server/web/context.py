@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from rulewright.service.domain.core import Domain
-from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.errors import InvalidArgument
 from rulewright.service.jobs.editor import Jobs
 from rulewright.service.server.auth import AuthInterceptor, is_loopback
 from rulewright.service.server.errors import PermissionDenied

@@ -10,6 +10,7 @@ from typing import Callable
 
 from starlette.responses import Response
 
+from rulewright.service.server import convert
 from rulewright.service.server.errors import renamed
 from rulewright.service.server.web import events as sse
 from rulewright.service.server.web import rewrites, schemas, views
@@ -153,8 +154,8 @@ def dissect(call: Call) -> Response:
 def rewrite(call: Call) -> Response:
     """``POST /api/rewrites``: a rewrite job (202), once its request, version and spec are accepted."""
     body = call.body()
-    request = schemas.rewrite_request(body, call.principal, call.domain.limits)
-    job = rewrites.start(call.web, request, body, *schemas.target(body))
+    request = convert.rewrite_request_json(body, call.principal, call.domain.limits)   # as gRPC reads it
+    job = rewrites.start(call.web, request, body, request.model.model, request.model.number)
     return call.json(202, views.job(job), {"Location": f"/api/rewrites/{job.id}"})
 
 

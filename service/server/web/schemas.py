@@ -14,9 +14,9 @@ import math
 from typing import Any, Iterable
 
 from rulewright.service.domain.limits import Limits, check_count, check_region_json
-from rulewright.service.domain.requests import (AliasRequest, DissectRequest, Intervention, Region, RewriteRequest,
+from rulewright.service.domain.requests import (AliasRequest, DissectRequest, Intervention, Region,
                                                SampleRequest, SearchRequest)
-from rulewright.service.engine.errors import InvalidArgument
+from rulewright.service.errors import InvalidArgument
 
 MAX_INT64 = 2**63 - 1
 SEED_RANGE_FIELDS = {"seeds": "seed_range.count"}          # a search over seed_range: its count
@@ -225,17 +225,6 @@ def dissect_request(body: dict, limits: Limits) -> DissectRequest:
     return DissectRequest(ref, [region], layer=string(body, "layer") or None, rank_by=string(body, "rank_by", "iou"),
                           top=integer(body, "top", 8), samples=samples, seed_start=seed_start, include_maps=True,
                           **options)
-
-
-def rewrite_request(body: dict, author: str, limits: Limits) -> RewriteRequest:
-    """``POST /api/rewrites``: the edit spec as given (``examples/edits/*.json``), run on a version."""
-    only(body, ("model", "version", "spec", "request_id", "dry_run", "preview_seeds"))
-    ref = _ref(body)
-    if body.get("spec") is None:
-        raise InvalidArgument("spec", "is required (an edit spec, as examples/edits/*.json)")
-    preview_seeds = int_list(body, "preview_seeds", limits.max_images, "images", "max_images")
-    return RewriteRequest(ref, body["spec"], author=author, request_id=string(body, "request_id", limit=128) or None,
-                          dry_run=boolean(body, "dry_run"), preview_seeds=preview_seeds)
 
 
 def alias_request(model: str, alias: str, body: dict, author: str) -> AliasRequest:
