@@ -144,7 +144,7 @@ def settle(page) -> None:
     page.wait_for_function(
         "[...document.querySelectorAll('#album img, #dissect-units img, #work-image')]"
         ".every(i => !i.getAttribute('src') || (i.complete && (i.naturalWidth > 0 || i.classList.contains('broken'))))"
-        " && [...document.querySelectorAll('canvas.thumb')].every(c => c.dataset.loaded || c.dataset.pending"
+        " && [...document.querySelectorAll('.thumb')].every(c => c.dataset.loaded || c.dataset.pending"
         " || c.classList.contains('broken'))",
         timeout=TIMEOUT_MS)
 
@@ -208,7 +208,7 @@ def run_rewrite(page, steps: int = STEPS) -> dict:
     statuses: list[str] = []
     draft_seen = False
     tid(page, "btn-rewrite").click()
-    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    deadline = time.monotonic() + 2 * TIMEOUT_MS / 1000      # two fits: the draft, then the final
     while time.monotonic() < deadline:
         seen.append(int(page.evaluate("document.getElementById('rewrite-progress').value")))
         status = tid(page, "rewrite-status").inner_text()
@@ -314,11 +314,11 @@ def test_editor_end_to_end(page, domain):
     found = QUALITY["final"]["search_targets"]              # the default rewrite's found targets
     assert tid(page, "found-count").inner_text() == f"({found})"
     assert not tid(page, "found-item-0").is_visible()
-    assert page.locator("#found-tray canvas.thumb[data-pending]").count() == found
+    assert page.locator("#found-tray .thumb[data-pending]").count() == found
     assert tid(page, "btn-rewrite").bounding_box()["y"] < tid(page, "found-block").bounding_box()["y"]
     tid(page, "found-count").click()
     page.wait_for_function("document.querySelector('[data-testid=found-thumb-0]').dataset.loaded === 'true'")
-    assert page.locator("#found-tray canvas.thumb[data-pending]").count() > 0, "thumbnails out of view wait"
+    assert page.locator("#found-tray .thumb[data-pending]").count() > 0, "thumbnails out of view wait"
     tid(page, "found-remove-0").click()
     assert tid(page, "found-count").inner_text() == f"({found - 1})"
     assert page.locator("[data-testid^=found-item-]").count() == found - 1

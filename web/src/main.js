@@ -155,26 +155,43 @@ function imagePixels(url) {
   return pixelCache.get(url);
 }
 
-// Thumbnails of a long tray (found targets) load when scrolled into view, not all at once.
-const lazyThumbs = new IntersectionObserver((entries) => {
-  for (const e of entries) {
-    if (!e.isIntersecting) continue;
-    lazyThumbs.unobserve(e.target);
-    e.target.loadThumb();
-  }
-}, { rootMargin: "64px" });
+// Thumbnails of a long tray (found targets) load once the tray is open and they scroll into its
+// view, not all at once: each is a render on the server.
+let lazyThumbs = null;
 
-/** A small canvas: the seed's image with the region tinted (trays); ``lazy``: drawn once visible. */
+function watchLazyThumbs() {
+  if (lazyThumbs) lazyThumbs.disconnect();
+  lazyThumbs = null;
+  if (!$("found-block").open) return;
+  lazyThumbs = new IntersectionObserver((entries) => {
+    for (const e of entries) {
+      if (!e.isIntersecting || !e.target.dataset.pending) continue;
+      lazyThumbs.unobserve(e.target);
+      e.target.loadThumb();
+    }
+  }, { root: $("found-tray"), rootMargin: "48px" });
+  for (const c of $("found-tray").querySelectorAll(".thumb[data-pending]")) lazyThumbs.observe(c);
+}
+
+/** A small canvas: the seed's image with the region tinted (trays); ``lazy``: drawn once seen. */
 function regionThumb(region, color, testid, lazy = false) {
   const c = el("canvas", { width: state.R, height: state.R, class: "thumb", "data-testid": testid });
   c.loadThumb = () => drawThumb(c, region, color);
-  if (lazy) {
-    c.dataset.pending = "true";
-    lazyThumbs.observe(c);
-  } else {
-    c.loadThumb();
-  }
+  if (lazy) c.dataset.pending = "true";
+  else c.loadThumb();
   return c;
+}
+
+/** A thumbnail <img> whose image is requested once the tray shows it (watchLazyThumbs). */
+function lazyImage(url, alt, testid) {
+  const img = el("img", { class: "thumb", alt, "data-testid": testid, "data-pending": "true" });
+  img.onload = () => (img.dataset.loaded = "true");
+  img.onerror = () => img.classList.add("broken");
+  img.loadThumb = () => {
+    delete img.dataset.pending;
+    img.src = url;
+  };
+  return img;
 }
 
 function drawThumb(c, region, color) {
@@ -809,10 +826,11 @@ function renderTrays() {
   $("found-count").textContent = state.found ? `(${found.length})` : "";
   foundTray.replaceChildren(...(found.length ? found.map((f, i) => el("div", { class: "item", "data-testid": `found-item-${i}` },
     f.box ? regionThumb({ seed: f.seed, box: f.box.slice() }, [255, 190, 40], `found-thumb-${i}`, true)
-      : el("img", { class: "thumb", src: imageUrl(f.seed, state.version, false), alt: `seed ${f.seed}`, loading: "lazy" }),
+      : lazyImage(imageUrl(f.seed, state.version, false), `seed ${f.seed}`, `found-thumb-${i}`),
     el("span", { text: `seed ${f.seed}`, class: "clickable", onclick: () => setWork(f.seed) }),
     el("button", { class: "remove", "data-testid": `found-remove-${i}`, title: "Leave this target out of the next rewrite", onclick: () => { state.found.splice(i, 1); renderTrays(); } }, "×")))
     : [el("span", { class: "muted small", text: state.found ? "none: the next rewrite uses your pastes only" : "the next rewrite searches for more targets" })]));
+  watchLazyThumbs();
 }
 
 function clearEdit() {
@@ -979,8 +997,8 @@ function showPreviews(result, label, parent) {
   strip.dataset.kind = label.kind;
   $("preview-label").textContent = label.text;
   $("previews").replaceChildren(...previews.map((p) => el("figure", { class: "preview", "data-testid": `preview-${p.seed}` },
-    el("img", { src: imageUrl(p.seed, parent, false), alt: `seed ${p.seed}, original`, width: state.R * 2, height: state.R * 2 }),
-    el("img", { src: withToken(p.url), alt: `seed ${p.seed}, ${label.kind}`, width: state.R * 2, height: state.R * 2,
+    el("img", { src: imageUrl(p.seed, parent, false), alt: `seed ${p.seed}, original`, width: state.R * 1.5, height: state.R * 1.5 }),
+    el("img", { src: withToken(p.url), alt: `seed ${p.seed}, ${label.kind}`, width: state.R * 1.5, height: state.R * 1.5,
                 "data-testid": `preview-img-${p.seed}`, class: "edited" }),
     el("figcaption", { text: `seed ${p.seed}` }))));
 }
@@ -1284,6 +1302,7 @@ function wire() {
   $("btn-rewrite").addEventListener("click", startRewrite);
   $("btn-found-reset").addEventListener("click", (e) => { e.preventDefault(); state.found = null; renderTrays(); });
   $("strength-input").addEventListener("input", renderCurve);
+  $("found-block").addEventListener("toggle", watchLazyThumbs);
   $("strength-curve").addEventListener("click", pickStrength);
   $("btn-cancel").addEventListener("click", cancelRewrite);
   $("btn-refresh").addEventListener("click", () => act("Refreshing versions", async () => { await loadVersions(); renderAlbum(); }));
