@@ -8,6 +8,11 @@ editor page (``make web``) in headless Chromium, loads the spec and presses Rewr
 seconds from the press to the first progress event, to the first edited picture on the page (a
 preview image loaded, or the new version's album image loaded, whichever the page shows first),
 and to the final version, with each progress text the page showed (stage and step count).
+
+``--fits`` instead runs the two fits the page asks for (the draft: the user's pastes only, 50
+steps, as ``web/src/main.js`` builds it; then the final) in this process and prints each one's
+wall and CPU seconds: on a machine shared with other work, CPU seconds over the thread count
+estimate the wall time on idle cores.
 """
 
 from __future__ import annotations
@@ -62,14 +67,49 @@ def measure(page, spec: Path, parent: int, limit: float) -> dict:
             "done_s": done, "statuses": texts}
 
 
+# The draft the editor runs first (main.js draftSpec): no search, few steps, strength 1.
+DRAFT = {"quality": "draft", "steps": 50, "strength": 1.0, "search": {"targets": 0}}
+
+
+def fits(spec_path: Path) -> None:
+    """Time the editor's draft and final fits (dry runs with previews) in this process."""
+    import torch
+
+    from rulewright.service.domain.core import Domain
+    from rulewright.service.domain.requests import RewriteRequest
+    from rulewright.service.importers.faces import import_faces
+
+    spec = json.loads(spec_path.read_text())
+    seeds = [p["seed"] for p in spec["paste"]][:6]
+    with tempfile.TemporaryDirectory() as root:
+        domain = Domain.open(Path(root), device="cpu")
+        domain.bootstrap("faces", import_faces())
+        for name, s in (("warm-up (statistics)", {**spec, **DRAFT, "steps": 1}), ("draft", {**spec, **DRAFT}),
+                        ("final", {**spec, "quality": "final"})):
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                domain.rewrite(RewriteRequest("faces/1", s, dry_run=True, preview_seeds=seeds))
+            except Exception as exc:          # the 1-step warm-up may be refused as no improvement
+                print(f"  ({name}: {type(exc).__name__})", file=sys.stderr)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            print(f"{spec_path.stem} {name:22s} wall {wall:6.1f} s  cpu {cpu:6.1f} s  "
+                  f"({torch.get_num_threads()} threads)", flush=True)
+        domain.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the editor against a fresh server and print the time to its first edited picture."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.editor_preview", description=__doc__.splitlines()[0])
     p.add_argument("--spec", default="examples/edits/glasses.json", help="the edit spec the page loads")
     p.add_argument("--runs", type=int, default=1, help="rewrites in a row (each from version 1)")
     p.add_argument("--limit", type=float, default=300.0, help="seconds to wait for one rewrite")
+    p.add_argument("--static", default=None, help="serve the editor page from this folder (an older build, to compare)")
+    p.add_argument("--fits", action="store_true", help="time the draft and final fits in-process instead")
     p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = p.parse_args(argv)
+    if args.fits:
+        fits(Path(args.spec))
+        return 0
 
     from playwright.sync_api import sync_playwright
 
@@ -86,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         domain.statistics(domain.resolve("faces/1"), spec.layer, spec.stats["samples"], spec.stats["seed_start"],
                           spec.truncation)
         print(f"key statistics of {spec.layer}: {time.perf_counter() - started:.1f} s (before timing)", file=sys.stderr)
-        server = WebServer(domain, "127.0.0.1:0").start()
+        server = WebServer(domain, "127.0.0.1:0", static_dir=args.static).start()
         runs = []
         try:
             with sync_playwright() as pw:
