@@ -48,6 +48,16 @@ STRENGTHS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 SHOW = 10             # held-out faces in each picture
 SCALE = 2             # picture pixels per image pixel
 FITS = Path("out/gallery-fits")
+# Fine-tuning every weight (500 steps) on the same edits, faces and detectors: the reference line.
+PARETO = Path("benchmarks/results-pareto-detector-cpu-2026-12-06.json")
+
+
+def finetune_reference(name: str) -> dict | None:
+    """Fine-tune-all's default point (500 steps) for edit ``name`` from the recorded --pareto run."""
+    if not PARETO.exists():
+        return None
+    curves = json.loads(PARETO.read_text()).get(name, {}).get("curves", {})
+    return next((p for p in curves.get("finetune", []) if p["knob"] == "500 steps"), None)
 
 
 def _render(model, edit, strength: float, truncation: float):
@@ -118,6 +128,10 @@ def plot_curves(name: str, result: dict, out: Path) -> None:
     side = left.twinx()
     side.plot(x, [p["side_effect"] for p in pts], marker="s", color="C3", label="side effect")
     side.set_ylabel("side effect (|Δpixel| outside the box)", color="C3")
+    tuned = finetune_reference(name)
+    if tuned is not None:
+        side.axhline(tuned["side_effect"], color="C3", linestyle=":", linewidth=0.9)
+        side.text(x[0], tuned["side_effect"], " fine-tune's side effect", color="C3", fontsize=7, va="bottom")
     side.set_ylim(0, None)
     right.plot(x, [100 * p["efficacy"] for p in pts], marker="o", color="C2", label="pixel efficacy (%)")
     right.set_ylabel("pixel efficacy (%)", color="C2")
@@ -139,6 +153,23 @@ def plot_curves(name: str, result: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def print_table(out: Path) -> None:
+    """The figures at each edit's default strength, as the Markdown table of docs/editing.md."""
+    results = {p.stem: json.loads((out / f"{p.stem}.json").read_text())
+               for p in sorted(Path("examples/edits").glob("*.json")) if (out / f"{p.stem}.json").exists()}
+    print(f"at the default strength, {next(iter(results.values()))['heldout'] if results else 0} held-out faces from {HELDOUT_START} (fine-tune-all: 500 steps)\n")
+    print("| edit | strength | detected | pixel efficacy | side effect | box edge (ideal) | detector accuracy "
+          "| fine-tune: detected / side effect |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        d = next(p for p in r["points"] if p["strength"] == r["default_strength"])
+        tuned = finetune_reference(name)
+        ft = f"{100 * tuned['detected']:.1f}% / {tuned['side_effect']:.4f}" if tuned else "-"
+        print(f"| {name} | {r['default_strength']:g} | {100 * d['detected']:.1f}% | {100 * d['efficacy']:.1f}% "
+              f"| {d['side_effect']:.4f} | {d['box_edge']:.2f} ({r['references']['ideal']['box_edge']:.2f}) "
+              f"| {100 * r['detector']['check_accuracy']:.1f}% | {ft} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write every shipped edit's picture and curves, and print its figures at the default."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.edit_gallery", description=__doc__.splitlines()[0])
@@ -154,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         for path in paths:
             plot_curves(path.stem, json.loads((out / f"{path.stem}.json").read_text()), out / f"{path.stem}-curves.png")
+        print_table(out)
         return 0
     torch.manual_seed(0)
     configure_determinism()
@@ -163,15 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         result = gallery_edit(model, path, seeds, out, fingerprint)
         (out / f"{path.stem}.json").write_text(json.dumps(result, indent=1))
-    results = {p.stem: json.loads((out / f"{p.stem}.json").read_text())
-               for p in sorted(Path("examples/edits").glob("*.json")) if (out / f"{p.stem}.json").exists()}
-    print(f"{'edit':14s} {'strength':>8s} {'detected':>8s} {'efficacy':>8s} {'side':>7s} {'edge':>5s} "
-          f"{'ideal edge':>10s} {'fit s':>6s}  (held-out faces from {HELDOUT_START}, {args.heldout})")
-    for name, r in results.items():
-        d = next(p for p in r["points"] if p["strength"] == r["default_strength"])
-        print(f"{name:14s} {r['default_strength']:8g} {100 * d['detected']:7.1f}% {100 * d['efficacy']:7.1f}% "
-              f"{d['side_effect']:7.4f} {d['box_edge']:5.2f} {r['references']['ideal']['box_edge']:10.2f} "
-              f"{r['fit_seconds']:6.1f}")
+    print_table(out)
     print(f"pictures and curves: {out}/")
     return 0
 
