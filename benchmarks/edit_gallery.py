@@ -1,6 +1,8 @@
 """Pictures and curves of every shipped edit at its default, for the editing documentation.
 
 ``python -m benchmarks.edit_gallery [--edits glasses,mask] [--heldout 200] [--out docs/editing]``
+``python -m benchmarks.edit_gallery --override '{"fit": {"feather": 1}, "strength": 1.25}' --out out/gallery-f1``
+(another default, tried on every edit the same way)
 
 For each edit of ``examples/edits/`` it fits the default rewrite once (the statistics and the
 edit's detector cached as in ``benchmarks.edit_quality``), sweeps its strength on held-out faces
@@ -65,9 +67,16 @@ def _render(model, edit, strength: float, truncation: float):
     return lambda z: render_edited(model, [e], z, truncation)
 
 
-def gallery_edit(model, path: Path, seeds: list[int], out: Path, fingerprint: str) -> dict:
-    """Fit one edit's default, measure it along strength, and write its picture and curves."""
-    base = json.loads(path.read_text())
+def _override(base: dict, over: dict) -> dict:
+    spec = json.loads(json.dumps(base))
+    for k, v in over.items():
+        spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
+    return spec
+
+
+def gallery_edit(model, path: Path, seeds: list[int], out: Path, fingerprint: str, override: dict | None = None) -> dict:
+    """Fit one edit's default (with ``override``), measure it along strength, write its picture and curves."""
+    base = _override(json.loads(path.read_text()), override or {})
     default = EditSpec.from_json(base, model)
     s = default.stats
     C = key_moment(model, default.layer, range(s["seed_start"], s["seed_start"] + s["samples"])).moment()
@@ -75,7 +84,7 @@ def gallery_edit(model, path: Path, seeds: list[int], out: Path, fingerprint: st
     detector, info = detectors.load_or_train(model, user, fingerprint=fingerprint)
     print(f"  {path.stem}: {detectors.describe(info)}", file=sys.stderr, flush=True)
     held = pareto.Heldout(model, user, seeds, C, detect=detector.probability)
-    key = hashlib.sha256(f"{path.read_text()}|{fingerprint}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{json.dumps(base, sort_keys=True)}|{fingerprint}".encode()).hexdigest()[:16]
     cached = FITS / f"{path.stem}-{key}.pt"
     if cached.exists():
         edit, seconds = torch.load(cached, weights_only=False)
@@ -103,7 +112,7 @@ def gallery_edit(model, path: Path, seeds: list[int], out: Path, fingerprint: st
     Image.fromarray(picture).resize((picture.shape[1] * SCALE, picture.shape[0] * SCALE), Image.NEAREST) \
         .save(out / f"{path.stem}.png")
     result = {"op": default.op, "default_strength": default.strength, "fit_seconds": seconds,
-              "found": len(edit.spec.get("found") or []), "detector": info, "points": points, "heldout": len(seeds),
+              "found": len(edit.spec.get("found") or []), "detector": info, "points": points, "heldout": len(seeds), "override": override or {},
               "references": held.references(), "shown_seeds": shown, "threads": torch.get_num_threads()}
     plot_curves(path.stem, result, out / f"{path.stem}-curves.png")
     return result
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--edits", default="", help="comma-separated edit names (default: every examples/edits/*.json)")
     p.add_argument("--heldout", type=int, default=200, help="held-out faces measured")
     p.add_argument("--out", default="docs/editing", help="folder of the pictures, curves and {edit}.json")
+    p.add_argument("--override", default="{}", help="JSON merged into every spec (another default to try)")
     p.add_argument("--replot", action="store_true", help="only redraw the curves from the {edit}.json files")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(HELDOUT_START, HELDOUT_START + args.heldout))
     fingerprint = model_fingerprint(model)
     for path in paths:
-        result = gallery_edit(model, path, seeds, out, fingerprint)
+        result = gallery_edit(model, path, seeds, out, fingerprint, json.loads(args.override))
         (out / f"{path.stem}.json").write_text(json.dumps(result, indent=1))
     print_table(out)
     print(f"pictures and curves: {out}/")
