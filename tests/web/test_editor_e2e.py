@@ -144,7 +144,8 @@ def settle(page) -> None:
     page.wait_for_function(
         "[...document.querySelectorAll('#album img, #dissect-units img, #work-image')]"
         ".every(i => !i.getAttribute('src') || (i.complete && (i.naturalWidth > 0 || i.classList.contains('broken'))))"
-        " && [...document.querySelectorAll('canvas.thumb')].every(c => c.dataset.loaded || c.classList.contains('broken'))",
+        " && [...document.querySelectorAll('.thumb')].every(c => c.dataset.loaded || c.dataset.pending"
+        " || c.classList.contains('broken'))",
         timeout=TIMEOUT_MS)
 
 
@@ -200,14 +201,22 @@ def expect_message(page, *parts: str, kind: str | None = None) -> str:
 
 
 def run_rewrite(page, steps: int = STEPS) -> dict:
-    """Press Rewrite and follow it to 100 %; (seen progress values, the new version)."""
+    """Press Rewrite and follow it to 100 %; (seen progress values in order, status texts, whether
+    a draft preview showed, the new version)."""
     tid(page, "steps-input").fill(str(steps))
-    seen: set[int] = set()
+    seen: list[int] = []
+    statuses: list[str] = []
+    draft_seen = False
     tid(page, "btn-rewrite").click()
-    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    deadline = time.monotonic() + 2 * TIMEOUT_MS / 1000      # two fits: the draft, then the final
     while time.monotonic() < deadline:
-        seen.add(int(page.evaluate("document.getElementById('rewrite-progress').value")))
+        seen.append(int(page.evaluate("document.getElementById('rewrite-progress').value")))
         status = tid(page, "rewrite-status").inner_text()
+        if not statuses or statuses[-1] != status:
+            statuses.append(status)
+        draft_seen = draft_seen or page.evaluate(
+            "document.getElementById('preview-strip').dataset.kind === 'draft'"
+            " && [...document.querySelectorAll('#previews img.edited')].some(i => i.complete && i.naturalWidth > 0)")
         if status.startswith("done"):
             break
         if status in ("failed", "cancelled", "lost"):
@@ -219,7 +228,8 @@ def run_rewrite(page, steps: int = STEPS) -> dict:
     version = int(tid(page, "rewrite-status").inner_text().split("v")[1].split()[0])
     tid(page, f"version-{version}").wait_for()
     page.wait_for_function("v => document.getElementById('version-select').value === String(v)", arg=version)
-    return {"seen": seen, "version": version, "loss": tid(page, "rewrite-loss").inner_text()}
+    return {"seen": seen, "statuses": statuses, "draft_seen": draft_seen, "version": version,
+            "loss": tid(page, "rewrite-loss").inner_text()}
 
 
 # ---- the whole workflow ---------------------------------------------------------------------------
@@ -290,11 +300,25 @@ def test_editor_end_to_end(page, domain):
     run = run_rewrite(page)
     assert run["version"] == 2
     assert any(0 < v < 100 for v in run["seen"]), run["seen"]
+    assert run["seen"] == sorted(run["seen"]), "one bar for draft and final: it never goes back"
     assert run["loss"].startswith("loss ")
+    # a draft preview (a dry run on the user's pastes) showed first, then the final's previews
+    assert run["draft_seen"], run["statuses"]
+    assert any(s.startswith("draft — optimize: ") and s.endswith(f"/{STEPS}") for s in run["statuses"]), run["statuses"]
+    assert any(s.startswith("final — optimize: ") for s in run["statuses"]), run["statuses"]
+    assert tid(page, "preview-strip").get_attribute("data-kind") == "final"
+    wait_image(page, "preview-img-1")                       # the paste target, edited by the new version
     shot("rewrite-done")
-    # the targets its context search found, in a tray the user can prune before the next rewrite
+    # the targets its context search found, folded below the Rewrite controls: none of their
+    # thumbnails is requested until the tray is opened
     found = QUALITY["final"]["search_targets"]              # the default rewrite's found targets
     assert tid(page, "found-count").inner_text() == f"({found})"
+    assert not tid(page, "found-item-0").is_visible()
+    assert page.locator("#found-tray .thumb[data-pending]").count() == found
+    assert tid(page, "btn-rewrite").bounding_box()["y"] < tid(page, "found-block").bounding_box()["y"]
+    tid(page, "found-count").click()
+    page.wait_for_function("document.querySelector('[data-testid=found-thumb-0]').dataset.loaded === 'true'")
+    assert page.locator("#found-tray .thumb[data-pending]").count() > 0, "thumbnails out of view wait"
     tid(page, "found-remove-0").click()
     assert tid(page, "found-count").inner_text() == f"({found - 1})"
     assert page.locator("[data-testid^=found-item-]").count() == found - 1
@@ -463,3 +487,62 @@ def test_cancel_rewrite(page, domain):
     assert not tid(page, "btn-rewrite").is_disabled()
     shot("cancelled")
     assert {v.number for v in domain.registry.list_versions("faces", 1000, "").items} == before
+
+
+# ---- the strength curve ---------------------------------------------------------------------------
+
+CURVE = {"points": [{"strength": s, "detected": d, "side_effect": e, "box_edge": b}
+                    for s, d, e, b in ((0.25, 0.01, 0.005, 0.31), (0.5, 0.08, 0.010, 0.33), (1.0, 0.43, 0.020, 0.40),
+                                       (1.5, 0.62, 0.031, 0.52), (2.0, 0.65, 0.046, 0.61))],
+         "chosen": 1.0, "rule": "the largest strength whose side effect stays under fine-tuning's"}
+
+
+def _canvas_column(page, x: float) -> list[list[int]]:
+    """The RGBA pixels of the strength curve's column ``x`` (canvas pixels)."""
+    return page.evaluate(
+        "x => { const c = document.getElementById('strength-curve'); const d = c.getContext('2d')"
+        ".getImageData(Math.round(x), 0, 1, c.height).data; const out = [];"
+        " for (let i = 0; i < d.length; i += 4) out.push([d[i], d[i + 1], d[i + 2], d[i + 3]]); return out; }", x)
+
+
+def test_strength_curve(page, domain):
+    """A version whose metrics hold a strength curve shows it beside Strength, marking the chosen
+    strength and the field's; a click on the curve sets the field; a version without one shows none."""
+    from rulewright.service.engine.delta import to_bytes
+    from tests.builders import random_deltas
+
+    shot = Shots(page, "curve-")
+    model = domain.generator(domain.resolve("faces/1")).model
+    with_curve = domain.registry.create_version(
+        "faces", parent=1, delta=to_bytes(random_deltas(model, seed=7, strength=0.2)), spec={"name": "curve"},
+        metrics={"strength_curve": CURVE, "seconds": 1.0}).number
+    tid(page, "btn-refresh").click()
+    tid(page, f"version-open-{with_curve}").click()
+    page.wait_for_function("v => document.getElementById('version-select').value === String(v)", arg=with_curve)
+    canvas = tid(page, "strength-curve")
+    canvas.wait_for(state="visible")
+    assert canvas.get_attribute("data-points") == "5" and canvas.get_attribute("data-chosen") == "1"
+    info = tid(page, "strength-curve-info").inner_text()
+    assert "chosen 1 (the largest strength whose side effect" in info
+    assert "at 1: detected 43%, side effect 0.0200" in info           # blank field: the chosen strength
+    assert canvas.get_attribute("data-slider") == ""
+
+    tid(page, "strength-input").fill("1.5")
+    page.wait_for_function("document.getElementById('strength-curve').dataset.slider === '1.5'")
+    chosen_x, slider_x = float(canvas.get_attribute("data-chosen-x")), float(canvas.get_attribute("data-slider-x"))
+    assert slider_x > chosen_x + 10
+    assert "at 1.5: detected 62%, side effect 0.0310" in tid(page, "strength-curve-info").inner_text()
+    marker = _canvas_column(page, slider_x)
+    assert sum(1 for r, g, b, a in marker if a and r > 200 and g > 180 and b < 120) > 50, "the field's strength marker"
+    shot("marked")
+
+    # a click on the curve sets the field to the strength under it (to 0.05)
+    box = canvas.bounding_box()
+    page.mouse.click(box["x"] + chosen_x * box["width"] / 300, box["y"] + box["height"] / 2)
+    page.wait_for_function("document.getElementById('strength-input').value === '1'")
+    assert canvas.get_attribute("data-slider") == "1"
+
+    tid(page, "version-open-1").click()
+    page.wait_for_function("document.getElementById('version-select').value === '1'")
+    assert tid(page, "strength-curve-box").is_hidden()
+    shot("no-curve")

@@ -3,6 +3,7 @@
 import "./style.css";
 import { api, ApiError, enc, withToken } from "./api.js";
 import * as M from "./mask.js";
+import { curveOf, curveText, drawCurve, strengthAtX } from "./curve.js";
 
 const ALBUM_SCALE = 2;      // album tiles: image pixels → CSS pixels
 const STAGE_SCALE = 6;      // the work image
@@ -46,7 +47,9 @@ const state = {
   found: null,            // targets found by the last rewrite's search (spec "found"); null: search anew
   ablation: null,         // {layer, units: [..]}
   dissect: null,          // {layer, seed, units}
-  job: null,              // {id, source, cancelUrl}
+  job: null,              // {id, source, cancelUrl} of the rewrite job running
+  rewriting: null,        // {cancelled} while a rewrite (draft, then final) runs
+  curve: null,            // the shown version's strength curve (metrics.strength_curve)
 };
 
 // ---- messages ---------------------------------------------------------------------------------
@@ -152,10 +155,48 @@ function imagePixels(url) {
   return pixelCache.get(url);
 }
 
-/** A small canvas: the seed's image with the region tinted (trays). */
-function regionThumb(region, color, testid) {
+// Thumbnails of a long tray (found targets) load once the tray is open and they scroll into its
+// view, not all at once: each is a render on the server.
+let lazyThumbs = null;
+
+function watchLazyThumbs() {
+  if (lazyThumbs) lazyThumbs.disconnect();
+  lazyThumbs = null;
+  if (!$("found-block").open) return;
+  lazyThumbs = new IntersectionObserver((entries) => {
+    for (const e of entries) {
+      if (!e.isIntersecting || !e.target.dataset.pending) continue;
+      lazyThumbs.unobserve(e.target);
+      e.target.loadThumb();
+    }
+  }, { root: $("found-tray"), rootMargin: "48px" });
+  for (const c of $("found-tray").querySelectorAll(".thumb[data-pending]")) lazyThumbs.observe(c);
+}
+
+/** A small canvas: the seed's image with the region tinted (trays); ``lazy``: drawn once seen. */
+function regionThumb(region, color, testid, lazy = false) {
+  const c = el("canvas", { width: state.R, height: state.R, class: "thumb", "data-testid": testid });
+  c.loadThumb = () => drawThumb(c, region, color);
+  if (lazy) c.dataset.pending = "true";
+  else c.loadThumb();
+  return c;
+}
+
+/** A thumbnail <img> whose image is requested once the tray shows it (watchLazyThumbs). */
+function lazyImage(url, alt, testid) {
+  const img = el("img", { class: "thumb", alt, "data-testid": testid, "data-pending": "true" });
+  img.onload = () => (img.dataset.loaded = "true");
+  img.onerror = () => img.classList.add("broken");
+  img.loadThumb = () => {
+    delete img.dataset.pending;
+    img.src = url;
+  };
+  return img;
+}
+
+function drawThumb(c, region, color) {
   const r = state.R;
-  const c = el("canvas", { width: r, height: r, class: "thumb", "data-testid": testid });
+  delete c.dataset.pending;
   imagePixels(imageUrl(region.seed, state.version, false)).then((pix) => {
     const ctx = c.getContext("2d");
     const out = new ImageData(new Uint8ClampedArray(pix.data), r, r);
@@ -216,6 +257,7 @@ async function selectVersion(n) {
   state.searchOrder = null;
   $("toggle-matches").checked = false;
   $("version-select").value = String(n);
+  setCurve(curveOf((currentVersion() || {}).metrics));
   const data = await api("GET", `${modelPath()}/versions/${n}/layers`);
   state.layers = data.layers || [];
   state.defaultLayer = data.default_layer;
@@ -783,11 +825,12 @@ function renderTrays() {
   const found = state.found || [];
   $("found-count").textContent = state.found ? `(${found.length})` : "";
   foundTray.replaceChildren(...(found.length ? found.map((f, i) => el("div", { class: "item", "data-testid": `found-item-${i}` },
-    f.box ? regionThumb({ seed: f.seed, box: f.box.slice() }, [255, 190, 40], `found-thumb-${i}`)
-      : el("img", { class: "thumb", src: imageUrl(f.seed, state.version, false), alt: `seed ${f.seed}` }),
+    f.box ? regionThumb({ seed: f.seed, box: f.box.slice() }, [255, 190, 40], `found-thumb-${i}`, true)
+      : lazyImage(imageUrl(f.seed, state.version, false), `seed ${f.seed}`, `found-thumb-${i}`),
     el("span", { text: `seed ${f.seed}`, class: "clickable", onclick: () => setWork(f.seed) }),
     el("button", { class: "remove", "data-testid": `found-remove-${i}`, title: "Leave this target out of the next rewrite", onclick: () => { state.found.splice(i, 1); renderTrays(); } }, "×")))
     : [el("span", { class: "muted small", text: state.found ? "none: the next rewrite uses your pastes only" : "the next rewrite searches for more targets" })]));
+  watchLazyThumbs();
 }
 
 function clearEdit() {
@@ -815,33 +858,62 @@ function intField(id, name, lo, hi) {
   return n;
 }
 
+/** The Strength field as a number; NaN when blank (the service's default: the chosen strength). */
+function strengthValue() {
+  const raw = $("strength-input").value.trim();
+  if (raw === "") return NaN;
+  const strength = Number(raw);
+  if (!Number.isFinite(strength) || strength < -10 || strength > 10) {
+    throw new Error(`Strength must be a number from -10 to 10 (or blank for the default), got "${raw}"`);
+  }
+  return strength;
+}
+
 async function buildSpec() {
   if (!state.copy) throw new Error("A rewrite needs a copied region: select a region and click Copy");
   if (!state.paste.length) throw new Error("A rewrite needs at least one paste target: click another image and Paste");
   const layer = state.layers.find((l) => l.name === $("layer-select").value);
   const rank = intField("rank-input", "Rank", 1, layer ? layer.in_channels : 0);
-  const steps = intField("steps-input", "Steps", 1, 100000);
-  const strengthRaw = $("strength-input").value.trim();
-  const strength = Number(strengthRaw);
-  if (strengthRaw === "" || !Number.isFinite(strength) || strength < -10 || strength > 10) {
-    throw new Error(`Strength must be a number from -10 to 10, got "${strengthRaw}"`);
-  }
+  const steps = $("steps-input").value.trim() === "" ? undefined : intField("steps-input", "Steps", 1, 100000);
+  const strength = strengthValue();
   const R = state.R;
   const spec = {
+    // the quality said out loud: a spec that lists found targets and no quality means the draft's
+    quality: "final",
     ...state.specExtras,
     model: state.model.name,
     layer: $("layer-select").value,
     rank,
-    steps,
-    strength,
     copy: await M.regionToSpec(state.copy, R),
     paste: await Promise.all(state.paste.map((p) => M.regionToSpec({ seed: p.seed, ...pasteRegion(p) }, R))),
   };
+  if (steps !== undefined) spec.steps = steps;
+  if (Number.isFinite(strength)) spec.strength = strength;
   if (state.context.length) spec.context = await Promise.all(state.context.map((c) => M.regionToSpec(c, R)));
   else delete spec.context;
   if (state.found) spec.found = state.found.map((f) => ({ ...f }));
   else delete spec.found;
   return spec;
+}
+
+// The draft shown first: the user's own pastes only (no search), few steps, at the chosen strength
+// or 1 — seconds where the final fit (found targets, more steps) takes tens of them.
+const DRAFT_STEPS = 50;
+const DRAFT_SHARE = 0.15;     // of the progress bar, when a draft runs first
+const PREVIEW_COUNT = 6;
+
+function draftSpec(spec) {
+  const draft = { ...spec, quality: "draft", steps: Math.min(spec.steps ?? DRAFT_STEPS, DRAFT_STEPS),
+                  strength: spec.strength ?? 1, search: { ...(spec.search || {}), targets: 0 } };
+  delete draft.found;
+  return draft;
+}
+
+/** Seeds to preview: the paste targets, then the album's first seeds, PREVIEW_COUNT in all. */
+function previewSeeds() {
+  const seeds = [...new Set(state.paste.map((p) => p.seed))];
+  for (const s of albumSeeds()) if (seeds.length < PREVIEW_COUNT && !seeds.includes(s)) seeds.push(s);
+  return seeds.slice(0, PREVIEW_COUNT);
 }
 
 function setProgress(fraction, status, loss) {
@@ -858,8 +930,81 @@ function busy(on) {
   $("btn-cancel").disabled = !on;
 }
 
+/** A job's own failure (its error event), as opposed to one of posting it. */
+class JobFailed extends Error {
+  constructor(err) {
+    super(err.message);
+    this.apiError = err;
+  }
+}
+
+/**
+ * POST a rewrite and follow its events; resolves with the result. Progress fills the bar from
+ * ``span[0]`` to ``span[1]``, the status naming the ``phase`` (one bar for draft and final).
+ */
+async function runJob(phase, span, body) {
+  const job = await api("POST", "/api/rewrites", body);
+  return new Promise((resolve, reject) => {
+    const source = new EventSource(withToken(job.events_url));
+    state.job = { id: job.job, source, cancelUrl: job.cancel_url };
+    let finished = false;
+    const finish = () => {
+      finished = true;
+      source.close();
+      state.job = null;
+    };
+    const parse = (ev) => {
+      try {
+        return JSON.parse(ev.data);
+      } catch {
+        return {};
+      }
+    };
+    source.addEventListener("progress", (ev) => {
+      const p = parse(ev);
+      const step = p.step ?? p.done ?? 0, steps = p.steps ?? p.total ?? 0;
+      const stage = p.stage || "working";
+      const loss = typeof p.loss === "number" ? `loss ${p.loss.toFixed(5)}` : undefined;
+      const within = stage === "optimize" && steps ? step / steps : 0;
+      setProgress(span[0] + (span[1] - span[0]) * within, `${phase} — ${stage}: ${step}/${steps}`, loss);
+      $("rewrite-status").dataset.stage = stage;
+      $("rewrite-status").dataset.phase = phase;
+    });
+    source.addEventListener("result", (ev) => {
+      finish();
+      resolve(parse(ev));
+    });
+    source.addEventListener("error", (ev) => {
+      if (ev.data !== undefined && ev.data !== null && ev.data !== "") {
+        const body = parse(ev);     // the job's own error event
+        finish();
+        reject(new JobFailed(new ApiError(body.error && body.error.code === "CANCELLED" ? 499 : 400, body)));
+        return;
+      }
+      if (!finished && source.readyState === EventSource.CLOSED) {
+        finish();
+        reject(new Error("lost the rewrite's progress stream (the server closed it)"));
+      }
+    });
+  });
+}
+
+/** The preview strip: each seed's original (the parent) beside its edited render. */
+function showPreviews(result, label, parent) {
+  const strip = $("preview-strip");
+  const previews = Array.isArray(result.previews) ? result.previews : [];
+  strip.hidden = !previews.length;
+  strip.dataset.kind = label.kind;
+  $("preview-label").textContent = label.text;
+  $("previews").replaceChildren(...previews.map((p) => el("figure", { class: "preview", "data-testid": `preview-${p.seed}` },
+    el("img", { src: imageUrl(p.seed, parent, false), alt: `seed ${p.seed}, original`, width: state.R * 1.5, height: state.R * 1.5 }),
+    el("img", { src: withToken(p.url), alt: `seed ${p.seed}, ${label.kind}`, width: state.R * 1.5, height: state.R * 1.5,
+                "data-testid": `preview-img-${p.seed}`, class: "edited" }),
+    el("figcaption", { text: `seed ${p.seed}` }))));
+}
+
 async function startRewrite() {
-  if (state.job) {
+  if (state.job || state.rewriting) {
     say("A rewrite is already running: wait for it or cancel it.", "error");
     return;
   }
@@ -871,83 +1016,111 @@ async function startRewrite() {
     return;
   }
   const parent = state.version;
+  const seeds = previewSeeds();
+  const draft = $("toggle-draft").checked;
+  state.rewriting = { cancelled: false };
   busy(true);
   setProgress(0, `submitting (from v${parent})`, "");
-  const job = await act("Rewrite", () => api("POST", "/api/rewrites", {
-    model: state.model.name, version: parent, spec, request_id: crypto.randomUUID(),
-  }));
-  if (!job) {
-    busy(false);
-    setProgress(0, "idle", "");
-    return;
-  }
-  followJob(job, parent);
-}
-
-function followJob(job, parent) {
-  const source = new EventSource(withToken(job.events_url));
-  state.job = { id: job.job, source, cancelUrl: job.cancel_url };
-  let finished = false;
-  const finish = () => {
-    finished = true;
-    source.close();
-    state.job = null;
-    busy(false);
-  };
-  const parse = (ev) => {
-    try {
-      return JSON.parse(ev.data);
-    } catch {
-      return {};
-    }
-  };
-  source.addEventListener("progress", (ev) => {
-    const p = parse(ev);
-    const step = p.step ?? p.done ?? 0, steps = p.steps ?? p.total ?? 0;
-    const stage = p.stage || "working";
-    const loss = typeof p.loss === "number" ? `loss ${p.loss.toFixed(5)}` : undefined;
-    setProgress(steps ? step / steps : 0, `${stage}: ${step}/${steps}`, loss);
-    $("rewrite-status").dataset.stage = stage;
-  });
-  source.addEventListener("result", (ev) => {
-    const r = parse(ev);
-    finish();
+  $("rewrite-status").dataset.stage = "";
+  const base = { model: state.model.name, version: parent, preview_seeds: seeds };
+  try {
+    if (draft) await runDraft(base, spec, parent);
+    if (state.rewriting.cancelled) throw new JobFailed(new ApiError(499, { error: { code: "CANCELLED", message: "cancelled" } }));
+    const r = await runJob("final", [draft ? DRAFT_SHARE : 0, 1], { ...base, spec, request_id: crypto.randomUUID() });
     setProgress(1, `done: v${r.version} from v${r.parent ?? parent}`);
+    showPreviews(r, { kind: "final", text: `Final: v${r.version}${r.metrics && r.metrics.strength_curve ? ` at strength ${r.metrics.strength_curve.chosen ?? spec.strength ?? ""}` : ""}` }, parent);
     state.found = Array.isArray(r.found) ? r.found : null;
     renderTrays();
-    act("Loading the new version", async () => {
+    await act("Loading the new version", async () => {
       await loadVersions();
       await selectVersion(r.version);
+      setCurve(curveOf(r.metrics) || curveOf((currentVersion() || {}).metrics));
       say(`Rewrite done: version ${r.version} (from v${r.parent ?? parent}). Toggle original / edited to compare.`, "ok");
     });
-  });
-  source.addEventListener("error", (ev) => {
-    if (ev.data !== undefined && ev.data !== null && ev.data !== "") {
-      // the job's own error event
-      const body = parse(ev);
-      finish();
-      const err = new ApiError(body.error && body.error.code === "CANCELLED" ? 499 : 400, body);
-      if (err.code === "CANCELLED") {
-        setProgress(0, "cancelled", "");
-        say("Rewrite cancelled: no version was created.", "info");
-      } else {
-        setProgress(0, "failed", "");
-        act("Rewrite", async () => { throw err; });
-      }
-      return;
-    }
-    if (!finished && source.readyState === EventSource.CLOSED) {
-      finish();
-      setProgress(0, "lost", "");
-      say("Lost the rewrite's progress stream (the server closed it).", "error");
-    }
-  });
+  } catch (exc) {
+    rewriteFailed(exc);
+  } finally {
+    state.rewriting = null;
+    state.job = null;
+    busy(false);
+  }
+}
+
+/** The draft: a dry run whose previews show while the final fit runs; its failure only notes it. */
+async function runDraft(base, spec, parent) {
+  const d = draftSpec(spec);
+  try {
+    const r = await runJob("draft", [0, DRAFT_SHARE], { ...base, spec: d, dry_run: true });
+    showPreviews(r, { kind: "draft", text: `Draft preview (your ${spec.paste.length} paste(s), ${d.steps} steps, strength ${d.strength}): the final fit is running…` }, parent);
+    if (curveOf(r.metrics)) setCurve(curveOf(r.metrics));
+  } catch (exc) {
+    if (!(exc instanceof JobFailed) || exc.apiError.code === "CANCELLED") throw exc;
+    $("preview-label").textContent = `No draft preview (${exc.message}); the final fit is running…`;
+  }
+}
+
+function rewriteFailed(exc) {
+  const err = exc instanceof JobFailed ? exc.apiError : exc;
+  if (err instanceof ApiError && err.code === "CANCELLED") {
+    setProgress(0, "cancelled", "");
+    say("Rewrite cancelled: no version was created.", "info");
+  } else if (exc instanceof JobFailed || err instanceof ApiError) {
+    setProgress(0, "failed", "");
+    act("Rewrite", async () => { throw err; });
+  } else {
+    setProgress(0, "lost", "");
+    say(`Rewrite: ${err.message}`, "error");
+  }
 }
 
 async function cancelRewrite() {
+  if (state.rewriting) state.rewriting.cancelled = true;
   if (!state.job) return;
   $("rewrite-status").textContent = "cancelling…";
   await act("Cancel", () => api("POST", state.job.cancelUrl, {}));
+}
+
+// ---- the strength curve -----------------------------------------------------------------------
+
+function setCurve(curve) {
+  state.curve = curve;
+  renderCurve();
+}
+
+function sliderStrength() {
+  try {
+    return strengthValue();
+  } catch {
+    return NaN;
+  }
+}
+
+function renderCurve() {
+  const box = $("strength-curve-box");
+  const canvas = $("strength-curve");
+  box.hidden = !state.curve;
+  if (!state.curve) return;
+  const slider = sliderStrength();
+  const drawn = drawCurve(canvas, state.curve, slider);
+  canvas.dataset.points = String(state.curve.points.length);
+  canvas.dataset.chosen = state.curve.chosen === null ? "" : String(state.curve.chosen);
+  canvas.dataset.slider = Number.isFinite(slider) ? String(slider) : "";
+  canvas.dataset.sliderX = drawn.sliderX === null ? "" : drawn.sliderX.toFixed(1);
+  canvas.dataset.chosenX = drawn.chosenX === null ? "" : drawn.chosenX.toFixed(1);
+  $("strength-curve-info").replaceChildren(
+    el("span", { class: "key detected", text: "detected" }), " ", el("span", { class: "key side", text: "side effect" }), " ",
+    el("span", { class: "key chosen", text: "chosen" }), " ", el("span", { class: "key slider", text: "Strength" }),
+    el("br"), curveText(state.curve, slider));
+}
+
+function pickStrength(ev) {
+  if (!state.curve) return;
+  const canvas = $("strength-curve");
+  const rect = canvas.getBoundingClientRect();
+  const x = ((ev.clientX - rect.left) / rect.width) * canvas.width;
+  const s = strengthAtX(state.curve, sliderStrength(), canvas.width, x);
+  $("strength-input").value = String(Math.round(s * 20) / 20);
+  renderCurve();
 }
 
 // ---- dissection and ablation ------------------------------------------------------------------
@@ -1068,8 +1241,9 @@ async function loadSpec(file) {
     for (const r of [copy, ...context]) if (r) state.selections.set(r.seed, r.box ? { box: r.box.slice() } : { mask: r.mask.slice() });
     if (spec.layer) $("layer-select").value = spec.layer;
     if (spec.rank !== undefined) $("rank-input").value = String(spec.rank);
-    if (spec.steps !== undefined) $("steps-input").value = String(spec.steps);
-    $("strength-input").value = String(spec.strength ?? 1);
+    $("steps-input").value = spec.steps === undefined ? "" : String(spec.steps);
+    $("strength-input").value = spec.strength === undefined ? "" : String(spec.strength);
+    renderCurve();
     const { model, layer, rank, steps, strength: _s, found, copy: _c, paste: _p, context: _x, ...extras } = spec;
     state.found = Array.isArray(found) ? found : null;
     state.specExtras = extras;
@@ -1126,7 +1300,10 @@ function wire() {
   $("btn-dissect").addEventListener("click", doDissect);
   $("btn-ablate").addEventListener("click", doAblate);
   $("btn-rewrite").addEventListener("click", startRewrite);
-  $("btn-found-reset").addEventListener("click", () => { state.found = null; renderTrays(); });
+  $("btn-found-reset").addEventListener("click", (e) => { e.preventDefault(); state.found = null; renderTrays(); });
+  $("strength-input").addEventListener("input", renderCurve);
+  $("found-block").addEventListener("toggle", watchLazyThumbs);
+  $("strength-curve").addEventListener("click", pickStrength);
   $("btn-cancel").addEventListener("click", cancelRewrite);
   $("btn-refresh").addEventListener("click", () => act("Refreshing versions", async () => { await loadVersions(); renderAlbum(); }));
   $("alias-name").addEventListener("change", renderVersions);
