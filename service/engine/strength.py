@@ -16,7 +16,9 @@ measures, at each:
 
 ``choose_strength(points, rule)`` then picks the default: the smallest strength whose detected
 share reaches ``rule.share``, but never past the last strength before the side effect or the box
-edge crosses its bound (``RULE``).
+edge crosses its bound (``RULE``). The rewrite uses it for the multilayer method's final quality
+when the spec names no strength; a given strength is kept, and a draft keeps its quick 0.6 (its
+fit is a preview of the final one, whose curve differs), both with their curve recorded.
 
 - ``measure_curve(model, spec, deltas)`` → ``StrengthCurve``; ``StrengthCurve.to_json()`` is what a
   version's metrics record under ``strength_curve``.
