@@ -40,19 +40,24 @@ from rulewright.service.importers.faces import import_faces
 SHARES = (0.0, 0.1, 0.25, 0.4, 0.5)
 
 
-def measure_edit(model, path: Path, seeds: list[int], batch: int = 50) -> dict:
-    """Per strength and face: the detector's probability and the share of the gap to the ideal closed."""
+def fitted(model, path: Path, choose: bool) -> tuple[EditSpec, object, float, object, float]:
+    """(spec, edit, rewrite seconds, its curve, curve seconds) of a shipped edit, statistics cached;
+    ``choose``: the strength its curve picks (the default), else the spec's."""
     base = json.loads(path.read_text())
     spec = EditSpec.from_json(base, model)
     s = spec.stats
     C = key_moment(model, spec.layer, range(s["seed_start"], s["seed_start"] + s["samples"])).moment()
     started = time.perf_counter()
-    edit = rewrite(model, spec, moment=C)
-    rewrite_seconds = time.perf_counter() - started
-    fitted = EditSpec.from_json(edit.spec, model)
+    edit = rewrite(model, base if choose else spec, moment=C)
+    seconds = time.perf_counter() - started
     started = time.perf_counter()
-    measure_curve(model, fitted, edit.deltas)
-    curve_seconds = time.perf_counter() - started
+    curve = measure_curve(model, EditSpec.from_json(edit.spec, model), edit.deltas)
+    return spec, edit, seconds, curve, time.perf_counter() - started
+
+
+def measure_edit(model, path: Path, seeds: list[int], batch: int = 50) -> dict:
+    """Per strength and face: the detector's probability and the share of the gap to the ideal closed."""
+    spec, edit, rewrite_seconds, _, curve_seconds = fitted(model, path, choose=False)
     user = EditSpec.from_json({**edit.spec, "found": []}, model)
     detector, info = detectors.load_or_train(model, user)
     geometry = paste_geometry(model, user)
@@ -104,17 +109,7 @@ def defaults(model, names: list[str], seeds: list[int]) -> None:
     """Each edit's default rewrite (a JSON spec naming no strength), timed, and its detected share."""
     print(f"default rewrites ({torch.get_num_threads()} threads, statistics cached), {len(seeds)} held-out faces:")
     for name in names:
-        base = json.loads((Path("examples/edits") / f"{name}.json").read_text())
-        spec = EditSpec.from_json(base, model)
-        s = spec.stats
-        C = key_moment(model, spec.layer, range(s["seed_start"], s["seed_start"] + s["samples"])).moment()
-        started = time.perf_counter()
-        edit = rewrite(model, base, moment=C)
-        seconds = time.perf_counter() - started
-        fitted = EditSpec.from_json(edit.spec, model)
-        started = time.perf_counter()
-        curve = measure_curve(model, fitted, edit.deltas)
-        curve_seconds = time.perf_counter() - started
+        spec, edit, seconds, curve, curve_seconds = fitted(model, Path("examples/edits") / f"{name}.json", choose=True)
         user = EditSpec.from_json({**edit.spec, "found": []}, model)
         detector, _ = detectors.load_or_train(model, user)
         held = heldout_metrics(model, user, seeds, lambda z: render_edited(model, [edit], z, spec.truncation),
