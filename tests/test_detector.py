@@ -14,6 +14,7 @@ from rulewright.service.engine.detector import DetectorConfig, detector_key, mod
 from rulewright.service.engine.edit import DEFAULTS, EditSpec
 from rulewright.service.engine.evaluate import heldout_metrics, ideal_images
 from rulewright.service.engine.generators.dcgan import DCGANGenerator
+from rulewright.service.engine.strength import CURVE_SEEDS, CURVE_START
 from tests.builders import dcgan_state
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "edits"
@@ -57,6 +58,16 @@ def test_detector_seeds_are_disjoint_from_every_other_seed_set():
     # At the largest sizes a config could reasonably take, still disjoint from each other.
     big = DetectorConfig(train=100_000, check=100_000)
     assert not _overlap(big.train_seeds(), big.check_seeds())
+
+
+def test_strength_curve_seeds_are_disjoint_from_every_other_seed_set():
+    curve = range(CURVE_START, CURVE_START + CURVE_SEEDS)
+    big = DetectorConfig(train=100_000, check=100_000)
+    sets = {**_other_seed_sets(), "detector training": big.train_seeds(), "detector check": big.check_seeds()}
+    for name, seeds in sets.items():
+        assert not _overlap(curve, seeds), f"strength curve seeds overlap the {name} seeds"
+    # Room for a hundred times as many curve seeds below the detector's.
+    assert not _overlap(range(CURVE_START, CURVE_START + 100 * CURVE_SEEDS), big.train_seeds())
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,8 @@ def test_strength_scales_the_delta_exactly_and_zero_is_the_parent_bit_for_bit(sm
     state = dict(model.public_parameters())
     out = apply_to_state_dict(state, zero.deltas)
     assert all(out[k] is state[k] for k in state)              # nothing even copied
-    assert all(d.scale == 1.0 for d in edit.deltas)            # the multilayer default (final quality)
+    # The final quality's default strength: the one its strength curve picks.
+    assert all(d.scale == edit.metrics["strength_curve"]["chosen"] for d in edit.deltas)
     half = with_strength(edit.deltas, 0.5)
     for a, b in zip(with_strength(edit.deltas, 1.0), half):
         assert torch.allclose(b.dense(), 0.5 * a.dense(), atol=1e-7)

@@ -64,7 +64,7 @@ from rulewright.service.engine.progress import Progress
 from rulewright.service.engine.generators.base import Generator
 from rulewright.service.engine.loading import ARCHITECTURES, is_safetensors, read_state_dict, detect_architecture
 from rulewright.service.engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_safetensors as nvidia_to_safetensors
-from rulewright.service.engine.rewrite import rewritable_layers, rewrite as engine_rewrite
+from rulewright.service.engine.rewrite import chooses_strength, rewritable_layers, rewrite as engine_rewrite
 from rulewright.service.domain.batching import SampleBatcher
 from rulewright.service.domain.catalog import Catalog
 from rulewright.service.domain.residency import Residency, Resident
@@ -395,7 +395,9 @@ class Domain(Catalog):
                        for name in rewritable_layers(model, checked) if name != checked.layer}
         private = res.hookable()        # the engine hooks it while it gathers keys and values
         with fields_within("spec"):
-            edit = engine_rewrite(private, checked, moment=moment, progress=progress, moments=moments)
+            # A spec that names no strength gets the one its strength curve picks.
+            edit = engine_rewrite(private, checked, moment=moment, progress=progress, moments=moments,
+                                  choose_strength=chooses_strength(request.spec))
         check_improved(edit)            # a fit that stayed at no edit is refused, dry or not, before any write
         previews = None
         if request.preview_seeds:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rulewright.service.engine import nethook
 from rulewright.service.engine.edit import EditSpec
-from rulewright.service.engine.rewrite import _box_mask, _center, _shift, build_goal
+from rulewright.service.engine.goals import _box_mask, _shift, build_goal
 from rulewright.service.engine.sampling import latents
 
 Render = Callable[[torch.Tensor], torch.Tensor]

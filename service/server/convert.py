@@ -374,6 +374,9 @@ def rewrite_result_pb(result: RewriteResult, chain: list[int] | None) -> gen.Rew
                             metrics=_struct(result.edit.metrics), dry_run=result.version is None)
     if result.version is not None:
         out.version.CopyFrom(version_pb(result.version, chain or []))
+    curve = (result.edit.metrics or {}).get("strength_curve")
+    if curve:
+        json_format.ParseDict(curve, out.strength_curve)
     return out
 
 

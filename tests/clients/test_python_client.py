@@ -132,6 +132,16 @@ def test_rewrite_request_id_makes_a_retry_return_the_same_version(client):
     assert [v.number for v in client.versions("tiny")] == [1, 2]
 
 
+def test_rewrite_result_carries_the_strength_curve_and_a_retry_returns_the_same(client):
+    _, first = run(client.rewrite("tiny", TINY_SPEC, request_id="client-curve-1"))
+    _, second = run(client.rewrite("tiny", TINY_SPEC, request_id="client-curve-1"))
+    curve = first.strength_curve
+    assert curve is not None and len(curve.points) >= 3 and curve.rule
+    assert curve.chosen in [p.strength for p in curve.points]
+    assert [p.side_effect for p in curve.points] == [p["side_effect"] for p in first.metrics["strength_curve"]["points"]]
+    assert second.strength_curve == curve                     # the stored version's curve
+
+
 def test_rewrite_dry_run_commits_nothing(client):
     _, result = run(client.rewrite("tiny", {**TINY_SPEC, "steps": 30}, dry_run=True))
     assert result.dry_run and result.version is None and result.metrics

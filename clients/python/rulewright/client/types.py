@@ -18,7 +18,7 @@ from rulewright.v1 import images_pb2, jobs_service_pb2 as jobs_pb, registry_serv
 
 __all__ = [
     "SampledImage", "Layer", "Layers", "UnitScore", "UnitMap", "Dissection", "ContextMatch", "ContextSearch",
-    "Progress", "Preview", "RewriteResult", "StatisticsResult", "Model", "Version", "Alias", "AliasMove",
+    "Progress", "Preview", "RewriteResult", "StrengthCurve", "StrengthPoint", "StatisticsResult", "Model", "Version", "Alias", "AliasMove",
     "Export", "Import", "version_number",
 ]
 
@@ -252,21 +252,50 @@ class Version:
 
 
 @dataclass(frozen=True)
+class StrengthPoint:
+    """An edit measured at one strength: the share of the curve's faces it draws (``detected``),
+    the pixel change outside its box (``side_effect``) and how much of it sits on the box's border."""
+
+    strength: float
+    detected: float
+    side_effect: float
+    box_edge: float
+
+
+@dataclass(frozen=True)
+class StrengthCurve:
+    """An edit's strength curve, the strength its rule picks (``chosen``) and the rule in words."""
+
+    points: list[StrengthPoint]
+    chosen: float
+    rule: str
+
+    @classmethod
+    def from_pb(cls, c: gen.StrengthCurve) -> "StrengthCurve":
+        """From the API's StrengthCurve."""
+        return cls(points=[StrengthPoint(p.strength, p.detected, p.side_effect, p.box_edge) for p in c.points],
+                   chosen=c.chosen, rule=c.rule)
+
+
+@dataclass(frozen=True)
 class RewriteResult:
     """The outcome of a rewrite: the new ``version`` (None for a dry run), the ``parent`` it
-    edited (a resource name), the complete ``spec`` that ran and the edit's ``metrics``."""
+    edited (a resource name), the complete ``spec`` that ran, the edit's ``metrics`` and its
+    ``strength_curve`` (None for op zero)."""
 
     version: Version | None
     parent: str
     spec: dict[str, Any]
     metrics: dict[str, Any]
     dry_run: bool
+    strength_curve: StrengthCurve | None = None
 
     @classmethod
     def from_pb(cls, r: gen.RewriteResult) -> "RewriteResult":
         """From the API's RewriteResult."""
+        curve = StrengthCurve.from_pb(r.strength_curve) if r.HasField("strength_curve") else None
         return cls(version=Version.from_pb(r.version) if r.HasField("version") else None, parent=r.parent,
-                   spec=spec_dict(r.spec), metrics=_struct(r.metrics), dry_run=r.dry_run)
+                   spec=spec_dict(r.spec), metrics=_struct(r.metrics), dry_run=r.dry_run, strength_curve=curve)
 
 
 @dataclass(frozen=True)
