@@ -41,7 +41,7 @@ from rulewright.service.engine.device import configure_determinism
 from rulewright.service.engine.edit import EditSpec, render_edited
 from rulewright.service.engine.evaluate import ideal_images
 from rulewright.service.engine.loading import load_generator
-from rulewright.service.engine.rewrite import rewrite
+from rulewright.service.engine.rewrite import chooses_strength, rewrite
 from rulewright.service.engine.sampling import grid, latents
 from rulewright.service.engine.stats import key_moment
 from rulewright.service.importers.faces import import_faces
@@ -84,16 +84,18 @@ def gallery_edit(model, path: Path, seeds: list[int], out: Path, fingerprint: st
     detector, info = detectors.load_or_train(model, user, fingerprint=fingerprint)
     print(f"  {path.stem}: {detectors.describe(info)}", file=sys.stderr, flush=True)
     held = pareto.Heldout(model, user, seeds, C, detect=detector.probability)
-    key = hashlib.sha256(f"{json.dumps(base, sort_keys=True)}|{fingerprint}".encode()).hexdigest()[:16]
+    choose = chooses_strength(base)             # as a Rewrite would: a spec naming no strength takes its curve's
+    key = hashlib.sha256(f"{json.dumps(base, sort_keys=True)}|{fingerprint}|{choose}".encode()).hexdigest()[:16]
     cached = FITS / f"{path.stem}-{key}.pt"
     if cached.exists():
         edit, seconds = torch.load(cached, weights_only=False)
     else:
         started = time.perf_counter()
-        edit = rewrite(model, default, moment=C)
+        edit = rewrite(model, default, moment=C, choose_strength=choose)
         seconds = time.perf_counter() - started
         FITS.mkdir(parents=True, exist_ok=True)
         torch.save((edit, seconds), cached)
+    default = dataclasses.replace(default, strength=edit.spec["strength"])   # the strength it runs at
     strengths = sorted({*STRENGTHS, default.strength})
     points = []
     for strength in strengths:
@@ -113,6 +115,7 @@ def gallery_edit(model, path: Path, seeds: list[int], out: Path, fingerprint: st
         .save(out / f"{path.stem}.png")
     result = {"op": default.op, "default_strength": default.strength, "fit_seconds": seconds,
               "found": len(edit.spec.get("found") or []), "detector": info, "points": points, "heldout": len(seeds), "override": override or {},
+              "engine_curve": (edit.metrics or {}).get("strength_curve"),
               "references": held.references(), "shown_seeds": shown, "threads": torch.get_num_threads()}
     plot_curves(path.stem, result, out / f"{path.stem}-curves.png")
     return result

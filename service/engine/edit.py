@@ -82,9 +82,12 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 # shipped edits the final fit at strength 1 is seen on 8-61% of faces (the draft at 0.6: 2-3%) at
 # a side effect below fine-tuning's; drawing 32 of its 128 targets a step keeps it to about 4-5x
 # the draft's time. 64 targets, 16 a step, was about 2x the draft's time and 10-19 points lower.
+# The final paste is feathered by 1 pixel: pasting the copy box's hard edges taught the glasses and
+# mask edits a visible rectangle (box edge 0.43-0.50); feathered, the object stays and the block goes
+# (box edge about 0.2, benchmarks.edit_gallery --override '{"fit": {"feather": 1}}').
 QUALITY: dict[str, dict[str, Any]] = {
     "draft": {"steps": 50, "search_targets": 16, "strength": 0.6, "fit": {"batch": 0, "feather": 0.0, "edges": 0.0}},
-    "final": {"steps": 200, "search_targets": 128, "strength": 1.0, "fit": {"batch": 32, "feather": 0.0, "edges": 0.0}},
+    "final": {"steps": 200, "search_targets": 128, "strength": 1.0, "fit": {"batch": 32, "feather": 1.0, "edges": 0.0}},
 }
 
 # Specs recorded before the multilayer method said solver "optimize" (Adam on one layer) and had
