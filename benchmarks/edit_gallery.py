@@ -42,6 +42,7 @@ from rulewright.service.engine.edit import EditSpec, render_edited
 from rulewright.service.engine.evaluate import ideal_images
 from rulewright.service.engine.loading import load_generator
 from rulewright.service.engine.rewrite import chooses_strength, rewrite
+from rulewright.service.engine.strength import RULE, StrengthCurve, choose_strength
 from rulewright.service.engine.sampling import grid, latents
 from rulewright.service.engine.stats import key_moment
 from rulewright.service.importers.faces import import_faces
@@ -95,7 +96,11 @@ def gallery_edit(model, path: Path, seeds: list[int], out: Path, fingerprint: st
         seconds = time.perf_counter() - started
         FITS.mkdir(parents=True, exist_ok=True)
         torch.save((edit, seconds), cached)
-    default = dataclasses.replace(default, strength=edit.spec["strength"])   # the strength it runs at
+    if choose:       # the rule applied to the recorded curve (a cached fit may predate a change of rule)
+        curve = StrengthCurve.from_json(edit.metrics["strength_curve"])
+        curve = dataclasses.replace(curve, chosen=choose_strength(curve.points), rule=RULE.name)
+        edit.metrics["strength_curve"] = curve.to_json()
+        default = dataclasses.replace(default, strength=curve.chosen)
     strengths = sorted({*STRENGTHS, default.strength})
     points = []
     for strength in strengths:

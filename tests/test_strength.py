@@ -31,6 +31,8 @@ def test_rule_stops_before_the_side_effect_or_the_box_edge_crosses_its_bound():
     assert choose_strength(by_edge, RULE_UNDER_TEST) == 0.5          # capped at the first crossing, even if it recrosses
     never = curve((0.5, 0.0, 0.01, 0.3), (1.0, 0.1, 0.02, 0.3), (2.0, 0.2, 0.03, 0.3))
     assert choose_strength(never, RULE_UNDER_TEST) == 2.0            # within bounds throughout: the strongest
+    peaked = curve((0.5, 0.1, 0.01, 0.3), (1.0, 0.44, 0.02, 0.3), (1.5, 0.44, 0.025, 0.3), (2.0, 0.2, 0.03, 0.3))
+    assert choose_strength(peaked, RULE_UNDER_TEST) == 1.0           # never reached: where it peaks, the weaker of a tie
     over = curve((0.5, 0.9, 0.05, 0.3), (1.0, 1.0, 0.09, 0.3))
     assert choose_strength(over, RULE_UNDER_TEST) == 0.5             # even the weakest is over: the weakest
     with pytest.raises(ValueError):
