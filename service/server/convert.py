@@ -43,6 +43,7 @@ from rulewright.service.domain.requests import (DEFAULT_QUANTILE, AliasRequest, 
                                                upgrade_json)
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
 from rulewright.v1 import resources_pb2
+from rulewright.service.server.json_fields import check_json
 
 _MODEL = re.compile(r"^models/([^/]+)$")
 _VERSION = re.compile(r"^models/([^/]+)/versions/([^/]+)$")
@@ -337,6 +338,7 @@ def rewrite_request_json(body: Any, author: str, limits) -> RewriteRequest:
     message = {k: v for k, v in body.items() if k != "version"}
     if isinstance(message["spec"], dict):
         message["spec"] = upgrade_json(message["spec"])
+    check_json(gen.RewriteRequest.DESCRIPTOR, message)     # a wrong type or key named by its path
     try:
         request = json_format.ParseDict(message, gen.RewriteRequest())
     except json_format.ParseError as exc:

@@ -331,6 +331,22 @@ def test_one_failing_job_leaves_the_others_alone(web, monkeypatch):
 # ---- bad input ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("change, field, words", [
+    ({"strength": "high"}, "spec.strength", "must be a number, got 'high'"),
+    ({"strenght": 1.0}, "spec.strenght", "unknown field"),
+    ({"paste": [{"seed": 2, "bbox": [4, 4, 28, 28]}]}, "spec.paste[0].bbox", "unknown field"),
+    ({"copy": {"seed": 1, "box": [4, 4, "x", 28]}}, "spec.copy.box[2]", "must be an integer"),
+    ({"fit": {"feather": "soft"}}, "spec.fit.feather", "must be a number"),
+    ({"paste": {"seed": 2}}, "spec.paste", "must be a list"),
+])
+def test_a_mistyped_or_unknown_spec_field_is_named_by_its_path(web, change, field, words):
+    base, domain = web
+    resp = rewrite(base, {**TINY_SPEC, **change})
+    assert resp.status == 400 and resp.error["code"] == "INVALID_ARGUMENT"
+    assert list(resp.violations()) == [field] and words in resp.violations()[field], resp.error
+    assert [v.number for v in domain.registry.list_versions("tiny").items] == [1]   # no job ran
+
+
 def test_spec_errors_answer_400_naming_the_field(web):
     base, domain = web
     spec = copy.deepcopy(TINY_SPEC)
