@@ -546,3 +546,11 @@ def test_strength_curve(page, domain):
     page.wait_for_function("document.getElementById('version-select').value === '1'")
     assert tid(page, "strength-curve-box").is_hidden()
     shot("no-curve")
+
+
+def test_the_page_declares_an_icon_the_server_serves(page, base_url):
+    """No 404 for the tab's icon on every load: the page names one, and it is there."""
+    href = page.evaluate("document.querySelector('link[rel=icon]')?.href")
+    assert href == base_url + "/favicon.ico"
+    icon = page.request.get(href)
+    assert icon.status == 200 and icon.headers["content-type"].startswith("image/svg+xml")

@@ -13,6 +13,7 @@ import base64
 import copy
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -644,6 +645,22 @@ def test_editor_requests_are_counted_in_the_metrics(web):
     assert samples[("rulewright_http_requests_total", (("route", "image"), ("status", "200")))] == 1
     assert samples[("rulewright_http_requests_total", (("route", "image"), ("status", "404")))] == 1
     assert samples[("rulewright_http_request_duration_seconds_count", (("route", "image"),))] == 2
+
+
+def test_the_icon_is_served_and_every_answer_is_logged_under_a_route_name(web, caplog):
+    base, _ = web
+    icon = request(base, "GET", "/favicon.ico")
+    assert icon.status == 200 and icon.headers["Content-Type"].startswith("image/svg+xml")
+    assert icon.data.startswith(b"<svg")
+    with caplog.at_level(logging.INFO, logger="rulewright.service.server.web.app"):
+        assert request(base, "GET", "/no/such/page").status == 404
+        assert request(base, "DELETE", "/api/models").status == 405
+        deadline = time.monotonic() + 10          # logged once the response is out
+        while len([r for r in caplog.records if getattr(r, "event", None) == "http"]) < 2 \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+    routes = [(r.route, r.status) for r in caplog.records if getattr(r, "event", None) == "http"]
+    assert routes == [("not_found", 404), ("method_not_allowed", 405)], routes
 
 
 def test_a_rewrite_result_lists_the_found_targets_and_a_pruned_list_is_used_as_given(web):

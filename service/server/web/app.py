@@ -59,6 +59,7 @@ ROUTES = [
     Route("GET", "/index.html", e.page, None),
     Route("GET", "/assets/{path:path}", e.asset, None),
     Route("GET", "/healthz", e.healthz, None),
+    Route("GET", "/favicon.ico", e.favicon, None),
     Route("GET", "/api/models", e.models, _REG + "ListModels"),
     Route("GET", _M + "/versions", e.versions, _REG + "ListVersions"),
     Route("GET", _V + "/layers", e.layers, _GEN + "ListLayers"),
@@ -79,10 +80,12 @@ ROUTES = [
 # endpoint, as the JSON errors every endpoint answers.
 
 async def _no_route(request: Request, exc: HTTPException) -> Response:
+    request.scope[ROUTE_NAME] = "not_found"          # the log and metrics name what answered
     return error_response(RouteNotFound(f"no endpoint at {request.url.path}"))
 
 
 async def _wrong_method(request: Request, exc: HTTPException) -> Response:
+    request.scope[ROUTE_NAME] = "method_not_allowed"
     allow = sorted((exc.headers or {}).get("Allow", "").split(", "))
     return error_response(MethodNotAllowed(f"{request.method} {request.url.path} is not an endpoint "
                                            f"(allowed: {', '.join(allow)})", allow))
@@ -117,6 +120,7 @@ class RequestLog:
             if scope["method"] in _METHODS:
                 await self.app(scope, receive, answer)
             else:
+                scope[ROUTE_NAME] = "method_not_supported"
                 refusal = Refused(Code.UNIMPLEMENTED, "BAD_HTTP_REQUEST",
                                   f"method {scope['method']!r} is not supported", http_status=501)
                 await error_response(refusal)(scope, receive, answer)

@@ -77,6 +77,19 @@ def asset(call: Call, path: str) -> Response:
     return _static(call, target, "public, max-age=31536000, immutable" if _HASHED.search(target.name) else "no-cache")
 
 
+# The tab's icon: a lens over a grid, the editor's two halves (search and rewrite); small enough to
+# live here, so a page without a build still has one.
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+           b'<rect width="16" height="16" rx="3" fill="#1d2330"/>'
+           b'<path d="M3 4h6M3 7h4M3 10h6" stroke="#8aa4d6" stroke-width="1.4"/>'
+           b'<circle cx="11" cy="10" r="3" fill="none" stroke="#f2c14e" stroke-width="1.6"/></svg>')
+
+
+def favicon(call: Call) -> Response:
+    """``GET /favicon.ico``: the editor's icon (SVG), so browsers stop asking for a missing one."""
+    return call.send(200, "image/svg+xml", FAVICON, {"Cache-Control": "public, max-age=86400"})
+
+
 def healthz(call: Call) -> Response:
     """``GET /healthz``: 200 SERVING or 503 NOT_SERVING, as the server's serving check says."""
     try:
