@@ -273,3 +273,11 @@ def test_stats_create_get_list_and_the_client_call(rw, client):
     assert same.name == name and client.wait_statistics_job(name).sha256 == job.sha256
     code, _, err = rw("stats", "create", "tiny", "--samples", "0")
     assert code == 1 and "stats.samples" in err
+
+
+def test_a_huge_seed_range_is_refused_before_it_is_expanded():
+    """A typo like 0-9999999999 is a usage error naming the flag, not a MemoryError."""
+    proc = subprocess.run([str(EXE), "--address", "127.0.0.1:9", "sample", "faces", "--seeds", "0-9999999999",
+                           "--out", "unused"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--seeds" in proc.stderr and "10,000,000,000 seeds, at most 100,000" in proc.stderr

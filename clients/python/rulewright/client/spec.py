@@ -129,8 +129,14 @@ def parse_region(text: str) -> dict[str, Any]:
         raise ValueError(f"region {text!r}: expected SEED:x0,y0,x1,y1 (integers, image pixels)") from None
 
 
-def parse_seeds(text: str) -> list[int]:
-    """Seeds from ``"0-15"``, ``"1,5,9"`` or a mix like ``"0-3,10"``; ValueError if malformed."""
+# Most seeds one list may name: a range is counted before it is expanded, so a typo such as
+# 0-9999999999 is refused at once instead of filling memory. More images are a dataset job's work.
+MAX_LISTED_SEEDS = 100_000
+
+
+def parse_seeds(text: str, limit: int = MAX_LISTED_SEEDS) -> list[int]:
+    """Seeds from ``"0-15"``, ``"1,5,9"`` or a mix like ``"0-3,10"``; ValueError if malformed or
+    more than ``limit`` in all."""
     seeds: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -142,6 +148,9 @@ def parse_seeds(text: str) -> list[int]:
             raise ValueError(f"seeds {text!r}: expected numbers and ranges like 0-15,20") from None
         if last < first:
             raise ValueError(f"seeds {text!r}: empty range {part!r}")
+        if len(seeds) + (last - first + 1) > limit:
+            raise ValueError(f"seeds {text!r}: {len(seeds) + last - first + 1:,} seeds, at most {limit:,} in one "
+                             f"list (render more with a dataset job: rulewright dataset create)")
         seeds.extend(range(first, last + 1))
     if not seeds:
         raise ValueError("no seeds given")
