@@ -73,8 +73,9 @@ def test_a_huge_declared_mask_is_refused_before_it_is_inflated():
     ({"model": "tiny", "spec": TINY_SPEC}, "version"),
     ({"model": "tiny", "version": 0, "spec": TINY_SPEC}, "version"),
     ({"model": "tiny", "version": 1}, "spec"),
-    ({"model": "tiny", "version": 1, "spec": {**TINY_SPEC, "colour": "red"}}, "spec"),
-    ({"model": "tiny", "version": 1, "spec": TINY_SPEC, "colour": "red"}, "body"),
+    # an unknown key is named by its own path, not its parent's
+    ({"model": "tiny", "version": 1, "spec": {**TINY_SPEC, "colour": "red"}}, "spec.colour"),
+    ({"model": "tiny", "version": 1, "spec": TINY_SPEC, "colour": "red"}, "colour"),
     ({"model": "tiny", "version": 1, "spec": {**TINY_SPEC, "paste": [{"seed": 2, "box": [0, 0, 4, 4]}] * 65}},
      "spec.paste"),
 ])
