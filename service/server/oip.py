@@ -76,6 +76,16 @@ def resolve(domain, model: str, version: str, field: str = "model_version"):
     return domain.resolve(model)
 
 
+def ready(domain, model: str, version: str) -> bool:
+    """Whether an OIP (model, version) resolves; it is loaded before answering true."""
+    try:
+        found = resolve(domain, model, version, "version")
+    except NotFound:
+        return False
+    domain.generator(found)        # ready means loaded: the first infer pays no load
+    return True
+
+
 def _tensor(request: oip.ModelInferRequest, header: oip_model.Header) -> np.ndarray:
     """An input's data from ``contents`` or ``raw_input_contents``, in its declared shape."""
     i = header.index
@@ -131,12 +141,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     @rpc(fields=MODEL_FIELDS)
     def ModelReady(self, request, context):
         """Whether the named version resolves; it is loaded before answering true."""
-        try:
-            version = resolve(self.domain, request.name, request.version, "version")
-        except NotFound:
-            return oip.ModelReadyResponse(ready=False)
-        self.domain.generator(version)        # ready means loaded: the first infer pays no load
-        return oip.ModelReadyResponse(ready=True)
+        return oip.ModelReadyResponse(ready=ready(self.domain, request.name, request.version))
 
     @rpc()
     def ServerMetadata(self, request, context):

@@ -27,10 +27,9 @@ from typing import Any
 
 from starlette.responses import Response
 
-from rulewright.registry.errors import NotFound
 from rulewright.service.errors import InvalidArgument
 from rulewright.service.server import oip_model
-from rulewright.service.server.oip import resolve
+from rulewright.service.server.oip import ready, resolve
 from rulewright.service.server.web.context import Call
 from rulewright.service.server.web.schemas import parse_body
 
@@ -70,12 +69,7 @@ def v2_model_metadata(call: Call, model: str, version: str = "") -> Response:
 
 def v2_model_ready(call: Call, model: str, version: str = "") -> Response:
     """``GET .../ready``: 200 once the named version is loaded; 400 when it does not resolve."""
-    try:
-        found = resolve(call.domain, model, version, "version")
-    except NotFound:
-        return _flag(call, False)
-    call.domain.generator(found)          # ready means loaded: the first infer pays no load
-    return _flag(call, True)
+    return _flag(call, ready(call.domain, model, version))
 
 
 def v2_model_config(call: Call, model: str, version: str = "") -> Response:
