@@ -232,6 +232,8 @@ def test_raw_errors_are_kserve_json(servers):
     status, message = error("POST", infer_path(), raw=header + b"\0" * 15,
                             headers={"Inference-Header-Content-Length": str(len(header))})
     assert status == 400 and "binary_data_size" in message
+    status, message = error("POST", infer_path(), raw=b"\x1f\x8b", headers={"Content-Encoding": "gzip"})
+    assert status == 415 and "uncompressed" in message
     status, message = error("POST", infer_path(version="Bad!"), {"inputs": [{**seed, "data": [1, 2]}]})
     assert status == 400 and "version" in message
     assert request(base, "GET", "/v2/health/live").status == 200               # still serving

@@ -17,7 +17,8 @@ request checks, sampling call and pixels as gRPC ``GRPCInferenceService`` (both 
 
 Errors are KServe's ``{"error": "<message>"}`` with the status every HTTP endpoint maps to (400
 for a bad request, naming the field as ``inputs[0].datatype`` and the input; 404 for a model or
-version that does not exist). The body's Content-Type is not read (tritonclient sends none).
+version that does not exist). The body's Content-Type is not read (tritonclient sends none); a
+compressed body (``Content-Encoding``) is refused with 415.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from typing import Any
 
 from starlette.responses import Response
 
-from rulewright.service.errors import InvalidArgument
+from rulewright.service.errors import Code, InvalidArgument
 from rulewright.service.server import oip_model
 from rulewright.service.server.oip import ready, resolve
 from rulewright.service.server.web.context import Call
+from rulewright.service.server.web.errors import Refused
 from rulewright.service.server.web.schemas import parse_body
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
@@ -108,6 +110,10 @@ def v2_infer(call: Call, model: str, version: str = "") -> Response:
 
 def _split(call: Call) -> tuple[dict, bytes]:
     """(the JSON object, the binary tensor data after it) of an infer request."""
+    encoding = (call.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding != "identity":
+        raise Refused(Code.INVALID_ARGUMENT, "UNSUPPORTED_ENCODING", f"Content-Encoding {encoding!r} is not "
+                      "accepted: send the request body uncompressed", http_status=415)
     data = call.data()
     length = call.headers.get(HEADER_LENGTH)
     if length is None:
