@@ -76,7 +76,7 @@ def resolve(domain, model: str, version: str, field: str = "model_version"):
     return domain.resolve(model)
 
 
-def ready(domain, model: str, version: str) -> bool:
+def model_ready(domain, model: str, version: str) -> bool:
     """Whether an OIP (model, version) resolves; it is loaded before answering true."""
     try:
         found = resolve(domain, model, version, "version")
@@ -141,7 +141,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     @rpc(fields=MODEL_FIELDS)
     def ModelReady(self, request, context):
         """Whether the named version resolves; it is loaded before answering true."""
-        return oip.ModelReadyResponse(ready=ready(self.domain, request.name, request.version))
+        return oip.ModelReadyResponse(ready=model_ready(self.domain, request.name, request.version))
 
     @rpc()
     def ServerMetadata(self, request, context):

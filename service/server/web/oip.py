@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from rulewright.service.errors import Code, InvalidArgument
 from rulewright.service.server import oip_model
-from rulewright.service.server.oip import ready, resolve
+from rulewright.service.server.oip import model_ready, resolve
 from rulewright.service.server.web.context import Call
 from rulewright.service.server.web.errors import Refused
 from rulewright.service.server.web.schemas import parse_body
@@ -71,7 +71,7 @@ def v2_model_metadata(call: Call, model: str, version: str = "") -> Response:
 
 def v2_model_ready(call: Call, model: str, version: str = "") -> Response:
     """``GET .../ready``: 200 once the named version is loaded; 400 when it does not resolve."""
-    return _flag(call, ready(call.domain, model, version))
+    return _flag(call, model_ready(call.domain, model, version))
 
 
 def v2_model_config(call: Call, model: str, version: str = "") -> Response:
