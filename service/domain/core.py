@@ -314,7 +314,7 @@ class Domain(Catalog):
         res = self._resident_for(ref)
         model = res.model
         return LayersResult(res.version, model.layer_infos(), model.default_layer(), model.resolution, model.z_dim,
-                            model.arch)
+                            model.arch, model.supports_truncation)
 
     def statistics(self, version: Version, layer: str, samples: int | None = None, seed_start: int = 0,
                    truncation: float = 1.0, progress: Progress | None = None,

@@ -310,6 +310,7 @@ class LayersResult:
     resolution: int
     z_dim: int
     arch: str
+    truncation: bool = False                     # whether the architecture has the truncation trick
 
 
 @dataclasses.dataclass

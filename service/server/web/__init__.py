@@ -9,6 +9,8 @@ Starlette application served by uvicorn; a second transport over the same ``Doma
   loopback ``Host`` only and no cross-site writes; the JSON body, at most ``max_body_bytes``).
 - ``schemas``: JSON bodies as the domain's typed requests; ``endpoints``: one small function per
   route, calling ``Domain``; ``views``: JSON rendered from the domain's typed results.
+- ``oip``: the Open Inference Protocol's REST binding (KServe v2, ``/v2``: health, metadata,
+  the model configuration, infer), sharing ``oip_model`` with gRPC ``GRPCInferenceService``.
 - ``render``: PNGs (the bytes gRPC returns), heatmaps, and the LRU of computed images;
   ``rewrites``: rewrites as background jobs; ``events``: their server-sent events.
 - ``errors``: the HTTP side's refusals and ``error_body``, the one exception → JSON error mapping

@@ -2,7 +2,8 @@
 
 Each ``Route`` names its endpoint and the gRPC method whose role it needs (``Route.rpc``,
 ``auth.METHOD_ROLES``); no route, a method the route does not take (405 with ``Allow``) and a
-method no endpoint knows (501) answer JSON errors. ``RequestLog`` adds the security headers to
+method no endpoint knows (501) answer JSON errors. The Open Inference Protocol's REST routes
+(``/v2``, ``web/oip``) answer errors in KServe's form, ``{"error": "<message>"}``. ``RequestLog`` adds the security headers to
 every answer and logs one JSON line (and the metrics) per request.
 """
 
@@ -21,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rulewright.service.errors import Code
-from rulewright.service.server.web import endpoints as e
+from rulewright.service.server.web import endpoints as e, oip as o
 from rulewright.service.server.web.context import Call, WebApp
 from rulewright.service.server.web.errors import MethodNotAllowed, Refused, RouteNotFound
 from rulewright.service.server.web.responses import RAW_SECURITY_HEADERS, error_response
@@ -36,14 +37,17 @@ ROUTE_NAME = "rulewright.route"   # scope key: the endpoint that answered, for t
 
 class Route(routing.Route):
     """One endpoint: its HTTP method and path, the function that answers it (its name is the
-    route's), and the gRPC method whose role it needs (``rpc``; None: public)."""
+    route's), and the gRPC method whose role it needs (``rpc``; None: public). ``plain_errors``:
+    errors in KServe's form (``{"error": "<message>"}``) instead of the structured one."""
 
-    def __init__(self, method: str, path: str, endpoint: Callable[..., Response], rpc: str | None):
+    def __init__(self, method: str, path: str, endpoint: Callable[..., Response], rpc: str | None,
+                 plain_errors: bool = False):
         super().__init__(path, self._serve, methods=[method], name=endpoint.__name__)
         self.methods = {method}        # not Starlette's implicit HEAD: a path takes its one method (405, Allow)
         self.method = method
         self.endpoint = endpoint
         self.rpc = rpc
+        self.plain_errors = plain_errors
 
     async def _serve(self, request: Request) -> Response:
         request.scope[ROUTE_NAME] = self.name
@@ -54,6 +58,9 @@ class Route(routing.Route):
 _M = "/api/models/{model}"
 _V = _M + "/versions/{version}"
 _J = "/api/rewrites/{job}"
+_OIP = "/inference.GRPCInferenceService/"       # the OIP routes need the roles of the gRPC methods they mirror
+_V2M = "/v2/models/{model}"
+_V2V = _V2M + "/versions/{version}"
 ROUTES = [
     Route("GET", "/", e.page, None),
     Route("GET", "/index.html", e.page, None),
@@ -73,22 +80,35 @@ ROUTES = [
     Route("POST", _J + "/cancel", e.cancel, _GEN + "Rewrite"),
     Route("PUT", _M + "/aliases/{alias}", e.set_alias, _REG + "SetAlias"),
     Route("POST", _M + "/aliases/{alias}/rollback", e.rollback, _REG + "RollbackAlias"),
+    Route("GET", "/v2/health/live", o.v2_live, None, plain_errors=True),
+    Route("GET", "/v2/health/ready", o.v2_ready, None, plain_errors=True),
+    Route("GET", "/v2", o.v2_server_metadata, _OIP + "ServerMetadata", plain_errors=True),
+    *(route for base in (_V2M, _V2V) for route in (
+        Route("GET", base, o.v2_model_metadata, _OIP + "ModelMetadata", plain_errors=True),
+        Route("GET", base + "/ready", o.v2_model_ready, _OIP + "ModelReady", plain_errors=True),
+        Route("GET", base + "/config", o.v2_model_config, _OIP + "ModelMetadata", plain_errors=True),
+        Route("POST", base + "/infer", o.v2_infer, _OIP + "ModelInfer", plain_errors=True))),
 ]
 
 
 # Starlette's own refusals (no route, a method the route does not take) and any error outside an
 # endpoint, as the JSON errors every endpoint answers.
 
+def _v2(request: Request) -> bool:
+    """Whether the path is under the Open Inference Protocol's ``/v2``, whose errors are KServe's."""
+    return request.url.path == "/v2" or request.url.path.startswith("/v2/")
+
+
 async def _no_route(request: Request, exc: HTTPException) -> Response:
     request.scope[ROUTE_NAME] = "not_found"          # the log and metrics name what answered
-    return error_response(RouteNotFound(f"no endpoint at {request.url.path}"))
+    return error_response(RouteNotFound(f"no endpoint at {request.url.path}"), plain=_v2(request))
 
 
 async def _wrong_method(request: Request, exc: HTTPException) -> Response:
     request.scope[ROUTE_NAME] = "method_not_allowed"
     allow = sorted((exc.headers or {}).get("Allow", "").split(", "))
     return error_response(MethodNotAllowed(f"{request.method} {request.url.path} is not an endpoint "
-                                           f"(allowed: {', '.join(allow)})", allow))
+                                           f"(allowed: {', '.join(allow)})", allow), plain=_v2(request))
 
 
 async def _internal(request: Request, exc: Exception) -> Response:

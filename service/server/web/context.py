@@ -80,7 +80,7 @@ class Call:
             self.principal = self._authorize(route)
             return route.endpoint(self, **params)
         except Exception as exc:  # noqa: BLE001 -- every error becomes a JSON answer; the server keeps serving
-            return error_response(exc, self._closing())
+            return error_response(exc, self._closing(), plain=route.plain_errors)
 
     def _closing(self) -> dict:
         return {"Connection": "close"} if self.close_connection else {}
@@ -117,6 +117,10 @@ class Call:
 
     def body(self) -> dict:
         """The JSON object of the request body (at most ``max_body_bytes``, ``application/json``)."""
+        return parse_body(self.data(json_only=True))
+
+    def data(self, json_only: bool = False) -> bytes:
+        """The request body's bytes (at most ``max_body_bytes``; ``json_only``: ``application/json`` only)."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.close_connection = True
             raise InvalidArgument("body", "send a Content-Length (chunked bodies are not accepted)")
@@ -126,10 +130,9 @@ class Call:
             raise BodyTooLarge(f"request body of {length} bytes is over the limit of {self.web.max_body_bytes}",
                                limit=self.web.max_body_bytes)
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if length and ctype != "application/json":
+        if json_only and length and ctype != "application/json":
             raise InvalidArgument("body", f"Content-Type must be application/json, got {ctype or 'none'!r}")
         try:
-            data = anyio.from_thread.run(self.request.body) if length else b""    # read on the event loop
+            return anyio.from_thread.run(self.request.body) if length else b""    # read on the event loop
         except ClientDisconnect:
             raise InvalidArgument("body", f"the connection closed before the {length} bytes came") from None
-        return parse_body(data)

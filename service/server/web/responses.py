@@ -37,9 +37,12 @@ def json_response(status: int, obj: Any, headers: dict | None = None) -> Respons
                     media_type="application/json")
 
 
-def error_response(exc: BaseException, headers: dict | None = None) -> Response:
-    """The JSON error for ``exc`` (``error_body``), with ``WWW-Authenticate`` on 401 and ``Allow`` on 405."""
+def error_response(exc: BaseException, headers: dict | None = None, plain: bool = False) -> Response:
+    """The JSON error for ``exc`` (``error_body``), with ``WWW-Authenticate`` on 401 and ``Allow`` on 405;
+    ``plain``: KServe's REST form, ``{"error": "<message>"}``, with the same status and headers."""
     status, body = error_body(exc)
+    if plain:
+        body = {"error": body["error"]["message"]}
     headers = dict(headers or {})
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="rulewright"'
