@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
+from rulewright.client.cli_adapter import add_adapter_parsers
 from rulewright.client.client import Client
 from rulewright.client.errors import RulewrightError
 from rulewright.client.images import draw_boxes, grid, heatmap_overlay
@@ -545,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write")
     p.set_defaults(run=cmd_export)
     _add_job_parsers(sub, add)
+    add_adapter_parsers(sub, add)
     return parser
 
 
