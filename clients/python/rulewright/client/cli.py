@@ -431,6 +431,7 @@ def _add_version_parsers(sub, add: Callable, common: argparse.ArgumentParser) ->
     p.add_argument("--alias", default="production", help="alias to roll back (default: production)")
     p.add_argument("--reason", default="", help="why, recorded in the alias history")
     p.set_defaults(run=cmd_rollback)
+    add_adapter_parsers(sub, add)
 
 
 def _add_job_parsers(sub, add: Callable) -> None:
@@ -546,7 +547,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write")
     p.set_defaults(run=cmd_export)
     _add_job_parsers(sub, add)
-    add_adapter_parsers(sub, add)
     return parser
 
 
