@@ -275,6 +275,7 @@ class Version:
     author: str  # the authenticated principal that created it
     created_at: dt.datetime
     request_id: str | None = None
+    adapter: dict | None = None  # an edit imported from an adapter file: where it came from
 
     @property
     def name(self) -> str:
@@ -290,7 +291,8 @@ class Version:
         """JSON-ready form (what is stored)."""
         return _document(model=self.model, number=self.number, parent=self.parent, kind=self.kind, spec=self.spec,
                          blobs={k: b.to_dict() for k, b in sorted(self.blobs.items())}, metrics=self.metrics,
-                         author=self.author, created_at=self.created_at, request_id=self.request_id)
+                         author=self.author, created_at=self.created_at, request_id=self.request_id,
+                         **({"adapter": self.adapter} if self.adapter is not None else {}))
 
     @_parser("version manifest")
     def from_dict(cls, d: dict) -> "Version":
@@ -302,7 +304,8 @@ class Version:
         return cls(model=str(d["model"]), number=int(d["number"]), parent=None if parent is None else int(parent),
                    kind=kind, spec=dict(d["spec"]), blobs={k: BlobRef.from_dict(v) for k, v in d["blobs"].items()},
                    metrics=dict(d.get("metrics") or {}), author=str(d["author"]),
-                   created_at=parse_time(d["created_at"]), request_id=d.get("request_id"))
+                   created_at=parse_time(d["created_at"]), request_id=d.get("request_id"),
+                   adapter=dict(d["adapter"]) if d.get("adapter") is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)

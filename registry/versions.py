@@ -43,6 +43,7 @@ class Versions(Documents):
         metrics: dict | None = None,    # measured efficacy / side effects
         author: str = "anonymous",      # the authenticated principal
         request_id: str | None = None,  # a retry with the same id returns the first result
+        adapter: dict | None = None,    # an edit imported from an adapter file: where it came from
     ) -> Version:
         """Store an edit as a new version numbered after every existing one.
 
@@ -58,6 +59,7 @@ class Versions(Documents):
         parent = check_version(parent, "parent")
         spec = check_json_object(spec, "spec")
         metrics = check_json_object(metrics, "metrics")
+        adapter = check_json_object(adapter, "adapter") if adapter is not None else None
         request_id = check_request_id(request_id)
         if request_id is not None:
             earlier = self._requested(model, request_id)
@@ -71,7 +73,8 @@ class Versions(Documents):
         floor = self._claim_request(model, request_id)
 
         def make(n: int) -> Version:
-            return Version(model, n, parent, "edit", spec, {"delta": ref}, metrics, str(author), utc_now(), request_id)
+            return Version(model, n, parent, "edit", spec, {"delta": ref}, metrics, str(author), utc_now(), request_id,
+                           adapter)
 
         version = self._allocate(model, make, parent)
         self._undo_if_deleting(model, version, parent)

@@ -66,6 +66,7 @@ from rulewright.service.engine.loading import ARCHITECTURES, is_safetensors, rea
 from rulewright.service.engine.nvidia_pkl import convert_network_pickle, is_network_pickle, to_safetensors as nvidia_to_safetensors
 from rulewright.service.engine.rewrite import chooses_strength, rewritable_layers, rewrite as engine_rewrite
 from rulewright.service.domain.batching import SampleBatcher
+from rulewright.service.domain.adapters import Adapters
 from rulewright.service.domain.catalog import Catalog
 from rulewright.service.domain.residency import Residency, Resident
 from rulewright.service.domain.limits import Limits, check_images, fields_within, parse_spec
@@ -88,7 +89,7 @@ def _numbered(ref: str) -> VersionRef | None:
     return VersionRef(m.group(1), int(m.group(2))) if m else None
 
 
-class Domain(Catalog):
+class Domain(Catalog, Adapters):
     """Resolves references, keeps versions resident and runs the engine and registry for servicers
     (the registry's listings, lookups and deletions: ``Catalog``)."""
 
@@ -569,7 +570,6 @@ def lineages(registry: Registry, versions: Sequence[Version]) -> list[list[int]]
         return chain[::-1]
 
     return [lineage(v.model, v.number) for v in versions]
-
 
 
 def _stats_job_command(version: Version, layer: str, samples: int, seed_start: int, truncation: float) -> str:

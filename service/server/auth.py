@@ -1,7 +1,8 @@
 """Bearer-token auth: tokens mapped to roles, enforced by one ``grpc.ServerInterceptor``.
 
 - Roles, weakest first: ``reader`` (ListLayers, Sample, Dissect, SearchContext; registry List*,
-  Get*, ExportVersion, ListAliasHistory), ``editor`` (+ Rewrite, ComputeStatistics), ``admin``
+  Get*, ExportVersion, ExportAdapter, ListAliasHistory), ``editor`` (+ Rewrite, ComputeStatistics,
+  ImportAdapter), ``admin``
   (+ ImportModel, DeleteModel, DeleteVersion, SetAlias, RollbackAlias). The Open Inference
   Protocol's ModelReady, ServerMetadata, ModelMetadata and ModelInfer need a reader. ``grpc.health.v1``,
   reflection and OIP ServerLive and ServerReady (the OIP's health probes, which say no more than
@@ -54,6 +55,8 @@ METHOD_ROLES: dict[str, str] = {
                                     "ListAliasHistory")},
     **{_REG + m: "admin" for m in ("ImportModel", "DeleteModel", "DeleteVersion", "SetAlias",
                                    "RollbackAlias")},
+    _REG + "ExportAdapter": "reader",
+    _REG + "ImportAdapter": "editor",         # a new edit version, as a Rewrite makes
     # Jobs: anyone who may sample may watch; starting, cancelling and deleting bulk work is an editor's.
     **{_OPS + m: "reader" for m in ("GetOperation", "ListOperations", "WaitOperation")},
     **{_OPS + m: "editor" for m in ("CancelOperation", "DeleteOperation")},

@@ -118,6 +118,12 @@ def model_pb(summary: ModelSummary) -> resources_pb2.Model:
         aliases=[alias_pb(a) for a in summary.aliases], latest_version=summary.latest or 0)
 
 
+def _adapter_pb(origin: dict | None) -> resources_pb2.AdapterOrigin | None:
+    """Where an edit imported from an adapter came from (None for every other version)."""
+    fields = resources_pb2.AdapterOrigin.DESCRIPTOR.fields_by_name
+    return resources_pb2.AdapterOrigin(**{k: v for k, v in origin.items() if k in fields}) if origin else None
+
+
 def version_pbs(versions, chains: list[list[int]]) -> list[resources_pb2.Version]:
     """Versions as messages with their lineages (root first; ``Domain.lineages``)."""
     out = []
@@ -129,7 +135,8 @@ def version_pbs(versions, chains: list[list[int]]) -> list[resources_pb2.Version
             name=version_name(v), number=v.number, parent_version=v.parent or 0, kind=kind, **origin,
             metrics=_struct(v.metrics), author=v.author, create_time=_time(v.created_at),
             blobs=[resources_pb2.Blob(role=r, sha256=b.sha256, size_bytes=b.size) for r, b in sorted(v.blobs.items())],
-            lineage=chain, request_id=v.request_id or ""))
+            lineage=chain, request_id=v.request_id or "",
+            adapter=_adapter_pb(getattr(v, "adapter", None))))
     return out
 
 

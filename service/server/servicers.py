@@ -5,7 +5,7 @@
   through its event log; the client's cancellation or deadline stops it).
 - ``RegistryServicer``: ListModels, GetModel, ImportModel (client streaming, at most
   ``max_import_bytes``), DeleteModel, ListVersions, GetVersion, DeleteVersion, ExportVersion,
-  SetAlias, RollbackAlias, ListAliasHistory.
+  SetAlias, RollbackAlias, ListAliasHistory; ExportAdapter and ImportAdapter (``adapters``).
 
 Errors go through
 ``errors.rpc``; conversions live in ``convert`` (this module imports no torch, S3 or Redis).
@@ -22,6 +22,7 @@ from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_gr
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
 from rulewright.service.server import convert
+from rulewright.service.server.adapters import AdapterRpcs
 from rulewright.service.server.auth import current_principal
 from rulewright.service.server.errors import renamed, rpc
 from rulewright.service.server.convert import check_dissect, check_search
@@ -126,7 +127,7 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
         yield from _streamed(self.workers, context, work)
 
 
-class RegistryServicer(reg_grpc.RegistryServiceServicer):
+class RegistryServicer(AdapterRpcs, reg_grpc.RegistryServiceServicer):
     """RegistryService over the ``Domain``'s registry work."""
 
     def __init__(self, domain, max_import_bytes: int = MAX_IMPORT_BYTES):

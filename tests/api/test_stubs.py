@@ -32,6 +32,8 @@ REGISTRY_RPCS = {
     "SetAlias": (False, False),
     "RollbackAlias": (False, False),
     "ListAliasHistory": (False, False),
+    "ExportAdapter": (False, True),
+    "ImportAdapter": (True, False),
 }
 
 

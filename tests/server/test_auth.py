@@ -93,6 +93,17 @@ def test_reader_samples_but_may_not_rewrite(secured):
     assert [v.number for v in versions.versions] == [1]
 
 
+def test_a_reader_exports_adapters_and_an_editor_imports_them(secured):
+    _, registry, _ = secured
+    err = fail(registry.ExportAdapter, reg.ExportAdapterRequest(name="models/tiny/versions/1"), timeout=30,
+               metadata=bearer(READER))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and error_info(err).reason == "NOT_AN_EDIT"  # let in
+    err = fail(registry.ImportAdapter, iter([reg.ImportAdapterRequest()]), timeout=30, metadata=bearer(READER))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED and error_info(err).metadata["required_role"] == "editor"
+    err = fail(registry.ImportAdapter, iter([reg.ImportAdapterRequest()]), timeout=30, metadata=bearer(EDITOR))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT                        # let in: no metadata sent
+
+
 def test_editor_rewrites_as_its_principal_but_may_not_move_aliases(secured):
     generator, registry, _ = secured
     events = list(generator.Rewrite(gen.RewriteRequest(model="tiny", spec=spec_pb()), timeout=60,

@@ -16,6 +16,7 @@ Every call has a deadline and retries UNAVAILABLE with backoff; failures raise
 ``rulewright.client.cli``.
 """
 
+from rulewright.client.adapters import AdapterExport
 from rulewright.client.client import Client, RetryEvent
 from rulewright.client.errors import RulewrightError
 from rulewright.client.spec import edit_spec_pb, parse_region, parse_seeds, region_dict
@@ -24,7 +25,7 @@ from rulewright.client.types import (Alias, AliasMove, ContextMatch, ContextSear
                     UnitScore, Version, version_number)
 
 __all__ = [
-    "Client", "RetryEvent", "RulewrightError", "edit_spec_pb", "parse_region", "parse_seeds", "region_dict",
+    "AdapterExport", "Client", "RetryEvent", "RulewrightError", "edit_spec_pb", "parse_region", "parse_seeds", "region_dict",
     "Alias", "AliasMove", "ContextMatch", "ContextSearch", "DatasetJob", "Dissection", "Export", "Import", "Layer", "Layers",
     "Model", "Preview", "Progress", "RewriteResult", "SampledImage", "StatisticsJob", "StatisticsResult", "UnitMap", "UnitScore",
     "Version", "version_number",

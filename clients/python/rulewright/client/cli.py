@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
+from rulewright.client.cli_adapter import add_adapter_parsers
 from rulewright.client.client import Client
 from rulewright.client.errors import RulewrightError
 from rulewright.client.images import draw_boxes, grid, heatmap_overlay
@@ -430,6 +431,7 @@ def _add_version_parsers(sub, add: Callable, common: argparse.ArgumentParser) ->
     p.add_argument("--alias", default="production", help="alias to roll back (default: production)")
     p.add_argument("--reason", default="", help="why, recorded in the alias history")
     p.set_defaults(run=cmd_rollback)
+    add_adapter_parsers(sub, add)
 
 
 def _add_job_parsers(sub, add: Callable) -> None:

@@ -32,8 +32,10 @@ from google.protobuf import duration_pb2
 from rulewright.v1 import images_pb2, jobs_service_pb2 as jobs_pb, jobs_service_pb2_grpc as jobs_grpc
 from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc as reg_grpc
 
+from rulewright.client.adapters import AdapterCalls
 from rulewright.client.errors import RulewrightError, from_rpc_error
 from rulewright.client.spec import edit_spec_pb, region_pb
+from rulewright.client.transfer import receive_file
 from rulewright.client.types import (Alias, AliasMove, ContextSearch, DatasetJob, StatisticsJob, Dissection, Export, Import, Layers, Model, Preview,
                     Progress, RewriteResult, SampledImage, StatisticsResult, Version)
 
@@ -67,7 +69,7 @@ def _model_name(model: str) -> str:
     return model.split("@", 1)[0].split("/", 1)[0]
 
 
-class Client:
+class Client(AdapterCalls):
     """A connection to a rulewright server.
 
     Args:
@@ -399,26 +401,8 @@ class Client:
         part = path.with_name(path.name + ".part")
 
         def download(left: float) -> Export:
-            meta, digest, size = None, hashlib.sha256(), 0
             call = self._reg.ExportVersion(request, timeout=left, metadata=self._metadata)
-            try:
-                with open(part, "wb") as f:
-                    for msg in call:
-                        if msg.WhichOneof("content") == "metadata":
-                            meta = msg.metadata
-                        else:
-                            f.write(msg.chunk)
-                            digest.update(msg.chunk)
-                            size += len(msg.chunk)
-            finally:
-                call.cancel()
-            if meta is None or size != meta.size_bytes or digest.hexdigest() != meta.sha256:
-                part.unlink(missing_ok=True)
-                raise RulewrightError(grpc.StatusCode.DATA_LOSS, f"export of {request.name} is corrupt: got {size} "
-                                      f"bytes with sha256 {digest.hexdigest()}, the server announced "
-                                      f"{meta.size_bytes if meta else '?'} bytes with sha256 "
-                                      f"{meta.sha256 if meta else '?'}", "EXPORT_CORRUPT")
-            os.replace(part, path)
+            meta, size = receive_file(call, part, path, f"export of {request.name}")
             return Export(str(path), Version.from_pb(meta.version), size, meta.sha256)
 
         try:

@@ -239,6 +239,7 @@ class Version:
     lineage: list[int]
     request_id: str
     blobs: list[Blob] = field(default_factory=list)
+    adapter: dict[str, Any] | None = None   # an edit imported from an adapter: where it came from
 
     @classmethod
     def from_pb(cls, v: resources_pb2.Version) -> "Version":
@@ -248,7 +249,14 @@ class Version:
         return cls(name=v.name, model=v.name.split("/")[1] if v.name.count("/") >= 3 else "", number=v.number,
                    parent_version=v.parent_version, kind=kind, spec=spec, metrics=_struct(v.metrics),
                    author=v.author, create_time=_time(v.create_time), lineage=list(v.lineage),
-                   request_id=v.request_id, blobs=[Blob(b.role, b.sha256, b.size_bytes) for b in v.blobs])
+                   request_id=v.request_id, blobs=[Blob(b.role, b.sha256, b.size_bytes) for b in v.blobs],
+                   adapter=_adapter(v.adapter) if v.HasField("adapter") else None)
+
+
+def _adapter(a: resources_pb2.AdapterOrigin) -> dict[str, Any]:
+    """Where an adapter came from: ``source_version``, ``source_lineage``, ``base_fingerprint``, ``sha256``."""
+    return {"source_version": a.source_version, "source_lineage": list(a.source_lineage),
+            "base_fingerprint": a.base_fingerprint, "sha256": a.sha256}
 
 
 @dataclass(frozen=True)
