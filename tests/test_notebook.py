@@ -123,6 +123,10 @@ def test_notebook_samples_rewrites_compares_promotes_and_rolls_back(server, kern
     assert "created models/faces/versions/2 from models/faces/versions/1" in bars and len(_pngs(rewrite)) == 1
     assert "models/faces/versions/1 (production)\nfaces/2 at strength 0.3" in _text(strengths)
     assert len(_pngs(strengths)) == 1
+    with Image.open(io.BytesIO(base64.b64decode(_pngs(strengths)[0]))) as im:
+        assert im.size == (8 * 128, 4 * 128)
+        rows = [im.crop((0, 128 * r, im.width, 128 * (r + 1))).tobytes() for r in range(4)]
+    assert len(set(rows)) == 4                            # the edit, and each strength, changed the faces
     assert "production draws models/faces/versions/2" in _text(promote) and len(_pngs(promote)) == 1
     assert "production draws models/faces/versions/1 again: the original pixels" in _text(rollback)
     assert len(_pngs(rollback)) == 1
