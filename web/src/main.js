@@ -381,7 +381,30 @@ function albumSeeds() {
   return Array.from({ length: state.albumSize }, (_, i) => state.albumStart + i);
 }
 
+// A press on a tile must end in a click on it: the browser drops a click whose pressed element left
+// the page, or whose release lands on another element. A render between press and release does
+// both (typing a page size or start seed, then pressing a tile, applies the value as the press takes
+// the focus), so renders asked for meanwhile wait until the release.
+const albumPress = { down: false, pending: false };
+
+function albumPressed() {
+  albumPress.down = true;
+}
+
+function albumReleased() {
+  if (!albumPress.down) return;
+  albumPress.down = false;
+  if (albumPress.pending) {
+    albumPress.pending = false;
+    setTimeout(renderAlbum, 0);     // after the click the release is about to dispatch
+  }
+}
+
 function renderAlbum() {
+  if (albumPress.down) {
+    albumPress.pending = true;
+    return;
+  }
   const album = $("album");
   const shown = shownVersion();
   const v = currentVersion();
@@ -1276,6 +1299,9 @@ function wire() {
     e.target.value = String(state.albumSize);
     refreshAlbumPage();
   });
+  $("album").addEventListener("pointerdown", albumPressed);
+  for (const end of ["pointerup", "pointercancel"]) window.addEventListener(end, albumReleased, true);
+  window.addEventListener("blur", albumReleased);     // the window's own (elements' blur does not bubble)
   $("album-prev").addEventListener("click", () => page(-1));
   $("album-next").addEventListener("click", () => page(1));
   $("toggle-original").addEventListener("click", toggleOriginal);

@@ -21,13 +21,13 @@ from rulewright.client.client import Client, RetryEvent
 from rulewright.client.errors import RulewrightError
 from rulewright.client.spec import edit_spec_pb, parse_region, parse_seeds, region_dict
 from rulewright.client.types import (Alias, AliasMove, ContextMatch, ContextSearch, DatasetJob, Dissection, Export, Import, Layer, Layers,
-                    Model, Preview, Progress, RewriteResult, SampledImage, StatisticsJob, StatisticsResult, UnitMap,
+                    Model, Preview, Progress, RewriteResult, SampledImage, SampledImages, StatisticsJob, StatisticsResult, UnitMap,
                     UnitScore, Version, version_number)
 
 __all__ = [
     "AdapterExport", "Client", "RetryEvent", "RulewrightError", "edit_spec_pb", "parse_region", "parse_seeds", "region_dict",
     "Alias", "AliasMove", "ContextMatch", "ContextSearch", "DatasetJob", "Dissection", "Export", "Import", "Layer", "Layers",
-    "Model", "Preview", "Progress", "RewriteResult", "SampledImage", "StatisticsJob", "StatisticsResult", "UnitMap", "UnitScore",
+    "Model", "Preview", "Progress", "RewriteResult", "SampledImage", "SampledImages", "StatisticsJob", "StatisticsResult", "UnitMap", "UnitScore",
     "Version", "version_number",
 ]
 __version__ = "0.1.0"

@@ -37,7 +37,7 @@ from rulewright.client.errors import RulewrightError, from_rpc_error
 from rulewright.client.spec import edit_spec_pb, region_pb
 from rulewright.client.transfer import receive_file
 from rulewright.client.types import (Alias, AliasMove, ContextSearch, DatasetJob, StatisticsJob, Dissection, Export, Import, Layers, Model, Preview,
-                    Progress, RewriteResult, SampledImage, StatisticsResult, Version)
+                    Progress, RewriteResult, SampledImage, SampledImages, StatisticsResult, Version)
 
 __all__ = ["Client", "RetryEvent", "RegionLike"]
 
@@ -208,7 +208,7 @@ class Client(AdapterCalls):
         if truncation is not None:
             request.truncation = truncation
         resp = self._unary("Sample", self._gen.Sample, request, timeout)
-        return [SampledImage.from_pb(im, resp.version) for im in resp.images]
+        return SampledImages(SampledImage.from_pb(im, resp.version) for im in resp.images)
 
     def dissect(self, model: str, regions: Sequence[RegionLike], *, layer: str = "", top: int = 10,
                 rank_by: str = "iou", include_maps: bool = False, quantile: float | None = None,

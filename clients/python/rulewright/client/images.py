@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -10,10 +10,12 @@ from PIL import Image, ImageDraw
 __all__ = ["grid", "draw_boxes", "heatmap_overlay"]
 
 
-def grid(images: Sequence[Image.Image], columns: int = 8, scale: int = 2) -> Image.Image:
-    """``images`` side by side, ``columns`` per row, enlarged ``scale``x (nearest neighbour)."""
+def grid(images: Sequence[Any], columns: int = 8, scale: int = 2) -> Image.Image:
+    """``images`` (PIL images, or results with an ``.image`` such as ``SampledImage``) side by
+    side, ``columns`` per row, enlarged ``scale``x (nearest neighbour)."""
     if not images:
         raise ValueError("no images to put in a grid")
+    images = [getattr(im, "image", im) for im in images]
     w, h = images[0].size
     columns = max(1, min(columns, len(images)))
     rows = (len(images) + columns - 1) // columns

@@ -12,12 +12,13 @@ import numpy as np
 from google.protobuf import json_format
 from PIL import Image
 
+from rulewright.client.images import grid
 from rulewright.client.spec import spec_dict
 from rulewright.v1 import generator_service_pb2 as gen
 from rulewright.v1 import images_pb2, jobs_service_pb2 as jobs_pb, registry_service_pb2 as reg, resources_pb2
 
 __all__ = [
-    "SampledImage", "Layer", "Layers", "UnitScore", "UnitMap", "Dissection", "ContextMatch", "ContextSearch",
+    "SampledImage", "SampledImages", "Layer", "Layers", "UnitScore", "UnitMap", "Dissection", "ContextMatch", "ContextSearch",
     "Progress", "Preview", "RewriteResult", "StrengthCurve", "StrengthPoint", "StatisticsResult", "Model", "Version", "Alias", "AliasMove",
     "Export", "Import", "version_number",
 ]
@@ -50,7 +51,7 @@ class SampledImage:
     width: int
     height: int
     format: str
-    data: bytes
+    data: bytes = field(repr=False)
 
     @classmethod
     def from_pb(cls, im: images_pb2.Image, version: str) -> "SampledImage":
@@ -81,6 +82,28 @@ class SampledImage:
         buf = io.BytesIO()
         self.image.save(buf, format="PNG")
         return buf.getvalue()
+
+    def _repr_png_(self) -> bytes:
+        """Jupyter shows the image itself."""
+        return self.png
+
+
+def _grid_png(images: list[SampledImage]) -> bytes | None:
+    """A grid of ``images`` as PNG bytes (what Jupyter shows for a list of them); None when empty."""
+    if not images:
+        return None
+    buf = io.BytesIO()
+    grid(images).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class SampledImages(list):
+    """The images of one call, in request order: a plain list of ``SampledImage`` that Jupyter
+    shows as a grid (8 a row, enlarged 2x)."""
+
+    def _repr_png_(self) -> bytes | None:
+        """Jupyter shows the images as one grid."""
+        return _grid_png(self)
 
 
 @dataclass(frozen=True)
@@ -208,9 +231,14 @@ class Progress:
 
 @dataclass(frozen=True)
 class Preview:
-    """Images of the edited model (one per preview seed), rendered before the commit."""
+    """Images of the edited model (one per preview seed), rendered before the commit; Jupyter
+    shows them as a grid."""
 
     images: list[SampledImage]
+
+    def _repr_png_(self) -> bytes | None:
+        """Jupyter shows the preview images as one grid."""
+        return _grid_png(self.images)
 
 
 @dataclass(frozen=True)
