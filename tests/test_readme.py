@@ -8,7 +8,8 @@
   which ``make`` built the same way, and checks that block's paths and targets exist instead.
 - ``test_every_readme_command_exists``: each ``make`` target, ``rulewright`` and
   ``rulewright-engine`` command line (parsed by the real parsers), ``python -m`` module and local
-  path the README shows, and the CLI names its client list gives.
+  path the README shows, and the CLI names its client list gives; ``test_manual_commands_exist``
+  the same for every shell line of docs/.
 - ``test_links_resolve``: every relative link of the README and of docs/ names a file and a heading.
 """
 
@@ -179,8 +180,8 @@ def check_line(line: str) -> None:
     from rulewright.service.cli import build_parser as engine_parser, build_server_parser
 
     for part in re.split(r"&&|;", command(line)):
-        words = shlex.split(part)
-        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):          # VAR=value prefixes
+        words = [w for w in shlex.split(part) if w != "..."]             # "...": settings left out
+        while words and re.fullmatch(r"[A-Z][A-Z0-9_]*=\S*", words[0]):    # VAR=value prefixes
             words = words[1:]
         if not words:
             continue
@@ -200,7 +201,7 @@ def check_line(line: str) -> None:
             assert all((REPO / p).exists() for p in paths), f"{line}: a path is missing"
         elif head == "node":
             assert (REPO / args[0]).is_file(), f"{line}: no {args[0]}"
-        elif head not in (".",):
+        elif head not in (".", "grpcurl"):                               # grpcurl: another project's tool
             pytest.fail(f"{line}: the test does not know {head!r}; teach it")
 
 
@@ -239,6 +240,16 @@ def test_every_readme_command_exists():
         assert name in commands, f"the CLI has no {name!r}"
         for action in (actions[0].split("|") if actions else []):
             assert action in subcommands(commands[name]), f"rulewright {name} has no {action!r}"
+
+
+@pytest.mark.parametrize("page", sorted((REPO / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_manual_commands_exist(page):
+    """Every shell line of the manual's pages (continuations joined) names commands that exist and parse."""
+    for _, lang, lines in blocks(page.read_text()):
+        if lang == "sh":
+            for line in re.sub(r"\\\n\s*", " ", "\n".join(lines)).splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    check_line(line)
 
 
 @pytest.mark.parametrize("page", [README, *sorted((REPO / "docs").glob("*.md"))], ids=lambda p: p.name)
