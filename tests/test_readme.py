@@ -6,6 +6,7 @@
   ``RULEWRIGHT_WEB_ADDRESS``). The ``quick-start:install`` block is not run: creating a venv and
   installing torch takes minutes and the package indexes; the test uses the venv it runs in,
   which ``make`` built the same way, and checks that block's paths and targets exist instead.
+- ``test_serve_prints_where_it_listens``: that line without the demo model, and with the editor off.
 - ``test_every_readme_command_exists``: each ``make`` target, ``rulewright`` and
   ``rulewright-engine`` command line (parsed by the real parsers), ``python -m`` module and local
   path the README shows, and the CLI names its client list gives; ``test_manual_commands_exist``
@@ -154,6 +155,29 @@ def test_quick_start_runs_as_shown(tmp_path, cache_dir, faces_path):
     for line in logs:                                                   # the logs stay JSON lines
         if line.strip() and not GRPC_CORE_LINE.match(line):
             json.loads(line)
+
+
+@pytest.mark.parametrize("web", ["on", "off"])
+def test_serve_prints_where_it_listens(tmp_path, web):
+    """The one human line on stdout, as the README shows it, also when the editor is off."""
+    grpc_at, web_at = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RULEWRIGHT_")}
+    server = subprocess.Popen([str(BIN / "rulewright"), "serve", "--bootstrap", "none", "--device", "cpu",
+                               "--address", grpc_at, "--web-address", web_at if web == "on" else "off"],
+                              cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out: queue.Queue = queue.Queue()
+    threading.Thread(target=read_lines, args=(server.stdout, out), daemon=True).start()
+    try:
+        ready = out.get(timeout=120)
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+    shown = shown_ready_line().replace(SHOWN_GRPC, grpc_at)
+    if web == "on":
+        assert ready == shown.replace(SHOWN_WEB, web_at) + "\n"
+    else:
+        assert ready == re.sub(r"editor at \S+", "editor off (--web-address)", shown) + "\n"
+    assert out.get(timeout=10) is None
 
 
 # ---- every command the README names ----------------------------------------------------------
