@@ -122,7 +122,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = resolve(args)          # ConfigError, TlsConfigError, AuthConfigError: ValueErrors, one line, exit 2
     configure_logging()
-    return serve(config)
+    return serve(config, on_ready=lambda port, web_url: print(ready_line(config.address, port, web_url), flush=True))
+
+
+def ready_line(address: str, port: int, web_url: str | None) -> str:
+    """The one line for a person at the terminal once serving: where gRPC and the editor are."""
+    # On stdout, so that stderr stays JSON lines for log collectors.
+    host = address.rsplit(":", 1)[0]
+    editor = f"editor at {web_url}/" if web_url else "editor off (--web-address)"
+    return f"rulewright: gRPC on {host}:{port}, {editor} (logs: JSON on stderr; Ctrl-C stops)"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -37,8 +37,8 @@ SOLVERS = ("adam", "closed_form")
 FACTORS = ("free", "context")
 QUALITIES = ("draft", "final")
 
-# Defaults chosen from `python -m benchmarks.edit_quality --pareto` on the faces model (README
-# "Editing"). None means "the method's default" (METHOD_DEFAULTS), filled in by from_json.
+# Defaults chosen from `python -m benchmarks.edit_quality --pareto` on the faces model
+# (docs/editing.md). None means "the method's default" (METHOD_DEFAULTS), filled in by from_json.
 DEFAULTS: dict[str, Any] = {
     "op": "rewrite",
     "method": "multilayer",

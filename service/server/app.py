@@ -395,7 +395,8 @@ def serve(config, on_ready=None) -> int:
 
     Opens the domain (registry and statistics cache the config names), starts NOT_SERVING,
     bootstraps the faces model unless ``bootstrap`` is ``none``, goes SERVING, and on a signal
-    goes NOT_SERVING and stops with ``grace_s``. ``on_ready(port)`` is called once serving.
+    goes NOT_SERVING and stops with ``grace_s``. ``on_ready(port, web_url)`` is called once serving
+    (``web_url`` None when the HTTP side is off).
     """
     from rulewright.service.domain.core import Domain
 
@@ -417,7 +418,7 @@ def serve(config, on_ready=None) -> int:
             set_health(health_servicer, True)
             log.info("serving", extra={"event": "serving", "port": port})
             if on_ready is not None:
-                on_ready(port)
+                on_ready(port, web.url if web is not None else None)
         # Woken now and then: a signal caught by another thread (the kernel may hand a process's
         # signal to any thread, a busy one more often) runs its Python handler only once this
         # thread runs Python code again; a wait without a timeout would never see it.
