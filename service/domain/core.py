@@ -286,7 +286,7 @@ class Domain(Catalog):
         """
         request.check(self.limits)
         progress = progress or Progress()
-        res = self._resident_for(request.model)
+        res = self._resident_for(request.model).at(request.strength)    # its own edit at the request's strength
         version, model = res.version, res.model
         check_images(self.limits, request.count, request.count_field, model.resolution)
         self._truncation(model, request.truncation)
@@ -307,7 +307,7 @@ class Domain(Catalog):
                 self._observe_batch(chunk.shape[0])
                 parts.append(res.render(chunk, truncation, batch_size=self.max_batch))
             images = torch.cat(parts)
-        return SampleResult(version, to_uint8(images))
+        return SampleResult(version, to_uint8(images), res.strength)
 
     def list_layers(self, ref: str) -> LayersResult:
         """A version's rewritable layers, its default layer and the shape of its images and latents."""
