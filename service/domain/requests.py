@@ -47,8 +47,8 @@ from rulewright.service.engine.regions import decode_pixels  # noqa: F401
 from rulewright.service.engine.sampling import png_bytes  # noqa: F401
 from rulewright.service.engine.search import Match
 from rulewright.service.engine.stats import Stat
-from rulewright.service.domain.limits import (Limits, check_count, check_draft, check_images, check_samples, check_strength,
-                                              parse_spec)
+from rulewright.service.domain.limits import (Limits, check_count, check_draft, check_images, check_samples,
+                                              check_strength, parse_spec)
 from rulewright.service.domain.statistics import KEY_MOMENT, VALUE_QUANTILE
 
 MAX_SEED = 2**63 - 1

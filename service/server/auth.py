@@ -1,7 +1,7 @@
 """Bearer-token auth: tokens mapped to roles, enforced by one ``grpc.ServerInterceptor``.
 
 - Roles, weakest first: ``reader`` (ListLayers, Sample, Dissect, SearchContext; registry List*,
-  Get*, ExportVersion, ListAliasHistory), ``editor`` (+ Rewrite, ComputeStatistics), ``admin``
+  Get*, ExportVersion, ListAliasHistory), ``editor`` (+ Rewrite, ComputeStatistics, RescaleVersion), ``admin``
   (+ ImportModel, DeleteModel, DeleteVersion, SetAlias, RollbackAlias). The Open Inference
   Protocol's ModelReady, ServerMetadata, ModelMetadata and ModelInfer need a reader. ``grpc.health.v1``,
   reflection and OIP ServerLive and ServerReady (the OIP's health probes, which say no more than
@@ -52,6 +52,7 @@ METHOD_ROLES: dict[str, str] = {
     **{_GEN + m: "editor" for m in ("Rewrite", "ComputeStatistics")},
     **{_REG + m: "reader" for m in ("ListModels", "GetModel", "ListVersions", "GetVersion", "ExportVersion",
                                     "ListAliasHistory")},
+    _REG + "RescaleVersion": "editor",      # makes a version, as Rewrite does (no fit)
     **{_REG + m: "admin" for m in ("ImportModel", "DeleteModel", "DeleteVersion", "SetAlias",
                                    "RollbackAlias")},
     # Jobs: anyone who may sample may watch; starting, cancelling and deleting bulk work is an editor's.

@@ -16,8 +16,10 @@ over the domain layer, served on the same port as GeneratorService and RegistryS
   ``contents`` or in ``raw_input_contents`` (little-endian, one entry per input, what
   tritonclient sends); the ``image`` output always in ``raw_output_contents``. The pixels are
   ``Sample``'s for the same version, seeds or latents and truncation: both go through
-  ``Domain.sample`` (dynamic batching included) and the same latent conversion. Request,
-  input and output ``parameters`` are tolerated and ignored.
+  ``Domain.sample`` (dynamic batching included) and the same latent conversion. The request
+  parameter ``strength`` (a number) is Sample's ``strength``: the version's own edit at that
+  strength, echoed in the response's parameters (absent for an import). Other request, input
+  and output ``parameters`` are tolerated and ignored.
 
 Errors go through ``errors.rpc``: a model that does not exist is NOT_FOUND; a malformed tensor
 is INVALID_ARGUMENT whose field names the request's path (``inputs[0].datatype``) and whose
@@ -155,6 +157,17 @@ def _latents(i: int, values: np.ndarray, z_dim: int):
     return convert.latents_tensor(gen.Latents(count=values.shape[0], dim=z_dim, values=values.reshape(-1).tolist()))
 
 
+def _strength(parameters) -> float | None:
+    """The request parameter ``strength`` (a number), or None; its bounds are the domain's to check."""
+    if "strength" not in parameters:
+        return None
+    param = parameters["strength"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("double_param", "int64_param", "uint64_param"):
+        raise InvalidArgument("parameters.strength", f"must be a number, got a {kind or 'missing value'}")
+    return float(getattr(param, kind))
+
+
 def _truncation(i: int, values: np.ndarray) -> float:
     """The one truncation value (its range and the architecture's own limit are the domain's to check)."""
     if values.size != 1:
@@ -237,14 +250,16 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         z = _latents(*inputs["z"], self.domain.list_layers(ref).z_dim) if "z" in inputs else None
         truncation = _truncation(*inputs["truncation"]) if "truncation" in inputs else 1.0
         count = f"inputs[{inputs['seed' if seeds else 'z'][0]}].shape"
-        names = {"seeds": count, "latents.count": count}
+        names = {"seeds": count, "latents.count": count, "strength": "parameters.strength"}
         if "truncation" in inputs:
             names["truncation"] = f"inputs[{inputs['truncation'][0]}]"
         with renamed(names):
-            result = self.domain.sample(SampleRequest(ref, seeds=seeds, latents=z, truncation=truncation),
+            result = self.domain.sample(SampleRequest(ref, seeds=seeds, latents=z, truncation=truncation,
+                                                      strength=_strength(request.parameters)),
                                         Progress(None, lambda: not context.is_active()))
         version, pixels = result.version, result.images.cpu().numpy()
         return oip.ModelInferResponse(
             model_name=version.model, model_version=str(version.number), id=request.id,
             outputs=[oip.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="UINT8", shape=pixels.shape)],
-            raw_output_contents=[pixels.tobytes()])
+            raw_output_contents=[pixels.tobytes()], parameters=(
+                {"strength": oip.InferParameter(double_param=result.strength)} if result.strength is not None else {}))

@@ -32,6 +32,7 @@ REGISTRY_RPCS = {
     "SetAlias": (False, False),
     "RollbackAlias": (False, False),
     "ListAliasHistory": (False, False),
+    "RescaleVersion": (False, False),
 }
 
 

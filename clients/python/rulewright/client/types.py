@@ -51,13 +51,14 @@ class SampledImage:
     height: int
     format: str
     data: bytes
+    strength: float | None = None     # the strength of the version's own edit it was drawn at (None: an import)
 
     @classmethod
-    def from_pb(cls, im: images_pb2.Image, version: str) -> "SampledImage":
+    def from_pb(cls, im: images_pb2.Image, version: str, strength: float | None = None) -> "SampledImage":
         """From the API's Image."""
         fmt = "raw" if im.format == images_pb2.IMAGE_FORMAT_RAW_RGB8 else "png"
         return cls(seed=im.seed if im.HasField("seed") else None, version=version, width=im.width,
-                   height=im.height, format=fmt, data=im.data)
+                   height=im.height, format=fmt, data=im.data, strength=strength)
 
     @property
     def array(self) -> np.ndarray:
@@ -225,7 +226,8 @@ class Blob:
 @dataclass(frozen=True)
 class Version:
     """An immutable version: ``kind`` ``import`` or ``edit``, its ``parent_version`` (0 for an
-    import), the replayable ``spec``, ``metrics``, ``author``, ``lineage`` (import first)."""
+    import), the replayable ``spec``, ``metrics``, ``author``, ``lineage`` (import first), its own
+    edit's ``strength`` and ``rescaled_from`` (the source of a rescaled version; 0 otherwise)."""
 
     name: str
     model: str
@@ -239,6 +241,8 @@ class Version:
     lineage: list[int]
     request_id: str
     blobs: list[Blob] = field(default_factory=list)
+    strength: float | None = None      # its own edit's strength; None for an import
+    rescaled_from: int = 0             # the version whose delta it applies at another strength; 0: fitted
 
     @classmethod
     def from_pb(cls, v: resources_pb2.Version) -> "Version":
@@ -248,7 +252,8 @@ class Version:
         return cls(name=v.name, model=v.name.split("/")[1] if v.name.count("/") >= 3 else "", number=v.number,
                    parent_version=v.parent_version, kind=kind, spec=spec, metrics=_struct(v.metrics),
                    author=v.author, create_time=_time(v.create_time), lineage=list(v.lineage),
-                   request_id=v.request_id, blobs=[Blob(b.role, b.sha256, b.size_bytes) for b in v.blobs])
+                   request_id=v.request_id, blobs=[Blob(b.role, b.sha256, b.size_bytes) for b in v.blobs],
+                   strength=v.strength if v.HasField("strength") else None, rescaled_from=v.rescaled_from)
 
 
 @dataclass(frozen=True)
