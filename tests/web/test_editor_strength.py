@@ -11,6 +11,7 @@ import pytest
 from rulewright.service.domain.requests import SampleRequest, png_bytes
 from rulewright.service.engine.delta import to_bytes
 from tests.builders import random_deltas, tiny_domain
+from tests.web.conftest import request
 from tests.web.test_editor_e2e import browser, built_page  # noqa: F401 -- fixtures shared with the e2e tests
 
 pytestmark = pytest.mark.timeout(300)
@@ -88,3 +89,18 @@ def test_the_strength_slider_redraws_the_album_at_that_strength_without_a_fit(br
         assert not errors, errors
     finally:
         context.close()
+
+
+def test_the_image_route_takes_a_strength_and_names_it_when_refused(edited):
+    url, domain, n = edited
+    path = f"/api/models/tiny/versions/{n}/images/{SEED}.png"
+    at = request(url, "GET", path + "?strength=1.5")
+    assert at.status == 200 and at.headers["X-Rulewright-Strength"] == "1.5"
+    assert at.data == png_bytes(domain.sample(SampleRequest(f"tiny/{n}", seeds=[SEED], strength=1.5)).images[0].numpy())
+    assert request(url, "GET", path).headers["X-Rulewright-Strength"] == "0.7"
+    for query, words in (("?strength=high", "must be a number"), ("?strength=12", "-10 to 10"),
+                         ("?strength=nan", "-10 to 10")):
+        refused = request(url, "GET", path + query)
+        assert refused.status == 400 and words in refused.violations()["strength"], refused
+    refused = request(url, "GET", f"/api/models/tiny/versions/1/images/{SEED}.png?strength=0.5")
+    assert refused.status == 400 and "import" in refused.violations()["strength"]
