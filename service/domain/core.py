@@ -31,7 +31,7 @@
 
 Every result carries the resolved ``Version``, so responses can echo it. Images of a version
 (Sample, OIP, the editor, rewrite previews) always come from the factored path, so the same
-(version, seed, truncation) gives the same bytes everywhere. Hooked work (unit interventions,
+(version, seed, truncation, strength) gives the same bytes everywhere. Hooked work (interventions,
 dissection, rewrites, search, statistics) runs on a private dense module (``hookable``), so its
 hooks never reach the samples other requests draw meanwhile.
 """
