@@ -2,7 +2,8 @@
 
 - ``Model``: name, architecture, config, description, author, creation time.
 - ``Version``: one immutable version (number, parent, kind, spec, blobs, metrics, author, time,
-  request id); ``Version.name`` is the resource name ``models/{model}/versions/{n}``.
+  request id; a rescaled edit's strength and source); ``Version.name`` is the resource name
+  ``models/{model}/versions/{n}``.
 - ``AliasEntry``: one move of an alias (seq, from, to, author, time, reason); ``AliasState`` is an
   alias's current value with its ``etag``.
 - ``Page``: one page of a listing and the opaque token of the next.
@@ -276,6 +277,10 @@ class Version:
     created_at: dt.datetime
     request_id: str | None = None
     adapter: dict | None = None  # an edit imported from an adapter file: where it came from
+    # A rescaled edit: its delta blob is another version's, applied at this strength instead of the
+    # scale stored in the blob; ``rescaled_from`` names that version. None for a fitted edit.
+    strength: float | None = None
+    rescaled_from: int | None = None
 
     @property
     def name(self) -> str:
@@ -284,14 +289,27 @@ class Version:
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes of the blobs this version added (its weights or its delta)."""
-        return sum(b.size for b in self.blobs.values())
+        """Bytes of the blobs this version added (its weights or its delta; none if rescaled)."""
+        return 0 if self.rescaled_from is not None else sum(b.size for b in self.blobs.values())
+
+    @property
+    def edit_strength(self) -> float | None:
+        """The strength of this version's own edit (None for an import): the rescaled strength,
+        else the spec's, else 1 (edits stored before strengths were recorded)."""
+        if self.kind != "edit":
+            return None
+        if self.strength is not None:
+            return self.strength
+        value = self.spec.get("strength")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
 
     def to_dict(self) -> dict:
-        """JSON-ready form (what is stored)."""
+        """JSON-ready form (what is stored); a fitted version's has no rescale fields."""
+        rescaled = ({"strength": self.strength, "rescaled_from": self.rescaled_from}
+                    if self.rescaled_from is not None else {})
         return _document(model=self.model, number=self.number, parent=self.parent, kind=self.kind, spec=self.spec,
                          blobs={k: b.to_dict() for k, b in sorted(self.blobs.items())}, metrics=self.metrics,
-                         author=self.author, created_at=self.created_at, request_id=self.request_id,
+                         author=self.author, created_at=self.created_at, request_id=self.request_id, **rescaled,
                          **({"adapter": self.adapter} if self.adapter is not None else {}))
 
     @_parser("version manifest")
@@ -305,7 +323,9 @@ class Version:
                    kind=kind, spec=dict(d["spec"]), blobs={k: BlobRef.from_dict(v) for k, v in d["blobs"].items()},
                    metrics=dict(d.get("metrics") or {}), author=str(d["author"]),
                    created_at=parse_time(d["created_at"]), request_id=d.get("request_id"),
-                   adapter=dict(d["adapter"]) if d.get("adapter") is not None else None)
+                   adapter=dict(d["adapter"]) if d.get("adapter") is not None else None,
+                   strength=None if d.get("strength") is None else float(d["strength"]),
+                   rescaled_from=None if d.get("rescaled_from") is None else int(d["rescaled_from"]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 - ``Registry(store)`` / ``Registry.open(uri)``: the registry over one store.
 - Models: ``import_model``, ``get_model``, ``list_models``, ``delete_model``.
-- Versions: ``create_version`` (an edit: parent + low-rank delta blob), ``get_version``,
+- Versions: ``create_version`` (an edit: parent + low-rank delta blob), ``rescale_version`` (an
+  edit's delta blob at another strength, shared, not copied), ``get_version``,
   ``get_lineage``, ``list_versions``, ``delete_version``, ``find_version_by_request_id``,
   ``resolve("faces" | "faces/3" | "faces@production")``.
 - Aliases: ``set_alias`` (compare-and-set on the expected version or an etag), ``get_alias``,

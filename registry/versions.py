@@ -1,6 +1,7 @@
 """Versions: immutable, numbered by conditional create; request ids make retries return the first result.
 
-``create_version``, ``get_version``, ``get_lineage``, ``list_versions``, ``delete_version``,
+``create_version``, ``rescale_version`` (another version's delta at a new strength),
+``get_version``, ``get_lineage``, ``list_versions``, ``delete_version``,
 ``find_version_by_request_id``; ``Versions`` is one of the resources ``Registry`` composes over
 the shared ``Documents`` (the module docstring of ``registry.registry`` tells why the steps are
 ordered as they are).
@@ -61,21 +62,62 @@ class Versions(Documents):
         metrics = check_json_object(metrics, "metrics")
         adapter = check_json_object(adapter, "adapter") if adapter is not None else None
         request_id = check_request_id(request_id)
-        if request_id is not None:
-            earlier = self._requested(model, request_id)
-            if earlier:
-                prior = self._same_request(earlier[0], "edit", parent)
-                for duplicate in earlier[1:]:  # twins killed before they withdrew theirs
-                    self._withdraw_duplicate(model, duplicate, prior.number, request_id)
-                return self._record_request(model, request_id, prior)
+        prior = self._earlier(model, request_id, parent)
+        if prior is not None:
+            return prior
         self.get_version(model, parent)
         ref = self.store.put_blob(delta)
+        return self._publish_edit(model, parent, request_id, lambda n: Version(
+            model, n, parent, "edit", spec, {"delta": ref}, metrics, str(author), utc_now(), request_id,
+            adapter=adapter))
+
+    def rescale_version(
+        self,
+        model: str,
+        source: int,                    # the edited version whose delta the new one applies
+        *,
+        strength: float,                # the new version's strength (the domain checks its bounds)
+        description: str | None = None,  # the new spec's description; None: the source's
+        author: str = "anonymous",
+        request_id: str | None = None,  # a retry with the same id returns the first result
+    ) -> Version:
+        """An edit that applies ``source``'s delta blob at ``strength``: no new blob, no fit.
+
+        Its parent is the source's parent; it records the source (``rescaled_from``), the
+        strength, and the source's spec and strength curve (its other metrics were measured at
+        the source's strength). INVALID_ARGUMENT (``strength``) for an import, which has no edit.
+        """
+        model = check_model_name(model)
+        src = self.get_version(model, check_version(source, "name"))
+        if src.kind != "edit":
+            raise errors.invalid(Reason.INVALID_ARGUMENT, "strength",
+                                 f"{src.name} is an import: it has no edit to give a strength")
+        request_id = check_request_id(request_id)
+        spec = dict(src.spec, strength=float(strength))
+        if description is not None:
+            spec["description"] = str(description)
+        spec = check_json_object(spec, "spec")
+        metrics = {k: v for k, v in src.metrics.items() if k == "strength_curve"}
+        prior = self._earlier(model, request_id, src.parent)
+        if prior is not None:
+            return prior
+        return self._publish_edit(model, src.parent, request_id, lambda n: Version(
+            model, n, src.parent, "edit", spec, dict(src.blobs), metrics, str(author), utc_now(), request_id,
+            strength=float(strength), rescaled_from=src.number))
+
+    def _earlier(self, model: str, request_id: str | None, parent: int) -> Version | None:
+        """The edit an earlier attempt with ``request_id`` created (its twins withdrawn), or None."""
+        earlier = self._requested(model, request_id) if request_id is not None else []
+        if not earlier:
+            return None
+        prior = self._same_request(earlier[0], "edit", parent)
+        for duplicate in earlier[1:]:  # twins killed before they withdrew theirs
+            self._withdraw_duplicate(model, duplicate, prior.number, request_id)
+        return self._record_request(model, request_id, prior)
+
+    def _publish_edit(self, model: str, parent: int, request_id: str | None, make: Callable[[int], Version]) -> Version:
+        """Allocate a number for the edit ``make(n)`` builds, publish it and settle its request id."""
         floor = self._claim_request(model, request_id)
-
-        def make(n: int) -> Version:
-            return Version(model, n, parent, "edit", spec, {"delta": ref}, metrics, str(author), utc_now(), request_id,
-                           adapter)
-
         version = self._allocate(model, make, parent)
         self._undo_if_deleting(model, version, parent)
         log.info(
@@ -85,7 +127,8 @@ class Versions(Documents):
                 "model": model,
                 "version": version.number,
                 "parent": parent,
-                "size": ref.size,
+                "size": version.stored_bytes,
+                "rescaled_from": version.rescaled_from,
             },
         )
         return self._settle_request(model, request_id, version, floor)

@@ -4,17 +4,21 @@
 time with their aliases and newest version (``ModelSummary``), versions with their lineages
 (``VersionSummary``), aliases and their history, and the two deletions. Names are checked and
 errors raised by the registry, as for every other call.
+
+It also makes the one version that needs no engine work: ``rescale`` (an edited version's own
+edit at another strength, its delta blob shared, no fit).
 """
 
 from __future__ import annotations
 
-from rulewright.registry.manifests import AliasEntry, AliasState, Page
-from rulewright.service.domain.requests import ModelSummary, VersionSummary
+from rulewright.registry.manifests import AliasEntry, AliasState, Page, Version
+from rulewright.service.domain.requests import ModelSummary, RescaleRequest, VersionSummary
+from rulewright.service.engine.errors import InvalidArgument
 
 
 class Catalog:
-    """Listings, lookups and deletions of models, versions and aliases; needs ``self.registry`` and
-    the ``Domain``'s ``describe_model`` and ``lineages``."""
+    """Listings, lookups and deletions of models, versions and aliases, and rescales; needs
+    ``self.registry`` and the ``Domain``'s ``resolve``, ``describe_model`` and ``lineages``."""
 
     @property
     def store(self):
@@ -56,3 +60,19 @@ class Catalog:
     def alias_history(self, model: str, alias: str, page_size: int = 0, page_token: str = "") -> Page[AliasEntry]:
         """Every move of ``alias``, oldest first, a page at a time."""
         return self.registry.alias_history(model, alias, page_size, page_token)
+
+    def rescale(self, request: RescaleRequest) -> Version:
+        """A new version with ``request.model``'s own edit at ``request.strength``, in constant time.
+
+        The new version applies the source's delta blob (no copy, no fit) at the new strength;
+        its parent is the source's parent and it records the source (``rescaled_from``). The
+        strength is checked before anything is read; an import (no edit) is INVALID_ARGUMENT
+        naming ``strength``.
+        """
+        request.check()
+        source = self.resolve(request.model)
+        if source.kind != "edit":
+            raise InvalidArgument("strength", f"{source.name} is an import: it has no edit to give a strength")
+        return self.registry.rescale_version(source.model, source.number, strength=float(request.strength),
+                                             description=request.description, author=request.author,
+                                             request_id=request.request_id)

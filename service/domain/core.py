@@ -31,7 +31,7 @@
 
 Every result carries the resolved ``Version``, so responses can echo it. Images of a version
 (Sample, OIP, the editor, rewrite previews) always come from the factored path, so the same
-(version, seed, truncation) gives the same bytes everywhere. Hooked work (unit interventions,
+(version, seed, truncation, strength) gives the same bytes everywhere. Hooked work (interventions,
 dissection, rewrites, search, statistics) runs on a private dense module (``hookable``), so its
 hooks never reach the samples other requests draw meanwhile.
 """
@@ -287,7 +287,7 @@ class Domain(Catalog, Adapters):
         """
         request.check(self.limits)
         progress = progress or Progress()
-        res = self._resident_for(request.model)
+        res = self._resident_for(request.model).at(request.strength)    # its own edit at the request's strength
         version, model = res.version, res.model
         check_images(self.limits, request.count, request.count_field, model.resolution)
         self._truncation(model, request.truncation)
@@ -308,7 +308,7 @@ class Domain(Catalog, Adapters):
                 self._observe_batch(chunk.shape[0])
                 parts.append(res.render(chunk, truncation, batch_size=self.max_batch))
             images = torch.cat(parts)
-        return SampleResult(version, to_uint8(images))
+        return SampleResult(version, to_uint8(images), res.strength)
 
     def list_layers(self, ref: str) -> LayersResult:
         """A version's rewritable layers, its default layer and the shape of its images and latents."""

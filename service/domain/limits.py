@@ -7,6 +7,8 @@
 - ``check_count(n, limit, field, what, setting)``: a count against one cap.
 - ``check_images(limits, n, field, resolution)``: a count of images, and the size of the reply
   they make (raw RGB8, the larger encoding) against the message limit.
+- ``check_strength(value, field)``: an edit's strength within the engine's bounds (a request's
+  strength of a version's own edit, a rescale's).
 - ``check_samples``, ``check_search_spec``: a statistic's samples, an edit's target search.
 - ``check_mask_pixels``: a mask's declared size, before it is decoded (the transports call it
   for their own messages' masks); ``check_region_json``: one JSON region's mask.
@@ -25,7 +27,7 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from rulewright.service.engine.edit import REGION_LISTS, EditDraft
+from rulewright.service.engine.edit import REGION_LISTS, STRENGTH_BOUNDS, EditDraft
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.engine.regions import mask_size
 
@@ -75,6 +77,14 @@ def check_images(limits: Limits, n: int, field: str, resolution: int | None = No
             raise InvalidArgument(field, f"{n:,} images of {resolution}x{resolution} make a reply of about "
                                   f"{size / 2**20:.0f} MiB, over the message limit of "
                                   f"{limits.max_message_bytes / 2**20:.0f} MiB (server setting max_message_mb)")
+
+
+def check_strength(value: Any, field: str = "strength") -> float:
+    """A strength within the bounds an edit spec's strength has (NaN and non-numbers refused)."""
+    lo, hi = STRENGTH_BOUNDS
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise InvalidArgument(field, f"must be a number from {lo:g} to {hi:g}, got {value!r}")
+    return float(value)
 
 
 def check_samples(limits: Limits, samples: int, field: str, jobs: bool = True) -> None:

@@ -11,6 +11,7 @@ any work, and ``Domain`` calls it first):
   (its regions decoded), or the JSON form (``examples/edits/*.json``), parsed by ``typed``.
 - ``VersionRef``: a version by model and number, for a transport that holds them apart.
 - ``AliasRequest``: move (or unset) an alias under a compare-and-set expectation.
+- ``RescaleRequest``: a version's own edit at another strength, as a new version (no fit).
 
 Results: ``ModelSummary``, ``SampleResult``, ``LayersResult``, ``SearchResult``, ``DissectResult``,
 ``StatisticResult``, ``RewriteResult``, ``VersionSummary``. Each carries the resolved ``Version`` (so answers can
@@ -46,7 +47,8 @@ from rulewright.service.engine.regions import decode_pixels  # noqa: F401
 from rulewright.service.engine.sampling import png_bytes  # noqa: F401
 from rulewright.service.engine.search import Match
 from rulewright.service.engine.stats import Stat
-from rulewright.service.domain.limits import Limits, check_count, check_draft, check_images, check_samples, parse_spec
+from rulewright.service.domain.limits import (Limits, check_count, check_draft, check_images, check_samples,
+                                              check_strength, parse_spec)
 from rulewright.service.domain.statistics import KEY_MOMENT, VALUE_QUANTILE
 
 MAX_SEED = 2**63 - 1
@@ -106,6 +108,7 @@ class SampleRequest:
     truncation: float = 1.0
     layer: str | None = None                     # where interventions act (None: the default layer)
     interventions: Sequence[Intervention] = ()
+    strength: float | None = None                # the version's own edit at this strength (None: its own)
 
     @property
     def count_field(self) -> str:
@@ -118,13 +121,16 @@ class SampleRequest:
         return len(self.seeds or ()) if self.latents is None else int(self.latents.shape[0])
 
     def check(self, limits: Limits) -> None:
-        """Exactly one of seeds and latents, at most ``max_images`` of them; truncation in [0, 1]."""
+        """Exactly one of seeds and latents, at most ``max_images`` of them; truncation in [0, 1];
+        a strength within an edit's bounds."""
         if (self.seeds is None) == (self.latents is None):
             raise InvalidArgument("seeds", "give exactly one of seeds or latents")
         check_images(limits, self.count, self.count_field)
         if self.seeds is not None:
             _seeds(self.seeds, "seeds")
         _unit_interval(self.truncation, "truncation", closed=True)
+        if self.strength is not None:
+            check_strength(self.strength)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +279,21 @@ class AliasRequest:
             raise InvalidArgument("version", f"must be 0 (unset) or a version number, got {self.version!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RescaleRequest:
+    """A new version applying ``model``'s own edit at ``strength``: its delta shared, no fit."""
+
+    model: str | VersionRef                      # the edited version: faces/3, faces@production
+    strength: float
+    description: str | None = None               # None: the source's
+    author: str = "anonymous"
+    request_id: str | None = None                # a retry with it returns the first result
+
+    def check(self, limits: Limits | None = None) -> None:
+        """A strength within an edit's bounds."""
+        check_strength(self.strength)
+
+
 # ---- results ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -294,10 +315,12 @@ class VersionSummary:
 
 @dataclasses.dataclass
 class SampleResult:
-    """Images of one version: (N, H, W, 3) uint8, in the order asked."""
+    """Images of one version: (N, H, W, 3) uint8, in the order asked, and the strength of its own
+    edit they were drawn at (None for an import)."""
 
     version: Version
     images: torch.Tensor
+    strength: float | None = None
 
 
 @dataclasses.dataclass

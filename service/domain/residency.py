@@ -5,7 +5,8 @@
   ``max_resident`` versions or ``budget_bytes``; ``peek``, ``versions()`` and ``nbytes()``.
 - ``Resident``: one version: ``model`` (its base's generator, shared by every version of that
   base), ``change`` (the low-rank deltas along its lineage; empty for the import itself),
-  ``render`` (its images, through the factored path) and ``hookable`` (a private dense module).
+  ``render`` (its images, through the factored path), ``hookable`` (a private dense module), and
+  ``at(strength)``: the same version with its own edit at another strength (per request).
 - ``Base``: an import's generator on the device, held while any resident version uses it.
 
 What is held, and what the budget counts: each base's tensors once, plus each resident version's
@@ -36,7 +37,8 @@ from rulewright.registry.manifests import Version
 from rulewright.registry.registry import Registry
 
 from rulewright.service.engine import factored
-from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict
+from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict, with_strength
+from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.engine.factored import Change
 from rulewright.service.engine.generators.base import Generator
 from rulewright.service.engine.loading import ARCHITECTURES
@@ -71,9 +73,32 @@ class Resident:
     version: Version
     base: Base
     lineage: tuple[tuple[LowRankDelta, ...], ...] = ()   # each edit's deltas, from the import down
+    own: tuple[LowRankDelta, ...] = ()   # this version's own deltas, zero strength included (what ``at`` scales)
 
     def __post_init__(self):
         self.change = Change.of([d for deltas in self.lineage for d in deltas])
+
+    @property
+    def strength(self) -> float | None:
+        """The strength of this version's own edit (its deltas' scale); None for an import."""
+        if self.version.kind != "edit":
+            return None
+        return float(self.own[0].scale) if self.own else self.version.edit_strength
+
+    def at(self, strength: float | None) -> "Resident":
+        """This version with its own edit at ``strength`` (None: as stored); earlier edits of its
+        lineage keep theirs. The same factors, shared: the same pixels as a version rescaled to it.
+
+        INVALID_ARGUMENT (``strength``) for an import, which has no edit to scale.
+        """
+        if strength is None:
+            return self
+        if self.version.kind != "edit":
+            raise InvalidArgument("strength", f"{self.version.name} is an import: it has no edit to give a strength")
+        if all(d.scale == strength for d in self.own):
+            return self                   # its own strength: its own change, bit for bit
+        own = tuple(with_strength(self.own, strength))
+        return Resident(self.version, self.base, self.lineage[:-1] + (tuple(d for d in own if not d.is_zero),), own)
 
     @property
     def model(self) -> Generator:
@@ -214,9 +239,11 @@ class Residency:
             base, lineage = self._base(current), ()
         else:
             base, lineage = start.base, start.lineage
+        own: tuple[LowRankDelta, ...] = ()
         for edit in reversed(below):
-            lineage += (self._deltas(base, edit),)
-        return Resident(version, base, lineage)
+            own = self._deltas(base, edit)
+            lineage += (tuple(d for d in own if not d.is_zero),)   # strength 0: no change, as materializing skips it
+        return Resident(version, base, lineage, own)
 
     def _parent(self, version: Version, child: Version, seen: set[int]) -> Version:
         if child.parent is None or child.parent in seen:
@@ -240,12 +267,10 @@ class Residency:
         return Base((root.model, root.number), model, sum(_storages(model.state_dict().values()).values()))
 
     def _deltas(self, base: Base, edit: Version) -> tuple[LowRankDelta, ...]:
-        """An edit's non-zero deltas on the device, checked against the base's weights."""
+        """An edit's deltas on the device, checked against the base's weights."""
         shapes = base.shapes
         out = []
         for d in read_deltas(self.registry, edit):
-            if d.is_zero:
-                continue        # strength 0: no change, as materializing skips it
             if d.weight_key not in shapes:
                 raise delta_misfit(edit, KeyError(f"delta edits {d.weight_key!r}, which the weights lack"))
             if shapes[d.weight_key] != d.weight_shape:

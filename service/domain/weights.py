@@ -1,7 +1,7 @@
 """Read a version's weights from the registry (base + the deltas along its lineage) and export them.
 
 - ``base_weights(registry, root)``: an import's state dict (CPU tensors).
-- ``read_deltas(registry, version)``: an edit version's low-rank deltas, as stored.
+- ``read_deltas(registry, version)``: an edit version's low-rank deltas (a rescaled one's at its strength).
 - ``materialize(registry, model, number)``: the version's dense state dict (CPU tensors).
 - ``export_bytes`` / ``export_to_file`` / ``iter_export``: one safetensors file with the
   version's identity in its metadata; ``load_generator`` reads it back.
@@ -27,7 +27,7 @@ from rulewright.registry.errors import Reason
 from rulewright.registry.manifests import Version
 from rulewright.registry.registry import Registry
 
-from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict, from_bytes
+from rulewright.service.engine.delta import LowRankDelta, apply_to_state_dict, from_bytes, with_strength
 
 
 StateDict = dict[str, torch.Tensor]
@@ -47,14 +47,16 @@ def base_weights(registry: Registry, root: Version) -> StateDict:
 
 
 def read_deltas(registry: Registry, version: Version) -> list[LowRankDelta]:
-    """The low-rank deltas an edit version stored (DATA_LOSS if the blob is unreadable)."""
+    """The low-rank deltas an edit version applies: as stored, at its own strength if it was
+    rescaled (DATA_LOSS if the blob is unreadable)."""
     sha = version.blobs["delta"].sha256
     try:
-        return from_bytes(registry.store.get_blob(sha))
+        deltas = from_bytes(registry.store.get_blob(sha))
     except ValueError as exc:
         raise errors.DataLoss(
             Reason.BLOB_CORRUPT, f"delta of {version.name} is unreadable: {exc}", sha256=sha
         ) from None
+    return deltas if version.strength is None else with_strength(deltas, version.strength)
 
 
 def delta_misfit(version: Version, exc: Exception) -> errors.DataLoss:

@@ -36,6 +36,7 @@ METHODS = ("multilayer", "single")
 SOLVERS = ("adam", "closed_form")
 FACTORS = ("free", "context")
 QUALITIES = ("draft", "final")
+STRENGTH_BOUNDS = (-10.0, 10.0)   # an edit's strength, in a spec or per request
 
 # Defaults chosen from `python -m benchmarks.edit_quality --pareto` on the faces model
 # (docs/editing.md). None means "the method's default" (METHOD_DEFAULTS), filled in by from_json.
@@ -251,7 +252,7 @@ def _check_layers(s: dict, layer: str, model: Generator):
 
 def _check_bounds(s: dict, info, model: Generator) -> None:
     """Every number of the settings within its bounds (the erase units and the solver against ``info``)."""
-    _number(s, "strength", float, -10.0, 10.0, "strength")
+    _number(s, "strength", float, *STRENGTH_BOUNDS, "strength")
     _number(s["search"], "targets", int, 0, 256, "search.targets")
     _number(s["search"], "candidates", int, 1, 100_000, "search.candidates")
     _number(s["search"], "seed_start", int, 0, 2**62, "search.seed_start")

@@ -2,7 +2,7 @@
 
 - Roles, weakest first: ``reader`` (ListLayers, Sample, Dissect, SearchContext; registry List*,
   Get*, ExportVersion, ExportAdapter, ListAliasHistory), ``editor`` (+ Rewrite, ComputeStatistics,
-  ImportAdapter), ``admin``
+  ImportAdapter, RescaleVersion), ``admin``
   (+ ImportModel, DeleteModel, DeleteVersion, SetAlias, RollbackAlias). The Open Inference
   Protocol's ModelReady, ServerMetadata, ModelMetadata and ModelInfer need a reader. ``grpc.health.v1``,
   reflection and OIP ServerLive and ServerReady (the OIP's health probes, which say no more than
@@ -53,6 +53,7 @@ METHOD_ROLES: dict[str, str] = {
     **{_GEN + m: "editor" for m in ("Rewrite", "ComputeStatistics")},
     **{_REG + m: "reader" for m in ("ListModels", "GetModel", "ListVersions", "GetVersion", "ExportVersion",
                                     "ListAliasHistory")},
+    _REG + "RescaleVersion": "editor",      # makes a version, as Rewrite does (no fit)
     **{_REG + m: "admin" for m in ("ImportModel", "DeleteModel", "DeleteVersion", "SetAlias",
                                    "RollbackAlias")},
     _REG + "ExportAdapter": "reader",

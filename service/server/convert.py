@@ -135,8 +135,8 @@ def version_pbs(versions, chains: list[list[int]]) -> list[resources_pb2.Version
             name=version_name(v), number=v.number, parent_version=v.parent or 0, kind=kind, **origin,
             metrics=_struct(v.metrics), author=v.author, create_time=_time(v.created_at),
             blobs=[resources_pb2.Blob(role=r, sha256=b.sha256, size_bytes=b.size) for r, b in sorted(v.blobs.items())],
-            lineage=chain, request_id=v.request_id or "",
-            adapter=_adapter_pb(getattr(v, "adapter", None))))
+            lineage=chain, request_id=v.request_id or "", strength=v.edit_strength,
+            rescaled_from=v.rescaled_from or 0, adapter=_adapter_pb(getattr(v, "adapter", None))))
     return out
 
 
@@ -251,7 +251,8 @@ def sample_request(request: gen.SampleRequest, limits) -> SampleRequest:
     z = latents_tensor(request.latents) if request.HasField("latents") else None
     layer, units = interventions(request.interventions)
     return SampleRequest(request.model, seeds=list(request.seeds) or None, latents=z,
-                         truncation=_opt(request, "truncation", 1.0), layer=layer, interventions=units)
+                         truncation=_opt(request, "truncation", 1.0), layer=layer, interventions=units,
+                         strength=request.strength if request.HasField("strength") else None)
 
 
 def images_pb(images: torch.Tensor, fmt: int, seeds: Sequence[int] | None = None) -> list[images_pb2.Image]:

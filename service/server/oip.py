@@ -17,7 +17,8 @@ over the domain layer, served on the same port as GeneratorService and RegistryS
   tritonclient sends); the ``image`` output always in ``raw_output_contents``. The pixels are
   ``Sample``'s for the same version, seeds or latents and truncation: both go through
   ``Domain.sample`` (dynamic batching included) and the same latent conversion. Request
-  ``parameters`` go to ``oip_model.sample_options`` (unknown ones ignored); input and output
+  ``parameters`` go to ``oip_model.sample_options`` (``strength``, a number: Sample's ``strength``, the version's own edit at that strength, echoed in the
+  response's parameters; unknown ones ignored); input and output
   ``parameters`` are tolerated and ignored.
 
 The checks, the sampling call and the metadata are ``oip_model``'s, shared with the KServe v2
@@ -167,4 +168,5 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ModelInferResponse(
             model_name=version.model, model_version=str(version.number), id=request.id,
             outputs=[oip.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="UINT8", shape=pixels.shape)],
-            raw_output_contents=[pixels.tobytes()])
+            raw_output_contents=[pixels.tobytes()], parameters=(
+                {"strength": oip.InferParameter(double_param=result.strength)} if result.strength is not None else {}))

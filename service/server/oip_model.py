@@ -143,8 +143,17 @@ def _truncation(i: int, values: np.ndarray) -> float:
 def sample_options(parameters: Mapping[str, Any]) -> dict[str, Any]:
     """``SampleRequest`` fields from the request's parameters (name → bool, int, float or str, as
     either transport decoded them). A parameter the service reads is added here, once for both
-    transports; any other (tritonclient's ``binary_data_output``, ``priority``, tracing keys) is ignored."""
-    return {}
+    transports; any other (tritonclient's ``binary_data_output``, ``priority``, tracing keys) is ignored.
+
+    ``strength``: the version's own edit at that strength (Sample's ``strength``); its bounds are
+    the domain's to check."""
+    options: dict[str, Any] = {}
+    if "strength" in parameters:
+        value = parameters["strength"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument("parameters.strength", f"must be a number, got {value!r}")
+        options["strength"] = float(value)
+    return options
 
 
 def infer(domain, inputs: dict[str, tuple[int, np.ndarray]], parameters: Mapping[str, Any],
@@ -161,7 +170,7 @@ def infer(domain, inputs: dict[str, tuple[int, np.ndarray]], parameters: Mapping
     z = _latents(*inputs["z"], domain.list_layers(ref).z_dim) if "z" in inputs else None
     truncation = _truncation(*inputs["truncation"]) if "truncation" in inputs else 1.0
     count = f"inputs[{inputs['seed' if seeds else 'z'][0]}].shape"
-    names = {"seeds": count, "latents.count": count}
+    names = {"seeds": count, "latents.count": count, "strength": "parameters.strength"}
     if "truncation" in inputs:
         names["truncation"] = f"inputs[{inputs['truncation'][0]}]"
     request = SampleRequest(ref, seeds=seeds, latents=z, truncation=truncation, **sample_options(parameters))

@@ -5,7 +5,7 @@
   through its event log; the client's cancellation or deadline stops it).
 - ``RegistryServicer``: ListModels, GetModel, ImportModel (client streaming, at most
   ``max_import_bytes``), DeleteModel, ListVersions, GetVersion, DeleteVersion, ExportVersion,
-  SetAlias, RollbackAlias, ListAliasHistory; ExportAdapter and ImportAdapter (``adapters``).
+  SetAlias, RollbackAlias, ListAliasHistory, RescaleVersion; ExportAdapter and ImportAdapter (``adapters``).
 
 Errors go through
 ``errors.rpc``; conversions live in ``convert`` (this module imports no torch, S3 or Redis).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 
-from rulewright.service.domain.requests import Progress
+from rulewright.service.domain.requests import Progress, RescaleRequest, VersionRef
 from rulewright.service.jobs.memory import Job
 from rulewright.service.jobs.protocol import FAILED, Runner
 from rulewright.v1 import generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc
@@ -82,7 +82,7 @@ class GeneratorServicer(gen_grpc.GeneratorServiceServicer):
     def Sample(self, request, context):
         fmt = convert.image_format(request.image_format)
         result = self.domain.sample(convert.sample_request(request, self.domain.limits), _stopping(context))
-        return gen.SampleResponse(version=convert.version_name(result.version),
+        return gen.SampleResponse(version=convert.version_name(result.version), strength=result.strength,
                                   images=convert.images_pb(result.images, fmt, list(request.seeds)))
 
     @rpc()
@@ -193,6 +193,14 @@ class RegistryServicer(AdapterRpcs, reg_grpc.RegistryServiceServicer):
         model, alias = convert.parse_alias(request.name)
         return convert.alias_pb(self.domain.rollback_alias(model, alias, etag=request.etag, reason=request.reason,
                                                            author=current_principal()))
+
+    @rpc(fields=NAME_FIELDS)
+    def RescaleVersion(self, request, context):
+        ref = (VersionRef(*convert.parse_version(request.name)) if request.name.startswith("models/")
+               else request.name)
+        version = self.domain.rescale(RescaleRequest(ref, request.strength, request.description or None,
+                                                     current_principal(), request.request_id or None))
+        return self._version_pb(version)
 
     @rpc(fields={"model": "parent", "alias": "parent"})
     def ListAliasHistory(self, request, context):

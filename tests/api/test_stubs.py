@@ -34,6 +34,7 @@ REGISTRY_RPCS = {
     "ListAliasHistory": (False, False),
     "ExportAdapter": (False, True),
     "ImportAdapter": (True, False),
+    "RescaleVersion": (False, False),
 }
 
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import datetime
-from types import SimpleNamespace
-
+from rulewright.registry.manifests import Version
 from rulewright.service.domain.core import lineages
 from rulewright.service.server import convert
 
 
 def _v(number: int, parent: int | None):
-    return SimpleNamespace(model="m", number=number, parent=parent, kind="import" if parent is None else "edit",
-                           spec={}, metrics={}, author="a", created_at=datetime.datetime(2026, 1, 1,
-                                                                                         tzinfo=datetime.timezone.utc),
-                           blobs={}, request_id=None)
+    return Version(model="m", number=number, parent=parent, kind="import" if parent is None else "edit",
+                   spec={}, metrics={}, author="a", created_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+                   blobs={}, request_id=None)
 
 
 class CountingRegistry:

@@ -4,6 +4,7 @@ import "./style.css";
 import { api, ApiError, enc, withToken } from "./api.js";
 import * as M from "./mask.js";
 import { curveOf, curveText, drawCurve, strengthAtX } from "./curve.js";
+import { showViewStrength, wireViewStrength } from "./strength.js";
 
 const ALBUM_SCALE = 2;      // album tiles: image pixels → CSS pixels
 const STAGE_SCALE = 6;      // the work image
@@ -50,6 +51,7 @@ const state = {
   job: null,              // {id, source, cancelUrl} of the rewrite job running
   rewriting: null,        // {cancelled} while a rewrite (draft, then final) runs
   curve: null,            // the shown version's strength curve (metrics.strength_curve)
+  viewStrength: null,     // the album and work image draw the version's own edit at this strength (null: its own)
 };
 
 // ---- messages ---------------------------------------------------------------------------------
@@ -107,9 +109,12 @@ function modelPath() {
 
 function imageUrl(seed, version = state.version, ablate = true) {
   let url = `${modelPath()}/versions/${version}/images/${seed}.png`;
+  const query = [];
   if (ablate && state.ablation && state.ablation.units.length) {
-    url += `?layer=${enc(state.ablation.layer)}&ablate=${state.ablation.units.join(",")}`;
+    query.push(`layer=${enc(state.ablation.layer)}`, `ablate=${state.ablation.units.join(",")}`);
   }
+  if (ablate && state.viewStrength !== null && version === state.version) query.push(`strength=${state.viewStrength}`);
+  if (query.length) url += `?${query.join("&")}`;
   return withToken(url);
 }
 
@@ -269,6 +274,8 @@ async function selectVersion(n) {
   })));
   sel.value = state.layers.some((l) => l.name === keep) ? keep : state.defaultLayer;
   updateRankLimit();
+  state.viewStrength = null;
+  showViewStrength(currentVersion());
   renderVersionSelect();
   renderVersions();
   renderAlbum();
@@ -561,7 +568,7 @@ function renderWork() {
     return;
   }
   const src = imageUrl(state.work, shownVersion());
-  if (!(img.getAttribute("src") || "").startsWith(src)) img.src = src;
+  if (img.dataset.src !== src) img.src = img.dataset.src = src;    // not again while a retry of it loads
   const roles = [];
   if (state.copy && state.copy.seed === state.work) roles.push("copy source");
   if (state.paste.some((p) => p.seed === state.work)) roles.push("paste target");
@@ -1287,6 +1294,7 @@ function wire() {
   retryOnError($("work-image"));
   $("model-select").addEventListener("change", (e) => act("Opening the model", () => selectModel(e.target.value)));
   $("version-select").addEventListener("change", (e) => act("Opening the version", () => selectVersion(Number(e.target.value))));
+  wireViewStrength((strength) => { state.viewStrength = strength; renderAlbum(); renderWork(); });
   $("layer-select").addEventListener("change", () => { updateRankLimit(); invalidateMatches(); });
   $("album-start").addEventListener("change", (e) => {
     state.albumStart = Math.max(0, Math.floor(Number(e.target.value) || 0));

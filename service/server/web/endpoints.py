@@ -134,11 +134,14 @@ def layers(call: Call, model: str, version: str) -> Response:
 
 
 def image(call: Call, model: str, version: str, seed: str) -> Response:
-    """``GET .../images/{seed}.png``: the PNG gRPC Sample returns (``?ablate=``: units zeroed)."""
+    """``GET .../images/{seed}.png``: the PNG gRPC Sample returns (``?ablate=``: units zeroed;
+    ``?strength=``: the version's own edit at that strength, echoed in ``X-Rulewright-Strength``)."""
     request = schemas.sample_request(model, version, seed, call.query)
     with renamed(schemas.ABLATE_FIELDS):
         result = call.domain.sample(request)
-    return call.send(200, "image/png", png(result.images)[0], {"Cache-Control": "private, max-age=31536000, immutable"})
+    strength = {} if result.strength is None else {"X-Rulewright-Strength": repr(result.strength)}
+    return call.send(200, "image/png", png(result.images)[0],
+                     {"Cache-Control": "private, max-age=31536000, immutable", **strength})
 
 
 def render(call: Call, key: str) -> Response:

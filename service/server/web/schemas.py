@@ -165,7 +165,8 @@ def path_version(model: str, version: str) -> str:
 
 
 def sample_request(model: str, version: str, seed: str, query: dict[str, list[str]]) -> SampleRequest:
-    """``GET .../images/{seed}.png?layer=&ablate=u,v``: one image, units zeroed if asked."""
+    """``GET .../images/{seed}.png?layer=&ablate=u,v&strength=s``: one image, units zeroed and the
+    version's own edit at another strength if asked."""
     ref = path_version(model, version)
     if not seed.isdigit() or int(seed) > MAX_INT64:
         raise InvalidArgument("seed", f"must be an integer in [0, 2**63), got {seed!r}")
@@ -177,7 +178,19 @@ def sample_request(model: str, version: str, seed: str, query: dict[str, list[st
             interventions = [Intervention(units=[int(u) for u in ablate.split(",")])]
         except ValueError:
             raise InvalidArgument("ablate", f"must be unit numbers separated by commas, got {ablate!r}") from None
-    return SampleRequest(ref, seeds=[int(seed)], layer=layer, interventions=interventions)
+    return SampleRequest(ref, seeds=[int(seed)], layer=layer, interventions=interventions,
+                         strength=_query_number(query, "strength"))
+
+
+def _query_number(query: dict[str, list[str]], name: str) -> float | None:
+    """A number in the query (None if absent); its bounds are the domain's to check."""
+    raw = (query.get(name) or [""])[-1]
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidArgument(name, f"must be a number, got {raw!r}") from None
 
 
 # ---- bodies ----------------------------------------------------------------------------------

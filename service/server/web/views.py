@@ -33,10 +33,11 @@ def alias(state, history: Sequence) -> dict:
 
 
 def version(found: VersionSummary) -> dict:
-    """A version with its lineage, spec and metrics."""
+    """A version with its lineage, spec, metrics and its own edit's strength (None for an import)."""
     v = found.version
     return {"number": v.number, "parent": v.parent, "lineage": found.lineage, "kind": v.kind, "author": v.author,
-            "created": _time(v.created_at), "spec": v.spec or {}, "metrics": _json_metrics(v.metrics or {})}
+            "created": _time(v.created_at), "spec": v.spec or {}, "metrics": _json_metrics(v.metrics or {}),
+            "strength": v.edit_strength, "rescaled_from": v.rescaled_from}
 
 
 def layers(result: LayersResult) -> dict:

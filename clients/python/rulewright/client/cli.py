@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 from tqdm import tqdm
 
 from rulewright.client.cli_adapter import add_adapter_parsers
+from rulewright.client.cli_strength import add_strength_commands
 from rulewright.client.client import Client
 from rulewright.client.errors import RulewrightError
 from rulewright.client.images import draw_boxes, grid, heatmap_overlay
@@ -499,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=2, help="enlargement of the grid (nearest neighbour)")
     p.add_argument("--truncation", type=float, help="truncation toward the mean latent, 0 to 1 (StyleGAN2 only)")
     p.set_defaults(run=cmd_sample)
+    add_strength_commands(add, p)           # sample --strength, rescale
 
     p = add("dissect", "rank a layer's units against regions; optionally write their heatmaps")
     p.add_argument("model", help="model reference: faces, faces@production or faces/3")

@@ -34,6 +34,7 @@ from rulewright.v1 import registry_service_pb2 as reg, registry_service_pb2_grpc
 
 from rulewright.client.adapters import AdapterCalls
 from rulewright.client.errors import RulewrightError, from_rpc_error
+from rulewright.client.rescale import Rescaling
 from rulewright.client.spec import edit_spec_pb, region_pb
 from rulewright.client.transfer import receive_file
 from rulewright.client.types import (Alias, AliasMove, ContextSearch, DatasetJob, StatisticsJob, Dissection, Export, Import, Layers, Model, Preview,
@@ -69,7 +70,7 @@ def _model_name(model: str) -> str:
     return model.split("@", 1)[0].split("/", 1)[0]
 
 
-class Client(AdapterCalls):
+class Client(AdapterCalls, Rescaling):
     """A connection to a rulewright server.
 
     Args:
@@ -190,13 +191,14 @@ class Client(AdapterCalls):
                                           timeout))
 
     def sample(self, model: str, seeds: Iterable[int] = (), *, latents: np.ndarray | None = None,
-               truncation: float | None = None, format: str = "png",
+               truncation: float | None = None, format: str = "png", strength: float | None = None,
                timeout: float | None = None) -> list[SampledImage]:
         """Render ``seeds`` (or raw ``latents``, an array (n, z_dim)) with ``model``.
 
         ``format`` is ``"png"`` (the server's PNG bytes) or ``"raw"`` (8-bit RGB, cheapest);
         either way each ``SampledImage`` offers ``.image`` (PIL), ``.array`` (numpy) and
-        ``.png``. The images come in request order, each with the resolved version.
+        ``.png``. The images come in request order, each with the resolved version and the
+        ``strength`` of its own edit (``strength``: another than the version's own; no fit).
         """
         if format not in ("png", "raw"):
             raise ValueError(f"format must be 'png' or 'raw', got {format!r}")
@@ -207,8 +209,11 @@ class Client(AdapterCalls):
             request.latents.CopyFrom(gen.Latents(count=z.shape[0], dim=z.shape[1], values=z.ravel().tolist()))
         if truncation is not None:
             request.truncation = truncation
+        if strength is not None:
+            request.strength = strength
         resp = self._unary("Sample", self._gen.Sample, request, timeout)
-        return SampledImages(SampledImage.from_pb(im, resp.version) for im in resp.images)
+        used = resp.strength if resp.HasField("strength") else None
+        return SampledImages(SampledImage.from_pb(im, resp.version, used) for im in resp.images)
 
     def dissect(self, model: str, regions: Sequence[RegionLike], *, layer: str = "", top: int = 10,
                 rank_by: str = "iou", include_maps: bool = False, quantile: float | None = None,

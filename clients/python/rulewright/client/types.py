@@ -52,13 +52,14 @@ class SampledImage:
     height: int
     format: str
     data: bytes = field(repr=False)
+    strength: float | None = None     # the strength of the version's own edit it was drawn at (None: an import)
 
     @classmethod
-    def from_pb(cls, im: images_pb2.Image, version: str) -> "SampledImage":
+    def from_pb(cls, im: images_pb2.Image, version: str, strength: float | None = None) -> "SampledImage":
         """From the API's Image."""
         fmt = "raw" if im.format == images_pb2.IMAGE_FORMAT_RAW_RGB8 else "png"
         return cls(seed=im.seed if im.HasField("seed") else None, version=version, width=im.width,
-                   height=im.height, format=fmt, data=im.data)
+                   height=im.height, format=fmt, data=im.data, strength=strength)
 
     @property
     def array(self) -> np.ndarray:
@@ -253,7 +254,8 @@ class Blob:
 @dataclass(frozen=True)
 class Version:
     """An immutable version: ``kind`` ``import`` or ``edit``, its ``parent_version`` (0 for an
-    import), the replayable ``spec``, ``metrics``, ``author``, ``lineage`` (import first)."""
+    import), the replayable ``spec``, ``metrics``, ``author``, ``lineage`` (import first), its own
+    edit's ``strength`` and ``rescaled_from`` (the source of a rescaled version; 0 otherwise)."""
 
     name: str
     model: str
@@ -268,6 +270,8 @@ class Version:
     request_id: str
     blobs: list[Blob] = field(default_factory=list)
     adapter: dict[str, Any] | None = None   # an edit imported from an adapter: where it came from
+    strength: float | None = None      # its own edit's strength; None for an import
+    rescaled_from: int = 0             # the version whose delta it applies at another strength; 0: fitted
 
     @classmethod
     def from_pb(cls, v: resources_pb2.Version) -> "Version":
@@ -278,7 +282,8 @@ class Version:
                    parent_version=v.parent_version, kind=kind, spec=spec, metrics=_struct(v.metrics),
                    author=v.author, create_time=_time(v.create_time), lineage=list(v.lineage),
                    request_id=v.request_id, blobs=[Blob(b.role, b.sha256, b.size_bytes) for b in v.blobs],
-                   adapter=_adapter(v.adapter) if v.HasField("adapter") else None)
+                   adapter=_adapter(v.adapter) if v.HasField("adapter") else None,
+                   strength=v.strength if v.HasField("strength") else None, rescaled_from=v.rescaled_from)
 
 
 def _adapter(a: resources_pb2.AdapterOrigin) -> dict[str, Any]:
