@@ -3,12 +3,16 @@
 ``Domain`` mixes this in, so no transport reaches its registry: its store, models a page at a
 time with their aliases and newest version (``ModelSummary``), versions with their lineages
 (``VersionSummary``), aliases and their history, and the two deletions. Names are checked and
-errors raised by the registry, as for every other call.
+errors raised by the registry, as for every other call. ``lineages(registry, versions)``: each
+version's lineage, every ancestor read once.
 """
 
 from __future__ import annotations
 
-from rulewright.registry.manifests import AliasEntry, AliasState, Page
+from typing import Sequence
+
+from rulewright.registry.manifests import AliasEntry, AliasState, Page, Version
+from rulewright.registry.registry import Registry
 from rulewright.service.domain.requests import ModelSummary, VersionSummary
 
 
@@ -56,3 +60,23 @@ class Catalog:
     def alias_history(self, model: str, alias: str, page_size: int = 0, page_token: str = "") -> Page[AliasEntry]:
         """Every move of ``alias``, oldest first, a page at a time."""
         return self.registry.alias_history(model, alias, page_size, page_token)
+
+
+def lineages(registry: Registry, versions: Sequence[Version]) -> list[list[int]]:
+    """The lineage (root first) of each version. Versions are immutable and name their parent, so
+    one parent map serves the whole list: only ancestors outside it are read from the store, once."""
+    parents: dict[tuple[str, int], int | None] = {(v.model, v.number): v.parent for v in versions}
+
+    def lineage(model: str, number: int) -> list[int]:
+        chain, current = [], number
+        while current is not None:
+            if current in chain:
+                return [x.number for x in registry.get_lineage(model, number)]   # let it name the damage
+            chain.append(current)
+            if (model, current) not in parents:
+                for ancestor in registry.get_lineage(model, current):
+                    parents[(model, ancestor.number)] = ancestor.parent
+            current = parents[(model, current)]
+        return chain[::-1]
+
+    return [lineage(v.model, v.number) for v in versions]
