@@ -12,9 +12,10 @@
   for their own messages' masks); ``check_region_json``: one JSON region's mask.
 - ``check_spec_regions``: an edit spec's region count, naming the list that crosses the cap.
 - ``check_spec`` (an edit spec in its JSON form, before anything in it is decoded: regions,
-  samples, search, each mask's declared size), ``parse_spec`` (checked, then parsed into an
-  ``EditDraft``), ``check_draft`` (a parsed spec); ``fields_within``: the engine's field names
-  under the request's (``spec.copy.mask``).
+  samples, search, each mask's declared size), ``parse_spec`` (its keys and types checked against
+  the API's EditSpec, so a mistyped or unknown field is named by its path, ``spec.paste[0].bbox``;
+  then the caps; then parsed into an ``EditDraft``), ``check_draft`` (a parsed spec);
+  ``fields_within``: the engine's field names under the request's (``spec.copy.mask``).
 
 Every refusal is an engine ``InvalidArgument`` whose description names the setting.
 """
@@ -25,9 +26,11 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from rulewright.service.engine.edit import REGION_LISTS, EditDraft
+from rulewright.service.domain.json_fields import check_json
+from rulewright.service.engine.edit import REGION_LISTS, EditDraft, upgrade_json
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.engine.regions import mask_size
+from rulewright.v1 import edit_pb2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +165,10 @@ def check_region_json(limits: Limits, region: Any, field: str) -> None:
 
 
 def parse_spec(limits: Limits, spec: Any, prefix: str = "spec") -> EditDraft:
-    """An edit spec's JSON form checked (``check_spec``) and then parsed, its masks decoded once."""
+    """An edit spec's JSON form checked (field types and names as the API's EditSpec has them, then
+    ``check_spec``) and then parsed, its masks decoded once."""
+    if isinstance(spec, dict):          # a first-release spec's masks read as today's first
+        check_json(edit_pb2.EditSpec.DESCRIPTOR, upgrade_json(spec), prefix)
     check_spec(limits, spec, prefix)
     with fields_within(prefix):
         return EditDraft.from_json(spec)
