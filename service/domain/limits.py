@@ -60,7 +60,9 @@ class Limits:
 
 
 def _over(field: str, what: str, limit: int, setting: str, got: int) -> InvalidArgument:
-    return InvalidArgument(field, f"at most {limit:,} {what} per request (server setting {setting}), got {got:,}")
+    # The setting and its value travel as ErrorInfo metadata too, so a client can split its request.
+    return InvalidArgument(field, f"at most {limit:,} {what} per request (server setting {setting}), got {got:,}",
+                           setting=setting, limit=limit)
 
 
 def check_count(n: int, limit: int, field: str, what: str, setting: str) -> None:
@@ -74,10 +76,12 @@ def check_images(limits: Limits, n: int, field: str, resolution: int | None = No
     check_count(n, limits.max_images, field, "images", "max_images")
     if resolution is not None:
         size = n * resolution * resolution * 3
-        if size > limits.max_message_bytes * 0.95:        # headroom for framing and other fields
+        fit = int(limits.max_message_bytes * 0.95) // (resolution * resolution * 3)  # headroom for framing
+        if n > fit:
             raise InvalidArgument(field, f"{n:,} images of {resolution}x{resolution} make a reply of about "
                                   f"{size / 2**20:.0f} MiB, over the message limit of "
-                                  f"{limits.max_message_bytes / 2**20:.0f} MiB (server setting max_message_mb)")
+                                  f"{limits.max_message_bytes / 2**20:.0f} MiB (server setting max_message_mb)",
+                                  setting="max_message_mb", limit=fit)
 
 
 def check_samples(limits: Limits, samples: int, field: str, jobs: bool = True) -> None:
