@@ -85,7 +85,8 @@ class Registry(Models, Versions, Aliases):
         self.close()
 
     def resolve(self, ref: str) -> Version:
-        """The one version a reference names: ``faces/3``, ``faces@production``, or ``faces`` (the newest)."""
+        """The one version a reference names: ``faces/3``, ``faces@production``, or ``faces`` (the newest; the
+        domain reads a bare name as its default alias before it asks)."""
         m = _REF_RE.match(ref) if isinstance(ref, str) else None
         if not m:
             raise errors.invalid(Reason.INVALID_REFERENCE, "model",

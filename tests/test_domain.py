@@ -195,3 +195,18 @@ def test_statistics_of_an_edited_version_are_named_and_computed_from_its_own_wei
     expected = key_moment(dense, "main.9", range(16)).moment()
     assert torch.allclose(at[(2, "main.9")].stat.moment(), expected, rtol=1e-6, atol=1e-9)
     assert not torch.allclose(at[(1, "main.9")].stat.moment(), expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"strength": "high"}, "spec.strength", "must be a number, got 'high'"),
+    ({"paste": [{"seed": 2, "bbox": [8, 8, 16, 16]}]}, "spec.paste[0].bbox", "unknown field"),
+    ({"stats": {"samples": 64, "seed_begin": 0}}, "spec.stats.seed_begin", "unknown field"),
+])
+def test_a_dict_specs_mistyped_or_unknown_field_is_named_by_its_path(domain, change, field, message):
+    from rulewright.service.engine.errors import InvalidArgument
+
+    for attempt in (lambda spec: domain.check_edit(spec, "tiny"),
+                    lambda spec: domain.rewrite(RewriteRequest("tiny", spec, dry_run=True))):
+        with pytest.raises(InvalidArgument) as err:
+            attempt({**SPEC, **change})
+        assert (err.value.field, err.value.description) == (field, message)

@@ -188,10 +188,12 @@ export function unary(stub, method, request, timeoutMs = DEFAULT_TIMEOUT_MS) {
 /**
  * Renders seeds.
  * @param {Client} client
- * @param {string} model model reference: `faces`, `faces@production`, `faces/3`
+ * @param {string} model model reference: `faces` (the server's default alias, `production` unless
+ *   configured otherwise), `faces@staging` (an alias) or `faces/3` (a version)
  * @param {Array<number|string|bigint>} seeds each 0 <= seed < 2^63
  * @param {{format?: 'png'|'raw'|string, truncation?: number}} [options]
- * @returns {Promise<{version: string, images: Image[]}>}
+ * @returns {Promise<{version: string, images: Image[]}>} `version`: the version the reference resolved to,
+ *   `models/{model}/versions/{n}`
  */
 export async function sample(client, model, seeds, { format = 'png', truncation } = {}) {
   const image_format =

@@ -3,7 +3,8 @@
 ``Domain`` mixes this in, so no transport reaches its registry: its store, models a page at a
 time with their aliases and newest version (``ModelSummary``), versions with their lineages
 (``VersionSummary``), aliases and their history, and the two deletions. Names are checked and
-errors raised by the registry, as for every other call.
+errors raised by the registry, as for every other call. ``lineages(registry, versions)``: each
+version's lineage, every ancestor read once.
 
 It also makes the one version that needs no engine work: ``rescale`` (an edited version's own
 edit at another strength, its delta blob shared, no fit).
@@ -11,7 +12,10 @@ edit at another strength, its delta blob shared, no fit).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from rulewright.registry.manifests import AliasEntry, AliasState, Page, Version
+from rulewright.registry.registry import Registry
 from rulewright.service.domain.requests import ModelSummary, RescaleRequest, VersionSummary
 from rulewright.service.engine.errors import InvalidArgument
 
@@ -76,3 +80,22 @@ class Catalog:
         return self.registry.rescale_version(source.model, source.number, strength=float(request.strength),
                                              description=request.description, author=request.author,
                                              request_id=request.request_id)
+
+def lineages(registry: Registry, versions: Sequence[Version]) -> list[list[int]]:
+    """The lineage (root first) of each version. Versions are immutable and name their parent, so
+    one parent map serves the whole list: only ancestors outside it are read from the store, once."""
+    parents: dict[tuple[str, int], int | None] = {(v.model, v.number): v.parent for v in versions}
+
+    def lineage(model: str, number: int) -> list[int]:
+        chain, current = [], number
+        while current is not None:
+            if current in chain:
+                return [x.number for x in registry.get_lineage(model, number)]   # let it name the damage
+            chain.append(current)
+            if (model, current) not in parents:
+                for ancestor in registry.get_lineage(model, current):
+                    parents[(model, ancestor.number)] = ancestor.parent
+            current = parents[(model, current)]
+        return chain[::-1]
+
+    return [lineage(v.model, v.number) for v in versions]

@@ -2,8 +2,9 @@
 
 - ``Domain(registry, stats_cache, device, max_resident)``: one per server process.
 - ``Domain.open(data_dir)``: the embedded default (filesystem registry, in-process cache).
-- ``bootstrap(name, path)``: import a model as version 1 with alias ``production`` if absent.
-- ``resolve(ref)``: ``faces``, ``faces@production`` or ``faces/3`` → one immutable ``Version``;
+- ``bootstrap(name, path)``: import a model as version 1 with the default alias if absent.
+- ``resolve(ref)``: ``faces/3``, ``faces@staging`` or ``faces`` (``faces@<default_alias>``, the
+  ``production`` alias unless configured otherwise: ``references``) → one immutable ``Version``;
   a resident version named by number resolves even while the store is unreachable, without
   waiting on it: not asked once it is marked down, and (S3) waited for at most ``resident_check_s``
   before that (the store only confirms that the version was not deleted).
@@ -67,7 +68,8 @@ from rulewright.service.engine.nvidia_pkl import convert_network_pickle, is_netw
 from rulewright.service.engine.rewrite import chooses_strength, rewritable_layers, rewrite as engine_rewrite
 from rulewright.service.domain.batching import SampleBatcher
 from rulewright.service.domain.adapters import Adapters
-from rulewright.service.domain.catalog import Catalog
+from rulewright.service.domain.catalog import Catalog, lineages
+from rulewright.service.domain.references import DEFAULT_ALIAS, point_default_alias, resolve as resolve_reference
 from rulewright.service.domain.residency import Residency, Resident
 from rulewright.service.domain.limits import Limits, check_images, fields_within, parse_spec
 from rulewright.service.domain.requests import (AliasRequest, DissectRequest, DissectResult, LayersResult, ModelSummary, RewriteRequest,
@@ -106,6 +108,7 @@ class Domain(Catalog, Adapters):
         dynamic_batching: bool = True,    # False: each Sample runs its own forward passes
         limits=None,                      # limits.Limits: per-request caps; None: the defaults
         resident_check_s: float = 0.25,   # most a resident version named by number waits for the store's word
+        default_alias: str = DEFAULT_ALIAS,   # what a bare model name means: name@default_alias
     ):
         configure_determinism()
         self.registry = registry
@@ -113,7 +116,7 @@ class Domain(Catalog, Adapters):
         self.device = select_device(device)
         self.stats_samples = stats_samples
         self._residency = Residency(registry, self.device, max_resident, memory_budget_bytes)
-        self.resident_check_s = resident_check_s
+        self.resident_check_s, self.default_alias = resident_check_s, default_alias
         # Store lookups for resident versions run here, so a request can stop waiting for a store that
         # hangs while the call runs on to its own timeout (and marks the store down).
         self._checks = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="resident-check")
@@ -133,7 +136,8 @@ class Domain(Catalog, Adapters):
         kw = dict(device=config.device, max_resident=config.max_resident,
                   memory_budget_bytes=int(config.memory_budget_mb * 2**20) or None, max_batch=config.max_batch,
                   batch_delay_ms=config.batch_delay_ms, dynamic_batching=config.dynamic_batching,
-                  limits=Limits.from_config(config), resident_check_s=config.resident_check_s)
+                  limits=Limits.from_config(config), resident_check_s=config.resident_check_s,
+                  default_alias=config.default_alias)
         if not config.registry_uri:
             domain = cls.open(config.data_dir, config.stats_cache, **kw)
         else:
@@ -186,8 +190,8 @@ class Domain(Catalog, Adapters):
 
     # ---- models and versions -----------------------------------------------------------------
 
-    def bootstrap(self, name: str, path: str | Path, alias: str = "production", author: str = "rulewright") -> Version:
-        """Import ``path`` as model ``name`` (version 1, alias ``alias``) unless it exists; idempotent.
+    def bootstrap(self, name: str, path: str | Path, alias: str | None = None, author: str = "rulewright") -> Version:
+        """Import ``path`` as model ``name`` (version 1, alias ``alias``, else the default) unless it exists; idempotent.
 
         An import killed midway (the model without its version 1) is finished with the same
         request id, so a crash during the first start never keeps the server from starting.
@@ -203,10 +207,8 @@ class Domain(Catalog, Adapters):
             config = ARCHITECTURES[arch].from_state_dict(state).config()
             self.registry.import_model(name, arch=arch, config=config, weights=data, author=author,
                                        request_id=f"bootstrap-{name}", spec={"source": str(Path(path).name)})
-        try:
-            self.registry.get_alias(name, alias)
-        except NotFound:
-            self.registry.set_alias(name, alias, 1, expected_version=None, author=author, reason="bootstrap")
+        alias = alias or self.default_alias
+        point_default_alias(self.registry, name, alias, 1, author, "bootstrap")
         return self.registry.resolve(f"{name}@{alias}")
 
     def resolve(self, ref: str | VersionRef) -> Version:
@@ -216,11 +218,11 @@ class Domain(Catalog, Adapters):
         serving while the store is unreachable (versions are immutable; the store would only say
         whether it was deleted): once the store is marked down it is not asked at all, and before
         that its answer is awaited for at most ``resident_check_s`` (a store that can hang: S3).
-        Aliases and "newest" need the store and stay UNAVAILABLE.
+        Aliases, bare names included (``name@default_alias``), need the store and stay UNAVAILABLE.
         """
         numbered = ref if isinstance(ref, VersionRef) else _numbered(ref)
         lookup = ((lambda: self.registry.get_version(numbered.model, numbered.number)) if isinstance(ref, VersionRef)
-                  else (lambda: self.registry.resolve(ref)))
+                  else (lambda: resolve_reference(self.registry, ref, self.default_alias)))
         hit = self._residency.peek(numbered.model, numbered.number) if numbered else None
         if hit is not None:
             if not self.registry.store.available():
@@ -512,7 +514,8 @@ class Domain(Catalog, Adapters):
     def import_model(self, name: str, arch: str, config: dict | None, data: bytes, author: str = "anonymous",
                      description: str = "", spec: dict | None = None, metrics: dict | None = None,
                      request_id: str | None = None) -> Version:
-        """Register safetensors ``data`` as model ``name``'s version 1 once its layout checks out.
+        """Register safetensors ``data`` as model ``name``'s version 1 once its layout checks out, with
+        the default alias on it (so the bare name serves it, as after ``bootstrap``).
 
         An NVIDIA StyleGAN2-ADA network pickle (``data`` begins like a pickle) is read as data and
         converted to ``stylegan2`` first (``engine.nvidia_pkl``); what was found in it is recorded
@@ -547,30 +550,11 @@ class Domain(Catalog, Adapters):
         for k, v in (config or {}).items():
             if k in derived and _json_metrics(derived)[k] != v:
                 raise InvalidArgument("config", f"{k} is {v!r}, but the weights say {_json_metrics(derived)[k]!r}")
-        return self.registry.import_model(name, arch=detected, config=_json_metrics(derived), weights=data,
-                                          author=author, description=description, spec=spec, metrics=metrics,
-                                          request_id=request_id)
-
-
-def lineages(registry: Registry, versions: Sequence[Version]) -> list[list[int]]:
-    """The lineage (root first) of each version. Versions are immutable and name their parent, so
-    one parent map serves the whole list: only ancestors outside it are read from the store, once."""
-    parents: dict[tuple[str, int], int | None] = {(v.model, v.number): v.parent for v in versions}
-
-    def lineage(model: str, number: int) -> list[int]:
-        chain, current = [], number
-        while current is not None:
-            if current in chain:
-                return [x.number for x in registry.get_lineage(model, number)]   # let it name the damage
-            chain.append(current)
-            if (model, current) not in parents:
-                for ancestor in registry.get_lineage(model, current):
-                    parents[(model, ancestor.number)] = ancestor.parent
-            current = parents[(model, current)]
-        return chain[::-1]
-
-    return [lineage(v.model, v.number) for v in versions]
-
+        version = self.registry.import_model(name, arch=detected, config=_json_metrics(derived), weights=data,
+                                             author=author, description=description, spec=spec, metrics=metrics,
+                                             request_id=request_id)
+        point_default_alias(self.registry, version.model, self.default_alias, version.number, author, "import")
+        return version
 
 def _stats_job_command(version: Version, layer: str, samples: int, seed_start: int, truncation: float) -> str:
     """The CLI command of the statistics job that computes this statistic."""

@@ -14,9 +14,10 @@
   for their own messages' masks); ``check_region_json``: one JSON region's mask.
 - ``check_spec_regions``: an edit spec's region count, naming the list that crosses the cap.
 - ``check_spec`` (an edit spec in its JSON form, before anything in it is decoded: regions,
-  samples, search, each mask's declared size), ``parse_spec`` (checked, then parsed into an
-  ``EditDraft``), ``check_draft`` (a parsed spec); ``fields_within``: the engine's field names
-  under the request's (``spec.copy.mask``).
+  samples, search, each mask's declared size), ``parse_spec`` (its keys and types checked against
+  the API's EditSpec, so a mistyped or unknown field is named by its path, ``spec.paste[0].bbox``;
+  then the caps; then parsed into an ``EditDraft``), ``check_draft`` (a parsed spec);
+  ``fields_within``: the engine's field names under the request's (``spec.copy.mask``).
 
 Every refusal is an engine ``InvalidArgument`` whose description names the setting.
 """
@@ -27,9 +28,11 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from rulewright.service.engine.edit import REGION_LISTS, STRENGTH_BOUNDS, EditDraft
+from rulewright.service.domain.json_fields import check_json
+from rulewright.service.engine.edit import REGION_LISTS, STRENGTH_BOUNDS, EditDraft, upgrade_json
 from rulewright.service.engine.errors import InvalidArgument
 from rulewright.service.engine.regions import mask_size
+from rulewright.v1 import edit_pb2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,9 @@ class Limits:
 
 
 def _over(field: str, what: str, limit: int, setting: str, got: int) -> InvalidArgument:
-    return InvalidArgument(field, f"at most {limit:,} {what} per request (server setting {setting}), got {got:,}")
+    # The setting and its value travel as ErrorInfo metadata too, so a client can split its request.
+    return InvalidArgument(field, f"at most {limit:,} {what} per request (server setting {setting}), got {got:,}",
+                           setting=setting, limit=limit)
 
 
 def check_count(n: int, limit: int, field: str, what: str, setting: str) -> None:
@@ -73,10 +78,12 @@ def check_images(limits: Limits, n: int, field: str, resolution: int | None = No
     check_count(n, limits.max_images, field, "images", "max_images")
     if resolution is not None:
         size = n * resolution * resolution * 3
-        if size > limits.max_message_bytes * 0.95:        # headroom for framing and other fields
+        fit = int(limits.max_message_bytes * 0.95) // (resolution * resolution * 3)  # headroom for framing
+        if n > fit:
             raise InvalidArgument(field, f"{n:,} images of {resolution}x{resolution} make a reply of about "
                                   f"{size / 2**20:.0f} MiB, over the message limit of "
-                                  f"{limits.max_message_bytes / 2**20:.0f} MiB (server setting max_message_mb)")
+                                  f"{limits.max_message_bytes / 2**20:.0f} MiB (server setting max_message_mb)",
+                                  setting="max_message_mb", limit=fit)
 
 
 def check_strength(value: Any, field: str = "strength") -> float:
@@ -172,7 +179,10 @@ def check_region_json(limits: Limits, region: Any, field: str) -> None:
 
 
 def parse_spec(limits: Limits, spec: Any, prefix: str = "spec") -> EditDraft:
-    """An edit spec's JSON form checked (``check_spec``) and then parsed, its masks decoded once."""
+    """An edit spec's JSON form checked (field types and names as the API's EditSpec has them, then
+    ``check_spec``) and then parsed, its masks decoded once."""
+    if isinstance(spec, dict):          # a first-release spec's masks read as today's first
+        check_json(edit_pb2.EditSpec.DESCRIPTOR, upgrade_json(spec), prefix)
     check_spec(limits, spec, prefix)
     with fields_within(prefix):
         return EditDraft.from_json(spec)

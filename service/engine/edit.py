@@ -327,6 +327,7 @@ class EditSpec:
     paste: list[Region] = dataclasses.field(default_factory=list)
     context: list[Region] = dataclasses.field(default_factory=list)
     found: list[Region] | None = None     # targets found by search (None: not searched yet)
+    description: str = ""                 # the caller's free text, recorded with the version's spec
 
     @property
     def targets(self) -> list[Region]:
@@ -346,7 +347,8 @@ class EditSpec:
         _check_bounds(s, _check_layers(s, layer, model), model)
         _check_regions(s["op"], draft, model.resolution)
         return cls(layer=layer, copy=draft.copy, paste=list(draft.paste), context=list(draft.context),
-                   found=None if draft.found is None else list(draft.found), **{k: s[k] for k in DEFAULTS})
+                   found=None if draft.found is None else list(draft.found), **{k: s[k] for k in DEFAULTS},
+                   description=str(draft.settings.get("description") or ""))
 
     def to_json(self) -> dict:
         """The complete spec as JSON (what versions record and replays read)."""
@@ -358,6 +360,8 @@ class EditSpec:
         out["context"] = [r.to_spec() for r in self.context]
         if self.found is not None:
             out["found"] = [r.to_spec() for r in self.found]
+        if self.description:
+            out["description"] = self.description
         return out
 
 

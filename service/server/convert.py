@@ -43,7 +43,7 @@ from rulewright.service.domain.requests import (DEFAULT_QUANTILE, AliasRequest, 
                                                upgrade_json)
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, images_pb2, registry_service_pb2 as reg
 from rulewright.v1 import resources_pb2
-from rulewright.service.server.json_fields import check_json
+from rulewright.service.domain.json_fields import check_json
 
 _MODEL = re.compile(r"^models/([^/]+)$")
 _VERSION = re.compile(r"^models/([^/]+)/versions/([^/]+)$")

@@ -2,7 +2,8 @@
 over the domain layer, served on the same port as GeneratorService and RegistryService.
 
 - Models: each registry model is an OIP model of the same name; ``model_version`` picks the
-  version: ``""`` → the alias ``production`` if it is set, else the newest live version;
+  version: ``""`` → what the bare model name means everywhere, the server's default alias
+  (``production`` unless ``default_alias`` says otherwise; NOT_FOUND if the model lacks it);
   ``"3"`` → version 3; any other string → the alias of that name (``"staging"``).
 - ``ServerLive``: always true (the process answers). ``ServerReady``: the server's overall
   ``grpc.health.v1`` status is SERVING. ``ModelReady``: the version resolves (and is loaded);
@@ -39,14 +40,13 @@ from typing import Callable
 import numpy as np
 
 from rulewright.inference import grpc_predict_v2_pb2 as oip, grpc_predict_v2_pb2_grpc as oip_grpc
-from rulewright.registry.errors import NotFound, Reason
+from rulewright.registry.errors import NotFound
 from rulewright.service.errors import InvalidArgument
 
 from rulewright.service.server import oip_model
 from rulewright.service.server.errors import rpc
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-DEFAULT_ALIAS = "production"        # what an empty model_version means, when the model has it
 OUTPUT = oip_model.OUTPUT
 # datatype → the InferTensorContents field that carries it
 CONTENTS = {"INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
@@ -66,15 +66,8 @@ def reference(model: str, version: str, field: str = "model_version") -> str:
 
 
 def resolve(domain, model: str, version: str, field: str = "model_version"):
-    """The ``Version`` an OIP (model, version) names; "" → ``production`` if set, else the newest."""
-    if version:
-        return domain.resolve(reference(model, version, field))
-    try:
-        return domain.resolve(f"{model}@{DEFAULT_ALIAS}")
-    except NotFound as exc:
-        if exc.reason is not Reason.ALIAS_NOT_FOUND:     # a missing model stays NOT_FOUND
-            raise
-    return domain.resolve(model)
+    """The ``Version`` an OIP (model, version) names; "" → as the bare model name (the default alias)."""
+    return domain.resolve(reference(model, version, field) if version else model)
 
 
 def model_ready(domain, model: str, version: str) -> bool:

@@ -115,15 +115,24 @@ def test_rewrite_error_prints_message_and_field_violations(rw, client):
     assert [v.number for v in client.versions("tiny")] == [1]
 
 
-def test_rewrite_usage_errors_exit_2(rw, tmp_path):
+def test_rewrite_usage_errors_exit_2_with_the_subcommands_usage(rw, tmp_path):
     code, _, err = rw("rewrite", "tiny", "--layer", "main.6")
     assert code == 2 and "--copy and at least one --paste" in err
+    assert err.startswith("usage: rulewright rewrite ") and "rulewright rewrite: error: " in err
     code, _, err = rw("rewrite", "tiny", "--copy", "1:8,8,16", "--paste", PASTE)
-    assert code == 2 and "SEED:x0,y0,x1,y1" in err
+    assert code == 2 and "SEED:x0,y0,x1,y1" in err and err.startswith("usage: rulewright rewrite ")
+
+
+def test_a_spec_field_refused_before_sending_is_printed_like_the_servers_refusal(rw, client, tmp_path):
+    """The spec's content is no usage error: named by its path, exit 1, as the server would refuse it."""
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({**TINY_SPEC, "colour": "red"}))
-    code, _, err = rw("rewrite", "tiny", "--spec", str(bad))
-    assert code == 2 and "colour" in err
+    for change, line in (({"colour": "red"}, "  spec.colour: unknown field"),
+                         ({"strength": "high"}, "  spec.strength: must be a number, got 'high'"),
+                         ({"paste": [{"seed": 2, "bbox": [8, 8, 16, 16]}]}, "  spec.paste[0].bbox: unknown field")):
+        bad.write_text(json.dumps({**TINY_SPEC, **change}))
+        code, out, err = rw("rewrite", "tiny", "--spec", str(bad))
+        assert (code, out) == (1, "") and err.splitlines() == [f"rulewright: error: {line.strip()}", line]
+    assert [v.number for v in client.versions("tiny")] == [1]
 
 
 def test_versions_aliases_alias_set_history_rollback(rw, client):
@@ -281,3 +290,103 @@ def test_a_huge_seed_range_is_refused_before_it_is_expanded():
                            "--out", "unused"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--seeds" in proc.stderr and "10,000,000,000 seeds, at most 100,000" in proc.stderr
+
+
+# ---- one reference syntax, version show, exit codes, sample splitting --------------------------
+
+
+def stored_edit(domain) -> str:
+    """A version 2 of tiny stored straight into the registry (random deltas, no fit): its reference."""
+    from rulewright.service.engine.delta import to_bytes
+    from tests.builders import random_deltas
+
+    base = domain.generator(domain.resolve("tiny/1")).model
+    v = domain.registry.create_version("tiny", parent=1, delta=to_bytes(random_deltas(base, seed=0)),
+                                       spec={"description": "stored edit"})
+    return f"tiny/{v.number}"
+
+
+def test_one_reference_syntax_for_alias_set_rollback_history_and_export(rw, client, live, tmp_path):
+    edited = stored_edit(live[1])
+    assert rw("alias", "set", "tiny", "production", "tiny/2")[1].strip() == "production: 1 -> 2"
+    assert rw("alias", "set", "tiny@staging", "tiny@production")[1].strip() == "staging: - -> 2"
+    assert rw("alias", "set", "tiny@production", "1")[1].strip() == "production: 2 -> 1"
+    assert rw("rollback", "tiny@production")[1].strip() == "production: 1 -> 2"
+    code, out, _ = rw("alias", "history", "tiny@production")
+    assert code == 0 and [line.split("\t")[1] for line in out.splitlines()][-3:] == ["1 -> 2", "2 -> 1", "1 -> 2"]
+    shas = {}
+    for ref in (["tiny@production"], ["tiny/2"], ["tiny", "2"], ["tiny"]):     # bare: production's version
+        out_file = tmp_path / f"{'-'.join(ref).replace('@', '-').replace('/', '-')}.safetensors"
+        code, out, err = rw("export", *ref, "--out", str(out_file))
+        assert code == 0, err
+        assert out.startswith(f"models/{edited.replace('/', '/versions/')}: ")
+        shas[tuple(ref)] = hashlib.sha256(out_file.read_bytes()).hexdigest()
+    assert len(set(shas.values())) == 1
+
+    for args, says in ((("alias", "set", "tiny", "production", "faces/1"), "is a version of 'faces', not of 'tiny'"),
+                       (("alias", "set", "tiny", "1"), "name the alias: tiny@ALIAS"),
+                       (("rollback", "tiny/2"), "tiny/2 names a version"),
+                       (("export", "tiny/2", "1", "--out", str(tmp_path / "x")), "already names a version"),
+                       (("sample", "Tiny", "--seeds", "0"), "is not a model reference")):
+        code, out, err = rw(*args)
+        usage = f"usage: rulewright {' '.join(args[:2] if args[0] == 'alias' else args[:1])} "
+        assert (code, out) == (2, "") and err.startswith(usage) and says in err, err
+    assert client.alias("tiny", "production").version == 2            # no refused command moved anything
+
+
+def test_a_bare_name_samples_production_not_the_newest_and_says_which(rw, live, tmp_path):
+    assert stored_edit(live[1]) == "tiny/2"
+    code, out, _ = rw("sample", "tiny", "--seeds", "0-1", "--out", str(tmp_path / "a"))
+    assert code == 0 and out.startswith("2 images from models/tiny/versions/1 ")
+
+
+def test_sample_splits_a_request_above_the_servers_image_cap(rw, client, live, tmp_path):
+    import dataclasses
+
+    import grpc
+
+    from rulewright.client.errors import RulewrightError
+
+    domain = live[1]
+    domain.limits = dataclasses.replace(domain.limits, max_images=5)
+    with pytest.raises(RulewrightError) as refused:                  # one call over the cap is refused...
+        client.sample("tiny", list(range(12)))
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.metadata["setting"] == "max_images" and refused.value.metadata["limit"] == "5"
+    # ...so the command asks in calls of the size the refusal names
+    code, out, err = rw("sample", "tiny", "--seeds", "0-11", "--out", str(tmp_path / "album"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "album").iterdir()) == sorted(f"seed-{s}.png" for s in range(12))
+    assert (tmp_path / "album" / "seed-11.png").read_bytes() == client.sample("tiny/1", [11])[0].png
+    code, out, err = rw("sample", "tiny", "--seeds", "20-26", "--batch", "3", "--grid", str(tmp_path / "g.png"),
+                        "--columns", "7", "--scale", "1")
+    assert code == 0 and Image.open(tmp_path / "g.png").size == (7 * 32, 32)
+
+
+def test_version_show_and_versions_describe_a_version(rw):
+    code, out, err = rw("rewrite", "tiny", *TINY_FLAGS, "--description", "a test edit", "--quiet")
+    assert code == 0, err
+    code, out, _ = rw("versions", "tiny")
+    assert code == 0 and out.splitlines()[1].endswith("\ta test edit (strength 1)")
+    code, out, _ = rw("version", "show", "tiny/2")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("models/tiny/versions/2\tedit\tparent 1\t")
+    assert lines[1:5] == ["lineage: 1 -> 2", "aliases: -", "description: a test edit", "strength: 1"]
+    assert "  targets: 1" in lines and any(line.startswith("strength curve: chosen ") for line in lines)
+    assert "found: 0 targets (in the spec below)" in lines
+    spec = json.loads(out[out.index("spec:\n") + len("spec:\n"):])
+    assert spec["found"] == [] and spec["description"] == "a test edit" and spec["steps"] == 40
+    code, out, _ = rw("version", "show", "tiny")                   # the bare name: production's version 1
+    assert code == 0 and out.startswith("models/tiny/versions/1\timport\t") and "aliases: production" in out
+
+
+def test_the_installed_command_exits_1_on_a_refused_call_and_2_on_usage(live):
+    address, _ = live
+    env = {**os.environ, "RULEWRIGHT_ADDRESS": address}
+    refused = subprocess.run([str(EXE), "sample", "nosuch", "--seeds", "0", "--out", "unused"], capture_output=True,
+                             text=True, timeout=120, env=env)
+    assert refused.returncode == 1 and refused.stderr.startswith("rulewright: error: ") and "nosuch" in refused.stderr
+    usage = subprocess.run([str(EXE), "alias", "set", "tiny", "production", "tiny/x"], capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: rulewright alias set ")
+    assert "rulewright alias set: error: VERSION: 'tiny/x' is not a model reference" in usage.stderr

@@ -191,6 +191,8 @@ def _sample(setting) -> str:
         return "none"
     if setting.name == "job_executor":
         return "ray"
+    if setting.name == "default_alias":
+        return "stable"
     if setting.name == "job_output_prefixes":
         return "s3://datasets/team-a,file:///srv/datasets"
     if setting.default is True or setting.default is False:
@@ -211,6 +213,12 @@ def test_every_setting_reaches_its_field_by_flag_env_and_file(setting, tmp_path)
     assert getattr(resolve(parse(), {setting.env: text}), setting.name) == expected
     file = write_toml(tmp_path / "serve.toml", f"{setting.name} = {json.dumps(text)}\n")
     assert getattr(resolve(parse("--config", str(file)), {}), setting.name) == expected
+
+
+@pytest.mark.parametrize("value", ["Production", "3", "prod_1", "-x"])
+def test_default_alias_must_be_an_alias_name(value):
+    with pytest.raises(ConfigError, match="default_alias"):
+        resolve(parse(), {"RULEWRIGHT_DEFAULT_ALIAS": value})
 
 
 @pytest.mark.parametrize("value", ["datasets/team-a", "s3://", "http://example.com/x", "s3://b/x,file:/x"])

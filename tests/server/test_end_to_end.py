@@ -78,8 +78,9 @@ def test_glasses_rewrite_changes_the_eyes_then_a_rollback_restores_every_pixel(g
     # The default (final) fit once, on the embedded store; over S3 and Redis what differs is the
     # storage and the aliases, so a draft fit serves (the final one's quality: tests/test_edit_faces.py).
     quality = "draft" if request.node.callspec.params.get("domain") == "s3+redis" else ""
-    registry.SetAlias(reg.SetAliasRequest(name="models/faces/aliases/production", version=1, expected_version=0),
-                      timeout=30)
+    # ImportModel points the default alias at version 1, so the bare name serves the import at once
+    model = registry.GetModel(reg.GetModelRequest(name="models/faces"), timeout=30)
+    assert [(a.name, a.version) for a in model.aliases] == [("models/faces/aliases/production", 1)]
     held_out = list(range(50_000, 50_024))         # in no paste, statistic or keep pool of the edit
     _, before = faces_images(generator, "faces@production", held_out)
     result = list(generator.Rewrite(gen.RewriteRequest(model="faces@production", spec=glasses_spec(0, quality)),

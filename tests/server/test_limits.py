@@ -16,7 +16,7 @@ from rulewright.service.domain import batching
 from rulewright.service.server.app import create_server
 from rulewright.v1 import edit_pb2, generator_service_pb2 as gen, generator_service_pb2_grpc as gen_grpc, images_pb2
 
-from .conftest import detail
+from .conftest import detail, error_info
 from .test_generator import spec_pb
 
 BOX = [8, 8, 16, 16]
@@ -75,6 +75,14 @@ def test_a_reply_over_the_message_limit_is_refused_before_sampling(domain):
             field, why = refused(gen_grpc.GeneratorServiceStub(ch).Sample, gen.SampleRequest(model="tiny/1",
                                                                                                seeds=range(64)))
             assert field == "seeds" and "max_message_mb" in why
+            # the refusal names the most that fit, so a client can split its request (rulewright sample does)
+            with pytest.raises(grpc.RpcError) as err:
+                gen_grpc.GeneratorServiceStub(ch).Sample(gen.SampleRequest(model="tiny/1", seeds=range(64)), timeout=10)
+            fit = dict(error_info(err.value).metadata)
+            assert (fit["setting"], fit["limit"]) == ("max_message_mb", "60")
+            reply = gen_grpc.GeneratorServiceStub(ch).Sample(gen.SampleRequest(model="tiny/1", seeds=range(60)),
+                                                             timeout=60)
+            assert len(reply.images) == 60
     finally:
         server.stop(0).wait()
 

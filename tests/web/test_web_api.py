@@ -94,6 +94,7 @@ def test_models_lists_the_model_with_its_aliases(web):
     assert (model["name"], model["arch"], model["latest_version"], model["resolution"], model["z_dim"]) == \
         ("tiny", "dcgan", 1, 32, 16)
     assert model["aliases"] == {"production": 1}
+    assert resp.json()["default_alias"] == "production"          # what the bare name means, opened first
 
 
 def test_versions_and_layers(web):
@@ -588,7 +589,7 @@ def test_rulewright_serve_starts_and_stops_the_web_side(tmp_path):
                 break
             time.sleep(0.2)
         assert health == {"status": "SERVING"}, proc.poll()
-        assert request(base, "GET", "/api/models").json() == {"models": []}
+        assert request(base, "GET", "/api/models").json() == {"models": [], "default_alias": "production"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         _, err = proc.communicate(timeout=5)

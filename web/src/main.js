@@ -29,6 +29,7 @@ const state = {
   model: null,            // {name, arch, latest_version, resolution, aliases}
   versions: [],           // from GET .../versions
   aliases: [],
+  defaultAlias: "production",   // the server's default alias (GET /api/models), the version opened first
   version: null,          // number being edited
   layers: [],
   defaultLayer: null,
@@ -221,6 +222,8 @@ function drawThumb(c, region, color) {
 async function loadModels() {
   const data = await api("GET", "/api/models");
   state.models = data.models || [];
+  state.defaultAlias = data.default_alias || "production";   // what the bare model name means on this server
+  $("alias-name").value = state.defaultAlias;
   const sel = $("model-select");
   sel.replaceChildren(...state.models.map((m) => el("option", { value: m.name, text: `${m.name} (${m.arch}, ${m.resolution}px)` })));
   if (!state.models.length) {
@@ -246,7 +249,7 @@ async function loadVersions() {
   state.versions = (data.versions || []).slice().sort((a, b) => a.number - b.number);
   state.aliases = data.aliases || [];
   if (!state.versions.some((v) => v.number === state.version)) {
-    const prod = state.aliases.find((a) => a.alias === "production");
+    const prod = state.aliases.find((a) => a.alias === state.defaultAlias);
     const fallback = prod && state.versions.some((v) => v.number === prod.version) ? prod.version : null;
     state.version = fallback ?? (state.versions.length ? state.versions[state.versions.length - 1].number : null);
   }
@@ -329,7 +332,7 @@ function when(t) {
 
 function renderVersions() {
   const list = $("versions");
-  const aliasName = () => $("alias-name").value.trim() || "production";
+  const aliasName = () => $("alias-name").value.trim() || state.defaultAlias;
   list.replaceChildren(...state.versions.slice().reverse().map((v) => {
     const names = aliasesOf(v.number);
     return el("li", { "data-testid": `version-${v.number}`, class: v.number === state.version ? "current" : "" },

@@ -102,9 +102,11 @@ def healthz(call: Call) -> Response:
 # ---- registry --------------------------------------------------------------------------------
 
 def models(call: Call) -> Response:
-    """``GET /api/models``: every model with its aliases, newest version and image size."""
+    """``GET /api/models``: every model with its aliases, newest version and image size, and the alias
+    a bare model name means (``default_alias``), the version the editor opens first."""
     summaries = _every(call.domain.list_models)
-    return call.json(200, {"models": [views.model(s, _resolution(call, s)) for s in summaries]})
+    return call.json(200, {"models": [views.model(s, _resolution(call, s)) for s in summaries],
+                           "default_alias": call.domain.default_alias})
 
 
 def versions(call: Call, model: str) -> Response:

@@ -37,10 +37,11 @@ def cmd_adapter_import(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_adapter_parsers(sub, add: Callable) -> None:
+def register(sub, add: Callable) -> None:
     """The ``adapter`` command and its ``export`` and ``import`` actions."""
     about = "a version's edit alone as one safetensors file, to import onto the same base elsewhere"
     adapter = sub.add_parser("adapter", help=about, description=about)
+    adapter.set_defaults(parser=adapter)   # a missing action prints this command's usage
     actions = adapter.add_subparsers(dest="adapter_command", required=True, metavar="ACTION")
     p = add("export", "download a version's adapter (sha256 checked)", actions)
     p.add_argument("ref", type=_reference, help="an edited version: faces/3, faces@staging, or faces (its production alias)")

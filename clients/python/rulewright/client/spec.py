@@ -2,6 +2,8 @@
 
 - ``edit_spec_pb(d)``: an edit spec dict as ``rulewright.v1.EditSpec``: the dict is the
   message's JSON form (absent fields: the server's defaults); first-release masks are read too.
+  A mistyped or unknown field is a ValueError naming its path (``strength: must be a number``,
+  ``paste[0].bbox: unknown field``), found by walking the message's descriptor before parsing.
 - ``spec_dict(spec)``: an EditSpec back as that dict (what ``Version.spec`` holds).
 - ``region_pb(d)``: ``{"seed": 35, "box": [x0, y0, x1, y1]}`` (or a ``mask``) as a Region.
 - ``parse_region("35:8,22,56,38")`` and ``parse_seeds("0-15,20")``: the command line's forms.
@@ -9,7 +11,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Callable, Iterator, Mapping
 
 from google.protobuf import descriptor, json_format
 
@@ -40,6 +43,70 @@ def _region_json(d: Any, field: str) -> Any:
     return {**d, "mask": {"encoding": "ENCODING_ZLIB", "width": w, "height": h, "data": mask.get("data", "")}}
 
 
+_FD = descriptor.FieldDescriptor
+
+
+def _numeric(v: Any) -> bool:
+    """A JSON number, or a string proto3 JSON reads as one ("1.5", "NaN")."""
+    if isinstance(v, str):
+        try:
+            float(v)
+        except ValueError:
+            return False
+        return True
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _whole(v: Any) -> bool:
+    """A JSON integer (64-bit ones may be strings of digits)."""
+    if isinstance(v, float):
+        return math.isfinite(v) and v.is_integer()
+    if isinstance(v, str):
+        return v.lstrip("-").isdigit()
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# scalar kind (FieldDescriptor.cpp_type) → (accepts a JSON value, what the value must be)
+_SCALARS: dict[int, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys((_FD.CPPTYPE_DOUBLE, _FD.CPPTYPE_FLOAT), (_numeric, "a number")),
+    **dict.fromkeys((_FD.CPPTYPE_INT32, _FD.CPPTYPE_INT64, _FD.CPPTYPE_UINT32, _FD.CPPTYPE_UINT64),
+                    (_whole, "an integer")),
+    _FD.CPPTYPE_BOOL: (lambda v: isinstance(v, bool), "true or false"),
+    _FD.CPPTYPE_STRING: (lambda v: isinstance(v, str), "a string"),
+    _FD.CPPTYPE_ENUM: (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a name of its enum"),
+}
+
+
+def _members(message: descriptor.Descriptor, d: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    """(path, field descriptor, value) for every value of ``d`` (a JSON object of ``message``), each
+    element of a list on its own; a key the message lacks or a list where one value belongs (or
+    the reverse) is a ValueError naming its path."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{path or 'spec'}: must be an object")
+    for key, value in d.items():
+        at = f"{path}.{key}" if path else key
+        fd = message.fields_by_name.get(key) or message.fields_by_camelcase_name.get(key)
+        if fd is None:
+            raise ValueError(f"{at}: unknown field")
+        if value is None:
+            continue
+        if fd.is_repeated != isinstance(value, list):
+            raise ValueError(f"{at}: must be {'a list' if fd.is_repeated else 'one value, not a list'}")
+        yield from (((f"{at}[{i}]", fd, v) for i, v in enumerate(value)) if fd.is_repeated else [(at, fd, value)])
+
+
+def check_fields(message: descriptor.Descriptor, d: Any, path: str = "") -> None:
+    """ValueError ``<path>: ...`` for the first key of JSON object ``d`` that ``message`` lacks or
+    value of the wrong JSON type, nested messages included (Struct and the like are left whole)."""
+    for at, fd, value in _members(message, d, path):
+        if fd.cpp_type != _FD.CPPTYPE_MESSAGE:
+            accepts, what = _SCALARS[fd.cpp_type]
+            if not accepts(value):
+                raise ValueError(f"{at}: must be {what}, got {value!r}")
+        elif not fd.message_type.full_name.startswith("google.protobuf."):
+            check_fields(fd.message_type, value, at)
+
+
 def _parse(d: Mapping[str, Any], message, field: str):
     try:
         return json_format.ParseDict(d, message)
@@ -51,6 +118,7 @@ def region_pb(d: Mapping[str, Any], field: str = "region") -> images_pb2.Region:
     """A region dict (``seed`` plus ``box`` [x0, y0, x1, y1] or a ``mask``, the API's JSON form or
     a first-release ``zlib-base64-u8`` one) as a Region. ValueError names ``field``."""
     region = _region_json(d, field)
+    check_fields(images_pb2.Region.DESCRIPTOR, region, field)
     if "seed" not in region:
         raise ValueError(f"{field}: must be an object with seed and box or mask")
     if ("box" in region) == ("mask" in region):
@@ -74,9 +142,9 @@ def edit_spec_pb(d: Mapping[str, Any] | edit_pb2.EditSpec) -> edit_pb2.EditSpec:
         return d
     if not isinstance(d, Mapping):
         raise ValueError(f"spec: must be a JSON object, got {type(d).__name__}")
-    unknown = set(d) - SPEC_FIELDS
-    if unknown:
-        raise ValueError(f"spec: unknown fields {sorted(unknown)}")
+    for key in d:
+        if key not in SPEC_FIELDS:
+            raise ValueError(f"{key}: unknown field")
     for key, allowed in _CHOICES.items():
         if d.get(key) not in (None, "", *allowed):
             raise ValueError(f"{key}: must be one of {list(allowed)}, got {d[key]!r}")
@@ -88,6 +156,7 @@ def edit_spec_pb(d: Mapping[str, Any] | edit_pb2.EditSpec) -> edit_pb2.EditSpec:
             spec[key] = [_region_json(r, f"{key}[{i}]") for i, r in enumerate(spec[key])]
     if spec.get("found") is not None:
         spec["found_given"] = True
+    check_fields(edit_pb2.EditSpec.DESCRIPTOR, spec)
     return _parse(spec, edit_pb2.EditSpec(), "spec")
 
 

@@ -402,7 +402,8 @@ class AliasMove:
 @dataclass(frozen=True)
 class Model:
     """A registered model: ``arch``, its ``config``, the ``aliases`` that are set (by alias name)
-    and the ``latest_version`` a bare reference resolves to."""
+    and its newest version, ``latest_version`` (a bare reference means the server's default alias,
+    ``production`` unless configured otherwise, not the newest)."""
 
     name: str
     id: str
