@@ -225,7 +225,15 @@ def check_line(line: str) -> None:
             assert all((REPO / p).exists() for p in paths), f"{line}: a path is missing"
         elif head == "node":
             assert (REPO / args[0]).is_file(), f"{line}: no {args[0]}"
-        elif head not in (".", "grpcurl"):                               # grpcurl: another project's tool
+        elif head == "curl":                                              # its URL is an endpoint of the HTTP side
+            from urllib.parse import urlsplit
+
+            from rulewright.service.server.web.app import ROUTES
+
+            paths = [urlsplit(a).path for a in args if a.startswith("http")]
+            assert paths and all(any(r.path_regex.match(p) for r in ROUTES) for p in paths), \
+                f"{line}: no such HTTP endpoint"
+        elif head not in (".", "grpcurl", "echo"):                       # grpcurl: another project's tool
             pytest.fail(f"{line}: the test does not know {head!r}; teach it")
 
 
