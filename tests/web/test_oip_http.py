@@ -151,6 +151,29 @@ def test_infer_matches_grpc_sample_and_model_infer(http, client, servers):
     assert not np.array_equal(half.as_numpy("image"), sampled(servers, "sg", [1, 2]))
 
 
+def test_infer_takes_strength_as_a_request_parameter(http, client, servers):
+    """The request parameter ``strength`` draws the version's own edit at that strength, as gRPC
+    Sample's ``strength`` does, and the answer echoes it; a strength that is not a number is a 400."""
+    from tritonclient.utils import InferenceServerException
+
+    from rulewright.service.domain.requests import RewriteRequest
+    from tests.builders import TINY_SPEC
+
+    edit = servers.domain.rewrite(RewriteRequest("tiny/1", {**TINY_SPEC, "steps": 20, "strength": 0.5})).version
+    req = gen.SampleRequest(model=f"tiny/{edit.number}", seeds=SEEDS, strength=1.5,
+                            image_format=images_pb2.IMAGE_FORMAT_RAW_RGB8)
+    want = np.stack([np.frombuffer(i.data, np.uint8).reshape(i.height, i.width, 3)
+                     for i in servers.generator.Sample(req, timeout=60).images])
+    got = client.infer("tiny", [seeds_input(http)], model_version=str(edit.number), parameters={"strength": 1.5})
+    assert np.array_equal(got.as_numpy("image"), want)
+    assert got.get_response()["parameters"] == {"strength": 1.5}
+    own = client.infer("tiny", [seeds_input(http)], model_version=str(edit.number))
+    assert own.get_response()["parameters"] == {"strength": 0.5} and not np.array_equal(own.as_numpy("image"), want)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("tiny", [seeds_input(http)], model_version=str(edit.number), parameters={"strength": "high"})
+    assert err.value.status() == "400" and "parameters.strength" in err.value.message()
+
+
 def test_errors_name_the_input_with_their_http_status(http, client):
     from tritonclient.utils import InferenceServerException
 
