@@ -104,3 +104,23 @@ def test_the_image_route_takes_a_strength_and_names_it_when_refused(edited):
         assert refused.status == 400 and words in refused.violations()["strength"], refused
     refused = request(url, "GET", f"/api/models/tiny/versions/1/images/{SEED}.png?strength=0.5")
     assert refused.status == 400 and "import" in refused.violations()["strength"]
+
+
+def test_a_version_card_says_what_a_rescaled_version_is(browser, edited):  # noqa: F811
+    """Its description, its strength and the version whose edit it rescales, without a fit."""
+    from rulewright.service.domain.requests import RescaleRequest
+
+    url, domain, n = edited
+    milder = domain.rescale(RescaleRequest(f"tiny/{n}", 0.3, description="milder"))
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    try:
+        page.goto(url + "/?model=tiny")
+        page.wait_for_function("document.body.dataset.ready === 'true'")
+        card = page.locator(f"[data-testid=version-origin-{milder.number}]")
+        assert card.inner_text() == f"“milder” · strength 0.3 · v{n}'s edit rescaled, no fit"
+        assert page.locator(f"[data-testid=version-origin-{n}]").inner_text() == "strength 0.7"
+        assert page.locator("[data-testid=version-origin-1]").count() == 0          # an import: nothing to add
+    finally:
+        context.close()

@@ -319,6 +319,18 @@ function specSummary(spec) {
   return parts.join(" · ");
 }
 
+/** What the version is beyond its spec: its description, strength and, for an edit not fitted
+ * here, where it came from (another version's delta at a new strength, or an adapter). */
+function originText(v) {
+  const parts = [];
+  const description = v.spec && typeof v.spec.description === "string" ? v.spec.description : "";
+  if (description) parts.push(`“${description}”`);
+  if (v.kind === "edit" && Number.isFinite(v.strength)) parts.push(`strength ${v.strength}`);
+  if (v.rescaled_from) parts.push(`v${v.rescaled_from}'s edit rescaled, no fit`);
+  if (v.adapter) parts.push(`imported from an adapter of ${v.adapter}`);
+  return parts.join(" · ");
+}
+
 function lineageText(v) {
   const chain = Array.isArray(v.lineage) && v.lineage.length ? v.lineage : [v.number];
   return chain.map((n) => `v${n}`).join(" → ");
@@ -341,6 +353,7 @@ function renderVersions() {
         ...names.map((a) => el("span", { class: "badge", "data-testid": `alias-badge-${a}`, text: a })),
         el("span", { class: "muted", text: `${v.kind || ""} by ${v.author || "?"} ${when(v.created)}` })),
       el("div", { class: "muted small", "data-testid": `version-lineage-${v.number}`, text: `lineage ${lineageText(v)}` }),
+      originText(v) ? el("div", { class: "small", "data-testid": `version-origin-${v.number}`, text: originText(v) }) : null,
       el("div", { class: "small", "data-testid": `version-spec-${v.number}`, text: specSummary(v.spec) }),
       v.metrics && Object.keys(v.metrics).length ? el("div", { class: "muted small mono", text: metricsText(v.metrics) }) : null,
       el("div", { class: "row" },

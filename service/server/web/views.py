@@ -33,11 +33,14 @@ def alias(state, history: Sequence) -> dict:
 
 
 def version(found: VersionSummary) -> dict:
-    """A version with its lineage, spec, metrics and its own edit's strength (None for an import)."""
+    """A version with its lineage, spec, metrics, its own edit's strength (None for an import) and
+    where an edit that was not fitted here came from: ``rescaled_from`` (a version number; 0 or
+    None: fitted) or ``adapter`` (the exported version's name)."""
     v = found.version
     return {"number": v.number, "parent": v.parent, "lineage": found.lineage, "kind": v.kind, "author": v.author,
             "created": _time(v.created_at), "spec": v.spec or {}, "metrics": _json_metrics(v.metrics or {}),
-            "strength": v.edit_strength, "rescaled_from": v.rescaled_from}
+            "strength": v.edit_strength, "rescaled_from": v.rescaled_from,
+            "adapter": (v.adapter or {}).get("source_version")}
 
 
 def layers(result: LayersResult) -> dict:
