@@ -132,6 +132,9 @@ def test_quick_start_runs_as_shown(tmp_path, cache_dir, faces_path):
         assert "8 images from models/faces/versions/2" in outputs
         with Image.open(tmp_path / "before.png") as before, Image.open(tmp_path / "after.png") as after:
             assert before.size == after.size and before.tobytes() != after.tobytes()   # the edit shows
+        with Image.open(tmp_path / "after.png") as after, Image.open(tmp_path / "weaker.png") as weaker:
+            assert weaker.tobytes() != after.tobytes()                       # another strength, no new version
+        assert "8 images from models/faces/versions/2: weaker.png" in outputs
 
         url = re.search(r"editor at (\S+/) ", ready).group(1)
         assert url == f"http://{web_at}/" and f"**{url.replace(web_at, SHOWN_WEB)}**" in README.read_text()
