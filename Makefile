@@ -69,8 +69,9 @@ deploy-check: venv  ## render both k8s overlays, validate them against Kubernete
 lint-imports: venv  ## the layering contracts of pyproject.toml: transports -> domain -> engine and registry
 	$(VENV)/bin/lint-imports
 
+# pytest lists its 20 slowest tests last, to show where the suite's time goes.
 test: venv servers browser web $(BUF) $(NODE_CLIENT) deploy-check lint-imports  ## the whole test suite
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 bench: venv  ## engine throughput: images/s and statistics FLOP rate vs torch.mm
 	$(PY) -m benchmarks.engine

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="faces", help="model to edit")
     p.add_argument("--edit", default=str(Path(__file__).parent / "edits" / "glasses.json"), help="edit spec JSON")
     p.add_argument("--steps", type=int, help="override the spec's optimization steps (fewer: faster, weaker)")
+    p.add_argument("--quality", choices=("draft", "final"), help="override the spec's quality (draft: seconds, rougher)")
     p.add_argument("--out", default="out/workflow", help="folder for the PNGs")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(Path(args.edit).read_text())
         if args.steps:
             spec["steps"] = args.steps
+        if args.quality:
+            spec["quality"] = args.quality
         regions = [("copy", spec["copy"])] + [("paste", r) for r in spec["paste"]] + \
                   [("context", r) for r in spec.get("context", [])]
         faces = {im.seed: im.image for im in rw.sample(base, sorted({r["seed"] for _, r in regions}))}

@@ -41,7 +41,7 @@ def test_client_installs_without_torch_and_runs_the_example_edit(live, tmp_path)
     assert serve.returncode == 2 and serve.stderr.strip() == "rulewright serve needs the server: pip install rulewright"
 
     edit = sh(rw, "--address", address, "rewrite", "faces", "--spec", REPO / "examples" / "edits" / "glasses.json",
-              "--steps", "30", "--promote", "production", cwd=tmp_path)
+              "--quality", "draft", "--steps", "30", "--promote", "production", cwd=tmp_path)
     assert edit.returncode == 0, edit.stderr
     assert edit.stdout.splitlines() == ["created models/faces/versions/2 (parent models/faces/versions/1)",
                                         "production: 1 -> 2"]
@@ -52,7 +52,8 @@ def test_client_installs_without_torch_and_runs_the_example_edit(live, tmp_path)
     assert back.stdout.strip() == "production: 2 -> 1"
 
     out = tmp_path / "workflow"
-    flow = sh(py, REPO / "examples" / "workflow.py", "--address", address, "--steps", "20", "--out", out)
+    flow = sh(py, REPO / "examples" / "workflow.py", "--address", address, "--quality", "draft", "--steps", "20",
+              "--out", out)
     assert flow.returncode == 0, flow.stdout + flow.stderr
     assert "created models/faces/versions/3 (parent models/faces/versions/1)" in flow.stdout
     assert "the original pixels, exactly" in flow.stdout
