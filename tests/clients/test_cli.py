@@ -376,6 +376,7 @@ def test_version_show_and_versions_describe_a_version(rw):
     assert "found: 0 targets (in the spec below)" in lines
     spec = json.loads(out[out.index("spec:\n") + len("spec:\n"):])
     assert spec["found"] == [] and spec["description"] == "a test edit" and spec["steps"] == 40
+    assert "\n  \"paste\": [\n    {\"seed\": " in out                # a region a line: the spec stays readable
     code, out, _ = rw("version", "show", "tiny")                   # the bare name: production's version 1
     assert code == 0 and out.startswith("models/tiny/versions/1\timport\t") and "aliases: production" in out
 

@@ -87,6 +87,8 @@ def test_cli_sample_with_strength_and_rescale(client, live_edit, tmp_path):
     made = client.version("tiny", number)
     assert (made.strength, made.rescaled_from, made.spec["description"]) == (-0.5, n, "inverted")
     assert client.sample(f"tiny/{number}", [4])[0].png == expected
+    shown = rulewright(address, "version", "show", f"tiny/{number}").stdout.splitlines()
+    assert "strength: -0.5" in shown and f"rescaled from: tiny/{n} (its edit at this strength, no fit)" in shown
 
     proc = rulewright(address, "rescale", "tiny/1", "0.5")
     assert proc.returncode == 1 and "strength:" in proc.stderr and "import" in proc.stderr

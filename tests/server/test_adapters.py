@@ -188,6 +188,9 @@ def test_cli_round_trip(servers, clients, tmp_path):
     number = int(name.group(1).rsplit("/", 1)[1])
     assert clients[1].version("tiny", number).spec["description"] == "by the CLI"
     assert _png(clients[1], f"tiny/{number}") == _png(clients[0], "tiny/3")
+    shown = subprocess.run([str(EXE), "--address", servers[1], "version", "show", f"tiny/{number}"],
+                           capture_output=True, text=True, timeout=120, check=False).stdout.splitlines()
+    assert any(line.startswith("adapter: from models/tiny/versions/3 (base ") for line in shown), shown
     out = rw(servers[1], "import", "other", str(file))
     assert out.returncode == 1 and "fingerprint" in out.stderr
     out = rw(servers[1], "export", "Not A Ref", str(tmp_path / "y"))

@@ -84,11 +84,29 @@ def cmd_version_show(client: Client, args: argparse.Namespace) -> int:
         print(f"  {key}: {value:.6g}" if isinstance(value, float) else f"  {key}: {json.dumps(value)}")
     for line in curve:
         print(line)
+    if v.rescaled_from:
+        print(f"rescaled from: {v.model}/{v.rescaled_from} (its edit at this strength, no fit)")
+    if v.adapter:
+        print(f"adapter: from {v.adapter['source_version']} (base {v.adapter['base_fingerprint'][:16]}...)")
     if "found" in spec:
         print(f"found: {len(spec['found'])} target{'s' if len(spec['found']) != 1 else ''} (in the spec below)")
     print("spec:")
-    print(json.dumps(spec, indent=2))
+    print(spec_text(spec))
     return 0
+
+
+def spec_text(spec: dict) -> str:
+    """The spec as JSON that reads as a spec: one line per setting and per region (a final edit
+    lists over a hundred found targets), so it can be saved and passed to ``rewrite --spec``."""
+    def field(key: str, value, last: bool) -> list[str]:
+        end = "" if last else ","
+        if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            rows = [f"    {json.dumps(x)}{',' if i < len(value) - 1 else ''}" for i, x in enumerate(value)]
+            return [f"  {json.dumps(key)}: [", *rows, f"  ]{end}"]
+        return [f"  {json.dumps(key)}: {json.dumps(value)}{end}"]
+
+    items = list(spec.items())
+    return "\n".join(["{", *(line for i, (k, v) in enumerate(items) for line in field(k, v, i == len(items) - 1)), "}"])
 
 
 def cmd_aliases(client: Client, args: argparse.Namespace) -> int:
