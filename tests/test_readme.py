@@ -277,9 +277,14 @@ def test_every_readme_command_exists():
             assert action in subcommands(commands[name]), f"rulewright {name} has no {action!r}"
 
 
-@pytest.mark.parametrize("page", sorted((REPO / "docs").glob("*.md")), ids=lambda p: p.name)
+CLIENT_READMES = [REPO / "clients" / "python" / "README.md", REPO / "clients" / "node" / "README.md"]
+
+
+@pytest.mark.parametrize("page", [*sorted((REPO / "docs").glob("*.md")), *CLIENT_READMES],
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_manual_commands_exist(page):
-    """Every shell line of the manual's pages (continuations joined) names commands that exist and parse."""
+    """Every shell line of the manual's pages and the clients' READMEs (continuations joined) names
+    commands that exist and parse."""
     for _, lang, lines in blocks(page.read_text()):
         if lang == "sh":
             for line in re.sub(r"\\\n\s*", " ", "\n".join(lines)).splitlines():
