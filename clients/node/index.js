@@ -191,18 +191,23 @@ export function unary(stub, method, request, timeoutMs = DEFAULT_TIMEOUT_MS) {
  * @param {string} model model reference: `faces` (the server's default alias, `production` unless
  *   configured otherwise), `faces@staging` (an alias) or `faces/3` (a version)
  * @param {Array<number|string|bigint>} seeds each 0 <= seed < 2^63
- * @param {{format?: 'png'|'raw'|string, truncation?: number}} [options]
- * @returns {Promise<{version: string, images: Image[]}>} `version`: the version the reference resolved to,
- *   `models/{model}/versions/{n}`
+ * @param {{format?: 'png'|'raw'|string, truncation?: number, strength?: number}} [options] `strength`:
+ *   the version's own edit drawn at that strength (-10 to 10; default: the version's own), no fit
+ * @returns {Promise<{version: string, images: Image[], strength: number|null}>} `version`: the version
+ *   the reference resolved to, `models/{model}/versions/{n}`; `strength`: its own edit's strength as
+ *   drawn (null for an import)
  */
-export async function sample(client, model, seeds, { format = 'png', truncation } = {}) {
+export async function sample(client, model, seeds, { format = 'png', truncation, strength } = {}) {
   const image_format =
     { png: 'IMAGE_FORMAT_PNG', raw: 'IMAGE_FORMAT_RAW_RGB8' }[String(format).toLowerCase()] ?? format;
   const request = { model, seeds: seeds.map(String), image_format };
   if (truncation !== undefined) request.truncation = truncation;
+  if (strength !== undefined) request.strength = strength;
   const response = await unary(client.generator, 'Sample', request, client.timeoutMs);
   // The image's own width and height fields, not the PNG header: they also hold for raw RGB.
-  return { version: response.version, images: response.images };
+  // An optional field is set when its synthetic oneof names it.
+  const drawn = response._strength === 'strength' ? response.strength : null;
+  return { version: response.version, images: response.images, strength: drawn };
 }
 
 /**

@@ -167,3 +167,31 @@ def test_node_client_runs_dataset_and_statistics_jobs(node, live):
     assert out["dataDone"]["response"]["shards"][1]["first_seed"] == "2"
     assert out["got"]["name"] == out["data"]["name"] and out["got"]["metadata"]["shards_done"] == 2
     assert "refused INVALID_ARGUMENT" in proc.stderr and "stats.samples" in proc.stderr
+
+
+def test_sample_takes_a_strength_as_the_python_client_does(node, live, tmp_path):
+    """``sample(client, ref, seeds, {strength})`` draws the version's own edit at that strength: the
+    same PNG bytes as the Python client's, and the strength drawn comes back (null for an import)."""
+    from rulewright.client import Client
+
+    address, domain = live
+    n = domain.rewrite(RewriteRequest("tiny/1", {**TINY_SPEC, "steps": 20, "strength": 0.5})).version.number
+    script = tmp_path / "strength.mjs"
+    script.write_text(f"""
+import {{ createClient, sample }} from {str((CLIENT / 'index.js').as_uri())!r};
+const client = createClient({address!r});
+const at = await sample(client, 'tiny/{n}', [3], {{ strength: 1.5 }});
+const own = await sample(client, 'tiny/{n}', [3]);
+const base = await sample(client, 'tiny/1', [3]);
+console.log(JSON.stringify([at.strength, own.strength, base.strength, Buffer.from(at.images[0].data).toString('hex')]));
+client.close();
+""")
+    proc = subprocess.run([node, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    at, own, base, png = json.loads(proc.stdout)
+    assert (at, own, base) == (1.5, 0.5, None)
+    with Client(address) as py:
+        assert bytes.fromhex(png) == py.sample(f"tiny/{n}", [3], strength=1.5)[0].png
+        assert bytes.fromhex(png) != py.sample(f"tiny/{n}", [3])[0].png
