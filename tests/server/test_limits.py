@@ -1,4 +1,4 @@
-"""Per-request caps over a real channel (issue 12, defect 1): an oversized request is refused with
+"""Per-request caps over a real channel: an oversized request is refused with
 INVALID_ARGUMENT naming the field and the server setting before any work, on both backends, and the
 server keeps serving; a Sample whose client leaves (deadline) leaves the batch it waited for."""
 

@@ -1,4 +1,4 @@
-"""A hung or dead store and a dead Redis, with real processes (issue 12, defects 2 and 5).
+"""A hung or dead store and a dead Redis, with real processes.
 
 The S3 server is this module's own ``moto_server`` (the session's serves other tests), paused with
 SIGSTOP and resumed with SIGCONT; the server under test is configured with short store timeouts.

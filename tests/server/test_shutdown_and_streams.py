@@ -1,4 +1,4 @@
-"""Issue 12, defect 7 on the gRPC side: a broken ImportModel stream is no INTERNAL error, a public
+"""On the gRPC side: a broken ImportModel stream is no INTERNAL error, a public
 metrics address needs tokens, and after SIGTERM health answers NOT_SERVING while work drains."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""End-to-end browser tests of the editor page (issue 8): Playwright drives Debian's Chromium,
+"""End-to-end browser tests of the editor page: Playwright drives Debian's Chromium,
 headless, against the real HTTP server over a Domain with the faces model.
 
 One screenshot per step goes to ``out/editor-e2e/NN-name.png``. With

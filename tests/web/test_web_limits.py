@@ -1,4 +1,4 @@
-"""The HTTP side's bounds (issue 12, defects 1 and 7): request caps, deep JSON, OPTIONS and unknown
+"""The HTTP side's bounds: request caps, deep JSON, OPTIONS and unknown
 methods, and a bounded number of connections with an idle timeout, over real sockets."""
 
 from __future__ import annotations
