@@ -119,9 +119,9 @@ def test_notebook_samples_rewrites_compares_promotes_and_rolls_back(server, kern
         assert im.size == (8 * 128, 2 * 128)              # 16 faces of 64 pixels, 8 a row, enlarged 2x
     # the bars ran to their ends (text bars: no ipywidgets here), then the new version and its preview
     bars = _text(rewrite)
-    assert "optimize" in bars and "50/50" in bars
+    assert "optimize" in bars and "200/200" in bars
     assert "created models/faces/versions/2 from models/faces/versions/1" in bars and len(_pngs(rewrite)) == 1
-    assert "models/faces/versions/1 (production)\nfaces/2 at strength 0.3" in _text(strengths)
+    assert "models/faces/versions/1 (production)\nfaces/2 at strength 0.5" in _text(strengths)
     assert len(_pngs(strengths)) == 1
     with Image.open(io.BytesIO(base64.b64decode(_pngs(strengths)[0]))) as im:
         assert im.size == (8 * 128, 4 * 128)
