@@ -48,9 +48,14 @@ def parse_parent(name: str) -> tuple[str, int | None]:
 class AdapterRpcs:
     """ExportAdapter and ImportAdapter over the ``Domain``; needs ``domain``, ``max_import_bytes``, ``_version_pb``."""
 
-    @rpc(fields={"model": "name", "version": "name"})
+    @rpc(fields={"model": "name", "version": "name", "ref": "name"})
     def ExportAdapter(self, request, context):
-        version, data, fingerprint = self.domain.export_adapter(*convert.parse_version(request.name))
+        if request.name.startswith("models/"):
+            model, number = convert.parse_version(request.name)
+        else:                               # a reference: resolved here, so the server's default alias decides
+            found = self.domain.resolve(request.name)
+            model, number = found.model, found.number
+        version, data, fingerprint = self.domain.export_adapter(model, number)
         yield from export_stream(self._version_pb(version), data, fingerprint)
 
     @rpc(fields=IMPORT_FIELDS)

@@ -205,6 +205,24 @@ def test_references_by_alias(clients, tmp_path):
     assert err.reason == "NOT_AN_EDIT"
 
 
+def test_a_bare_name_exports_the_servers_default_alias(tmp_path):
+    """``export_adapter("tiny")`` is whatever the server's default alias (here ``stable``) points
+    at, as a bare name is everywhere: the server resolves it, the client does not guess."""
+    domain = tiny_domain(tmp_path)
+    domain.default_alias = "stable"
+    number = domain.rewrite(RewriteRequest("tiny/1", DRAFT)).version.number
+    domain.registry.set_alias("tiny", "stable", number, expected_version=None)
+    server, port = create_server(domain)
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            assert c.export_adapter("tiny", tmp_path / "a.safetensors").version.number == number
+            with pytest.raises(ValueError):
+                c.export_adapter("Not A Ref", tmp_path / "b.safetensors")      # refused before any call
+    finally:
+        server.stop(0).wait()
+        domain.close()
+
+
 def test_the_documented_snippet_applies_an_adapter_to_the_exported_base(clients, adapter, tmp_path):
     """docs/adapters.md's code, run as written: the base export plus the adapter is the edited export."""
     a = clients[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,12 @@ from typing import Iterator
 
 from rulewright.v1 import registry_service_pb2 as reg
 
+from rulewright.client.spec import parse_reference
 from rulewright.client.transfer import receive_file
 from rulewright.client.types import Version
 
-__all__ = ["AdapterCalls", "AdapterExport", "parse_reference"]
+__all__ = ["AdapterCalls", "AdapterExport"]
 
-DEFAULT_ALIAS = "production"          # what a bare model name means here
-_REF = re.compile(r"^(?:models/)?([a-z0-9-]+)(?:(?:/versions/|/)(\d+)|@([a-z0-9-]+))?$")
 CHUNK = 1 << 20
 
 
@@ -39,29 +37,19 @@ class AdapterExport:
     base_fingerprint: str
 
 
-def parse_reference(ref: str) -> tuple[str, int | None, str | None]:
-    """(model, number, alias) of ``faces``, ``faces/3``, ``faces@staging`` or a resource name."""
-    m = _REF.match(ref)
-    if not m:
-        raise ValueError(f"not a model reference: {ref!r} (expected faces, faces/3 or faces@production)")
-    return m.group(1), int(m.group(2)) if m.group(2) else None, m.group(3)
-
-
 class AdapterCalls:
     """``export_adapter`` and ``import_adapter``; needs the ``Client``'s stub, retries and timeouts."""
 
-    def _version_number(self, model: str, number: int | None, alias: str | None, timeout: float | None) -> int:
-        """The number a reference names: as given, else where its alias (a bare name: production) points."""
-        if number is not None:
-            return number
-        return self.alias(model, alias or DEFAULT_ALIAS, timeout=timeout).version
+    def _version_number(self, model: str, number: int | None, alias: str, timeout: float | None) -> int:
+        """The number a reference names: as given, else where its alias points now."""
+        return number if number is not None else self.alias(model, alias, timeout=timeout).version
 
     def export_adapter(self, ref: str, path: str | os.PathLike, *, timeout: float | None = None) -> AdapterExport:
         """Download the adapter of an edited version (``faces/3``, ``faces@staging``; a bare name:
-        its ``production`` alias) to ``path``, checked against the announced size and sha256 and
+        the server's default alias) to ``path``, checked against the announced size and sha256 and
         only then renamed into place. FAILED_PRECONDITION (``NOT_AN_EDIT``) for an import."""
-        model, number, alias = parse_reference(ref)
-        name = f"models/{model}/versions/{self._version_number(model, number, alias, timeout)}"
+        parse_reference(ref)                # a malformed reference fails here, before any call
+        name = ref                          # the server resolves it, and names the version in the metadata
         path = Path(path)
         part = path.with_name(path.name + ".part")
 

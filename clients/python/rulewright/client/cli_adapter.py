@@ -9,17 +9,13 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from rulewright.client.adapters import parse_reference
+from rulewright.client.cli_args import reference
 from rulewright.client.client import Client
 
 
 def _reference(text: str) -> str:
-    """A reference the client can resolve, else a usage error naming it."""
-    try:
-        parse_reference(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    """A reference the client can resolve (``faces/3``, ``faces@staging``, ``faces``), else a usage error."""
+    return str(reference(text))
 
 
 def cmd_adapter_export(client: Client, args: argparse.Namespace) -> int:
@@ -44,7 +40,7 @@ def register(sub, add: Callable) -> None:
     adapter.set_defaults(parser=adapter)   # a missing action prints this command's usage
     actions = adapter.add_subparsers(dest="adapter_command", required=True, metavar="ACTION")
     p = add("export", "download a version's adapter (sha256 checked)", actions)
-    p.add_argument("ref", type=_reference, help="an edited version: faces/3, faces@staging, or faces (its production alias)")
+    p.add_argument("ref", type=_reference, help="an edited version: faces/3, faces@staging, or faces (the server's default alias)")
     p.add_argument("file", help="file to write (safetensors)")
     p.set_defaults(run=cmd_adapter_export)
     p = add("import", "create a version from an adapter made on the same base weights", actions)

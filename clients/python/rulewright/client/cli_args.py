@@ -15,7 +15,6 @@ and progress bars.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +24,9 @@ from tqdm import tqdm
 
 from rulewright.client.client import Client
 from rulewright.client.errors import RulewrightError
-from rulewright.client.spec import parse_region, parse_seeds
+from rulewright.client.spec import parse_reference, parse_region, parse_seeds
 from rulewright.client.types import Progress
 
-_REF = re.compile(r"^([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:/([0-9]+)|@([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?))?$")
-_RESOURCE = re.compile(r"^models/([^/]+)/versions/([0-9]+)$")
 REF_HELP = "model reference: faces (its default alias, production unless the server says otherwise), faces@ALIAS or faces/N"
 STRENGTH_HELP = ("strength of the version's own edit (the deltas it adds over its parent; earlier edits keep "
                  "theirs), -10 to 10")
@@ -54,12 +51,10 @@ class Ref:
 
 def reference(text: str) -> Ref:
     """``faces``, ``faces@alias``, ``faces/N`` (or ``models/faces/versions/N``) as a ``Ref``."""
-    resource = _RESOURCE.match(text)
-    m = _REF.match(f"{resource.group(1)}/{resource.group(2)}" if resource else text)
-    if not m or (m.group(2) is not None and int(m.group(2)) < 1):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a model reference: expected faces, faces@ALIAS or faces/N")
-    name, number, alias = m.groups()
-    return Ref(name, int(number) if number is not None else None, alias)
+    try:
+        return Ref(*parse_reference(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def version_arg(text: str) -> Ref | int:
@@ -116,8 +111,10 @@ def region(text: str) -> dict[str, Any]:
 
 def short(name: str) -> str:
     """``models/faces/versions/3`` → ``faces/3`` (a model reference)."""
-    m = _RESOURCE.match(name)
-    return f"{m.group(1)}/{m.group(2)}" if m else name
+    if not name.startswith("models/"):
+        return name
+    model, number, _ = parse_reference(name)
+    return f"{model}/{number}"
 
 
 def when(t) -> str:

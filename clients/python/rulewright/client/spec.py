@@ -12,13 +12,19 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Iterator, Mapping
 
 from google.protobuf import descriptor, json_format
 
 from rulewright.v1 import edit_pb2, images_pb2
 
-__all__ = ["edit_spec_pb", "region_pb", "region_dict", "spec_dict", "parse_region", "parse_seeds", "SPEC_FIELDS"]
+__all__ = ["edit_spec_pb", "region_pb", "region_dict", "spec_dict", "parse_reference", "parse_region", "parse_seeds",
+           "SPEC_FIELDS"]
+
+_NAME = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_REF = re.compile(rf"^({_NAME})(?:/([0-9]+)|@({_NAME}))?$")
+_RESOURCE = re.compile(r"^models/([^/]+)/versions/([0-9]+)$")
 
 # What an edit spec JSON may hold: the API's EditSpec fields, in its JSON form.
 SPEC_FIELDS = frozenset(edit_pb2.EditSpec.DESCRIPTOR.fields_by_name)
@@ -224,3 +230,14 @@ def parse_seeds(text: str, limit: int = MAX_LISTED_SEEDS) -> list[int]:
     if not seeds:
         raise ValueError("no seeds given")
     return seeds
+
+
+def parse_reference(text: str) -> tuple[str, int | None, str | None]:
+    """(model, number, alias) of ``faces``, ``faces/3``, ``faces@staging`` or ``models/faces/versions/3``;
+    ValueError for anything else (a version number starts at 1)."""
+    resource = _RESOURCE.match(text)
+    m = _REF.match(f"{resource.group(1)}/{resource.group(2)}" if resource else text)
+    if not m or (m.group(2) is not None and int(m.group(2)) < 1):
+        raise ValueError(f"{text!r} is not a model reference: expected faces, faces@ALIAS or faces/N")
+    name, number, alias = m.groups()
+    return name, int(number) if number is not None else None, alias
