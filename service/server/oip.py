@@ -161,5 +161,5 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ModelInferResponse(
             model_name=version.model, model_version=str(version.number), id=request.id,
             outputs=[oip.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="UINT8", shape=pixels.shape)],
-            raw_output_contents=[pixels.tobytes()], parameters=(
-                {"strength": oip.InferParameter(double_param=result.strength)} if result.strength is not None else {}))
+            raw_output_contents=[pixels.tobytes()],
+            parameters={k: oip.InferParameter(double_param=v) for k, v in oip_model.response_parameters(result).items()})

@@ -156,6 +156,11 @@ def sample_options(parameters: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
+def response_parameters(result: SampleResult) -> dict[str, Any]:
+    """The answer's parameters, as either transport sends them: the strength drawn (absent for an import)."""
+    return {} if result.strength is None else {"strength": result.strength}
+
+
 def infer(domain, inputs: dict[str, tuple[int, np.ndarray]], parameters: Mapping[str, Any],
           version: Callable[[], Any], stopped: Callable[[], bool]) -> SampleResult:
     """Images for the inputs (name → (index, array)), pixel for pixel what Sample draws for the

@@ -97,8 +97,8 @@ def v2_infer(call: Call, model: str, version: str = "") -> Response:
                               "outputs": [out]}
     if "id" in body:
         answer["id"] = _string(body, "", "id")
-    if result.strength is not None:              # the strength drawn, as gRPC ModelInfer echoes it
-        answer["parameters"] = {"strength": result.strength}
+    if parameters_out := oip_model.response_parameters(result):
+        answer["parameters"] = parameters_out
     if not _binary_output(outputs, parameters):
         out["data"] = pixels.reshape(-1).tolist()
         return call.send(200, "application/json", json.dumps(answer, separators=(",", ":")).encode(), _NO_STORE)
